@@ -1,0 +1,1 @@
+"""HTTP API: triggers, status, decision records."""

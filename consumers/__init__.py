@@ -1,0 +1,1 @@
+"""Kafka consumer loop, inbox writes, dead-letter topic, publisher."""

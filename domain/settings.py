@@ -1,0 +1,137 @@
+"""Service settings, read from the environment with the prefix ``RETRAINER_`` (CONTRACT section 6).
+
+Every setting has a type, a default (the embedded one) and a description; secrets are
+``SecretStr`` so they never appear in logs or reprs. Standard AWS variables and Prefect's own
+are honoured by their libraries and are not repeated here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.errors import ConfigurationError
+
+ENV_PREFIX = "RETRAINER_"
+_DATABASE_SCHEMES = ("sqlite", "postgresql")
+_ARTIFACT_SCHEMES = ("file", "s3")
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, e.g. 127.0.0.1:8080 (got {value!r})")
+    return value
+
+
+class Settings(BaseSettings):
+    """All of Retrainer's settings; `load_settings()` builds one from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default="sqlite:///./.retrainer/retrainer.db",
+        description="SQLAlchemy URL of the metadata database: sqlite:///PATH or "
+        "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB.",
+    )
+    artifact_root: str = Field(
+        default="file://./.retrainer/artifacts",
+        description="Where artifacts (datasets, checkpoints, models) live: file://PATH or s3://BUCKET/PREFIX.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint for S3-compatible stores (MinIO: http://127.0.0.1:9000); unset means AWS.",
+    )
+    s3_region: str = Field(default="us-east-1", description="Region used to sign S3 requests.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key; unset means boto3's usual chain (AWS_ACCESS_KEY_ID, …)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret key, paired with s3_access_key_id."
+    )
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="Comma-separated Kafka bootstrap servers."
+    )
+    kafka_topic: str = Field(default="retrainer.data-changes", description="Topic of data-change events.")
+    kafka_dlq_topic: str = Field(
+        default="", description="Dead-letter topic; empty means the event topic plus '.dlq'."
+    )
+    kafka_consumer_group: str = Field(default="retrainer", description="Kafka consumer group id.")
+    pipelines_dir: Path = Field(
+        default=Path("./pipelines"), description="Folder of pipeline specs, one YAML file per pipeline."
+    )
+    api_address: str = Field(default="127.0.0.1:8080", description="HOST:PORT of the HTTP API.")
+    serving_address: str = Field(default="127.0.0.1:8081", description="HOST:PORT of the model server.")
+    home_dir: Path = Field(
+        default=Path("./.retrainer"), description="Folder for embedded state (SQLite, local artifacts, Prefect)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Minimum level of log lines."
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="json: one JSON object per line; console: for people at a terminal."
+    )
+    connect_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="How long to wait for a backing service before giving up."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme.split("+", 1)[0]
+        if scheme not in _DATABASE_SCHEMES:
+            raise ValueError(
+                f"must start with sqlite:/// or postgresql+psycopg:// (got scheme {scheme or 'none'!r})"
+            )
+        return value
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _artifact_scheme(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in _ARTIFACT_SCHEMES:
+            raise ValueError(f"must be file://PATH or s3://BUCKET/PREFIX (got {value!r})")
+        if parts.scheme == "s3" and not parts.netloc:
+            raise ValueError(f"s3:// needs a bucket, e.g. s3://retrainer/artifacts (got {value!r})")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_scheme(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        return value
+
+    @field_validator("api_address", "serving_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Settings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "RETRAINER_S3_ACCESS_KEY_ID and RETRAINER_S3_SECRET_ACCESS_KEY must be set together"
+            )
+        if not self.kafka_dlq_topic:
+            object.__setattr__(self, "kafka_dlq_topic", f"{self.kafka_topic}.dlq")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (plus explicit overrides), or one ConfigurationError that
+    names each bad variable and what is wrong with it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}")
+        raise ConfigurationError("; ".join(problems)) from e

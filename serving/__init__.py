@@ -1,0 +1,1 @@
+"""Model server (Open Inference Protocol v2), champion/canary traffic split, dynamic batching."""
