@@ -212,3 +212,18 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class GateCheck:
+    """One check's outcome, as the gate produces it and before it is stored as a GateVerdict."""
+
+    metric: str
+    check: str
+    verdict: Verdict
+    reason: str
+    candidate_value: float | None = None
+    champion_value: float | None = None
+    threshold: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None

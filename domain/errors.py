@@ -66,3 +66,21 @@ class TransientInfraError(InfrastructureError):
 
     code = "infrastructure_unavailable"
     retryable = True
+
+
+class UnsafeArtifactKeyError(InvalidInputError):
+    """An artifact key could escape the store's root (`..`, absolute path, backslash, encoded tricks)."""
+
+    code = "unsafe_artifact_key"
+
+
+class ArtifactNotFoundError(NotFoundError):
+    """No artifact is stored under that key or URI."""
+
+    code = "artifact_not_found"
+
+
+class ArtifactExistsError(ConflictError):
+    """An artifact with other content already exists under that key; artifacts are never overwritten."""
+
+    code = "artifact_exists"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# What `make test` runs after lint: start the real services, migrate PostgreSQL, run pytest,
+# and stop the services this script started (also when pytest fails or is interrupted).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+
+started="$(mktemp)"
+cleanup() {
+  local status=$?
+  bash infra/local/services.sh stop --only-from "$started" || true
+  rm -f "$started"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# kcat (Debian) is the outside producer in the Kafka tests.
+if ! command -v kcat >/dev/null; then
+  if [[ "$(id -u)" != 0 ]]; then echo "[test] kcat is missing: sudo apt-get install -y kcat" >&2; exit 1; fi
+  echo "[test] installing kcat (Debian)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat; } >/dev/null
+fi
+
+bash infra/local/services.sh start --record "$started"
+
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-retrainer}"
+export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-retrainer-secret}"
+export RETRAINER_TEST_POSTGRES_URL="${RETRAINER_TEST_POSTGRES_URL:-postgresql+psycopg://retrainer:retrainer@127.0.0.1:${RETRAINER_PG_PORT:-5432}/retrainer_test}"
+export RETRAINER_TEST_S3_ENDPOINT_URL="${RETRAINER_TEST_S3_ENDPOINT_URL:-http://127.0.0.1:${RETRAINER_MINIO_PORT:-9000}}"
+export RETRAINER_TEST_KAFKA="${RETRAINER_TEST_KAFKA:-127.0.0.1:${RETRAINER_KAFKA_PORT:-9092}}"
+# Inside make test a missing service is a failure, never a silent skip.
+export RETRAINER_REQUIRE_SERVICES=1
+
+echo "[test] applying migrations to PostgreSQL"
+RETRAINER_DATABASE_URL="$RETRAINER_TEST_POSTGRES_URL" .venv/bin/retrainer db upgrade
+
+.venv/bin/python -m pytest "$@"

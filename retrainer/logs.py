@@ -1,0 +1,63 @@
+"""Structured logging, set up once for every process (`setup_logging`).
+
+Each line is one JSON object with a timestamp, level, logger, message, the context fields
+bound with `domain.logcontext.log_context` (pipeline, run_id, event_id — present as null
+when unbound, so every line can be filtered by them), and any `extra={...}` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from domain.logcontext import current_log_context
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **current_log_context(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """For people at a terminal: the same fields, one readable line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        context = " ".join(f"{k}={v}" for k, v in current_log_context().items() if v is not None)
+        line = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        return f"{line}  [{context}]" if context else line
+
+
+_HANDLER_NAME = "retrainer"
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Installs one handler on the root logger; calling it again replaces that handler."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "urllib3", "kafka", "alembic.runtime.migration", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,175 @@
+"""Artifacts in S3 (`s3://bucket/prefix`) through boto3; MinIO and other S3-compatible servers
+work through RETRAINER_S3_ENDPOINT_URL.
+
+A write is one PutObject carrying `x-amz-checksum-sha256` (the server rejects bytes that do not
+match it in transit) and `If-None-Match: *` (the server refuses to replace an existing key). The
+hex digest is also kept as object metadata so `stat` needs no download.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from domain.errors import (
+    ArtifactNotFoundError,
+    ConfigurationError,
+    InfrastructureError,
+    RetrainerError,
+    TransientInfraError,
+)
+from domain.settings import Settings
+from storage.artifacts.base import ArtifactRef, ArtifactStore, iter_chunks
+
+ROOT_SETTING = "RETRAINER_ARTIFACT_ROOT"
+ENDPOINT_SETTING = "RETRAINER_S3_ENDPOINT_URL"
+_MISSING = ("404", "NoSuchKey", "NotFound")
+_PRECONDITION = ("412", "PreconditionFailed", "ConditionalRequestConflict")
+_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
+
+
+class S3ArtifactStore(ArtifactStore):
+    def __init__(self, root_uri: str, settings: Settings) -> None:
+        parts = urlsplit(root_uri)
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.root_uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.endpoint = settings.s3_endpoint_url
+        credentials: dict[str, Any] = {}
+        if settings.s3_access_key_id and settings.s3_secret_access_key:
+            credentials = {
+                "aws_access_key_id": settings.s3_access_key_id,
+                "aws_secret_access_key": settings.s3_secret_access_key.get_secret_value(),
+            }
+        timeout = settings.connect_timeout_seconds
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=settings.s3_region,
+            config=Config(
+                connect_timeout=timeout,
+                read_timeout=max(timeout, 30.0),
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"} if self.endpoint else {},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+            **credentials,
+        )
+
+    # -- addressing ---------------------------------------------------------------------------
+    def _object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri_for(self, key: str) -> str:
+        return f"{self.root_uri}/{key}"
+
+    @property
+    def _where(self) -> str:
+        return f"{ENDPOINT_SETTING}={self.endpoint or 'AWS default'}"
+
+    def _translate(self, error: Exception, key: str | None = None) -> RetrainerError:
+        """botocore errors → domain errors that name the setting, the address and the fix."""
+        target = self.uri_for(key) if key is not None else self.root_uri
+        if isinstance(error, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+            return TransientInfraError(f"{self._where}: S3 endpoint not reachable while accessing {target} ({error})")
+        if isinstance(error, NoCredentialsError):
+            return ConfigurationError(
+                f"{ROOT_SETTING}={self.root_uri}: no S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or RETRAINER_S3_ACCESS_KEY_ID/RETRAINER_S3_SECRET_ACCESS_KEY"
+            )
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                return ConfigurationError(
+                    f"{ROOT_SETTING}={self.root_uri}: bucket {self.bucket!r} does not exist at "
+                    f"{self.endpoint or 'AWS'}; create it (make services creates the local ones)"
+                )
+            if code in _MISSING:
+                return ArtifactNotFoundError(f"artifact {target} does not exist")
+            if code in _CREDENTIALS:
+                return ConfigurationError(f"{ROOT_SETTING}={self.root_uri}: access denied ({code}); check the S3 credentials")
+            return InfrastructureError(f"{self._where}: S3 error {code} on {target}: {error}")
+        return TransientInfraError(f"{self._where}: S3 request for {target} failed ({error})")
+
+    # -- backend operations -------------------------------------------------------------------
+    def _write_new(self, key: str, source: Path | bytes, sha256: str, size: int) -> bool:
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
+        try:
+            if isinstance(source, bytes):
+                self._put_object(key, source, checksum, sha256, size)
+            else:
+                with source.open("rb") as body:
+                    self._put_object(key, body, checksum, sha256, size)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in _PRECONDITION:
+                return False
+            raise self._translate(e, key) from e
+        except BotoCoreError as e:
+            raise self._translate(e, key) from e
+        return True
+
+    def _put_object(self, key: str, body: bytes | BinaryIO, checksum: str, sha256: str, size: int) -> None:
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self._object_key(key),
+            Body=body,
+            ContentLength=size,
+            ChecksumSHA256=checksum,
+            Metadata={"sha256": sha256},
+            IfNoneMatch="*",
+        )
+
+    def _read_into(self, key: str, sink: BinaryIO) -> None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+            body = response["Body"]
+            for chunk in iter_chunks(body):
+                sink.write(chunk)
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, key) from e
+
+    def stat(self, key: str) -> ArtifactRef | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in _MISSING:
+                return None
+            raise self._translate(e, key) from e
+        except BotoCoreError as e:
+            raise self._translate(e, key) from e
+        sha256 = head.get("Metadata", {}).get("sha256", "")
+        return ArtifactRef(uri=self.uri_for(key), key=key, sha256=sha256, size=int(head["ContentLength"]))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, key) from e
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise ConfigurationError(
+                    f"{ROOT_SETTING}={self.root_uri}: bucket {self.bucket!r} does not exist at "
+                    f"{self.endpoint or 'AWS'}; create it (make services creates the local ones)"
+                ) from e
+            raise self._translate(e) from e
+        except BotoCoreError as e:
+            raise self._translate(e) from e

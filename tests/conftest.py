@@ -1,0 +1,56 @@
+"""Shared fixtures: where the real services are, and how a missing one is reported."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+POSTGRES_URL = os.environ.get(
+    "RETRAINER_TEST_POSTGRES_URL", "postgresql+psycopg://retrainer:retrainer@127.0.0.1:5432/retrainer_test"
+)
+S3_ENDPOINT_URL = os.environ.get("RETRAINER_TEST_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+KAFKA_BOOTSTRAP = os.environ.get("RETRAINER_TEST_KAFKA", "127.0.0.1:9092")
+REQUIRE_SERVICES = os.environ.get("RETRAINER_REQUIRE_SERVICES") == "1"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, url: str, default_port: int) -> None:
+    """Skips (or, under make test, fails) when the service does not accept connections."""
+    parts = urlsplit(url if "://" in url else f"tcp://{url}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}; start it with `make services`"
+    if REQUIRE_SERVICES:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    require_service("PostgreSQL", POSTGRES_URL, 5432)
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_url() -> str:
+    require_service("MinIO (S3)", S3_ENDPOINT_URL, 9000)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "retrainer")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "retrainer-secret")
+    return S3_ENDPOINT_URL
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    require_service("Kafka", KAFKA_BOOTSTRAP, 9092)
+    return KAFKA_BOOTSTRAP
