@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo            the whole story on embedded defaults (creates .venv if needed)"
 	@echo "make test            lint, start Kafka/PostgreSQL/MinIO, migrate, run pytest, stop what it started"
-	@echo "make lint            ruff, import-linter layer contracts, mypy on domain/ and ml/"
+	@echo "make lint            ruff (lint + format), import-linter layer contracts, mypy (strict) on every package"
 	@echo "make services        start the local services (idempotent); make services-stop stops them"
 	@echo "make bench           run the benchmarks in bench/"
 
@@ -32,8 +32,9 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy domain ml
+	$(BIN)/mypy domain ml storage flows consumers serving api retrainer migrations
 
 test: lint
 	bash infra/local/test.sh

@@ -57,9 +57,7 @@ class Settings(BaseSettings):
         default="127.0.0.1:9092", description="Comma-separated Kafka bootstrap servers."
     )
     kafka_topic: str = Field(default="retrainer.data-changes", description="Topic of data-change events.")
-    kafka_dlq_topic: str = Field(
-        default="", description="Dead-letter topic; empty means the event topic plus '.dlq'."
-    )
+    kafka_dlq_topic: str = Field(default="", description="Dead-letter topic; empty means the event topic plus '.dlq'.")
     kafka_consumer_group: str = Field(default="retrainer", description="Kafka consumer group id.")
     pipelines_dir: Path = Field(
         default=Path("./pipelines"), description="Folder of pipeline specs, one YAML file per pipeline."
@@ -84,9 +82,7 @@ class Settings(BaseSettings):
     def _database_scheme(cls, value: str) -> str:
         scheme = urlsplit(value).scheme.split("+", 1)[0]
         if scheme not in _DATABASE_SCHEMES:
-            raise ValueError(
-                f"must start with sqlite:/// or postgresql+psycopg:// (got scheme {scheme or 'none'!r})"
-            )
+            raise ValueError(f"must start with sqlite:/// or postgresql+psycopg:// (got scheme {scheme or 'none'!r})")
         return value
 
     @field_validator("artifact_root")
@@ -114,9 +110,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _cross_field(self) -> Settings:
         if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
-            raise ValueError(
-                "RETRAINER_S3_ACCESS_KEY_ID and RETRAINER_S3_SECRET_ACCESS_KEY must be set together"
-            )
+            raise ValueError("RETRAINER_S3_ACCESS_KEY_ID and RETRAINER_S3_SECRET_ACCESS_KEY must be set together")
         if not self.kafka_dlq_topic:
             object.__setattr__(self, "kafka_dlq_topic", f"{self.kafka_topic}.dlq")
         return self

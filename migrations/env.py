@@ -13,7 +13,6 @@ config = context.config
 target_metadata = Base.metadata
 
 
-
 def database_url() -> str:
     """`migrations.upgrade(url)` passes its URL in code; the alembic CLI (run with alembic.ini)
     takes RETRAINER_DATABASE_URL when it is set, like the rest of the service."""

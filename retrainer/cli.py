@@ -20,8 +20,12 @@ from domain.errors import RetrainerError
 from domain.settings import Settings, load_settings
 from retrainer.logs import setup_logging
 
-app = typer.Typer(help="Retrainer: event-driven retraining, gating and canary rollouts for PyTorch models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Retrainer: event-driven retraining, gating and canary rollouts for PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="The metadata database.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -102,7 +106,8 @@ def demo() -> None:
         "(issue 4), Kafka/cron/API triggers (issue 5), serving and canary rollouts (issue 6), the "
         "end-to-end story (issue 7)."
     )
-    out.print(f"demo finished in {time.perf_counter() - started:.1f} s; state under {Path(settings.home_dir).resolve()}")
+    elapsed = time.perf_counter() - started
+    out.print(f"demo finished in {elapsed:.1f} s; state under {Path(settings.home_dir).resolve()}")
 
 
 def main() -> None:

@@ -99,9 +99,7 @@ def record_dataset_version(
 ) -> e.DatasetVersion:
     """Idempotent: the same (dataset, version, uri) again returns the stored row; another uri for
     an existing version is a conflict (a version names one immutable piece of data)."""
-    query = select(SqlDatasetVersion).where(
-        SqlDatasetVersion.dataset == dataset, SqlDatasetVersion.version == version
-    )
+    query = select(SqlDatasetVersion).where(SqlDatasetVersion.dataset == dataset, SqlDatasetVersion.version == version)
     existing = session.scalars(query).one_or_none()
     if existing is None:
         try:

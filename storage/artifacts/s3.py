@@ -101,7 +101,9 @@ class S3ArtifactStore(ArtifactStore):
             if code in _MISSING:
                 return ArtifactNotFoundError(f"artifact {target} does not exist")
             if code in _CREDENTIALS:
-                return ConfigurationError(f"{ROOT_SETTING}={self.root_uri}: access denied ({code}); check the S3 credentials")
+                return ConfigurationError(
+                    f"{ROOT_SETTING}={self.root_uri}: access denied ({code}); check the S3 credentials"
+                )
             return InfrastructureError(f"{self._where}: S3 error {code} on {target}: {error}")
         return TransientInfraError(f"{self._where}: S3 request for {target} failed ({error})")
 

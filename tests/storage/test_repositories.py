@@ -57,8 +57,13 @@ def register(sessions: sessionmaker[Session], sha: str = SHA_A, run_id: str | No
     return tx(
         sessions,
         lambda s: repo.register_model_version(
-            s, "digits-classifier", artifact_uri=f"file:///m/{sha[:4]}.pt", sha256=sha, size_bytes=10,
-            metrics={"accuracy": 0.91}, run_id=run_id,
+            s,
+            "digits-classifier",
+            artifact_uri=f"file:///m/{sha[:4]}.pt",
+            sha256=sha,
+            size_bytes=10,
+            metrics={"accuracy": 0.91},
+            run_id=run_id,
         ),
     )
 
@@ -110,8 +115,14 @@ def test_dataset_version_is_idempotent_and_immutable(sessions: sessionmaker[Sess
 
 def _inbox(session: Session, event_id: str, offset: int = 0) -> tuple[e.InboxEvent, bool]:
     return repo.add_to_inbox(
-        session, event_id=event_id, source="//warehouse/etl", type="retrainer.data.changed", dataset="digits",
-        payload={"dataset": "digits", "uri": "s3://d/v1.csv"}, topic="retrainer.data-changes", partition=1,
+        session,
+        event_id=event_id,
+        source="//warehouse/etl",
+        type="retrainer.data.changed",
+        dataset="digits",
+        payload={"dataset": "digits", "uri": "s3://d/v1.csv"},
+        topic="retrainer.data-changes",
+        partition=1,
         offset=offset,
     )
 
@@ -139,8 +150,9 @@ def test_run_lifecycle_and_event_links(sessions: sessionmaker[Session], pipeline
     tx(sessions, lambda s: _inbox(s, "evt-b"))
     run, created = tx(
         sessions,
-        lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="w1",
-                                  event_ids=["evt-a", "evt-b"]),
+        lambda s: repo.create_run(
+            s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="w1", event_ids=["evt-a", "evt-b"]
+        ),
     )
     assert created and run.status is e.RunStatus.QUEUED and run.event_ids == ("evt-a", "evt-b")
     assert tx(sessions, lambda s: repo.get_event(s, "evt-a")).status is e.EventStatus.LINKED
@@ -163,8 +175,12 @@ def test_idempotency_key_same_body_same_run_other_body_conflict(
     sessions: sessionmaker[Session], pipeline: e.Pipeline
 ) -> None:
     def create(body_sha: str) -> tuple[e.Run, bool]:
-        return tx(sessions, lambda s: repo.create_run(
-            s, "digits-classifier", e.TriggerKind.MANUAL, idempotency_key="k1", request_sha256=body_sha))
+        return tx(
+            sessions,
+            lambda s: repo.create_run(
+                s, "digits-classifier", e.TriggerKind.MANUAL, idempotency_key="k1", request_sha256=body_sha
+            ),
+        )
 
     first, created = create(SHA_A)
     again, created_again = create(SHA_A)
@@ -177,16 +193,24 @@ def test_idempotency_key_same_body_same_run_other_body_conflict(
 def test_concurrent_identical_requests_create_exactly_one_run(
     sessions: sessionmaker[Session], pipeline: e.Pipeline
 ) -> None:
-    results = race(10, lambda i: tx(sessions, lambda s: repo.create_run(
-        s, "digits-classifier", e.TriggerKind.MANUAL, idempotency_key="same", request_sha256=SHA_A)))
+    results = race(
+        10,
+        lambda i: tx(
+            sessions,
+            lambda s: repo.create_run(
+                s, "digits-classifier", e.TriggerKind.MANUAL, idempotency_key="same", request_sha256=SHA_A
+            ),
+        ),
+    )
     assert not [r for r in results if isinstance(r, Exception)], results
     assert sum(created for _, created in results) == 1
     assert len({run.id for run, _ in results}) == 1
 
 
 def test_list_runs_newest_first_with_limit(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
-    ids = [tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.SCHEDULE))[0].id
-           for _ in range(3)]
+    ids = [
+        tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.SCHEDULE))[0].id for _ in range(3)
+    ]
     listed = tx(sessions, lambda s: repo.list_runs(s, "digits-classifier", limit=2))
     assert [r.id for r in listed] == [ids[2], ids[1]]
     with pytest.raises(InvalidInputError) as info:
@@ -204,9 +228,7 @@ def test_model_versions_number_up_and_validate_digest(sessions: sessionmaker[Ses
         register(sessions, "not-a-digest")
 
 
-def test_concurrent_registrations_take_distinct_versions(
-    sessions: sessionmaker[Session], pipeline: e.Pipeline
-) -> None:
+def test_concurrent_registrations_take_distinct_versions(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
     results = race(4, lambda i: register(sessions, f"{i:064x}"))
     assert not [r for r in results if isinstance(r, Exception)], results
     assert sorted(r.version for r in results) == [1, 2, 3, 4]
@@ -218,27 +240,55 @@ def test_champion_alias_moves_with_history_and_retires_the_old(
     v1, v2 = register(sessions, SHA_A), register(sessions, SHA_B)
     with pytest.raises(InvalidInputError):
         tx(sessions, lambda s: repo.set_model_stage(s, v1.id, e.ModelStage.CHAMPION))
-    tx(sessions, lambda s: repo.move_champion(s, "digits-classifier", v1.id, expected_from_version_id=None,
-                                              actor="gate", reason="first model: absolute gates passed"))
-    tx(sessions, lambda s: repo.move_champion(s, "digits-classifier", v2.id, expected_from_version_id=v1.id,
-                                              actor="canary", reason="all canary steps passed"))
+    tx(
+        sessions,
+        lambda s: repo.move_champion(
+            s,
+            "digits-classifier",
+            v1.id,
+            expected_from_version_id=None,
+            actor="gate",
+            reason="first model: absolute gates passed",
+        ),
+    )
+    tx(
+        sessions,
+        lambda s: repo.move_champion(
+            s,
+            "digits-classifier",
+            v2.id,
+            expected_from_version_id=v1.id,
+            actor="canary",
+            reason="all canary steps passed",
+        ),
+    )
     champion = tx(sessions, lambda s: repo.get_champion(s, "digits-classifier"))
     assert champion is not None and champion.id == v2.id and champion.stage is e.ModelStage.CHAMPION
     assert tx(sessions, lambda s: repo.get_model_version(s, "digits-classifier", 1)).stage is e.ModelStage.RETIRED
     history = tx(sessions, lambda s: repo.alias_history(s, "digits-classifier"))
     assert [(h.from_version_id, h.to_version_id, h.actor) for h in history] == [
-        (v1.id, v2.id, "canary"), (None, v1.id, "gate")]
+        (v1.id, v2.id, "canary"),
+        (None, v1.id, "gate"),
+    ]
 
 
 def test_stale_champion_move_is_refused_and_leaves_no_trace(
     sessions: sessionmaker[Session], pipeline: e.Pipeline
 ) -> None:
     v1, v2 = register(sessions, SHA_A), register(sessions, SHA_B)
-    tx(sessions, lambda s: repo.move_champion(s, "digits-classifier", v1.id, expected_from_version_id=None,
-                                              actor="gate", reason="first"))
+    tx(
+        sessions,
+        lambda s: repo.move_champion(
+            s, "digits-classifier", v1.id, expected_from_version_id=None, actor="gate", reason="first"
+        ),
+    )
     with pytest.raises(ConflictError) as info:
-        tx(sessions, lambda s: repo.move_champion(s, "digits-classifier", v2.id, expected_from_version_id=None,
-                                                  actor="gate", reason="stale view"))
+        tx(
+            sessions,
+            lambda s: repo.move_champion(
+                s, "digits-classifier", v2.id, expected_from_version_id=None, actor="gate", reason="stale view"
+            ),
+        )
     assert "moved concurrently" in str(info.value)
     assert len(tx(sessions, lambda s: repo.alias_history(s, "digits-classifier"))) == 1
     assert tx(sessions, lambda s: repo.get_model_version(s, "digits-classifier", 2)).stage is e.ModelStage.CANDIDATE
@@ -246,8 +296,20 @@ def test_stale_champion_move_is_refused_and_leaves_no_trace(
 
 def test_two_racing_promotions_never_both_win(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
     versions = [register(sessions, f"{i:064x}") for i in range(4)]
-    results = race(4, lambda i: tx(sessions, lambda s: repo.move_champion(
-        s, "digits-classifier", versions[i].id, expected_from_version_id=None, actor=f"worker-{i}", reason="race")))
+    results = race(
+        4,
+        lambda i: tx(
+            sessions,
+            lambda s: repo.move_champion(
+                s,
+                "digits-classifier",
+                versions[i].id,
+                expected_from_version_id=None,
+                actor=f"worker-{i}",
+                reason="race",
+            ),
+        ),
+    )
     winners = [r for r in results if isinstance(r, e.AliasMove)]
     losers = [r for r in results if isinstance(r, RetrainerError)]
     assert len(winners) == 1 and len(losers) == 3, results
@@ -263,13 +325,23 @@ def test_gate_checks_roundtrip(sessions: sessionmaker[Session], pipeline: e.Pipe
     run, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
     checks = [
         e.GateCheck("accuracy", "min", e.Verdict.PASS, "0.95 >= 0.90", candidate_value=0.95, threshold=0.9),
-        e.GateCheck("accuracy", "vs_champion", e.Verdict.FAIL, "CI lower bound -0.01 < 0.0",
-                    candidate_value=0.95, champion_value=0.96, ci_low=-0.01, ci_high=0.002),
+        e.GateCheck(
+            "accuracy",
+            "vs_champion",
+            e.Verdict.FAIL,
+            "CI lower bound -0.01 < 0.0",
+            candidate_value=0.95,
+            champion_value=0.96,
+            ci_low=-0.01,
+            ci_high=0.002,
+        ),
     ]
     tx(sessions, lambda s: repo.record_gate_checks(s, run.id, checks))
     stored = tx(sessions, lambda s: repo.gate_verdicts(s, run.id))
     assert [(v.metric, v.check, v.verdict, v.ci_low) for v in stored] == [
-        ("accuracy", "min", e.Verdict.PASS, None), ("accuracy", "vs_champion", e.Verdict.FAIL, -0.01)]
+        ("accuracy", "min", e.Verdict.PASS, None),
+        ("accuracy", "vs_champion", e.Verdict.FAIL, -0.01),
+    ]
 
 
 def test_one_active_rollout_per_pipeline_and_steps_once(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
@@ -277,18 +349,30 @@ def test_one_active_rollout_per_pipeline_and_steps_once(sessions: sessionmaker[S
     policy = {"steps": [10, 50, 100]}
 
     def start() -> e.Rollout:
-        return tx(sessions, lambda s: repo.start_rollout(
-            s, "digits-classifier", candidate_version_id=v2.id, champion_version_id=v1.id, policy=policy))
+        return tx(
+            sessions,
+            lambda s: repo.start_rollout(
+                s, "digits-classifier", candidate_version_id=v2.id, champion_version_id=v1.id, policy=policy
+            ),
+        )
 
     rollout = start()
     with pytest.raises(ConflictError) as info:
         start()
     assert "already has an active rollout" in str(info.value)
-    tx(sessions, lambda s: repo.record_rollout_step(s, rollout.id, step_index=0, traffic_percent=10,
-                                                    verdict=e.Verdict.PASS, analysis={"error_rate": 0.0}))
+    tx(
+        sessions,
+        lambda s: repo.record_rollout_step(
+            s, rollout.id, step_index=0, traffic_percent=10, verdict=e.Verdict.PASS, analysis={"error_rate": 0.0}
+        ),
+    )
     with pytest.raises(ConflictError):
-        tx(sessions, lambda s: repo.record_rollout_step(s, rollout.id, step_index=0, traffic_percent=10,
-                                                        verdict=e.Verdict.PASS, analysis={}))
+        tx(
+            sessions,
+            lambda s: repo.record_rollout_step(
+                s, rollout.id, step_index=0, traffic_percent=10, verdict=e.Verdict.PASS, analysis={}
+            ),
+        )
     active = tx(sessions, lambda s: repo.active_rollout(s, "digits-classifier"))
     assert active is not None and active.current_step == 1 and len(active.steps) == 1
     tx(sessions, lambda s: repo.finish_rollout(s, rollout.id, e.RolloutStatus.ROLLED_BACK, "p99 ratio 3.1 > 1.2"))
@@ -300,8 +384,15 @@ def test_one_active_rollout_per_pipeline_and_steps_once(sessions: sessionmaker[S
 
 def test_concurrent_rollout_starts_admit_one(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
     v1 = register(sessions, SHA_A)
-    results = race(4, lambda i: tx(sessions, lambda s: repo.start_rollout(
-        s, "digits-classifier", candidate_version_id=v1.id, champion_version_id=None, policy={})))
+    results = race(
+        4,
+        lambda i: tx(
+            sessions,
+            lambda s: repo.start_rollout(
+                s, "digits-classifier", candidate_version_id=v1.id, champion_version_id=None, policy={}
+            ),
+        ),
+    )
     assert sum(isinstance(r, e.Rollout) for r in results) == 1
     assert sum(isinstance(r, ConflictError) for r in results) == 3, results
 

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from domain.logcontext import current_log_context, log_context
+from retrainer.logs import setup_logging
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    buffer = io.StringIO()
+    setup_logging("INFO", "json", stream=buffer)
+    yield buffer
+    setup_logging("WARNING", "console")
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_every_line_is_json_with_the_context_fields(stream: io.StringIO) -> None:
+    log = logging.getLogger("retrainer.test")
+    log.info("outside")
+    with log_context(pipeline="digits", run_id="run-1"):
+        with log_context(event_id="evt-9"):
+            log.info("inside", extra={"step": 3})
+        log.warning("after inner")
+    first, inner, after = lines(stream)
+    assert first["message"] == "outside"
+    assert (first["pipeline"], first["run_id"], first["event_id"]) == (None, None, None)
+    assert inner["pipeline"] == "digits" and inner["run_id"] == "run-1" and inner["event_id"] == "evt-9"
+    assert inner["step"] == 3 and inner["level"] == "info" and inner["logger"] == "retrainer.test"
+    assert after["event_id"] is None and after["run_id"] == "run-1"
+
+
+def test_exceptions_are_one_json_line(stream: io.StringIO) -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("x").exception("failed")
+    (entry,) = lines(stream)
+    assert "ValueError: boom" in str(entry["exception"])
+
+
+def test_context_does_not_leak_between_threads() -> None:
+    seen: dict[str, object] = {}
+
+    def other() -> None:
+        seen.update(current_log_context())
+
+    with log_context(run_id="main-run"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen["run_id"] is None
