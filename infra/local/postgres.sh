@@ -9,12 +9,21 @@ HOST=127.0.0.1
 PORT="${RETRAINER_PG_PORT:-5432}"
 PG_USER=retrainer
 PG_PASSWORD="${RETRAINER_PG_PASSWORD:-retrainer}"
-HOME_DIR="$CACHE_DIR/postgres"
-DATA="$HOME_DIR/data"
-SOCKETS="$HOME_DIR/run"
-LOG="$CACHE_DIR/logs/postgres.log"   # written by the server process: owned by $OS_USER
 # postgres will not run as root; when we are root it runs as the `postgres` user of the package.
 OS_USER="$( [[ "$(id -u)" == 0 ]] && echo postgres || id -un )"
+
+# Where the cluster lives: the cache folder, unless the postgres user cannot reach it (a checkout
+# under a private folder such as /root, mode 700); then a folder named after this checkout in
+# that user's own home. Called after the package is installed (the user exists from then on).
+resolve_paths() {
+  HOME_DIR="$CACHE_DIR/postgres"
+  if [[ "$OS_USER" != "$(id -un)" ]] && ! runuser -u "$OS_USER" -- test -x "$CACHE_DIR" 2>/dev/null; then
+    HOME_DIR="$(getent passwd "$OS_USER" | cut -d: -f6)/retrainer-$(printf '%s' "$CACHE_DIR" | sha256sum | cut -c1-12)"
+  fi
+  DATA="$HOME_DIR/data"
+  SOCKETS="$HOME_DIR/run"
+  LOG="$HOME_DIR/postgres.log"  # written by the server process, so it lives where that user can write
+}
 
 find_bin() {
   local dir
@@ -38,6 +47,7 @@ psql_admin() { pg "$BIN/psql" -h "$SOCKETS" -p "$PORT" -U "$OS_USER" -d postgres
 
 health() {
   find_bin || return 1
+  resolve_paths
   PGPASSWORD="$PG_PASSWORD" "$BIN/psql" "postgresql://$PG_USER@$HOST:$PORT/retrainer_test" -qAt -c 'select 1' >/dev/null 2>&1
 }
 
@@ -67,7 +77,9 @@ ensure_databases() {
 
 start() {
   ensure_installed
-  mkdir -p "$SOCKETS"; touch "$LOG"; chown "$OS_USER" "$SOCKETS" "$LOG" 2>/dev/null || true
+  resolve_paths
+  mkdir -p "$SOCKETS"; touch "$LOG"; chown "$OS_USER" "$HOME_DIR" "$SOCKETS" "$LOG" 2>/dev/null || true
+  ln -sfn "$LOG" "$CACHE_DIR/logs/postgres.log"
   if pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
     log "already running"
   else
@@ -86,6 +98,7 @@ start() {
 }
 
 stop() {
+  find_bin && resolve_paths
   if ! find_bin || ! pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then log "not running"; return 0; fi
   pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null && log "stopped"
 }
