@@ -45,8 +45,9 @@ stop_pidfile() {
   log "stopped"
 }
 
-# as_service_user CMD...: PostgreSQL refuses to run as root; everything else runs as the caller.
+# as_user USER CMD...: PostgreSQL refuses to run as root; everything else runs as the caller.
+# From / so that a private current directory does not trouble the other user.
 as_user() {
   local user="$1"; shift
-  if [[ "$(id -u)" == 0 && "$user" != root ]]; then runuser -u "$user" -- "$@"; else "$@"; fi
+  if [[ "$(id -u)" == 0 && "$user" != root ]]; then (cd / && runuser -u "$user" -- "$@"); else "$@"; fi
 }
