@@ -84,3 +84,19 @@ class ArtifactExistsError(ConflictError):
     """An artifact with other content already exists under that key; artifacts are never overwritten."""
 
     code = "artifact_exists"
+
+
+class SpecError(InvalidInputError):
+    """A pipeline spec is invalid; `problems` holds one `FILE: key.path: message` line per problem."""
+
+    code = "invalid_spec"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class TrainingError(RetrainerError):
+    """Training cannot produce a trustworthy model (NaN/inf loss, diverged, out of memory at batch 1)."""
+
+    code = "training_failed"

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import click
 import typer
@@ -28,8 +29,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The metadata database.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
+pipelines_app = typer.Typer(help="Pipeline specs.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(pipelines_app, name="pipelines")
 
 out = Console()
 err = Console(stderr=True)
@@ -42,7 +45,7 @@ def _settings() -> Settings:
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: str = typer.Option("head", help="Alembic revision to upgrade to.")) -> None:
+def db_upgrade(revision: Annotated[str, typer.Option(help="Alembic revision to upgrade to.")] = "head") -> None:
     """Apply the Alembic migrations to RETRAINER_DATABASE_URL."""
     from retrainer import wiring
 
@@ -52,7 +55,7 @@ def db_upgrade(revision: str = typer.Option("head", help="Alembic revision to up
 
 
 @apikey_app.command("create")
-def apikey_create(name: str = typer.Argument(..., help="Who or what the key is for, e.g. ci-bot.")) -> None:
+def apikey_create(name: Annotated[str, typer.Argument(help="Who or what the key is for, e.g. ci-bot.")]) -> None:
     """Create an API key and print it once (only its hash is stored)."""
     from retrainer import wiring
     from storage import repositories as repo
@@ -63,6 +66,27 @@ def apikey_create(name: str = typer.Argument(..., help="Who or what the key is f
         key, plaintext = repo.create_api_key(session, name)
     err.print(f"API key {key.name!r} created; it is shown once, store it now:")
     out.print(plaintext, highlight=False, soft_wrap=True)
+
+
+@pipelines_app.command("validate")
+def pipelines_validate(files: Annotated[list[Path], typer.Argument(help="Spec files (YAML or JSON).")]) -> None:
+    """Validate pipeline specs: exit 0, or exit 2 with one line per problem (FILE: key.path: message)."""
+    from domain.errors import SpecError
+    from domain.spec import load_spec
+    from ml.zoo import constructor_problems
+
+    problems: list[str] = []
+    for path in files:
+        try:
+            spec = load_spec(path, constructor_problems)
+        except SpecError as e:
+            problems += e.problems
+        else:
+            out.print(f"{path}: ok (pipeline {spec.name}, dataset {spec.dataset})", highlight=False)
+    for line in problems:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
+    if problems:
+        raise typer.Exit(2)
 
 
 @app.command("check")

@@ -41,6 +41,10 @@ _PRECONDITION = ("412", "PreconditionFailed", "ConditionalRequestConflict")
 _CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
 
 
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
 class S3ArtifactStore(ArtifactStore):
     def __init__(self, root_uri: str, settings: Settings) -> None:
         parts = urlsplit(root_uri)
@@ -92,12 +96,9 @@ class S3ArtifactStore(ArtifactStore):
                 "or RETRAINER_S3_ACCESS_KEY_ID/RETRAINER_S3_SECRET_ACCESS_KEY"
             )
         if isinstance(error, ClientError):
-            code = str(error.response.get("Error", {}).get("Code", ""))
+            code = _error_code(error)
             if code == "NoSuchBucket":
-                return ConfigurationError(
-                    f"{ROOT_SETTING}={self.root_uri}: bucket {self.bucket!r} does not exist at "
-                    f"{self.endpoint or 'AWS'}; create it (make services creates the local ones)"
-                )
+                return self._missing_bucket()
             if code in _MISSING:
                 return ArtifactNotFoundError(f"artifact {target} does not exist")
             if code in _CREDENTIALS:
@@ -106,6 +107,12 @@ class S3ArtifactStore(ArtifactStore):
                 )
             return InfrastructureError(f"{self._where}: S3 error {code} on {target}: {error}")
         return TransientInfraError(f"{self._where}: S3 request for {target} failed ({error})")
+
+    def _missing_bucket(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{ROOT_SETTING}={self.root_uri}: bucket {self.bucket!r} does not exist at "
+            f"{self.endpoint or 'AWS'}; create it (make services creates the local ones)"
+        )
 
     # -- backend operations -------------------------------------------------------------------
     def _write_new(self, key: str, source: Path | bytes, sha256: str, size: int) -> bool:
@@ -117,7 +124,7 @@ class S3ArtifactStore(ArtifactStore):
                 with source.open("rb") as body:
                     self._put_object(key, body, checksum, sha256, size)
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code", "")) in _PRECONDITION:
+            if _error_code(e) in _PRECONDITION:
                 return False
             raise self._translate(e, key) from e
         except BotoCoreError as e:
@@ -148,7 +155,7 @@ class S3ArtifactStore(ArtifactStore):
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code", "")) in _MISSING:
+            if _error_code(e) in _MISSING:
                 return None
             raise self._translate(e, key) from e
         except BotoCoreError as e:
@@ -166,12 +173,8 @@ class S3ArtifactStore(ArtifactStore):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise ConfigurationError(
-                    f"{ROOT_SETTING}={self.root_uri}: bucket {self.bucket!r} does not exist at "
-                    f"{self.endpoint or 'AWS'}; create it (make services creates the local ones)"
-                ) from e
+            if _error_code(e) in ("404", "NoSuchBucket", "NotFound"):  # HEAD answers carry no error body
+                raise self._missing_bucket() from e
             raise self._translate(e) from e
         except BotoCoreError as e:
             raise self._translate(e) from e

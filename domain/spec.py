@@ -1,0 +1,441 @@
+"""The pipeline spec (CONTRACT section 2): a pydantic model, loaded from YAML or JSON.
+
+An invalid spec is refused before anything runs, with one line per problem:
+`pipelines/digits.yaml: hyperparameters.learning_rate: must be > 0 (got -1)`.
+Unknown keys are refused with a "did you mean" suggestion. Checks that need torch (do
+`model.params` fit the architecture's constructor?) are injected by the caller as a
+`ParamChecker`, so this module stays free of ml/ and torch; PyYAML is its one non-pydantic
+import, used only to read the document.
+
+Decision on precision: `fp16` with `device: cpu` is an error (CPU fp16 autocast is not a
+training mode we support; use `bf16`). With `device: auto` the spec is valid and training falls
+back to fp32 with a warning when no CUDA device is present, because the machine that validates a
+spec is often not the one that trains it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import re
+import zoneinfo
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from domain.errors import SpecError
+
+ParamChecker = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
+"""(architecture, params) → [(param key, problem)]; ml.zoo.constructor_problems is one."""
+
+# Metrics the evaluation produces; gates may name these or the spec's custom metrics.
+BUILTIN_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "log_loss",
+    "ece",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "latency_p50_ms_b1",
+    "latency_p99_ms_b1",
+    "latency_p50_ms_b32",
+    "latency_p99_ms_b32",
+    "size_bytes",
+    "parameter_count",
+)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class DataSpec(_Strict):
+    format: Literal["csv", "parquet", "npz"] = "csv"
+    target: str = "label"
+    validation_fraction: float = Field(default=0.15, ge=0, lt=1)
+    test_fraction: float = Field(default=0.15, gt=0, lt=1)
+    seed: int = 0
+    standardize: bool = Field(default=True, description="False for token-id inputs (transformer).")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataSpec:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"validation_fraction + test_fraction must be < 1 "
+                f"(got {self.validation_fraction} + {self.test_fraction}); nothing would be left to train on"
+            )
+        return self
+
+
+class ModelSpec(_Strict):
+    architecture: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    input_shape: list[PositiveInt] = Field(min_length=1, max_length=4)
+    output_classes: int = Field(ge=2)
+
+
+class LRScheduleSpec(_Strict):
+    type: Literal["none", "cosine_warm_restarts", "step", "linear_warmup"] = "none"
+    t0: PositiveInt = 10
+    t_mult: PositiveInt = 1
+    eta_min: float = Field(default=0.0, ge=0)
+    step_size: PositiveInt = 10
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class EarlyStoppingSpec(_Strict):
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: PositiveInt = 5
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class HyperparametersSpec(_Strict):
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 10
+    loss_function: Literal["cross_entropy"] = "cross_entropy"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
+    gradient_clip_norm: float | None = Field(default=None, gt=0)
+    gradient_accumulation_steps: PositiveInt = 1
+    early_stopping: EarlyStoppingSpec | None = None
+    checkpoint_every_steps: PositiveInt | None = None
+
+
+class HardwareSpec(_Strict):
+    device: str = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> HardwareSpec:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs a CUDA device; on CPU use bf16 (or fp32), or set device: cuda")
+        return self
+
+
+class DistributedSpec(_Strict):
+    strategy: Literal["none", "ddp"] = "none"
+    num_workers: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _workers(self) -> DistributedSpec:
+        if self.strategy == "ddp" and self.num_workers < 2:
+            raise ValueError(f"ddp needs num_workers >= 2 processes (got {self.num_workers}); or use strategy: none")
+        return self
+
+
+class QuantizationSpec(_Strict):
+    type: Literal["none", "dynamic", "static", "fp16"] = "none"
+    bit_width: Literal[8] = 8
+    calibration_batches: PositiveInt = 16
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+
+
+class VsChampionSpec(_Strict):
+    min_delta: float | None = None
+    max_ratio: float | None = Field(default=None, gt=0)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    mode: Literal["superiority", "non_inferiority"] = "superiority"
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> VsChampionSpec:
+        if self.min_delta is None and self.max_ratio is None:
+            raise ValueError("needs min_delta (quality metrics) or max_ratio (cost metrics such as latency)")
+        return self
+
+
+class GatesSpec(_Strict):
+    min: dict[str, float] = Field(default_factory=dict)
+    max: dict[str, float] = Field(default_factory=dict)
+    vs_champion: dict[str, VsChampionSpec] = Field(default_factory=dict)
+
+
+class CanarySpec(_Strict):
+    steps: list[float] = Field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0], min_length=1)
+    interval_seconds: float = Field(default=30, gt=0)
+    min_requests: PositiveInt = 200
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_latency_p99_ratio: float = Field(default=1.2, gt=0)
+    failure_limit: PositiveInt = 1
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_to_100(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 100 for s in steps):
+            raise ValueError(f"each step is a traffic percent in (0, 100] (got {steps})")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps must rise (got {steps})")
+        if steps[-1] != 100:
+            raise ValueError(f"steps must end at 100 (got {steps})")
+        return steps
+
+
+class EventTriggerSpec(_Strict):
+    debounce_seconds: float = Field(default=60, ge=0)
+    max_wait_seconds: float = Field(default=600, gt=0)
+    while_running: Literal["queue", "supersede", "skip"] = "queue"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> EventTriggerSpec:
+        if self.max_wait_seconds < self.debounce_seconds:
+            raise ValueError(
+                f"max_wait_seconds ({self.max_wait_seconds}) must be >= debounce_seconds ({self.debounce_seconds})"
+            )
+        return self
+
+
+class ScheduleSpec(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError(f"must be a 5-field cron expression like '0 3 * * *' (got {value!r})")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name like UTC or Europe/Berlin") from e
+        return value
+
+
+class TriggersSpec(_Strict):
+    events: EventTriggerSpec = Field(default_factory=EventTriggerSpec)
+    schedule: ScheduleSpec | None = None
+    manual: bool = True
+
+
+class EvaluationSpec(_Strict):
+    custom_metrics: list[str] = Field(default_factory=list, description="'package.module:function' paths")
+    bootstrap_resamples: int = Field(default=1000, ge=1000)
+
+
+class PipelineSpec(_Strict):
+    name: str
+    dataset: str = Field(min_length=1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec
+    hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
+    hardware: HardwareSpec = Field(default_factory=HardwareSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    canary: CanarySpec | None = None
+    triggers: TriggersSpec = Field(default_factory=TriggersSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"must be lowercase letters, digits, '-' or '_', starting with a letter or digit (got {value!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> PipelineSpec:
+        stopping = self.hyperparameters.early_stopping
+        if stopping is not None and self.data.validation_fraction == 0:
+            raise ValueError(
+                f"hyperparameters.early_stopping monitors {stopping.monitor} but data.validation_fraction is 0; "
+                "set a validation fraction or remove early_stopping"
+            )
+        return self
+
+    def metric_names(self) -> set[str]:
+        """Metrics the gates may name: the built-ins and the custom ones by function name."""
+        return set(BUILTIN_METRICS) | {path.rpartition(":")[2] for path in self.evaluation.custom_metrics}
+
+    def to_document(self) -> dict[str, Any]:
+        """JSON-safe dict, as stored with the pipeline row (and hashed to detect changes)."""
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _duplicate_refusing_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def read_document(path: Path) -> Any:
+    """The parsed YAML/JSON document, or SpecError naming the file and the parse problem."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise SpecError([f"{source}: file not found"]) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([f"{source}: cannot read ({e})"]) from e
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError([f"{source}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"]) from e
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_duplicate_refusing_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError([f"{source}: invalid YAML{where}: {problem}"]) from e
+
+
+def load_spec(path: Path, param_checker: ParamChecker | None = None) -> PipelineSpec:
+    """Reads and validates one spec file; SpecError lists every problem, one line each."""
+    return parse_spec(read_document(path), source=str(path), param_checker=param_checker)
+
+
+def parse_spec(document: Any, *, source: str, param_checker: ParamChecker | None = None) -> PipelineSpec:
+    if not isinstance(document, dict):
+        raise SpecError(
+            [f"{source}: a pipeline spec is a mapping of keys (name, dataset, model, …), not {_kind(document)}"]
+        )
+    problems: list[str] = []
+    spec: PipelineSpec | None = None
+    try:
+        spec = PipelineSpec.model_validate(document)
+    except ValidationError as e:
+        problems += _describe(e)
+    # The semantic checks read the raw document, so one run reports schema AND semantic problems.
+    problems += semantic_problems(document, param_checker)
+    if problems or spec is None:
+        raise SpecError([f"{source}: {line}" for line in problems])
+    return spec
+
+
+def semantic_problems(document: dict[str, Any], param_checker: ParamChecker | None) -> list[str]:
+    """Checks beyond the schema: model params against the constructor, gate metric names."""
+    problems: list[str] = []
+    model = document.get("model")
+    if param_checker is not None and isinstance(model, dict) and isinstance(model.get("architecture"), str):
+        params = model.get("params") or {}
+        if isinstance(params, dict):
+            for key, message in param_checker(model["architecture"], dict(params)):
+                path = "model.architecture" if key == "architecture" else f"model.params.{key}"
+                problems.append(f"{path}: {message}")
+    evaluation = document.get("evaluation") or {}
+    custom = evaluation.get("custom_metrics") if isinstance(evaluation, dict) else None
+    known = set(BUILTIN_METRICS) | {
+        str(path).rpartition(":")[2] for path in (custom if isinstance(custom, list) else [])
+    }
+    gates = document.get("gates")
+    for section in ("min", "max", "vs_champion"):
+        entries = gates.get(section) if isinstance(gates, dict) else None
+        for metric in entries if isinstance(entries, dict) else {}:
+            if metric not in known:
+                close = difflib.get_close_matches(str(metric), sorted(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"gates.{section}.{metric}: unknown metric{hint}; known: {', '.join(sorted(known))}")
+    return problems
+
+
+def _kind(value: Any) -> str:
+    return "an empty document" if value is None else f"a {type(value).__name__}"
+
+
+def _describe(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        path = ".".join(loc) or "(top level)"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(PipelineSpec, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"{path}: unknown key{hint}")
+            continue
+        if kind == "missing":
+            lines.append(f"{path}: required key is missing")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        got = "" if kind.startswith("value_error") or "input" not in item else f" (got {item['input']!r})"
+        lines.append(f"{path}: {_plain(message)}{got}")
+    return lines
+
+
+def _plain(message: str) -> str:
+    """Pydantic's wording, made to read like CONTRACT's examples ('must be > 0')."""
+    replacements = {
+        "Input should be greater than or equal to ": "must be >= ",
+        "Input should be greater than ": "must be > ",
+        "Input should be less than or equal to ": "must be <= ",
+        "Input should be less than ": "must be < ",
+        "Input should be ": "must be ",
+    }
+    for old, new in replacements.items():
+        if message.startswith(old):
+            return new + message[len(old) :]
+    return message
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the model found by walking `loc` from the root spec (for suggestions)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
