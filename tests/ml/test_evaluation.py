@@ -204,6 +204,7 @@ def test_latency_keys_present_positive_and_ordered() -> None:
         assert report.metrics[key] > 0
     assert report.metrics["latency_p99_ms_b1"] >= report.metrics["latency_p50_ms_b1"]
     assert report.metrics["latency_p99_ms_b32"] >= report.metrics["latency_p50_ms_b32"]
+    assert report.metrics["latency_p99_ms"] == report.metrics["latency_p99_ms_b1"]  # the contract's gate name
 
 
 def _quantize(model: nn.Module) -> nn.Module:
