@@ -49,8 +49,8 @@ services-status:
 	bash infra/local/services.sh status
 
 bench: venv
-	@if ls bench/*.py >/dev/null 2>&1; then for b in bench/*.py; do $(BIN)/python $$b || exit 1; done; \
-	 else echo "no benchmarks yet (bench/README.md says what goes there)"; fi
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf .retrainer .pytest_cache .mypy_cache .ruff_cache *.egg-info

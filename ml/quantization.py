@@ -1,6 +1,40 @@
 """Quantized variants of a trained float model for CPU inference, and the choice between them.
 
-FINDINGS_PLACEHOLDER
+Variants (`quantization.type` in a spec): `none` (the float model), `dynamic` (int8 weights, int8
+activations quantized per call, for nn.Linear), `static` (int8 weights and activations, calibrated),
+`fp16` (weights stored half, computed in float). `quantize_and_select` builds the float model and the
+variant(s) asked for, scores each with the caller's evaluator and keeps the fastest whose accuracy
+drop is within the limit; `save_quantized` / `load_quantized` persist any variant as tensors only.
+
+Backend: torch.ao.quantization (eager mode, fbgemm/x86 kernels), not torchao. Measured on this
+machine (2-core AMD EPYC, AVX-512 VNNI, torch 2.15, torchao 0.18; `bench/quantization.py`, p50 ms,
+round-robin; digits MLP with hidden [1024, 1024], zoo transformer d_model 64):
+
+- torch.ao dynamic int8: MLP b32 0.32 vs 0.83 float (2.6x), b1 0.17 vs 0.18; transformer b32
+  1.02x. It pays with width: b32 speed-up 0.65x / 0.98x / 2.7x / 4.8x for MLP widths 128-64 /
+  512-256 / 1024-1024 / 2048-2048, and 1.1x / 1.6x / 2.2x for transformer d_model 64 / 128 / 256
+  (at d_model 64 the quantize-activations step costs what the int8 GEMM saves).
+- torchao eager (no compile) is slower than float everywhere: Int8DynamicActivationInt8Weight MLP
+  b32 1.23 ms (0.68x), b1 0.90 ms (5x slower); Int8WeightOnly b32 1.05 ms (0.79x); transformer b32
+  0.67x / 0.85x. With torch.compile (one-off run): 5-30 s compile per model and shape; MLP b32 still
+  0.40x float (0.49x with inductor freezing, a process-wide setting, which does reach 3.3x at b1), and
+  compiling the quantized transformer with freezing crashed inside inductor. Not a serving path yet.
+- torch.ao warns on every call that it is deprecated (it announces removal "in 2.10"; it is still
+  here in 2.15). The warnings are caught locally (`_torch_ao_quiet`), never process-wide. If it does
+  go, this module is the one place to change.
+- fp16 computed in half (`model.half()`) is slow here: no fp16 arithmetic on this CPU, every op
+  converts: MLP b32 0.40x, transformer 0.12x. So `fp16` keeps activations float and uses fbgemm's
+  fp16-weight GEMM for nn.Linear (MLP 1.4x, CNN 1.07x, transformer 0.8-0.97x) with every other float
+  tensor rounded to half; its artifact is 1.7-2x smaller.
+- `static`: MLP 2.35x, zoo CNN 1.7x (conv+bn+relu fused, residual add through FloatFunctional),
+  3.8x / 2.4x smaller. Unavailable for the transformer (token ids feed an Embedding; no quantized
+  attention kernels); for other models it is attempted and, if an op has no quantized kernel,
+  reported unavailable with that op, never faked.
+- The transformer's int8 layers cannot use torch's fused encoder kernel, so `dynamic` and `fp16`
+  swap each nn.TransformerEncoderLayer for the same maths on scaled_dot_product_attention with its
+  projections as nn.Linear (nn.MultiheadAttention hides three quarters of its weights from dynamic
+  quantization). In float that path alone measured 0.98-1.15x of the fused kernel: no gain hidden
+  in the int8 numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +47,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,7 +64,6 @@ from domain.errors import ArtifactIntegrityError, ArtifactNotFoundError, Invalid
 from ml.zoo import ResidualCNN, _ResidualBlock
 
 Variant = Literal["none", "dynamic", "static", "fp16"]
-Kind = Literal["none", "dynamic", "static", "fp16", "all"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 FORMAT = "retrainer.quantized/1"
 # Differences below this are float noise from subtracting accuracies (0.96 - 0.95 > 0.01 in binary).
@@ -79,9 +113,7 @@ class VariantResult:
     size_ratio: float | None = None  # float size / this variant's size
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["score"] = self.score.to_dict() if self.score else None
-        return data
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -97,7 +129,9 @@ class QuantizationReport:
         for result in self.results:
             if result.variant == variant:
                 return result
-        raise InvalidInputError(f"variant {variant!r} was not tried (tried: {', '.join(r.variant for r in self.results)})")
+        raise InvalidInputError(
+            f"variant {variant!r} was not tried (tried: {', '.join(r.variant for r in self.results)})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,7 +144,7 @@ class QuantizationReport:
 
 @dataclass(frozen=True)
 class QuantizationOutcome:
-    """The chosen model (the float model itself when no variant qualifies) and the report behind it."""
+    """The chosen model (an eval-mode CPU copy of the float model when no variant qualifies) and the report."""
 
     model: nn.Module
     report: QuantizationReport
@@ -145,9 +179,12 @@ def _torch_ao_quiet() -> Iterator[None]:
     # torch.ao.quantization warns on every call that it is deprecated in favour of torchao. We use it
     # on purpose (module docstring: torchao's int8 path is slower than float on CPU without
     # torch.compile), so the warning says nothing new; it is silenced here only, never process-wide.
+    # (Before Python 3.14 catch_warnings swaps a process-global filter list: quantize from one thread.)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+        # The x86 default qconfig itself still passes reduce_range, which the observers call deprecated.
+        warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max")
         # The loader converts an uncalibrated skeleton whose qparams are then overwritten by the saved state.
         warnings.filterwarnings("ignore", message=r"must run observer before calling calculate_qparams")
         yield
@@ -190,9 +227,11 @@ class _ProjectedSelfAttention(nn.Module):
         heads = self.num_heads
         qkv = self.in_proj(x).view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
         mask = _additive_mask(attn_mask, key_padding_mask, batch, heads, length, x.dtype)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=is_causal and mask is None)
+        out = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=is_causal and mask is None
+        )
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
-        return out if self.batch_first else out.transpose(0, 1)
+        return cast(torch.Tensor, out if self.batch_first else out.transpose(0, 1))
 
 
 def _additive_mask(
@@ -285,8 +324,7 @@ def _dynamic_int8(model: nn.Module) -> nn.Module:
         raise QuantizationUnavailableError(
             f"dynamic int8 quantizes nn.Linear layers and {type(model).__name__} has none that it can reach"
         )
-    with _torch_ao_quiet():
-        return ao_quant.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
+    return _quantize_linear_layers(model, torch.qint8)
 
 
 class _StaticInt8(nn.Module):
@@ -351,21 +389,20 @@ def _static_int8(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module
             groups = _prepare_residual_cnn(model)
         wrapper = _StaticInt8(model).eval()
         if groups:
-            ao_quant.fuse_modules(wrapper.model, groups, inplace=True)
-        wrapper.qconfig = ao_quant.get_default_qconfig(torch.backends.quantized.engine)  # type: ignore[assignment]
+            ao_quant.fuse_modules(wrapper.model, groups, inplace=True)  # type: ignore[no-untyped-call]
+        wrapper.qconfig = ao_quant.get_default_qconfig(torch.backends.quantized.engine)  # type: ignore[no-untyped-call]
         try:
-            ao_quant.prepare(wrapper, inplace=True)
+            ao_quant.prepare(wrapper, inplace=True)  # type: ignore[no-untyped-call]
             with torch.inference_mode():
                 for batch in calibration:
                     wrapper(batch)
-            ao_quant.convert(wrapper, inplace=True)
+            ao_quant.convert(wrapper, inplace=True)  # type: ignore[no-untyped-call]
             if calibration:
                 with torch.inference_mode():
                     wrapper(calibration[0][:2])
         except Exception as e:  # eager static mode fails in many ways on modules not written for it
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise QuantizationUnavailableError(
-                f"static int8 does not run on {type(model).__name__}: {first_line[:300]} (eager-mode static "
+                f"static int8 does not run on {type(model).__name__}: {_first_line(e)} (eager-mode static "
                 "quantization needs every operation between QuantStub and DeQuantStub to have a quantized kernel)"
             ) from e
     return wrapper
@@ -374,7 +411,7 @@ def _static_int8(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module
 def _prepare_residual_cnn(model: ResidualCNN) -> list[list[str]]:
     """Makes the zoo's CNN quant-ready in place; returns the module groups to fuse (conv+bn[+relu])."""
     groups = [["stem.0", "stem.1", "stem.2"]]
-    stages = cast(nn.Sequential, model.stages)
+    stages = model.stages
     for index, block in enumerate(list(stages)):
         ready = _QuantReadyResidualBlock(cast(_ResidualBlock, block))
         stages[index] = ready
@@ -386,8 +423,23 @@ def _prepare_residual_cnn(model: ResidualCNN) -> list[list[str]]:
 
 
 def _fp16(model: nn.Module) -> nn.Module:
-    FP16_PLACEHOLDER
-    return model
+    # Every float tensor is rounded to half first, so the accuracy measured here is the accuracy of
+    # what is stored, and storing half (`_payload`) then loading loses nothing further.
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half())
+    _swap_encoder_layers(model)
+    if not any(type(m) is nn.Linear for m in model.modules()):
+        return model  # nothing for the fp16 GEMM; the artifact is still stored half
+    # fbgemm's fp16 GEMM: weights packed half, activations and accumulation float (no fp16 ALUs here).
+    return _quantize_linear_layers(model, torch.float16)
+
+
+def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    with _torch_ao_quiet():
+        quantized = ao_quant.quantize_dynamic(model, {nn.Linear}, dtype=dtype, inplace=True)  # type: ignore[no-untyped-call]
+    return cast(nn.Module, quantized)
 
 
 def quantize(model: nn.Module, variant: Variant, calibration: Iterable[torch.Tensor] = ()) -> nn.Module:
@@ -400,23 +452,43 @@ def quantize(model: nn.Module, variant: Variant, calibration: Iterable[torch.Ten
     if variant not in VARIANTS:
         raise InvalidInputError(f"quantization variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}")
     batches = [_check_batch(batch, index) for index, batch in enumerate(calibration)]
+    if variant == "static" and not batches:
+        raise InvalidInputError("static quantization needs at least one calibration batch")
+    return _transform(model, variant, batches)
+
+
+def _transform(model: nn.Module, variant: Variant, batches: list[torch.Tensor]) -> nn.Module:
+    # Without batches (the loader's case) static int8 gets placeholder qparams that the saved state replaces.
     working = copy.deepcopy(model).cpu().eval()
     if variant == "none":
         return working
     if variant == "static":
-        if not batches:
-            raise InvalidInputError("static quantization needs at least one calibration batch")
         return _static_int8(working, batches)
     result = _dynamic_int8(working) if variant == "dynamic" else _fp16(working)
     if batches:
-        with torch.inference_mode(), _torch_ao_quiet():
-            result(batches[0][:2])
+        try:
+            with torch.inference_mode(), _torch_ao_quiet():
+                result(batches[0][:2])
+        except (RuntimeError, NotImplementedError) as e:
+            raise QuantizationUnavailableError(
+                f"{variant} does not run on {type(model).__name__} with the {torch.backends.quantized.engine} "
+                f"quantized engine: {_first_line(e)}"
+            ) from e
     return result.eval()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _check_batch(batch: object, index: int) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.dim() < 2:
-        described = f"{batch.dtype} tensor of shape {list(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+        described = (
+            f"{batch.dtype} tensor of shape {list(batch.shape)}"
+            if isinstance(batch, torch.Tensor)
+            else type(batch).__name__
+        )
         raise InvalidInputError(f"calibration batch {index} must be a float tensor [batch, ...] (got {described})")
     return batch.detach().cpu()
 
@@ -525,8 +597,26 @@ def quantize_and_select(
 def _payload(model: nn.Module, variant: Variant) -> dict[str, Any]:
     state = model.state_dict()
     if variant == "fp16":
-        FP16_SAVE_PLACEHOLDER
+        state = _map_state(state, torch.float16)
     return {"format": FORMAT, "variant": variant, "engine": torch.backends.quantized.engine, "state": state}
+
+
+def _map_state(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    mapped: dict[str, Any] = OrderedDict((key, _map_floats(value, dtype)) for key, value in state.items())
+    # Per-module versions: without them quantized modules take the state for an old layout and misread it.
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        setattr(mapped, "_metadata", metadata)  # noqa: B010 (mypy does not know the attribute)
+    return mapped
+
+
+def _map_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Casts float tensors, including those inside packed-parameter tuples, to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and not value.is_quantized else value
+    if isinstance(value, tuple):
+        return tuple(_map_floats(item, dtype) for item in value)
+    return value
 
 
 def serialized_size(model: nn.Module, variant: Variant) -> int:
@@ -586,22 +676,34 @@ def load_quantized(
                 f"quantized model {path} has sha256 {actual}, expected {expected_sha256}; refusing to load it"
             )
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's own quantized-tensor rebuild touches TypedStorage and warns about it; not our call to fix.
+            warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated", category=UserWarning)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file, or one that needs code to unpickle: say which
-        raise InvalidInputError(f"quantized model {path} cannot be loaded safely ({str(e).splitlines()[0]})") from e
+        raise InvalidInputError(f"quantized model {path} cannot be loaded safely ({_first_line(e)})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidInputError(f"quantized model {path} is not a {FORMAT} file")
     if payload.get("variant") != variant:
         raise InvalidInputError(f"quantized model {path} holds variant {payload.get('variant')!r}, not {variant!r}")
-    model = quantize(build(), variant)
+    model = _transform(build(), variant, [])
     state = payload["state"]
+    if not isinstance(state, dict):
+        raise InvalidInputError(f"quantized model {path} has no state dictionary")
     if variant == "fp16":
-        FP16_LOAD_PLACEHOLDER
+        state = _map_state(state, torch.float32)
+    expected = set(model.state_dict())
+    if expected != set(state):
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise InvalidInputError(
+            f"quantized model {path} does not fit the model build() returned: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     try:
         with _torch_ao_quiet():
             model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         raise InvalidInputError(
-            f"quantized model {path} does not fit the model build() returned ({str(e).splitlines()[0]}...)"
+            f"quantized model {path} does not fit the model build() returned ({_first_line(e)})"
         ) from e
     return model.eval()
