@@ -126,6 +126,7 @@ class Run:
     started_at: datetime | None
     finished_at: datetime | None
     event_ids: tuple[str, ...] = field(default_factory=tuple)
+    evidence: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class ModelVersion:
     stage: ModelStage
     created_at: datetime
     stage_changed_at: datetime
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

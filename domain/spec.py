@@ -168,6 +168,12 @@ class GatesSpec(_Strict):
     min: dict[str, float] = Field(default_factory=dict)
     max: dict[str, float] = Field(default_factory=dict)
     vs_champion: dict[str, VsChampionSpec] = Field(default_factory=dict)
+    max_class_recall_drop: float | None = Field(
+        default=None, gt=0, le=1, description="Per-class guard: no class's recall may drop more than this."
+    )
+    min_test_examples: int | None = Field(
+        default=None, gt=0, description="Override the evidence rule n >= 5 / (1 - confidence)."
+    )
 
 
 class CanarySpec(_Strict):

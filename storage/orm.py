@@ -193,6 +193,9 @@ class SqlRun(Base):
         ForeignKey("model_versions.id", use_alter=True, ondelete="SET NULL")
     )
     error: Mapped[str | None] = mapped_column(Text)
+    # The run's evidence beyond per-metric gate rows: candidate and champion metrics on the same
+    # data, the quantization report, the training summary, the data split (revision 0002).
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(JSONDict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -214,6 +217,7 @@ class SqlRun(Base):
             dataset_version_id=self.dataset_version_id,
             model_version_id=self.model_version_id,
             error=self.error,
+            evidence=dict(self.evidence) if self.evidence else None,
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
@@ -233,6 +237,8 @@ class SqlModelVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONDict)
+    # How to rebuild and load the weights: architecture, params, shapes, variant, standardizer (0002).
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONDict)
     stage: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     stage_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -249,6 +255,7 @@ class SqlModelVersion(Base):
             sha256=self.sha256,
             size_bytes=self.size_bytes,
             metrics=dict(self.metrics),
+            manifest=dict(self.manifest) if self.manifest else {},
             stage=e.ModelStage(self.stage),
             created_at=self.created_at,
             stage_changed_at=self.stage_changed_at,

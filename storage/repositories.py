@@ -312,6 +312,7 @@ def update_run(
     prefect_flow_run_id: str | None = None,
     dataset_version_id: int | None = None,
     model_version_id: int | None = None,
+    evidence: dict[str, Any] | None = None,
 ) -> e.Run:
     """Moves a run forward. A final status is never left again (ConflictError)."""
     row = _run_row(session, run_id)
@@ -333,6 +334,8 @@ def update_run(
         row.dataset_version_id = dataset_version_id
     if model_version_id is not None:
         row.model_version_id = model_version_id
+    if evidence is not None:
+        row.evidence = {**(row.evidence or {}), **evidence}
     session.flush()
     return row.to_entity()
 
@@ -350,6 +353,7 @@ def register_model_version(
     metrics: dict[str, Any],
     run_id: str | None = None,
     stage: e.ModelStage = e.ModelStage.CANDIDATE,
+    manifest: dict[str, Any] | None = None,
 ) -> e.ModelVersion:
     """Adds the next version number of a pipeline's model. The unique (pipeline, version)
     constraint makes concurrent registrations take distinct numbers (the loser retries)."""
@@ -368,6 +372,7 @@ def register_model_version(
             sha256=sha256,
             size_bytes=size_bytes,
             metrics=metrics,
+            manifest=manifest,
             stage=stage.value,
         )
         try:
