@@ -21,6 +21,7 @@ import json
 import re
 import zoneinfo
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -176,6 +177,26 @@ class GatesSpec(_Strict):
     )
 
 
+class FreezeWindowSpec(_Strict):
+    start: datetime
+    end: datetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FreezeWindowSpec:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("start and end need a time zone, e.g. 2026-12-20T00:00:00Z")
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end.isoformat()}) must be after start ({self.start.isoformat()})")
+        return self
+
+
+class PromotionSpec(_Strict):
+    """Guards on moving the champion (an extension of the contract's spec)."""
+
+    cooldown_seconds: float = Field(default=0, ge=0, description="Minimum time between two promotions.")
+    freeze_windows: list[FreezeWindowSpec] = Field(default_factory=list)
+
+
 class CanarySpec(_Strict):
     steps: list[float] = Field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0], min_length=1)
     interval_seconds: float = Field(default=30, gt=0)
@@ -241,6 +262,7 @@ class TriggersSpec(_Strict):
 class EvaluationSpec(_Strict):
     custom_metrics: list[str] = Field(default_factory=list, description="'package.module:function' paths")
     bootstrap_resamples: int = Field(default=1000, ge=1000)
+    latency_budget_seconds: float = Field(default=2.0, gt=0, description="Time spent measuring CPU latency.")
 
 
 class PipelineSpec(_Strict):
@@ -254,6 +276,7 @@ class PipelineSpec(_Strict):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     gates: GatesSpec = Field(default_factory=GatesSpec)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     canary: CanarySpec | None = None
     triggers: TriggersSpec = Field(default_factory=TriggersSpec)
 

@@ -79,6 +79,9 @@ class TrainProgress:
 
 
 ProgressCallback = Callable[[TrainProgress], None]
+CheckpointCallback = Callable[[Path, int], None]
+"""Called with (checkpoint file, global step) after each checkpoint is written, e.g. to copy it
+to the artifact store so that a retry on another machine can resume."""
 
 
 @dataclass(frozen=True)
@@ -183,10 +186,12 @@ class _Trainer:
         spec: PipelineSpec,
         checkpoint_dir: Path,
         progress: ProgressCallback | None,
+        on_checkpoint: CheckpointCallback | None = None,
     ) -> None:
         self.spec, self.hp = spec, spec.hyperparameters
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
+        self.on_checkpoint = on_checkpoint
         self.notes: list[str] = []
         self.device = resolve_device(spec.hardware.device)
         self.autocast_dtype, use_scaler = _precision(spec.hardware.precision, self.device, self.notes)
@@ -246,7 +251,9 @@ class _Trainer:
 
     def checkpoint(self) -> None:
         if self.rank == 0:
-            save_checkpoint(self.state(), self.checkpoint_dir)
+            path = save_checkpoint(self.state(), self.checkpoint_dir)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path, self.global_step)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -395,7 +402,8 @@ class _Trainer:
                 self.global_step += 1
                 if self.progress is not None and self.rank == 0:
                     self.progress(TrainProgress(self.epoch + 1, epochs, self.global_step, total_steps, loss))
-                if every is not None and self.global_step % every == 0:
+                # the epoch-end checkpoint follows the last step anyway: one checkpoint per step
+                if every is not None and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
                     self.checkpoint()
             metrics = self.finish_epoch()
             self.epoch += 1
@@ -447,6 +455,7 @@ def train(
     checkpoint_dir: Path,
     resume: bool = True,
     progress: ProgressCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> TrainResult:
     """Trains `model` in place on `data` as the spec says, checkpointing into `checkpoint_dir`.
 
@@ -459,4 +468,4 @@ def train(
     with warnings.catch_warnings():
         # LambdaLR warns when the first lr is read before optimizer.step(); our order is deliberate.
         warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
-        return _Trainer(model, data, spec, checkpoint_dir, progress).run(resume)
+        return _Trainer(model, data, spec, checkpoint_dir, progress, on_checkpoint).run(resume)

@@ -676,3 +676,112 @@ def revoke_api_key(session: Session, name: str) -> e.ApiKey:
     row.revoked_at = row.revoked_at or utcnow()
     session.flush()
     return row.to_entity()
+
+
+def set_dataset_sha256(session: Session, dataset_version_id: int, sha256: str) -> e.DatasetVersion:
+    """Records the digest of a version's bytes the first time they are fetched; a different digest
+    later is a conflict (the version's data changed under its name)."""
+    row = session.get(SqlDatasetVersion, dataset_version_id)
+    if row is None:
+        raise NotFoundError(f"dataset version id {dataset_version_id} not found")
+    if row.sha256 is not None and row.sha256 != sha256:
+        raise ConflictError(
+            f"dataset {row.dataset!r} version {row.version!r} was recorded with sha256 {row.sha256}, now {sha256}"
+        )
+    row.sha256 = sha256
+    session.flush()
+    return row.to_entity()
+
+
+def get_dataset_version(session: Session, dataset_version_id: int) -> e.DatasetVersion:
+    row = session.get(SqlDatasetVersion, dataset_version_id)
+    if row is None:
+        raise NotFoundError(f"dataset version id {dataset_version_id} not found")
+    return row.to_entity()
+
+
+def last_promotion_at(session: Session, pipeline: str) -> datetime | None:
+    pipeline_row = _pipeline_row(session, pipeline)
+    return session.scalar(select(func.max(SqlAliasMove.moved_at)).where(SqlAliasMove.pipeline_id == pipeline_row.id))
+
+
+def decision_record(session: Session, run_id: str) -> dict[str, Any]:
+    """The whole chain for one run, JSON-safe: trigger and events → dataset version → candidate
+    metrics → champion metrics on the same data → gate verdicts → quantization → outcome and
+    alias moves. `retrainer runs show` prints it; the API serves it at GET /api/v1/runs/{id}."""
+    run = _run_row(session, run_id)
+    entity = run.to_entity()
+    evidence = dict(run.evidence or {})
+    version = session.get(SqlModelVersion, run.model_version_id) if run.model_version_id else None
+    dataset = session.get(SqlDatasetVersion, run.dataset_version_id) if run.dataset_version_id else None
+    moves = session.scalars(select(SqlAliasMove).where(SqlAliasMove.run_id == run_id).order_by(SqlAliasMove.id))
+    return {
+        "run_id": entity.id,
+        "pipeline": entity.pipeline,
+        "status": entity.status.value,
+        "trigger": {
+            "kind": entity.trigger_kind.value,
+            "event_ids": list(entity.event_ids),
+            "reason": entity.reason,
+            "events": [
+                {
+                    "id": ev.event_id,
+                    "source": ev.source,
+                    "type": ev.type,
+                    "topic": ev.topic,
+                    "partition": ev.partition,
+                    "offset": ev.offset,
+                    "received_at": ev.received_at.isoformat(),
+                }
+                for ev in run.events
+            ],
+        },
+        "model_version": version.version if version else None,
+        "decision": {
+            "dataset": None
+            if dataset is None
+            else {
+                "dataset": dataset.dataset,
+                "version": dataset.version,
+                "uri": dataset.uri,
+                "rows": dataset.rows,
+                "sha256": dataset.sha256,
+            },
+            "data_split": evidence.get("data_split"),
+            "training": evidence.get("training"),
+            "candidate": evidence.get("candidate"),
+            "champion": evidence.get("champion"),
+            "comparisons": evidence.get("comparisons"),
+            "quantization": evidence.get("quantization"),
+            "gate": [
+                {
+                    "metric": v.metric,
+                    "check": v.check,
+                    "verdict": v.verdict.value,
+                    "candidate": v.candidate_value,
+                    "champion": v.champion_value,
+                    "threshold": v.threshold,
+                    "ci_low": v.ci_low,
+                    "ci_high": v.ci_high,
+                    "reason": v.reason,
+                }
+                for v in gate_verdicts(session, run_id)
+            ],
+            "outcome": evidence.get("outcome"),
+            "alias_moves": [
+                {
+                    "from_version_id": m.from_version_id,
+                    "to_version_id": m.to_version_id,
+                    "actor": m.actor,
+                    "reason": m.reason,
+                    "moved_at": m.moved_at.isoformat(),
+                }
+                for m in moves
+            ],
+        },
+        "error": entity.error,
+        "prefect_flow_run_id": entity.prefect_flow_run_id,
+        "created_at": entity.created_at.isoformat(),
+        "started_at": entity.started_at.isoformat() if entity.started_at else None,
+        "finished_at": entity.finished_at.isoformat() if entity.finished_at else None,
+    }

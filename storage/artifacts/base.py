@@ -70,6 +70,10 @@ class ArtifactStore(ABC):
     def delete(self, key: str) -> None: ...
 
     @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (a folder-like key ending in '/'), sorted."""
+
+    @abstractmethod
     def check(self) -> None:
         """Raises a one-line RetrainerError naming the setting if the store cannot be used."""
 

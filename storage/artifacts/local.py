@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from domain.errors import ArtifactNotFoundError, ConfigurationError, UnsafeArtifactKeyError
 from storage.artifacts.base import ArtifactRef, ArtifactStore, iter_chunks, sha256_of_file
+from storage.artifacts.keys import validate_key
 
 SETTING = "RETRAINER_ARTIFACT_ROOT"
 
@@ -103,6 +104,16 @@ class LocalArtifactStore(ArtifactStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._path(validate_key(prefix.rstrip("/")))
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and not p.name.startswith(".")  # skip in-flight temp files
+        )
 
     def check(self) -> None:
         try:

@@ -33,6 +33,7 @@ from domain.errors import (
 )
 from domain.settings import Settings
 from storage.artifacts.base import ArtifactRef, ArtifactStore, iter_chunks
+from storage.artifacts.keys import validate_key
 
 ROOT_SETTING = "RETRAINER_ARTIFACT_ROOT"
 ENDPOINT_SETTING = "RETRAINER_S3_ENDPOINT_URL"
@@ -168,6 +169,20 @@ class S3ArtifactStore(ArtifactStore):
             self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
         except (ClientError, BotoCoreError) as e:
             raise self._translate(e, key) from e
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = validate_key(prefix.rstrip("/")) + "/"
+        keys: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._object_key(folder)
+            )
+            for page in pages:
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, folder) from e
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(key[strip:] for key in keys)
 
     def check(self) -> None:
         try:

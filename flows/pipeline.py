@@ -1,0 +1,484 @@
+"""The pipeline flow: one Prefect flow run takes a dataset version to a gated decision.
+
+    resolve inputs → fetch data → prepare → train (retried; resumes from the checkpoint kept in
+    the artifact store) → quantize and choose a variant → evaluate candidate AND champion on the
+    same test rows → paired comparison → gate → register the version → promote / reject
+
+Tasks are thin: the ML work is `ml/`, the rules are `domain/`, the rows are `storage/`. The Run
+row's status is true at every moment (queued → running → promoted | rejected | canary | skipped |
+failed), and nothing touches the champion except the final compare-and-set move, so a crash at
+any earlier point leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NONE as NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+
+from domain import entities as e
+from domain.errors import ConflictError, RetrainerError
+from domain.gate import ChampionEvidence, DifferenceInterval, GateDecision, ModelEvidence, decide_promotion
+from domain.logcontext import log_context
+from domain.spec import PipelineSpec, parse_spec
+from flows.context import FlowContext
+from ml.data import PreparedData, Table, load_table, prepare
+from ml.evaluation import BUILTIN_METRICS, EvalReport, compare, evaluate
+from ml.package import load_package, manifest_for, save_package
+from ml.quantization import QuantizationOutcome, VariantScore, quantize_and_select
+from ml.training import TrainingData, TrainProgress, TrainResult, seed_everything, train
+from ml.zoo import build_model, constructor_problems
+from storage import repositories as repo
+from storage.artifacts.fetch import fetch_uri
+
+log = logging.getLogger("retrainer.flows.pipeline")
+CHECKPOINT_PREFIX = "runs/{run_id}/checkpoints/"
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    spec: PipelineSpec
+    run: e.Run
+    dataset: e.DatasetVersion
+    champion: e.ModelVersion | None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@task(name="resolve-inputs", cache_policy=NO_CACHE)
+def resolve_inputs(ctx: FlowContext, pipeline: str, run_id: str) -> RunInputs:
+    """Marks the run running and finds its dataset version: the newest of its events, else the
+    latest known version of the pipeline's dataset (schedule and manual runs)."""
+    with ctx.tx() as session:
+        run = repo.update_run(
+            session, run_id, status=e.RunStatus.RUNNING, prefect_flow_run_id=str(current_flow_run.id or "")
+        )
+        row = repo.get_pipeline(session, pipeline)
+        spec = parse_spec(row.spec, source=f"pipeline {pipeline}", param_checker=constructor_problems)
+        dataset = None
+        if run.event_ids:
+            event = repo.get_event(session, run.event_ids[-1])
+            data = event.payload.get("data", event.payload)
+            dataset = repo.record_dataset_version(
+                session,
+                spec.dataset,
+                str(data.get("version") or event.event_id),
+                str(data["uri"]),
+                rows=data.get("rows"),
+            )
+        else:
+            dataset = repo.latest_dataset_version(session, spec.dataset)
+        if dataset is None:
+            raise RetrainerError(
+                f"no version of dataset {spec.dataset!r} is known yet; publish a data-changed event for it first"
+            )
+        run = repo.update_run(session, run_id, dataset_version_id=dataset.id)
+        champion = repo.get_champion(session, pipeline)
+    _describe_flow_run(pipeline, run.trigger_kind.value, dataset.version)
+    return RunInputs(spec, run, dataset, champion)
+
+
+@task(name="fetch-data", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Path:
+    dest = workdir / "data" / Path(dataset.uri).name
+    digest = fetch_uri(dataset.uri, dest, ctx.settings, expected_sha256=dataset.sha256)
+    if dataset.sha256 is None:
+        with ctx.tx() as session:
+            repo.set_dataset_sha256(session, dataset.id, digest)
+    return dest
+
+
+@task(name="train", retries=1, retry_delay_seconds=0, cache_policy=NO_CACHE)
+def train_candidate(
+    ctx: FlowContext, spec: PipelineSpec, data: PreparedData, run_id: str, workdir: Path
+) -> TrainResult:
+    """Trains from the newest checkpoint in the artifact store, if a previous attempt left one."""
+    checkpoint_dir = workdir / "checkpoints"
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the store, not this disk, is the source of truth
+    prefix = CHECKPOINT_PREFIX.format(run_id=run_id)
+    saved = ctx.store.list_keys(prefix)
+    if saved:
+        stored = ctx.store.stat(saved[-1])
+        if stored is not None:
+            ctx.store.download(stored, checkpoint_dir / "last.pt")
+            get_run_logger().info("resuming from checkpoint %s", stored.uri)
+
+    def upload(path: Path, step: int) -> None:
+        ctx.store.put_file(path, key=f"{prefix}step-{step:09d}.pt")
+
+    progress_id = cast(UUID, create_progress_artifact(progress=0.0, description=f"training {spec.name}"))
+    last_reported = [0.0]
+
+    def report(p: TrainProgress) -> None:
+        done = 100.0 * p.step / max(1, p.total_steps)
+        if done - last_reported[0] >= 5 or p.epoch_metrics is not None:
+            update_progress_artifact(progress_id, progress=min(done, 100.0))
+            last_reported[0] = done
+
+    seed_everything(spec.data.seed)
+    model = build_model(
+        spec.model.architecture, dict(spec.model.params), spec.model.input_shape, spec.model.output_classes
+    )
+    result = train(
+        model,
+        TrainingData(data.train.features, data.train.labels, data.validation.features, data.validation.labels),
+        spec,
+        checkpoint_dir,
+        resume=True,
+        progress=report,
+        on_checkpoint=upload,
+    )
+    update_progress_artifact(progress_id, progress=100.0)
+    return result
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize_candidate(spec: PipelineSpec, model: torch.nn.Module, data: PreparedData) -> QuantizationOutcome:
+    def score(candidate: torch.nn.Module) -> VariantScore:
+        report = evaluate(
+            candidate,
+            data.test.features,
+            data.test.labels,
+            num_classes=spec.model.output_classes,
+            latency_budget_s=spec.evaluation.latency_budget_seconds / 4,
+        )
+        return VariantScore(
+            report.metrics["accuracy"], report.metrics["latency_p50_ms_b32"], int(report.metrics["size_bytes"])
+        )
+
+    calibration = list(torch.split(data.train.features, spec.hyperparameters.batch_size))
+    return quantize_and_select(
+        model,
+        kind=spec.quantization.type,
+        calibration=calibration,
+        evaluate=score,
+        max_accuracy_drop=spec.quantization.max_accuracy_drop,
+        calibration_batches=spec.quantization.calibration_batches,
+    )
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_both(
+    ctx: FlowContext, inputs: RunInputs, model: torch.nn.Module, table: Table, data: PreparedData, workdir: Path
+) -> tuple[EvalReport, EvalReport | None, str | None]:
+    """The candidate and the champion on the same raw test rows, each with its own preprocessing.
+    Returns (candidate, champion or None, why the champion could not be evaluated)."""
+    spec = inputs.spec
+    raw = table.features[data.splits.test]
+    labels = torch.from_numpy(table.labels[data.splits.test])
+    same_rows = hashlib.sha256(raw.tobytes() + labels.numpy().tobytes()).hexdigest()
+    custom = spec.evaluation.custom_metrics
+    candidate = evaluate(
+        model,
+        data.test.features,
+        labels,
+        num_classes=spec.model.output_classes,
+        custom_metrics=custom,
+        latency_budget_s=spec.evaluation.latency_budget_seconds,
+        data_fingerprint=same_rows,
+    )
+    if inputs.champion is None:
+        return candidate, None, None
+    champion = inputs.champion
+    try:
+        ref = ctx.store.ref(champion.artifact_uri, champion.sha256, champion.size_bytes)
+        path = ctx.store.download(ref, workdir / "champion" / f"v{champion.version}.pt")
+        champion_model, standardizer = load_package(path, champion.manifest, champion.sha256)
+        features = torch.from_numpy(standardizer.transform(raw))
+        report = evaluate(
+            champion_model,
+            features,
+            labels,
+            num_classes=spec.model.output_classes,
+            custom_metrics=custom,
+            latency_budget_s=spec.evaluation.latency_budget_seconds,
+            data_fingerprint=same_rows,
+        )
+    except RetrainerError as error:  # unreadable, tampered or incompatible: the gate fails closed
+        return candidate, None, f"champion v{champion.version} could not be evaluated: {error}"
+    return candidate, report, None
+
+
+@task(name="gate-and-record", cache_policy=NO_CACHE)
+def gate_and_record(
+    ctx: FlowContext,
+    inputs: RunInputs,
+    trained: TrainResult,
+    quantized: QuantizationOutcome,
+    reports: tuple[EvalReport, EvalReport | None, str | None],
+    data: PreparedData,
+    workdir: Path,
+) -> dict[str, Any]:
+    spec, run_id = inputs.spec, inputs.run.id
+    candidate, champion, champion_error = reports
+    intervals = _intervals(spec, candidate, champion)
+    decision = decide_promotion(
+        _evidence(candidate),
+        None
+        if inputs.champion is None
+        else ChampionEvidence(_evidence(champion) if champion else None, intervals, champion_error),
+        spec.gates,
+    )
+    manifest = manifest_for(spec, quantized.report.chosen, data.standardizer, data.feature_names)
+    saved = save_package(quantized.model, manifest, workdir / "model.pt")
+    ref = ctx.store.put_file(saved.path)
+    evidence = {
+        "data_split": {name: len(getattr(data, name)) for name in ("train", "validation", "test")},
+        "training": {
+            "best_epoch": trained.best_epoch,
+            "stopped_early": trained.stopped_early,
+            "global_steps": trained.global_steps,
+            "resumed_from_step": trained.resumed_from_step,
+            "history": trained.history_dicts(),
+            "warnings": trained.warnings,
+        },
+        "candidate": candidate.to_dict(),
+        "champion": None
+        if inputs.champion is None
+        else {
+            "version": inputs.champion.version,
+            "report": champion.to_dict() if champion else None,
+            "error": champion_error,
+        },
+        "comparisons": {k: asdict(v) for k, v in intervals.items()},
+        "quantization": quantized.report.to_dict(),
+    }
+    with ctx.tx() as session:
+        version = repo.register_model_version(
+            session,
+            spec.name,
+            artifact_uri=ref.uri,
+            sha256=ref.sha256,
+            size_bytes=ref.size,
+            metrics=candidate.metrics,
+            run_id=run_id,
+            manifest=manifest,
+        )
+        repo.record_gate_checks(session, run_id, decision.checks, model_version_id=version.id)
+        repo.update_run(session, run_id, model_version_id=version.id, evidence=evidence)
+    outcome = _decide_outcome(ctx, inputs, decision, version)
+    with ctx.tx() as session:
+        repo.update_run(session, run_id, status=outcome["status"], evidence={"outcome": _jsonable(outcome)})
+    _markdown_report(spec, inputs, candidate, champion, decision, quantized, outcome, version)
+    return _jsonable(outcome)
+
+
+# ---------------------------------------------------------------------------- the flow
+
+
+@flow(name="retrainer-pipeline", flow_run_name="{pipeline}", validate_parameters=True)
+def run_pipeline(pipeline: str, run_id: str | None = None) -> dict[str, Any]:
+    """Runs one pipeline run. Without `run_id` (a scheduled run) it creates its own Run row,
+    once per schedule slot."""
+    ctx = FlowContext.open()
+    try:
+        run_id = run_id or _scheduled_run(ctx, pipeline)
+        with log_context(pipeline=pipeline, run_id=run_id):
+            try:
+                return _execute(ctx, pipeline, run_id)
+            except BaseException as error:
+                _mark_failed(ctx, run_id, error)
+                raise
+    finally:
+        ctx.close()
+
+
+def _execute(ctx: FlowContext, pipeline: str, run_id: str) -> dict[str, Any]:
+    workdir = ctx.workdir(run_id)
+    inputs = resolve_inputs(ctx, pipeline, run_id)
+    spec = inputs.spec
+    path = fetch_data(ctx, inputs.dataset, workdir)
+    table = load_table(path, spec.data.format, spec.data.target)
+    data = prepare(
+        table,
+        input_shape=spec.model.input_shape,
+        output_classes=spec.model.output_classes,
+        validation_fraction=spec.data.validation_fraction,
+        test_fraction=spec.data.test_fraction,
+        seed=spec.data.seed,
+        standardize=spec.data.standardize,
+    )
+    trained = train_candidate(ctx, spec, data, run_id, workdir)
+    quantized = quantize_candidate(spec, trained.model, data)
+    reports = evaluate_both(ctx, inputs, quantized.model, table, data, workdir)
+    outcome = gate_and_record(ctx, inputs, trained, quantized, reports, data, workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    log.info("run finished: %s", outcome["status"], extra={"outcome": outcome})
+    return outcome
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _scheduled_run(ctx: FlowContext, pipeline: str) -> str:
+    slot = current_flow_run.scheduled_start_time or datetime.now(UTC)
+    with ctx.tx() as session:
+        run, _ = repo.create_run(
+            session, pipeline, e.TriggerKind.SCHEDULE, reason="cron schedule", dedupe_key=f"schedule:{slot.isoformat()}"
+        )
+    return run.id
+
+
+def _describe_flow_run(pipeline: str, trigger: str, version: str) -> None:
+    """Flow-run name and tags that say what the run is (best effort: needs a Prefect API)."""
+    flow_run_id = current_flow_run.id
+    if not flow_run_id:
+        return
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(
+                flow_run_id,
+                name=f"{pipeline}·{trigger}·{version}",
+                tags=[f"pipeline:{pipeline}", f"trigger:{trigger}", f"dataset-version:{version}"],
+            )
+    except Exception as error:  # naming is cosmetic; it must never fail a run
+        log.warning("could not rename the flow run: %s", error)
+
+
+def _mark_failed(ctx: FlowContext, run_id: str, error: BaseException) -> None:
+    try:
+        with ctx.tx() as session:
+            run = repo.get_run(session, run_id)
+            if not run.status.is_final:
+                repo.update_run(session, run_id, status=e.RunStatus.FAILED, error=f"{type(error).__name__}: {error}")
+    except Exception:  # the original error matters more than this bookkeeping
+        log.exception("could not mark run %s failed", run_id)
+
+
+def _evidence(report: EvalReport | None) -> ModelEvidence:
+    if report is None:
+        return ModelEvidence({}, {}, 0)
+    recall = {cls: float(v["recall"]) for cls, v in report.per_class.items()}
+    return ModelEvidence(dict(report.metrics), recall, report.n_examples)
+
+
+def _intervals(spec: PipelineSpec, candidate: EvalReport, champion: EvalReport | None) -> dict[str, DifferenceInterval]:
+    if champion is None:
+        return {}
+    by_confidence: dict[float, list[str]] = {}
+    custom = {path.rpartition(":")[2]: path for path in spec.evaluation.custom_metrics}
+    for metric, rule in spec.gates.vs_champion.items():
+        if rule.min_delta is not None and (metric in BUILTIN_METRICS or metric in custom):
+            by_confidence.setdefault(rule.confidence, []).append(custom.get(metric, metric))
+    intervals: dict[str, DifferenceInterval] = {}
+    for confidence, metrics in by_confidence.items():
+        results = compare(
+            candidate,
+            champion,
+            metrics=metrics,
+            n_resamples=spec.evaluation.bootstrap_resamples,
+            confidence=confidence,
+            seed=spec.data.seed,
+        )
+        for key, c in results.items():
+            name = key.rpartition(":")[2]
+            intervals[name] = DifferenceInterval(name, c.difference, c.ci_low, c.ci_high, c.confidence, c.n_examples)
+    return intervals
+
+
+def _decide_outcome(
+    ctx: FlowContext, inputs: RunInputs, decision: GateDecision, version: e.ModelVersion
+) -> dict[str, Any]:
+    """Turns the gate decision into stages, alias moves and the run's final status."""
+    spec, run_id = inputs.spec, inputs.run.id
+    champion_id = inputs.champion.id if inputs.champion else None
+    with ctx.tx() as session:
+        if not decision.passed:
+            repo.set_model_stage(session, version.id, e.ModelStage.REJECTED)
+            return {"status": e.RunStatus.REJECTED, "reason": decision.reason, "version": version.version}
+        held = _promotion_hold(session, spec)
+        if held:
+            return {"status": e.RunStatus.SKIPPED, "reason": f"gate passed but {held}", "version": version.version}
+        if spec.canary is not None:
+            repo.set_model_stage(session, version.id, e.ModelStage.CANARY)
+            return {
+                "status": e.RunStatus.CANARY,
+                "reason": "gate passed; awaiting the canary rollout",
+                "version": version.version,
+            }
+    try:
+        with ctx.tx() as session:
+            repo.move_champion(
+                session,
+                spec.name,
+                version.id,
+                expected_from_version_id=champion_id,
+                actor="gate",
+                reason=decision.reason,
+                run_id=run_id,
+            )
+    except ConflictError as conflict:  # another run promoted since we read the champion: our evidence is stale
+        with ctx.tx() as session:
+            repo.set_model_stage(session, version.id, e.ModelStage.REJECTED)
+        return {
+            "status": e.RunStatus.REJECTED,
+            "version": version.version,
+            "reason": f"champion changed while this run was evaluating ({conflict}); not promoted on stale evidence",
+        }
+    return {"status": e.RunStatus.PROMOTED, "reason": decision.reason, "version": version.version}
+
+
+def _promotion_hold(session: Any, spec: PipelineSpec) -> str | None:
+    now = datetime.now(UTC)
+    pipeline = repo.get_pipeline(session, spec.name)
+    if pipeline.frozen_until is not None and pipeline.frozen_until > now:
+        return f"promotions are frozen until {pipeline.frozen_until.isoformat()}"
+    for window in spec.promotion.freeze_windows:
+        if window.start <= now < window.end:
+            return f"promotions are frozen by the spec until {window.end.isoformat()}"
+    if spec.promotion.cooldown_seconds:
+        last = repo.last_promotion_at(session, spec.name)
+        if last is not None and now - last < timedelta(seconds=spec.promotion.cooldown_seconds):
+            ago, cooldown = (now - last).total_seconds(), spec.promotion.cooldown_seconds
+            return f"the last promotion was {ago:.0f} s ago (cooldown {cooldown:.0f} s)"
+    return None
+
+
+def _jsonable(outcome: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, e.RunStatus) else v) for k, v in outcome.items()}
+
+
+def _markdown_report(
+    spec: PipelineSpec,
+    inputs: RunInputs,
+    candidate: EvalReport,
+    champion: EvalReport | None,
+    decision: GateDecision,
+    quantized: QuantizationOutcome,
+    outcome: dict[str, Any],
+    version: e.ModelVersion,
+) -> None:
+    rows = ["| metric | candidate | champion |", "|---|---|---|"]
+    for metric in ("accuracy", "macro_f1", "log_loss", "ece", "latency_p99_ms", "size_bytes"):
+        champ = f"{champion.metrics[metric]:.4g}" if champion and metric in champion.metrics else "—"
+        rows.append(f"| {metric} | {candidate.metrics.get(metric, float('nan')):.4g} | {champ} |")
+    gate = ["| check | metric | verdict | reason |", "|---|---|---|---|"]
+    gate += [f"| {c.check} | {c.metric} | {c.verdict.value} | {c.reason} |" for c in decision.checks]
+    markdown = "\n".join(
+        [
+            f"# {spec.name}: run {inputs.run.id}",
+            f"Dataset **{inputs.dataset.dataset} {inputs.dataset.version}**; candidate **v{version.version}**; "
+            f"champion {'v' + str(inputs.champion.version) if inputs.champion else 'none (first model)'}.",
+            f"**Outcome: {_jsonable(outcome)['status']}** — {outcome['reason']}",
+            "## Evaluation (same test rows)",
+            *rows,
+            "## Gate",
+            *gate,
+            f"## Quantization\nchosen **{quantized.report.chosen}**: {quantized.report.reason}",
+        ]
+    )
+    create_markdown_artifact(markdown, key=f"run-{inputs.run.id[:8]}", description=f"{spec.name} decision")

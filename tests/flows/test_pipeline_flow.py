@@ -1,0 +1,143 @@
+"""The real pipeline flow, run by a real Prefect on tiny data, with every decision asserted."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import entities as e
+from flows.pipeline import run_pipeline
+from storage import repositories as repo
+from storage.artifacts.local import path_from_file_uri
+from storage.db import transaction
+from tests.flows.conftest import WEAK, event_run, spec
+
+pytestmark = pytest.mark.integration
+
+
+def record(sessions: sessionmaker[Session], run_id: str) -> dict[str, Any]:
+    with transaction(sessions) as session:
+        return repo.decision_record(session, run_id)
+
+
+def champion_version(sessions: sessionmaker[Session]) -> int | None:
+    with transaction(sessions) as session:
+        champion = repo.get_champion(session, "digits-classifier")
+    return champion.version if champion else None
+
+
+def run(sessions: sessionmaker[Session], document: dict[str, Any], version: str, uri: Path) -> dict[str, Any]:
+    run_id = event_run(sessions, document, version, uri)
+    run_pipeline("digits-classifier", run_id)
+    return record(sessions, run_id)
+
+
+def test_first_model_then_a_better_one_is_promoted(env: sessionmaker[Session], digits: dict[str, Path]) -> None:
+    first = run(env, spec(**WEAK), "v1", digits["v1"])
+    assert first["status"] == "promoted", json.dumps(first["decision"]["gate"])
+    assert champion_version(env) == 1
+    assert [g["verdict"] for g in first["decision"]["gate"] if g["check"] == "vs_champion"] == ["skipped"]
+
+    better = run(env, spec(), "v2", digits["v2"])
+    assert better["status"] == "promoted", better["decision"]["outcome"]
+    assert champion_version(env) == 2
+    accuracy = next(g for g in better["decision"]["gate"] if g["check"] == "vs_champion")
+    assert accuracy["verdict"] == "pass" and accuracy["ci_low"] > 0
+    chain = better["decision"]
+    assert chain["dataset"]["version"] == "v2" and chain["dataset"]["sha256"]
+    assert (
+        chain["champion"]["version"] == 1
+        and chain["champion"]["report"]["n_examples"] == chain["candidate"]["n_examples"]
+    )
+    assert chain["quantization"]["chosen"] in ("none", "dynamic")
+    assert [m["actor"] for m in chain["alias_moves"]] == ["gate"]
+    with transaction(env) as session:
+        assert repo.get_model_version(session, "digits-classifier", 1).stage is e.ModelStage.RETIRED
+    Path("/tmp/retrainer-decision-record.json").write_text(json.dumps(better, indent=2))
+
+
+def test_a_worse_candidate_is_rejected_and_the_champion_stays(
+    env: sessionmaker[Session], digits: dict[str, Path]
+) -> None:
+    run(env, spec(), "v2", digits["v2"])
+    worse = run(env, spec(**WEAK), "v2b", digits["v2"])
+    assert worse["status"] == "rejected"
+    assert champion_version(env) == 1
+    assert any(g["verdict"] == "fail" and g["check"] == "vs_champion" for g in worse["decision"]["gate"])
+
+
+def test_an_equal_candidate_is_not_promoted_in_superiority_mode(
+    env: sessionmaker[Session], digits: dict[str, Path]
+) -> None:
+    run(env, spec(), "v2", digits["v2"])
+    same = run(env, spec(), "v2-again", digits["v2"])  # same data, same seed: the same model
+    assert same["status"] == "rejected" and champion_version(env) == 1
+    check = next(g for g in same["decision"]["gate"] if g["check"] == "vs_champion")
+    assert check["ci_low"] <= 0 <= check["ci_high"]
+
+
+def test_poisoned_labels_are_rejected(env: sessionmaker[Session], digits: dict[str, Path]) -> None:
+    document = spec()
+    document["gates"]["min"]["accuracy"] = 0.85
+    run(env, document, "v2", digits["v2"])
+    poisoned = run(env, document, "v3", digits["v3"])
+    assert poisoned["status"] == "rejected" and champion_version(env) == 1
+    floor = next(g for g in poisoned["decision"]["gate"] if g["check"] == "min")
+    assert floor["verdict"] == "fail" and floor["candidate"] < 0.85
+
+
+def test_a_missing_champion_artifact_fails_closed(env: sessionmaker[Session], digits: dict[str, Path]) -> None:
+    run(env, spec(**WEAK), "v1", digits["v1"])
+    with transaction(env) as session:
+        champion = repo.get_champion(session, "digits-classifier")
+    assert champion is not None
+    path_from_file_uri(champion.artifact_uri).unlink()
+    after = run(env, spec(), "v2", digits["v2"])
+    assert after["status"] == "rejected" and champion_version(env) == 1
+    assert "does not exist" in after["decision"]["champion"]["error"]
+    assert any("champion unusable" in g["reason"] for g in after["decision"]["gate"])
+
+
+def test_training_killed_mid_run_resumes_from_its_checkpoint(
+    env: sessionmaker[Session], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    document = spec()
+    document["model"] = {
+        "architecture": "tests.flows.crashy:CrashOnce",
+        "params": {"marker": str(tmp_path / "crashed"), "crash_at_call": 30},
+        "input_shape": [64],
+        "output_classes": 10,
+    }
+    result = run(env, document, "v2", digits["v2"])
+    assert (tmp_path / "crashed").exists(), "the first attempt did not crash"
+    assert result["status"] == "promoted"
+    training = result["decision"]["training"]
+    assert training["resumed_from_step"] == 25  # the last checkpoint before the crash at step 30
+
+
+def test_two_racing_runs_yield_one_promotion(env: sessionmaker[Session], digits: dict[str, Path]) -> None:
+    run(env, spec(**WEAK), "v1", digits["v1"])
+    run_ids = [event_run(env, spec(), f"v2-{i}", digits["v2"]) for i in range(2)]
+    errors: list[BaseException] = []
+
+    def go(run_id: str) -> None:
+        try:
+            run_pipeline("digits-classifier", run_id)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=go, args=(rid,)) for rid in run_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    statuses = sorted(record(env, rid)["status"] for rid in run_ids)
+    assert statuses == ["promoted", "rejected"]
+    with transaction(env) as session:
+        assert len(repo.alias_history(session, "digits-classifier")) == 2  # first model + exactly one more
