@@ -30,6 +30,12 @@ app = typer.Typer(
 db_app = typer.Typer(help="The metadata database.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 pipelines_app = typer.Typer(help="Pipeline specs.", no_args_is_help=True)
+runs_app = typer.Typer(help="Pipeline runs and their decision records.", no_args_is_help=True)
+models_app = typer.Typer(help="Model versions and the champion alias.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Dataset versions.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(pipelines_app, name="pipelines")
@@ -87,6 +93,229 @@ def pipelines_validate(files: Annotated[list[Path], typer.Argument(help="Spec fi
         err.print(line, highlight=False, soft_wrap=True, markup=False)
     if problems:
         raise typer.Exit(2)
+
+
+@pipelines_app.command("sync")
+def pipelines_sync() -> None:
+    """Validate every spec in RETRAINER_PIPELINES_DIR and register it (exit 2 listing problems)."""
+    from flows.registry import load_specs, sync_pipelines
+    from retrainer import wiring
+    from storage.db import transaction
+
+    settings = _settings()
+    specs = load_specs(settings.pipelines_dir)
+    with transaction(wiring.sessions(settings)) as session:
+        registered = sync_pipelines(session, specs)
+    for pipeline in registered:
+        out.print(f"registered {pipeline.name} (dataset {pipeline.dataset})", highlight=False)
+
+
+@pipelines_app.command("list")
+def pipelines_list() -> None:
+    """Registered pipelines and their champions."""
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    table = Table("pipeline", "dataset", "champion", "frozen until")
+    with transaction(wiring.sessions(settings)) as session:
+        for pipeline in repo.list_pipelines(session):
+            champion = repo.get_champion(session, pipeline.name)
+            frozen = pipeline.frozen_until.isoformat() if pipeline.frozen_until else ""
+            table.add_row(pipeline.name, pipeline.dataset, f"v{champion.version}" if champion else "-", frozen)
+    out.print(table)
+
+
+@pipelines_app.command("freeze")
+def pipelines_freeze(
+    name: Annotated[str, typer.Argument(help="Pipeline name.")],
+    until: Annotated[str, typer.Option(help="ISO time with zone, e.g. 2026-12-24T00:00:00Z.")],
+    reason: Annotated[str, typer.Option(help="Why promotions are held.")],
+) -> None:
+    """Hold automatic promotions until a time (gates still run and record their verdicts)."""
+    from datetime import datetime
+
+    from flows import champion
+    from retrainer import wiring
+    from storage.db import transaction
+
+    settings = _settings()
+    moment = datetime.fromisoformat(until.replace("Z", "+00:00"))
+    with transaction(wiring.sessions(settings)) as session:
+        champion.freeze(session, name, until=moment)
+    out.print(f"{name}: promotions frozen until {moment.isoformat()} ({reason})", highlight=False)
+
+
+@pipelines_app.command("unfreeze")
+def pipelines_unfreeze(name: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
+    """Lift a promotion freeze."""
+    from flows import champion
+    from retrainer import wiring
+    from storage.db import transaction
+
+    settings = _settings()
+    with transaction(wiring.sessions(settings)) as session:
+        champion.freeze(session, name, until=None)
+    out.print(f"{name}: promotions allowed again", highlight=False)
+
+
+@datasets_app.command("add")
+def datasets_add(
+    dataset: Annotated[str, typer.Argument(help="Dataset name (a spec's `dataset`).")],
+    version: Annotated[str, typer.Argument(help="Version label, e.g. v3.")],
+    uri: Annotated[str, typer.Argument(help="file:// or s3:// URI of the data.")],
+) -> None:
+    """Record a dataset version (what a data-changed event does), for manual and scheduled runs."""
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    with transaction(wiring.sessions(settings)) as session:
+        recorded = repo.record_dataset_version(session, dataset, version, uri)
+    out.print(f"{recorded.dataset} {recorded.version}: {recorded.uri}", highlight=False)
+
+
+@app.command("run")
+def run_now(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    reason: Annotated[str, typer.Option(help="Why this run.")] = "manual run from the CLI",
+) -> None:
+    """Run a pipeline here and now on its dataset's latest version (a manual trigger, in-process)."""
+    import json
+
+    from domain.entities import TriggerKind
+    from flows.pipeline import run_pipeline
+    from flows.registry import load_specs, sync_pipelines
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    with transaction(wiring.sessions(settings)) as session:
+        sync_pipelines(session, load_specs(settings.pipelines_dir))
+        run, _ = repo.create_run(session, pipeline, TriggerKind.MANUAL, reason=reason)
+    err.print(f"run {run.id} started")
+    with out.status(f"running {pipeline}…"):
+        outcome = run_pipeline(pipeline, run.id)
+    out.print(json.dumps(outcome), highlight=False)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole decision record as JSON.")] = False,
+) -> None:
+    """A run's decision record: events, data, candidate vs champion, gate verdicts, outcome."""
+    import json
+
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    with transaction(wiring.sessions(settings)) as session:
+        record = repo.decision_record(session, run_id)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    decision = record["decision"]
+    out.print(f"run {record['run_id']} · {record['pipeline']} · {record['trigger']['kind']} · {record['status']}")
+    if decision["dataset"]:
+        out.print(f"dataset {decision['dataset']['dataset']} {decision['dataset']['version']}", highlight=False)
+    table = Table("check", "metric", "verdict", "reason")
+    for verdict in decision["gate"]:
+        table.add_row(verdict["check"], verdict["metric"], verdict["verdict"], verdict["reason"])
+    out.print(table)
+    if decision["outcome"]:
+        out.print(f"outcome: {decision['outcome']['status']} — {decision['outcome']['reason']}", highlight=False)
+    if record["error"]:
+        out.print(f"error: {record['error']}", highlight=False)
+
+
+@runs_app.command("list")
+def runs_list(
+    pipeline: Annotated[str | None, typer.Option(help="Only this pipeline.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """Recent runs, newest first."""
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    table = Table("run", "pipeline", "trigger", "status", "created")
+    with transaction(wiring.sessions(settings)) as session:
+        for run in repo.list_runs(session, pipeline, limit):
+            table.add_row(
+                run.id,
+                run.pipeline,
+                run.trigger_kind.value,
+                run.status.value,
+                run.created_at.isoformat(timespec="seconds"),
+            )
+    out.print(table)
+
+
+@models_app.command("list")
+def models_list(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
+    """A pipeline's model versions with their stage."""
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    table = Table("version", "stage", "accuracy", "sha256", "run")
+    with transaction(wiring.sessions(settings)) as session:
+        for version in repo.list_model_versions(session, pipeline):
+            accuracy = version.metrics.get("accuracy")
+            table.add_row(
+                f"v{version.version}",
+                version.stage.value,
+                f"{accuracy:.4f}" if accuracy else "-",
+                version.sha256[:12],
+                version.run_id or "-",
+            )
+    out.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    version: Annotated[int, typer.Argument(help="Model version number to make champion.")],
+    reason: Annotated[str, typer.Option(help="Required justification (recorded in alias_history).")],
+    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
+) -> None:
+    """Force-promote a version past the gate, with a justification."""
+    from flows import champion
+    from retrainer import wiring
+    from storage.db import transaction
+
+    settings = _settings()
+    with transaction(wiring.sessions(settings)) as session:
+        move = champion.force_promote(session, pipeline, version, actor=actor, reason=reason)
+    out.print(f"{pipeline}: champion is now v{version} (alias move {move.id}, by {move.actor})", highlight=False)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    reason: Annotated[str, typer.Option(help="Required justification (recorded in alias_history).")],
+    to: Annotated[int | None, typer.Option(help="Earlier champion version; default: the previous one.")] = None,
+    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
+) -> None:
+    """Roll the champion back to an earlier champion; the current one becomes rolled_back."""
+    from flows import champion
+    from retrainer import wiring
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    settings = _settings()
+    with transaction(wiring.sessions(settings)) as session:
+        move = champion.rollback(session, pipeline, to_version=to, actor=actor, reason=reason)
+        target = repo.get_model_version_by_id(session, move.to_version_id or 0)
+    out.print(f"{pipeline}: champion rolled back to v{target.version} (by {move.actor})", highlight=False)
 
 
 @app.command("check")

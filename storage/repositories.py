@@ -441,10 +441,12 @@ def move_champion(
     actor: str,
     reason: str,
     run_id: str | None = None,
+    previous_stage: e.ModelStage = e.ModelStage.RETIRED,
 ) -> e.AliasMove:
     """Moves the champion alias as a compare-and-set: it succeeds only if the champion is still
     `expected_from_version_id`, so two workers can never both promote. Writes alias_history,
-    retires the old champion and stages the new one, all in the caller's transaction."""
+    gives the old champion `previous_stage` (retired, or rolled_back for a rollback) and stages
+    the new one, all in the caller's transaction."""
     if not reason.strip():
         raise InvalidInputError("moving the champion alias needs a reason")
     pipeline_row = _pipeline_row(session, pipeline)
@@ -472,7 +474,7 @@ def move_champion(
     now = utcnow()
     if expected_from_version_id is not None and expected_from_version_id != to_version_id:
         old = _model_row(session, expected_from_version_id)
-        old.stage, old.stage_changed_at = e.ModelStage.RETIRED.value, now
+        old.stage, old.stage_changed_at = previous_stage.value, now
     if to_version_id is not None:
         new = _model_row(session, to_version_id)
         new.stage, new.stage_changed_at = e.ModelStage.CHAMPION.value, now

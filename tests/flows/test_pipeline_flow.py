@@ -58,7 +58,6 @@ def test_first_model_then_a_better_one_is_promoted(env: sessionmaker[Session], d
     assert [m["actor"] for m in chain["alias_moves"]] == ["gate"]
     with transaction(env) as session:
         assert repo.get_model_version(session, "digits-classifier", 1).stage is e.ModelStage.RETIRED
-    Path("/tmp/retrainer-decision-record.json").write_text(json.dumps(better, indent=2))
 
 
 def test_a_worse_candidate_is_rejected_and_the_champion_stays(

@@ -1,0 +1,69 @@
+"""Pipelines from spec files: load and validate them all, register them, build their deployments.
+
+Each pipeline is a Prefect deployment named after it, running `run_pipeline` with the spec's
+cron schedule (if any) and tagged with the pipeline's name. A changed schedule takes effect when
+the deployments are built again (on restart of `retrainer serve`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from sqlalchemy.orm import Session
+
+from domain.entities import Pipeline
+from domain.errors import SpecError
+from domain.spec import PipelineSpec, load_spec
+from ml.zoo import constructor_problems
+from storage import repositories as repo
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def load_specs(directory: Path) -> list[PipelineSpec]:
+    """Every spec in `directory`, validated; SpecError lists every problem of every file at once."""
+    if not directory.is_dir():
+        raise SpecError([f"{directory}: pipelines folder not found (set RETRAINER_PIPELINES_DIR)"])
+    problems: list[str] = []
+    specs: dict[str, tuple[Path, PipelineSpec]] = {}
+    for path in sorted(p for p in directory.iterdir() if p.suffix.lower() in SPEC_SUFFIXES):
+        try:
+            spec = load_spec(path, constructor_problems)
+        except SpecError as e:
+            problems += e.problems
+            continue
+        if spec.name in specs:
+            problems.append(f"{path}: name: pipeline {spec.name!r} is already defined in {specs[spec.name][0]}")
+            continue
+        specs[spec.name] = (path, spec)
+    if problems:
+        raise SpecError(problems)
+    return [spec for _, spec in specs.values()]
+
+
+def sync_pipelines(session: Session, specs: list[PipelineSpec]) -> list[Pipeline]:
+    """Registers each spec (or updates it); the champion alias is untouched."""
+    return [repo.upsert_pipeline(session, spec.name, spec.dataset, spec.to_document()) for spec in specs]
+
+
+def deployments(specs: list[PipelineSpec]) -> list[RunnerDeployment]:
+    from prefect.schedules import Cron
+
+    from flows.pipeline import run_pipeline
+
+    built: list[RunnerDeployment] = []
+    for spec in specs:
+        schedule = spec.triggers.schedule
+        deployment = run_pipeline.to_deployment(
+            name=spec.name,
+            schedules=[Cron(schedule.cron, timezone=schedule.timezone)] if schedule else [],
+            parameters={"pipeline": spec.name},
+            tags=[f"pipeline:{spec.name}"],
+            description=f"Retrain {spec.name} on dataset {spec.dataset}",
+        )
+        built.append(cast("RunnerDeployment", deployment))  # sync call: never the coroutine
+    return built
