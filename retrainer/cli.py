@@ -338,8 +338,9 @@ def check() -> None:
 
 @app.command("demo")
 def demo() -> None:
-    """The whole story on embedded defaults. Today: the foundation (metadata DB, artifact store)."""
+    """The story on embedded defaults: foundation checks, then digits v1 → v2 → v3 through the real flow."""
     from retrainer import wiring
+    from retrainer.demo import run_story
 
     settings = _settings()
     started = time.perf_counter()
@@ -350,14 +351,30 @@ def demo() -> None:
     table = Table(title="Retrainer demo: foundation")
     table.add_column("step")
     table.add_column("result")
-    with out.status("running the demo…"):
-        for label, step in steps:
-            table.add_row(label, step())
+    for label, step in steps:
+        table.add_row(label, step())
     out.print(table)
+
+    with out.status("starting Prefect…") as status:
+        story = run_story(settings, wiring.sessions(settings), on_step=lambda text: status.update(f"run {text}"))
+    runs = Table(title="Runs and decisions (candidate and champion on the same test rows)")
+    for column in ("data", "status", "model", "accuracy", "champion acc."):
+        runs.add_column(column)
+    for entry in story:
+        runs.add_row(
+            entry.version,
+            entry.status,
+            f"v{entry.model_version}" if entry.model_version else "-",
+            f"{entry.accuracy:.4f}" if entry.accuracy is not None else "-",
+            f"{entry.champion_accuracy:.4f}" if entry.champion_accuracy is not None else "-",
+        )
+    out.print(runs)
+    for entry in story:
+        out.print(f"[bold]{entry.version}[/bold] ({entry.story}): {entry.reason}", highlight=False)
+    out.print(f"decision records: retrainer runs show RUN_ID --json  (e.g. {story[-1].run_id})", highlight=False)
     out.print(
-        "[bold]Not built yet:[/bold] pipeline specs and training (issue 3), Prefect flows and the gate "
-        "(issue 4), Kafka/cron/API triggers (issue 5), serving and canary rollouts (issue 6), the "
-        "end-to-end story (issue 7)."
+        "[bold]Not built yet:[/bold] Kafka/cron/API triggers (issue 5; events go to the inbox directly here), "
+        "serving and canary rollouts (issue 6), `retrainer serve` and the HTML report (issue 7)."
     )
     elapsed = time.perf_counter() - started
     out.print(f"demo finished in {elapsed:.1f} s; state under {Path(settings.home_dir).resolve()}")

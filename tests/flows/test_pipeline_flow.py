@@ -140,3 +140,35 @@ def test_two_racing_runs_yield_one_promotion(env: sessionmaker[Session], digits:
     assert statuses == ["promoted", "rejected"]
     with transaction(env) as session:
         assert len(repo.alias_history(session, "digits-classifier")) == 2  # first model + exactly one more
+
+
+def test_the_flow_run_is_named_tagged_and_leaves_a_markdown_report(
+    env: sessionmaker[Session], digits: dict[str, Path]
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result = run(env, spec(**WEAK), "v1", digits["v1"])
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(result["prefect_flow_run_id"])
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"run-{result['run_id'][:8]}"]))
+        )
+        progress = [a for a in client.read_artifacts() if a.type == "progress" and a.flow_run_id == flow_run.id]
+    assert flow_run.name == "digits-classifier·event·v1"
+    assert {"pipeline:digits-classifier", "trigger:event", "dataset-version:v1"} <= set(flow_run.tags)
+    (report,) = artifacts
+    assert "## Gate" in str(report.data) and "promoted" in str(report.data)
+    assert progress and progress[0].data == 100.0
+
+
+def test_a_failing_run_is_marked_failed_and_the_champion_stays(
+    env: sessionmaker[Session], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    run(env, spec(**WEAK), "v1", digits["v1"])
+    run_id = event_run(env, spec(), "v9", tmp_path / "missing.csv")
+    with pytest.raises(Exception, match="does not exist"):
+        run_pipeline("digits-classifier", run_id)
+    failed = record(env, run_id)
+    assert failed["status"] == "failed" and "does not exist" in failed["error"]
+    assert failed["finished_at"] is not None and champion_version(env) == 1

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 RETRAINER = str(Path(sys.executable).parent / "retrainer")
 
 
@@ -58,9 +56,8 @@ def test_check_names_each_unreachable_dependency(tmp_path: Path) -> None:
     assert "failed kafka      RETRAINER_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9" in result.stdout
 
 
-@pytest.mark.parametrize("command", [["db", "upgrade"], ["demo"]])
-def test_embedded_defaults_work_in_an_empty_folder(tmp_path: Path, command: list[str]) -> None:
-    result = run_cli(*command, tmp_path=tmp_path)
+def test_embedded_defaults_work_in_an_empty_folder(tmp_path: Path) -> None:
+    result = run_cli("db", "upgrade", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / ".retrainer" / "retrainer.db").exists()
 
