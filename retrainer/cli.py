@@ -33,6 +33,8 @@ pipelines_app = typer.Typer(help="Pipeline specs.", no_args_is_help=True)
 runs_app = typer.Typer(help="Pipeline runs and their decision records.", no_args_is_help=True)
 models_app = typer.Typer(help="Model versions and the champion alias.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Dataset versions.", no_args_is_help=True)
+publish_app = typer.Typer(help="Publish events to Kafka.", no_args_is_help=True)
+app.add_typer(publish_app, name="publish")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
@@ -316,6 +318,65 @@ def models_rollback(
         move = champion.rollback(session, pipeline, to_version=to, actor=actor, reason=reason)
         target = repo.get_model_version_by_id(session, move.to_version_id or 0)
     out.print(f"{pipeline}: champion rolled back to v{target.version} (by {move.actor})", highlight=False)
+
+
+@publish_app.command("data-changed")
+def publish_data_changed(
+    dataset: Annotated[str, typer.Option(help="Dataset name (data.dataset).")],
+    uri: Annotated[str, typer.Option(help="file:// or s3:// URI of the new data (data.uri).")],
+    version: Annotated[str | None, typer.Option(help="Version label (data.version).")] = None,
+    event_id: Annotated[str | None, typer.Option("--id", help="CloudEvent id (idempotency key); default: new.")] = None,
+    rows: Annotated[int | None, typer.Option(help="Row count (data.rows).")] = None,
+) -> None:
+    """Publish one data-change CloudEvent (structured mode) to the data-change topic."""
+    from consumers.publisher import data_changed_event
+    from consumers.publisher import publish_data_changed as publish
+
+    settings = _settings()
+    event = data_changed_event(dataset, uri, version=version, rows=rows, event_id=event_id)
+    published = publish(settings.kafka_bootstrap_servers, settings.kafka_topic, event)
+    out.print(f"published {published} to {settings.kafka_topic}", highlight=False)
+
+
+@app.command("consume")
+def consume(
+    max_records: Annotated[int, typer.Option(help="Records per poll batch.")] = 500,
+) -> None:
+    """Run the Kafka consumer: data-change events into the inbox, invalid ones to the DLQ."""
+    from consumers.consumer import DataChangeConsumer
+    from retrainer import wiring
+
+    settings = _settings()
+    consumer = DataChangeConsumer(settings, wiring.sessions(settings), max_records=max_records)
+    consumer.install_signal_handlers()
+    err.print(f"consuming {settings.kafka_topic} as group {settings.kafka_consumer_group}")
+    consumer.run_forever()
+
+
+@app.command("triggers")
+def triggers(
+    interval: Annotated[float, typer.Option(help="Seconds between debouncer passes.")] = 1.0,
+    once: Annotated[bool, typer.Option(help="One pass, then exit.")] = False,
+    submit: Annotated[bool, typer.Option(help="Submit flow runs to the pipelines' Prefect deployments.")] = True,
+) -> None:
+    """Run the debouncer: pending events become one run per pipeline per window."""
+    import signal
+    import threading
+
+    from flows.triggers import prefect_submitter, process_pending_events
+    from retrainer import wiring
+
+    settings = _settings()
+    sessions = wiring.sessions(settings)
+    submitter = prefect_submitter() if submit else None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while True:
+        for result in process_pending_events(sessions, submitter):
+            if result.created:
+                err.print(f"run {result.run.id} for {result.run.pipeline} ({len(result.run.event_ids)} events)")
+        if once or stop.wait(interval):
+            return
 
 
 @app.command("check")

@@ -1,0 +1,209 @@
+"""The data-change consumer: Kafka → inbox, with an exactly-once effect.
+
+Per poll batch: every record is parsed; invalid ones go to the dead-letter topic with the
+contract's headers; valid ones are inserted into the inbox (unique on the event id) in ONE
+transaction; the DLQ sends are flushed (acks=all); only then are the offsets committed. A crash
+anywhere before the commit redelivers the batch, and the inbox turns the redelivery into a no-op:
+nothing lost, nothing doubled. One bad record never blocks its partition (it is dead-lettered and
+passed). Run creation is not done here (the debouncer does it), so a batch stays short and
+`max_poll_interval_ms` is never at risk.
+
+SIGTERM/SIGINT: the current batch finishes and commits, then the consumer leaves the group.
+A broker restart is ridden out by kafka-python's reconnects; a database outage rewinds the batch
+(seek to its first offsets) and retries after a back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain.errors import RetrainerError
+from domain.events import DEFAULT_MAX_BYTES, DataChange, InvalidEvent, parse_data_change
+from domain.logcontext import log_context
+from domain.settings import Settings
+from flows.metrics import CONSUMER_LAG, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_INVALID
+from storage import repositories as repo
+from storage.db import transaction
+from storage.orm import SqlPipeline
+
+log = logging.getLogger("retrainer.consumers")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    records: int
+    stored: int
+    duplicates: int
+    dead_lettered: int
+
+
+class DataChangeConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        max_records: int = 500,
+        poll_timeout_ms: int = 500,
+        max_event_bytes: int = DEFAULT_MAX_BYTES,
+        known_datasets_ttl_s: float = 5.0,
+        client_id: str = "retrainer-consumer",
+    ) -> None:
+        self.settings, self.sessions = settings, sessions
+        self.topic, self.dlq_topic = settings.kafka_topic, settings.kafka_dlq_topic
+        self.max_records, self.poll_timeout_ms, self.max_event_bytes = max_records, poll_timeout_ms, max_event_bytes
+        self.stop_requested = threading.Event()
+        servers = settings.kafka_bootstrap_servers.split(",")
+        self.consumer = KafkaConsumer(
+            self.topic,
+            bootstrap_servers=servers,
+            group_id=settings.kafka_consumer_group,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=max_records,
+            max_poll_interval_ms=300_000,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
+        )
+        self.producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, client_id=f"{client_id}-dlq")
+        self._known: set[str] = set()
+        self._known_at = 0.0
+        self._known_ttl = known_datasets_ttl_s
+
+    # -- datasets the service knows (an unknown dataset is dead-lettered) --------------------
+    def known_datasets(self) -> set[str]:
+        if time.monotonic() - self._known_at > self._known_ttl:
+            with transaction(self.sessions) as session:
+                self._known = set(session.scalars(select(SqlPipeline.dataset)))
+            self._known_at = time.monotonic()
+        return self._known
+
+    # -- one batch ------------------------------------------------------------------------------
+    def run_once(self) -> BatchResult:
+        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
+        records = [record for partition_records in batches.values() for record in partition_records]
+        if not records:
+            self._update_lag()
+            return BatchResult(0, 0, 0, 0)
+        EVENTS_CONSUMED.labels(self.topic).inc(len(records))
+        valid: list[tuple[Any, DataChange]] = []
+        dead = 0
+        known = self.known_datasets()
+        for record in records:
+            try:
+                event = parse_data_change(record.value, record.headers, max_bytes=self.max_event_bytes)
+                if event.dataset not in known:
+                    listed = ", ".join(sorted(known)) or "none"
+                    raise InvalidEvent(
+                        "unknown_dataset", f"no pipeline listens to dataset {event.dataset!r} (known: {listed})"
+                    )
+                valid.append((record, event))
+            except InvalidEvent as invalid:
+                self._dead_letter(record, invalid)
+                dead += 1
+        try:
+            stored, duplicates = self._store(valid)
+        except RetrainerError:
+            self._rewind(batches)
+            raise
+        self.producer.flush(timeout=30)  # the DLQ copies are durable before the offsets move
+        self.consumer.commit()
+        self._update_lag()
+        return BatchResult(len(records), stored, duplicates, dead)
+
+    def _store(self, valid: list[tuple[Any, DataChange]]) -> tuple[int, int]:
+        stored = duplicates = 0
+        if not valid:
+            return 0, 0
+        with transaction(self.sessions) as session:
+            for record, event in valid:
+                with log_context(event_id=event.event_id):
+                    _, created = repo.add_to_inbox(
+                        session,
+                        event_id=event.event_id,
+                        source=event.source,
+                        type=event.type,
+                        subject=event.subject,
+                        dataset=event.dataset,
+                        payload=event.cloudevent,
+                        topic=record.topic,
+                        partition=record.partition,
+                        offset=record.offset,
+                    )
+                if created:
+                    stored += 1
+                else:
+                    duplicates += 1
+        EVENTS_DUPLICATE.inc(duplicates)
+        return stored, duplicates
+
+    def _dead_letter(self, record: Any, invalid: InvalidEvent) -> None:
+        EVENTS_INVALID.labels(invalid.reason).inc()
+        EVENTS_DEAD_LETTERED.inc()
+        log.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, invalid.message)
+        headers = [
+            *(record.headers or []),
+            ("retrainer-error", f"{invalid.reason}: {invalid.message}".encode()[:1000]),
+            ("retrainer-original-topic", record.topic.encode()),
+            ("retrainer-original-partition", str(record.partition).encode()),
+            ("retrainer-original-offset", str(record.offset).encode()),
+        ]
+        self.producer.send(self.dlq_topic, key=record.key, value=record.value, headers=headers)
+
+    def _rewind(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        for partition, partition_records in batches.items():
+            if partition_records:
+                self.consumer.seek(partition, partition_records[0].offset)
+
+    def _update_lag(self) -> None:
+        for partition in self.consumer.assignment():
+            high = self.consumer.highwater(partition)
+            position = self.consumer.position(partition) if high is not None else None
+            if high is not None and position is not None:
+                CONSUMER_LAG.labels(partition.topic, str(partition.partition)).set(max(0, high - position))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run_forever(self, on_batch: Callable[[BatchResult], None] | None = None) -> None:
+        backoff = 0.5
+        try:
+            while not self.stop_requested.is_set():
+                try:
+                    result = self.run_once()
+                    backoff = 0.5
+                    if on_batch is not None and result.records:
+                        on_batch(result)
+                except (KafkaError, RetrainerError, OSError) as error:
+                    log.warning("consumer batch failed, retrying in %.1f s: %s", backoff, error)
+                    self.stop_requested.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            self.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop after the current batch (main thread only)."""
+
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("signal %d: finishing the current batch, then leaving the group", signum)
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(timeout=10)
+            self.producer.close(timeout=10)
+        finally:
+            self.consumer.close()  # commits nothing more (auto-commit is off) and leaves the group

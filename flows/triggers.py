@@ -1,0 +1,177 @@
+"""One door for every trigger: `request_run(sessions, pipeline, request, submit)`.
+
+Events, schedules and people all end here. The Run row is written idempotently (the database
+decides: a unique Idempotency-Key, a unique (pipeline, dedupe key) per debounce window or
+schedule slot), and only the request that created the row submits the Prefect flow run, with the
+run id as Prefect's idempotency key, so a retry can never start a second flow run.
+
+`process_pending_events` is the debouncer: per dataset it waits for a quiet period of
+`debounce_seconds` after the newest pending event, bounded by `max_wait_seconds` after the
+oldest, then creates one run per pipeline of that dataset for the whole window, linked to every
+event in it. `while_running` decides what happens when that pipeline already has a run in progress:
+`queue` waits for it to finish and then starts one follow-up with everything that arrived,
+`skip` marks the window's events ignored, `supersede` starts the new run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import entities as e
+from domain.spec import EventTriggerSpec
+from flows.metrics import RUNS_CREATED, TRIGGER_LATENCY
+from storage import repositories as repo
+from storage.db import transaction
+from storage.orm import SqlEvent, SqlPipeline, SqlRun
+
+log = logging.getLogger("retrainer.flows.triggers")
+
+RunSubmitter = Callable[[e.Run], str | None]
+"""Starts the flow run for a new Run row; returns the Prefect flow-run id (None if not submitted)."""
+
+IN_PROGRESS = (e.RunStatus.QUEUED.value, e.RunStatus.RUNNING.value)
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerRequest:
+    kind: e.TriggerKind
+    reason: str | None = None
+    idempotency_key: str | None = None
+    request_sha256: str | None = None
+    dedupe_key: str | None = None
+    event_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerResult:
+    run: e.Run
+    created: bool
+
+
+def request_run(
+    sessions: sessionmaker[Session], pipeline: str, request: TriggerRequest, submit: RunSubmitter | None
+) -> TriggerResult:
+    with transaction(sessions) as session:
+        run, created = repo.create_run(
+            session,
+            pipeline,
+            request.kind,
+            reason=request.reason,
+            idempotency_key=request.idempotency_key,
+            request_sha256=request.request_sha256,
+            dedupe_key=request.dedupe_key,
+            event_ids=request.event_ids,
+        )
+    if created:
+        RUNS_CREATED.labels(request.kind.value).inc()
+    if created and submit is not None:
+        flow_run_id = submit(run)
+        if flow_run_id:
+            with transaction(sessions) as session:
+                run = repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
+    return TriggerResult(run, created)
+
+
+def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
+    """Submits to the pipeline's deployment (`retrainer-pipeline/<pipeline>`); the run id is
+    Prefect's idempotency key, so submitting the same run twice creates one flow run."""
+
+    def submit(run: e.Run) -> str | None:
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(
+            name=f"{flow_name}/{run.pipeline}",
+            parameters={"pipeline": run.pipeline, "run_id": run.id},
+            timeout=0,
+            idempotency_key=run.id,
+            tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
+        )
+        return str(flow_run.id)  # type: ignore[union-attr]
+
+    return submit
+
+
+def process_pending_events(
+    sessions: sessionmaker[Session],
+    submit: RunSubmitter | None,
+    now: datetime | None = None,
+    datasets: Sequence[str] | None = None,
+) -> list[TriggerResult]:
+    """One pass of the debouncer over every dataset with pending events (or only `datasets`)."""
+    now = now or datetime.now(UTC)
+    if datasets is None:
+        with transaction(sessions) as session:
+            pending = select(SqlEvent.dataset).where(SqlEvent.status == e.EventStatus.RECEIVED.value).distinct()
+            datasets = sorted(set(session.scalars(pending)))
+    results: list[TriggerResult] = []
+    for dataset in datasets:
+        results += _process_dataset(sessions, dataset, submit, now)
+    return results
+
+
+def _process_dataset(
+    sessions: sessionmaker[Session], dataset: str, submit: RunSubmitter | None, now: datetime
+) -> list[TriggerResult]:
+    requests: list[tuple[str, TriggerRequest]] = []
+    with transaction(sessions) as session:
+        # Lock this dataset's pending events: a second trigger process skips them (PostgreSQL).
+        rows = session.scalars(
+            select(SqlEvent)
+            .where(SqlEvent.dataset == dataset, SqlEvent.status == e.EventStatus.RECEIVED.value)
+            .order_by(SqlEvent.id)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not rows:
+            return []
+        pipelines = session.scalars(select(SqlPipeline).where(SqlPipeline.dataset == dataset)).all()
+        if not pipelines:
+            return []  # no pipeline listens to this dataset (yet): keep the events pending
+        first, last = rows[0], rows[-1]
+        event_ids = tuple(row.event_id for row in rows)
+        waiting = False
+        for pipeline in pipelines:
+            policy = EventTriggerSpec.model_validate(pipeline.spec.get("triggers", {}).get("events", {}))
+            quiet = now - last.received_at >= timedelta(seconds=policy.debounce_seconds)
+            overdue = now - first.received_at >= timedelta(seconds=policy.max_wait_seconds)
+            if not (quiet or overdue):
+                waiting = True
+                continue
+            busy = session.scalars(
+                select(SqlRun.id).where(SqlRun.pipeline_id == pipeline.id, SqlRun.status.in_(IN_PROGRESS)).limit(1)
+            ).first()
+            if busy is not None and policy.while_running == "queue":
+                waiting = True
+                continue
+            if busy is not None and policy.while_running == "skip":
+                log.info("skipping %d events for %s: run %s is in progress", len(rows), pipeline.name, busy)
+                continue
+            requests.append(
+                (
+                    pipeline.name,
+                    TriggerRequest(
+                        e.TriggerKind.EVENT,
+                        reason=f"{len(rows)} data-change event(s) for {dataset}"
+                        + (f"; superseding run {busy}" if busy else ""),
+                        dedupe_key=f"events:{first.event_id}",
+                        event_ids=event_ids,
+                    ),
+                )
+            )
+        if not waiting and not requests:  # every pipeline skipped the window
+            repo.set_event_status(session, event_ids, e.EventStatus.IGNORED)
+    results = [request_run(sessions, name, request, submit) for name, request in requests]
+    for result in results:
+        if result.created:
+            TRIGGER_LATENCY.observe(max(0.0, (datetime.now(UTC) - first.received_at).total_seconds()))
+    return results
+
+
+def pending_summary(sessions: sessionmaker[Session], datasets: Sequence[str]) -> dict[str, int]:
+    with transaction(sessions) as session:
+        return {dataset: len(repo.pending_events(session, dataset)) for dataset in datasets}
