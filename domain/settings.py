@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     )
     api_address: str = Field(default="127.0.0.1:8080", description="HOST:PORT of the HTTP API.")
     serving_address: str = Field(default="127.0.0.1:8081", description="HOST:PORT of the model server.")
+    api_key: SecretStr | None = Field(
+        default=None, description="API key the CLI sends to the HTTP API (`retrainer trigger`)."
+    )
     home_dir: Path = Field(
         default=Path("./.retrainer"), description="Folder for embedded state (SQLite, local artifacts, Prefect)."
     )

@@ -70,11 +70,24 @@ def request_run(
         )
     if created:
         RUNS_CREATED.labels(request.kind.value).inc()
-    if created and submit is not None:
-        flow_run_id = submit(run)
-        if flow_run_id:
+    # A run whose submission failed earlier (Prefect down) is submitted by the next identical
+    # request. The database hands the submission to exactly one caller (claim_submission), and
+    # Prefect's idempotency key (the run id) would turn a second one into the same flow run anyway.
+    if submit is not None and run.prefect_flow_run_id is None and run.status is e.RunStatus.QUEUED:
+        with transaction(sessions) as session:
+            claimed = repo.claim_submission(session, run.id)
+        if claimed:
+            try:
+                flow_run_id = submit(run)
+            except BaseException:
+                with transaction(sessions) as session:
+                    repo.release_submission(session, run.id)
+                raise
             with transaction(sessions) as session:
-                run = repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
+                if flow_run_id:
+                    run = repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
+                else:
+                    repo.release_submission(session, run.id)
     return TriggerResult(run, created)
 
 

@@ -379,6 +379,44 @@ def triggers(
             return
 
 
+@app.command("trigger")
+def trigger(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    reason: Annotated[str | None, typer.Option(help="Why this run (recorded with it).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run has a final status.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 3600,
+) -> None:
+    """Manual trigger through the HTTP API (needs RETRAINER_API_KEY)."""
+    import json
+
+    from api.client import RetrainerClient
+    from domain.errors import ConfigurationError
+
+    settings = _settings()
+    if settings.api_key is None:
+        raise ConfigurationError("RETRAINER_API_KEY is not set; create one with `retrainer apikey create NAME`")
+    client = RetrainerClient(settings.api_address, settings.api_key.get_secret_value())
+    answer = client.trigger(pipeline, reason=reason)
+    out.print(json.dumps(answer), highlight=False)
+    if wait:
+        with out.status(f"waiting for run {answer['run_id']}…"):
+            final = client.wait(answer["run_id"], timeout_s=timeout)
+        out.print(f"run {final['run_id']}: {final['status']}", highlight=False)
+
+
+@app.command("api")
+def api() -> None:
+    """Run the HTTP API on RETRAINER_API_ADDRESS (submits runs to the pipelines' Prefect deployments)."""
+    from api.app import create_app
+    from api.server import serve_api
+    from flows.triggers import prefect_submitter
+    from retrainer import wiring
+
+    settings = _settings()
+    app_ = create_app(sessions=wiring.sessions(settings), settings=settings, submit=prefect_submitter())
+    serve_api(app_, settings.api_address)
+
+
 @app.command("check")
 def check() -> None:
     """Check that the database, artifact store and Kafka answer; exit 1 naming what does not."""

@@ -787,3 +787,27 @@ def decision_record(session: Session, run_id: str) -> dict[str, Any]:
         "started_at": entity.started_at.isoformat() if entity.started_at else None,
         "finished_at": entity.finished_at.isoformat() if entity.finished_at else None,
     }
+
+
+SUBMITTING = "submitting"
+
+
+def claim_submission(session: Session, run_id: str) -> bool:
+    """Compare-and-set: only one caller gets to submit a queued run's flow run (the others see
+    it claimed). Released with `release_submission` if the submission fails."""
+    result = session.execute(
+        update(SqlRun)
+        .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id.is_(None), SqlRun.status == e.RunStatus.QUEUED.value)
+        .values(prefect_flow_run_id=SUBMITTING)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_submission(session: Session, run_id: str) -> None:
+    session.execute(
+        update(SqlRun)
+        .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id == SUBMITTING)
+        .values(prefect_flow_run_id=None)
+        .execution_options(synchronize_session=False)
+    )
