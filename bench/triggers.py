@@ -42,18 +42,20 @@ def make_topic(partitions: int = 3) -> str:
     return topic
 
 
-def produce(topic: str, dataset: str, count: int, prefix: str) -> None:
+def produce(topic: str, dataset: str, count: int, prefix: str, producer: Any = None) -> None:
     from kafka import KafkaProducer
 
     from consumers.publisher import data_changed_event
 
-    producer = KafkaProducer(bootstrap_servers=BOOTSTRAP, acks=1, linger_ms=20, batch_size=256 * 1024)
+    own = producer is None
+    producer = producer or KafkaProducer(bootstrap_servers=BOOTSTRAP, acks=1, linger_ms=20, batch_size=256 * 1024)
     headers = [("content-type", b"application/cloudevents+json")]
     for i in range(count):
         event = data_changed_event(dataset, f"s3://datasets/{dataset}.csv", event_id=f"{prefix}-{i}")
         producer.send(topic, key=dataset.encode(), value=json.dumps(event).encode(), headers=headers)
     producer.flush(120)
-    producer.close()
+    if own:
+        producer.close()
 
 
 def setup_db(directory: Path, dataset: str, triggers: dict[str, Any] | None = None) -> Any:
@@ -166,16 +168,19 @@ def our_latency(events: int, workdir: Path) -> tuple[list[float], list[float]]:
                 process_pending_events(sessions, submit, datasets=[dataset])
                 stop.wait(0.005)
 
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=BOOTSTRAP, acks=1, linger_ms=0)  # connected before timing
         threads = [threading.Thread(target=consume), threading.Thread(target=debounce)]
         for t in threads:
             t.start()
         try:
-            produce(topic, dataset, 1, "warm-up")
+            produce(topic, dataset, 1, "warm-up", producer)
             time.sleep(3)
             for i in range(events):
                 event_id = f"lat-{i}"
                 started = time.perf_counter()
-                produce(topic, dataset, 1, event_id.rsplit("-", 1)[0] + f"-{i}-x")
+                produce(topic, dataset, 1, event_id.rsplit("-", 1)[0] + f"-{i}-x", producer)
                 run_at = flow_at = None
                 while flow_at is None:
                     with transaction(sessions) as session:
@@ -220,7 +225,7 @@ def prefect_event_latency(events: int) -> list[float] | str:
             def count() -> int:
                 return len(
                     client.read_flow_runs(
-                        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), limit=1000
+                        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), limit=200
                     )
                 )
 
@@ -282,6 +287,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="retrainer-bench-"))
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     # throughput
     dataset = f"tp-{uuid.uuid4().hex[:6]}"

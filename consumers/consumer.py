@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.errors import RetrainerError
 from domain.events import DEFAULT_MAX_BYTES, DataChange, InvalidEvent, parse_data_change
-from domain.logcontext import log_context
 from domain.settings import Settings
 from flows.metrics import CONSUMER_LAG, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_INVALID
 from storage import repositories as repo
@@ -124,29 +123,27 @@ class DataChangeConsumer:
         return BatchResult(len(records), stored, duplicates, dead)
 
     def _store(self, valid: list[tuple[Any, DataChange]]) -> tuple[int, int]:
-        stored = duplicates = 0
         if not valid:
             return 0, 0
+        batch = [
+            repo.NewInboxEvent(
+                event_id=event.event_id,
+                source=event.source,
+                type=event.type,
+                subject=event.subject,
+                dataset=event.dataset,
+                payload=event.cloudevent,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            for record, event in valid
+        ]
         with transaction(self.sessions) as session:
-            for record, event in valid:
-                with log_context(event_id=event.event_id):
-                    _, created = repo.add_to_inbox(
-                        session,
-                        event_id=event.event_id,
-                        source=event.source,
-                        type=event.type,
-                        subject=event.subject,
-                        dataset=event.dataset,
-                        payload=event.cloudevent,
-                        topic=record.topic,
-                        partition=record.partition,
-                        offset=record.offset,
-                    )
-                if created:
-                    stored += 1
-                else:
-                    duplicates += 1
-        EVENTS_DUPLICATE.inc(duplicates)
+            stored, duplicates = repo.add_many_to_inbox(session, batch)
+        if duplicates:
+            EVENTS_DUPLICATE.inc(duplicates)
+            log.info("%d redelivered event(s) were already in the inbox", duplicates)
         return stored, duplicates
 
     def _dead_letter(self, record: Any, invalid: InvalidEvent) -> None:

@@ -12,10 +12,11 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -811,3 +812,70 @@ def release_submission(session: Session, run_id: str) -> None:
         .values(prefect_flow_run_id=None)
         .execution_options(synchronize_session=False)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class NewInboxEvent:
+    event_id: str
+    source: str
+    type: str
+    dataset: str
+    payload: dict[str, Any]
+    subject: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+def add_many_to_inbox(session: Session, events: Sequence[NewInboxEvent]) -> tuple[int, int]:
+    """Stores a batch of events, each id once: (stored, duplicates). One query finds the ids
+    already present and one multi-row insert stores the rest; if a concurrent consumer inserted
+    some of them in between, the batch falls back to the row-by-row path, which resolves it."""
+    if not events:
+        return 0, 0
+    ids = [event.event_id for event in events]
+    present = set(session.scalars(select(SqlEvent.event_id).where(SqlEvent.event_id.in_(ids))))
+    fresh: dict[str, NewInboxEvent] = {}
+    for event in events:
+        if event.event_id not in present and event.event_id not in fresh:
+            fresh[event.event_id] = event
+    if fresh:
+        try:
+            with session.begin_nested():
+                session.execute(
+                    insert(SqlEvent),
+                    [
+                        {
+                            "event_id": ev.event_id,
+                            "source": ev.source,
+                            "type": ev.type,
+                            "subject": ev.subject,
+                            "dataset": ev.dataset,
+                            "topic": ev.topic,
+                            "partition": ev.partition,
+                            "offset": ev.offset,
+                            "payload": ev.payload,
+                            "status": e.EventStatus.RECEIVED.value,
+                            "received_at": utcnow(),
+                        }
+                        for ev in fresh.values()
+                    ],
+                )
+        except IntegrityError:
+            stored = sum(
+                add_to_inbox(
+                    session,
+                    event_id=ev.event_id,
+                    source=ev.source,
+                    type=ev.type,
+                    dataset=ev.dataset,
+                    payload=ev.payload,
+                    subject=ev.subject,
+                    topic=ev.topic,
+                    partition=ev.partition,
+                    offset=ev.offset,
+                )[1]
+                for ev in fresh.values()
+            )
+            return stored, len(events) - stored
+    return len(fresh), len(events) - len(fresh)

@@ -420,3 +420,33 @@ def test_timestamps_are_aware_utc(sessions: sessionmaker[Session], pipeline: e.P
     stored = tx(sessions, lambda s: repo.get_run(s, run.id))
     assert stored.created_at.utcoffset() == timedelta(0)
     assert abs(datetime.now(UTC) - stored.created_at) < timedelta(minutes=1)
+
+
+def _new(event_id: str) -> repo.NewInboxEvent:
+    return repo.NewInboxEvent(
+        event_id=event_id,
+        source="//t",
+        type="retrainer.data.changed",
+        dataset="digits",
+        payload={"data": {"dataset": "digits", "uri": "s3://d/x.csv"}},
+        topic="t",
+        partition=0,
+        offset=1,
+    )
+
+
+def test_batch_inbox_insert_counts_new_and_redelivered(sessions: sessionmaker[Session]) -> None:
+    tx(sessions, lambda s: _inbox(s, "b-0"))
+    stored, duplicates = tx(
+        sessions, lambda s: repo.add_many_to_inbox(s, [_new("b-0"), _new("b-1"), _new("b-2"), _new("b-1")])
+    )
+    assert (stored, duplicates) == (2, 2)
+    assert {ev.event_id for ev in tx(sessions, lambda s: repo.pending_events(s, "digits"))} == {"b-0", "b-1", "b-2"}
+
+
+def test_racing_batch_inserts_store_each_event_once(sessions: sessionmaker[Session]) -> None:
+    batches = [[_new(f"r-{j}") for j in range(i * 10, i * 10 + 30)] for i in range(4)]  # overlapping ids
+    results = race(4, lambda i: tx(sessions, lambda s: repo.add_many_to_inbox(s, batches[i])))
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert sum(stored for stored, _ in results) == 60
+    assert len(tx(sessions, lambda s: repo.pending_events(s, "digits"))) == 60
