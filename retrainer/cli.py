@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -20,6 +21,9 @@ from rich.table import Table
 from domain.errors import RetrainerError
 from domain.settings import Settings, load_settings
 from retrainer.logs import setup_logging
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 app = typer.Typer(
     help="Retrainer: event-driven retraining, gating and canary rollouts for PyTorch models.",
@@ -52,6 +56,16 @@ def _settings() -> Settings:
     return settings
 
 
+@contextmanager
+def _unit_of_work() -> Iterator[Session]:
+    """Settings, logging and one database transaction: what most commands need."""
+    from retrainer import wiring
+    from storage.db import transaction
+
+    with transaction(wiring.sessions(_settings())) as session:
+        yield session
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Option(help="Alembic revision to upgrade to.")] = "head") -> None:
     """Apply the Alembic migrations to RETRAINER_DATABASE_URL."""
@@ -65,12 +79,9 @@ def db_upgrade(revision: Annotated[str, typer.Option(help="Alembic revision to u
 @apikey_app.command("create")
 def apikey_create(name: Annotated[str, typer.Argument(help="Who or what the key is for, e.g. ci-bot.")]) -> None:
     """Create an API key and print it once (only its hash is stored)."""
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         key, plaintext = repo.create_api_key(session, name)
     err.print(f"API key {key.name!r} created; it is shown once, store it now:")
     out.print(plaintext, highlight=False, soft_wrap=True)
@@ -115,13 +126,10 @@ def pipelines_sync() -> None:
 @pipelines_app.command("list")
 def pipelines_list() -> None:
     """Registered pipelines and their champions."""
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
     table = Table("pipeline", "dataset", "champion", "frozen until")
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         for pipeline in repo.list_pipelines(session):
             champion = repo.get_champion(session, pipeline.name)
             frozen = pipeline.frozen_until.isoformat() if pipeline.frozen_until else ""
@@ -139,12 +147,9 @@ def pipelines_freeze(
     from datetime import datetime
 
     from flows import champion
-    from retrainer import wiring
-    from storage.db import transaction
 
-    settings = _settings()
     moment = datetime.fromisoformat(until.replace("Z", "+00:00"))
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         champion.freeze(session, name, until=moment)
     out.print(f"{name}: promotions frozen until {moment.isoformat()} ({reason})", highlight=False)
 
@@ -153,11 +158,8 @@ def pipelines_freeze(
 def pipelines_unfreeze(name: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
     """Lift a promotion freeze."""
     from flows import champion
-    from retrainer import wiring
-    from storage.db import transaction
 
-    settings = _settings()
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         champion.freeze(session, name, until=None)
     out.print(f"{name}: promotions allowed again", highlight=False)
 
@@ -169,12 +171,9 @@ def datasets_add(
     uri: Annotated[str, typer.Argument(help="file:// or s3:// URI of the data.")],
 ) -> None:
     """Record a dataset version (what a data-changed event does), for manual and scheduled runs."""
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         recorded = repo.record_dataset_version(session, dataset, version, uri)
     out.print(f"{recorded.dataset} {recorded.version}: {recorded.uri}", highlight=False)
 
@@ -212,12 +211,9 @@ def runs_show(
     """A run's decision record: events, data, candidate vs champion, gate verdicts, outcome."""
     import json
 
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         record = repo.decision_record(session, run_id)
     if as_json:
         print(json.dumps(record, indent=2))
@@ -242,13 +238,10 @@ def runs_list(
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
 ) -> None:
     """Recent runs, newest first."""
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
     table = Table("run", "pipeline", "trigger", "status", "created")
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         for run in repo.list_runs(session, pipeline, limit):
             table.add_row(
                 run.id,
@@ -263,13 +256,10 @@ def runs_list(
 @models_app.command("list")
 def models_list(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
     """A pipeline's model versions with their stage."""
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
     table = Table("version", "stage", "accuracy", "sha256", "run")
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         for version in repo.list_model_versions(session, pipeline):
             accuracy = version.metrics.get("accuracy")
             table.add_row(
@@ -291,11 +281,8 @@ def models_promote(
 ) -> None:
     """Force-promote a version past the gate, with a justification."""
     from flows import champion
-    from retrainer import wiring
-    from storage.db import transaction
 
-    settings = _settings()
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         move = champion.force_promote(session, pipeline, version, actor=actor, reason=reason)
     out.print(f"{pipeline}: champion is now v{version} (alias move {move.id}, by {move.actor})", highlight=False)
 
@@ -309,12 +296,9 @@ def models_rollback(
 ) -> None:
     """Roll the champion back to an earlier champion; the current one becomes rolled_back."""
     from flows import champion
-    from retrainer import wiring
     from storage import repositories as repo
-    from storage.db import transaction
 
-    settings = _settings()
-    with transaction(wiring.sessions(settings)) as session:
+    with _unit_of_work() as session:
         move = champion.rollback(session, pipeline, to_version=to, actor=actor, reason=reason)
         target = repo.get_model_version_by_id(session, move.to_version_id or 0)
     out.print(f"{pipeline}: champion rolled back to v{target.version} (by {move.actor})", highlight=False)
