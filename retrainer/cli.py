@@ -456,8 +456,9 @@ def demo() -> None:
         out.print(f"[bold]{entry.version}[/bold] ({entry.story}): {entry.reason}", highlight=False)
     out.print(f"decision records: retrainer runs show RUN_ID --json  (e.g. {story[-1].run_id})", highlight=False)
     out.print(
-        "[bold]Not built yet:[/bold] Kafka/cron/API triggers (issue 5; events go to the inbox directly here), "
-        "serving and canary rollouts (issue 6), `retrainer serve` and the HTML report (issue 7)."
+        "The demo writes its events to the inbox directly; `retrainer consume`, `retrainer triggers` and "
+        "`retrainer api` run the Kafka and HTTP paths. [bold]Not built yet:[/bold] serving and canary "
+        "rollouts (issue 6), `retrainer serve` and the HTML report (issue 7)."
     )
     elapsed = time.perf_counter() - started
     out.print(f"demo finished in {elapsed:.1f} s; state under {Path(settings.home_dir).resolve()}")

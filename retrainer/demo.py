@@ -5,8 +5,9 @@ local server), with the digits data cut into versions.
     v2 (all rows, trained longer) → compared with the champion on the same rows, promoted if better
     v3 (30 % labels flipped)      → rejected by the gate; the champion stays
 
-Data-change events are written to the inbox directly here; the Kafka consumer (issue 5), the
-canary rollout (issue 6) and the HTML report (issue 7) come later.
+Data-change events are written to the inbox directly here (the Kafka path is `retrainer consume`
+and `retrainer triggers`); the canary rollout (issue 6), `retrainer serve` with the local Kafka
+broker and the HTML report (issue 7) come later.
 """
 
 from __future__ import annotations

@@ -1,0 +1,273 @@
+"""The model server's HTTP interface: Open Inference Protocol v2 (REST) plus feedback and metrics.
+
+    GET  /v2                                   server metadata
+    GET  /v2/health/live | /v2/health/ready    200, or 503 until every expected pipeline has a champion
+    GET  /v2/models/{pipeline}[/versions/{v}]  model metadata (platform pytorch, input FP32 [-1, *shape])
+    GET  /v2/models/{pipeline}/ready           200 or 503
+    POST /v2/models/{pipeline}[/versions/{v}]/infer
+    POST /v2/models/{pipeline}/feedback        {"request_id": "...", "label": 3} (or one label per row)
+    GET  /metrics                              Prometheus text
+
+Without a version, `infer` is routed champion/canary by the canary weight, or by a hash of the
+`X-Retrainer-Sticky` header when present; the answer's `model_version` says which version served it.
+Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}` with the status from
+`ERROR_CODE_TO_HTTP_STATUS` (bad input 400, unknown model or version 404, body over the limit
+413, no champion yet 503); malformed input never produces a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from domain.errors import (
+    ArtifactIntegrityError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    RetrainerError,
+)
+from serving.metrics import FeedbackStore, Prediction, ServingMetrics
+from serving.protocol import infer_response, model_metadata, parse_infer_request, parse_json
+from serving.registry import ModelNotReadyError, ModelRegistry
+
+log = logging.getLogger("retrainer.serving")
+
+STICKY_HEADER = "X-Retrainer-Sticky"
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+SERVER_NAME = "retrainer"
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """The request body is larger than the model server accepts."""
+
+    code = "payload_too_large"
+
+
+class ModelFailedError(RetrainerError):
+    """The model raised or produced non-finite output for a valid request."""
+
+    code = "model_failed"
+
+
+ERROR_CODE_TO_HTTP_STATUS: Mapping[str, int] = {
+    RetrainerError.code: 500,
+    InvalidInputError.code: 400,
+    PayloadTooLargeError.code: 413,
+    NotFoundError.code: 404,
+    ConflictError.code: 409,
+    ModelNotReadyError.code: 503,
+    ModelFailedError.code: 500,
+    ArtifactIntegrityError.code: 500,
+}
+
+
+def status_for(error: RetrainerError) -> int:
+    """Its own code's status, else the nearest ancestor's (a new subclass is never an accidental 500)."""
+    for cls in type(error).__mro__:
+        code = getattr(cls, "code", None)
+        if isinstance(code, str) and code in ERROR_CODE_TO_HTTP_STATUS:
+            return ERROR_CODE_TO_HTTP_STATUS[code]
+    return 500
+
+
+def error_response(error: RetrainerError) -> JSONResponse:
+    status = status_for(error)
+    if status >= 500:
+        log.warning("inference request failed: %s: %s", error.code, error.message)
+    return JSONResponse({"error": error.message}, status_code=status)
+
+
+class _ForwardPassCollector(Collector):
+    """Forward passes and rows per loaded model, read from the registry at scrape time."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        labels = ["pipeline", "variant", "version"]
+        passes = CounterMetricFamily(
+            "retrainer_serving_forward_passes", "Forward passes run by each loaded model.", labels=labels
+        )
+        rows = CounterMetricFamily("retrainer_serving_forward_rows", "Rows through each loaded model.", labels=labels)
+        for pipeline in self._registry.pipelines():
+            state = self._registry.state(pipeline)
+            for variant, model in (("champion", state.champion), ("canary", state.canary)):
+                if model is not None:
+                    passes.add_metric([pipeline, variant, model.version], model.forward_passes)
+                    rows.add_metric([pipeline, variant, model.version], model.rows_forwarded)
+        yield passes
+        yield rows
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLargeError(f"request body is over {limit} bytes; send fewer rows per request")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_serving_app(
+    registry: ModelRegistry,
+    *,
+    metrics: ServingMetrics | None = None,
+    feedback: FeedbackStore | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The OIP v2 app over `registry`. `metrics` and `feedback` are created if not given; they are
+    also reachable as `app.state.metrics` and `app.state.feedback` for an in-process controller."""
+    metrics = metrics or ServingMetrics()
+    feedback = feedback or FeedbackStore()
+    metrics.registry.register(_ForwardPassCollector(registry))
+    app = FastAPI(title="Retrainer model server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry, app.state.metrics, app.state.feedback = registry, metrics, feedback
+
+    async def retrainer_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RetrainerError)
+        return error_response(exc)
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = (
+            "no such endpoint; see /v2/models/{model}/infer (Open Inference Protocol v2)"
+            if exc.status_code == 404
+            else str(exc.detail)
+        )
+        return JSONResponse({"error": message}, status_code=exc.status_code)
+
+    async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in the model server", exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+    app.add_exception_handler(RetrainerError, retrainer_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": "2", "extensions": []}
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        is_ready = registry.is_ready() and bool(registry.pipelines())
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v2/models/{pipeline}/ready")
+    async def model_ready(pipeline: str) -> JSONResponse:
+        registry.state(pipeline)  # 404 if unknown
+        is_ready = registry.is_ready(pipeline)
+        return JSONResponse({"name": pipeline, "ready": is_ready}, status_code=200 if is_ready else 503)
+
+    def metadata(pipeline: str, version: str | None) -> dict[str, Any]:
+        with registry.route(pipeline, version=version) as routed:
+            state = registry.state(pipeline)
+            versions = [m.version for m in (state.champion, state.canary) if m is not None]
+            model = routed.model
+            return model_metadata(pipeline, versions, model.input_shape, model.output_classes)
+
+    @app.get("/v2/models/{pipeline}")
+    async def model_metadata_route(pipeline: str) -> dict[str, Any]:
+        return metadata(pipeline, None)
+
+    @app.get("/v2/models/{pipeline}/versions/{version}")
+    async def version_metadata_route(pipeline: str, version: str) -> dict[str, Any]:
+        return metadata(pipeline, version)
+
+    async def infer(request: Request, pipeline: str, version: str | None) -> JSONResponse:
+        body = await _read_body(request, max_body_bytes)
+        parsed = parse_infer_request(parse_json(body))
+        request_id = parsed.id or uuid.uuid4().hex
+        with registry.route(pipeline, sticky_key=request.headers.get(STICKY_HEADER), version=version) as routed:
+            model = routed.model
+            started = time.perf_counter()
+            try:
+                rows = parsed.rows_for(model.input_shape)
+            except InvalidInputError:
+                metrics.rejected(pipeline, routed.variant, model.version)
+                raise
+            try:
+                probabilities = await model.infer(rows)
+                if not bool(probabilities.isfinite().all()):
+                    raise ModelFailedError(
+                        f"model {pipeline!r} version {model.version} produced NaN/inf for this input; "
+                        "check the model (the input itself was finite)"
+                    )
+            except Exception as e:
+                metrics.failed(pipeline, routed.variant, model.version, time.perf_counter() - started)
+                if isinstance(e, RetrainerError):
+                    raise
+                raise ModelFailedError(
+                    f"model {pipeline!r} version {model.version} failed on this input ({type(e).__name__}: {e})"
+                ) from e
+            classes = probabilities.argmax(dim=1).tolist()
+            metrics.observe(pipeline, routed.variant, model.version, time.perf_counter() - started, classes)
+            feedback.remember(
+                request_id,
+                Prediction(pipeline, routed.variant, model.version, tuple(classes), model.output_classes),
+            )
+            answer = infer_response(pipeline, model.version, request_id, probabilities, parsed.outputs)
+        return JSONResponse(answer, headers={"X-Retrainer-Variant": routed.variant})
+
+    @app.post("/v2/models/{pipeline}/infer")
+    async def infer_route(request: Request, pipeline: str) -> JSONResponse:
+        return await infer(request, pipeline, None)
+
+    @app.post("/v2/models/{pipeline}/versions/{version}/infer")
+    async def infer_version_route(request: Request, pipeline: str, version: str) -> JSONResponse:
+        return await infer(request, pipeline, version)
+
+    @app.post("/v2/models/{pipeline}/feedback")
+    async def feedback_route(request: Request, pipeline: str) -> dict[str, Any]:
+        payload = parse_json(await _read_body(request, max_body_bytes))
+        registry.state(pipeline)  # 404 if unknown
+        if not isinstance(payload, dict):
+            raise InvalidInputError('feedback body must be a JSON object {"request_id": "...", "label": 0}')
+        request_id: Any = payload.get("request_id")
+        label: Any = payload.get("label")
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidInputError("feedback.request_id: must be the id of an inference answer (a string)")
+        if not _is_label(label) and not (isinstance(label, list) and label and all(_is_label(v) for v in label)):
+            raise InvalidInputError("feedback.label: must be an integer class id, or a list with one per row")
+        result = feedback.label(pipeline, request_id, label)
+        prediction = result.prediction
+        metrics.labelled(pipeline, prediction.variant, prediction.version, result.labels, result.correct)
+        return {
+            "request_id": request_id,
+            "model_name": pipeline,
+            "model_version": prediction.version,
+            "variant": prediction.variant,
+            "labels": result.labels,
+            "correct": result.correct,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _is_label(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

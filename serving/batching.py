@@ -1,0 +1,143 @@
+"""Dynamic batching: concurrent requests to one loaded model share one forward pass.
+
+Each `DynamicBatcher` owns a queue and one worker thread. `submit(rows)` queues an NxF tensor and
+returns a `concurrent.futures.Future`; the worker takes the oldest request, then keeps adding
+queued requests until the batch holds `max_batch_size` rows or `max_wait_ms` has passed since it
+took the first one, runs one forward pass over the concatenation and hands each request its own
+slice of the result. A request larger than `max_batch_size` rows runs alone (never split).
+
+A thread, not an asyncio task, so that the forward pass never blocks the event loop and the
+batcher works under any loop (or none): an async caller awaits `asyncio.wrap_future(future)`.
+The worker starts on the first `submit` and exits after `idle_exit_s` without work (and
+`close()` ends it at once), so a model that is swapped out leaves no thread behind and its
+memory is freed with its last reference.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """How one loaded model batches. `enabled=False` runs every request on its own forward pass."""
+
+    enabled: bool = True
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0
+    idle_exit_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"BatchingConfig.max_batch_size must be >= 1 (got {self.max_batch_size})")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"BatchingConfig.max_wait_ms must be >= 0 (got {self.max_wait_ms})")
+        if self.idle_exit_s <= 0:
+            raise ValueError(f"BatchingConfig.idle_exit_s must be > 0 (got {self.idle_exit_s})")
+
+
+@dataclass(slots=True)
+class _Pending:
+    rows: torch.Tensor
+    future: Future[torch.Tensor]
+
+
+class DynamicBatcher:
+    """Queues row tensors and answers them from shared forward passes (see the module docstring)."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        config: BatchingConfig,
+        *,
+        name: str = "model",
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """`forward` maps a [rows, F] tensor to a [rows, C] tensor; `on_batch(requests, rows)` is
+        called after every forward pass (metrics)."""
+        self._forward = forward
+        self.config = config
+        self.name = name
+        self._on_batch = on_batch
+        self._pending: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, rows: torch.Tensor) -> Future[torch.Tensor]:
+        future: Future[torch.Tensor] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"batcher of {self.name} is closed; route the request to the current model")
+            self._pending.append(_Pending(rows, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Lets the worker finish what is queued, then exit; later submits are refused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def worker_alive(self) -> bool:
+        with self._cond:
+            return self._thread is not None
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Blocks for the next batch; None when the worker should exit (idle or closed, queue empty)."""
+        config = self.config
+        with self._cond:
+            while not self._pending:
+                idle = self._closed or not self._cond.wait(timeout=config.idle_exit_s)
+                if idle and not self._pending:
+                    self._thread = None  # under the lock: a concurrent submit starts a new worker
+                    return None
+            batch = [self._pending.popleft()]
+            rows = int(batch[0].rows.shape[0])
+            deadline = time.monotonic() + config.max_wait_ms / 1000.0
+            while rows < config.max_batch_size:
+                if self._pending:
+                    following = int(self._pending[0].rows.shape[0])
+                    if rows + following > config.max_batch_size:
+                        break
+                    batch.append(self._pending.popleft())
+                    rows += following
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(timeout=remaining)
+        return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                inputs = live[0].rows if len(live) == 1 else torch.cat([item.rows for item in live])
+                outputs = self._forward(inputs)
+                sizes = [int(item.rows.shape[0]) for item in live]
+                for item, part in zip(live, torch.split(outputs, sizes), strict=True):
+                    item.future.set_result(part)
+            except BaseException as e:  # every waiting request must hear about the failure
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+            else:
+                if self._on_batch is not None:
+                    self._on_batch(len(live), int(inputs.shape[0]))
+            del batch, live

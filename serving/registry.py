@@ -1,0 +1,354 @@
+"""Which model serves each pipeline: a champion and optionally a canary with a traffic weight.
+
+A request takes a `Lease` on the `LoadedModel` it was routed to and keeps it until its answer is
+ready. Replacing a model (new champion, new canary, promotion, rollback) is one reference swap
+under the registry's lock, so a request never sees half a change; requests that started on the
+old model finish on it, and the old model's batcher is closed when its last lease ends. After
+that nothing in the server refers to it and its memory is freed.
+
+Traffic split: a request goes to the canary with probability `canary_weight` percent. With a
+sticky key (the `X-Retrainer-Sticky` header) a hash of pipeline and key decides instead, so one
+user always sees the same variant for a given weight, and a user in the canary stays there as the
+weight grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from domain.entities import ModelVersion
+from domain.errors import InvalidInputError, NotFoundError, RetrainerError
+from ml.data import Standardizer
+from ml.package import load_package
+from serving.batching import BatchingConfig, DynamicBatcher
+from storage.artifacts.base import ArtifactStore
+
+Variant = Literal["champion", "canary"]
+CHAMPION: Variant = "champion"
+CANARY: Variant = "canary"
+
+
+class ModelNotReadyError(RetrainerError):
+    """The pipeline is expected by the server but no champion is loaded yet."""
+
+    code = "model_not_ready"
+
+
+class LoadedModel:
+    """One model version in memory, ready to answer: model (eval, CPU), standardizer, shapes, batcher.
+
+    `predict(rows)` maps [N, F] float32 rows (F = prod(input_shape)) to [N, classes] probabilities.
+    """
+
+    def __init__(
+        self,
+        pipeline: str,
+        version: str,
+        model: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        output_classes: int,
+        standardizer: Standardizer | None = None,
+        batching: BatchingConfig | None = None,
+        version_id: int | None = None,
+    ) -> None:
+        if not input_shape or any(int(d) < 1 for d in input_shape):
+            raise InvalidInputError(f"{pipeline} v{version}: input_shape must be positive sizes (got {input_shape})")
+        if output_classes < 2:
+            raise InvalidInputError(f"{pipeline} v{version}: output_classes must be >= 2 (got {output_classes})")
+        self.pipeline = pipeline
+        self.version = version
+        self.version_id = version_id
+        self.model = model.eval()
+        self.standardizer = standardizer
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_features = math.prod(self.input_shape)
+        self.output_classes = output_classes
+        self.batching = batching or BatchingConfig()
+        self.batcher: DynamicBatcher | None = (
+            DynamicBatcher(self.predict, self.batching, name=f"{pipeline}-v{version}")
+            if self.batching.enabled
+            else None
+        )
+        self.forward_passes = 0
+        self.rows_forwarded = 0
+        self._leases = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    async def infer(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N, classes] probabilities for [N, F] rows, through the batcher when batching is on."""
+        if self.batcher is not None:
+            return await asyncio.wrap_future(self.batcher.submit(rows))
+        return await asyncio.to_thread(self.predict, rows)
+
+    def predict(self, rows: torch.Tensor) -> torch.Tensor:
+        """One forward pass (the batcher's, or a request's own when batching is off)."""
+        with self._lock:
+            self.forward_passes += 1
+            self.rows_forwarded += int(rows.shape[0])
+        with torch.inference_mode():
+            x = rows.reshape(rows.shape[0], self.num_features).to(torch.float32)
+            if self.standardizer is not None:
+                x = self.standardizer.transform_tensor(x)
+            logits = self.model(x)
+            return torch.softmax(logits.to(torch.float32), dim=-1)
+
+    # -- lifetime: leases taken by requests, retirement by the registry --------------------------
+    def _acquire(self) -> None:
+        with self._lock:
+            self._leases += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            finished = self._retired and self._leases == 0
+        if finished:
+            self._shutdown()
+
+    def _retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            finished = self._leases == 0
+        if finished:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._leases
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.pipeline!r}, version={self.version!r})"
+
+
+def load_version(
+    store: ArtifactStore,
+    version: ModelVersion,
+    *,
+    batching: BatchingConfig | None = None,
+    work_dir: Path | None = None,
+) -> LoadedModel:
+    """Downloads a registered model version (digest verified by the store) into a temporary folder
+    and loads it with `load_package` (digest verified again on the bytes it loads).
+
+    ArtifactIntegrityError if the stored bytes do not match the version's sha256; the model is then
+    not loaded at all (fail closed).
+    """
+    manifest = version.manifest
+    missing = [key for key in ("input_shape", "output_classes", "variant", "standardizer") if key not in manifest]
+    if missing:
+        raise InvalidInputError(
+            f"model {version.pipeline} v{version.version}: manifest lacks {', '.join(missing)}; "
+            "register the version with ml.package.manifest_for(...)"
+        )
+    ref = store.ref(version.artifact_uri, version.sha256, version.size_bytes)
+    with tempfile.TemporaryDirectory(prefix="retrainer-serving-", dir=work_dir) as tmp:
+        path = store.download(ref, Path(tmp) / "model.pt")
+        model, standardizer = load_package(path, manifest, version.sha256)
+    return LoadedModel(
+        version.pipeline,
+        str(version.version),
+        model,
+        input_shape=[int(d) for d in manifest["input_shape"]],
+        output_classes=int(manifest["output_classes"]),
+        standardizer=standardizer,
+        batching=batching,
+        version_id=version.id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Where one request goes: the variant and the model it holds a lease on."""
+
+    pipeline: str
+    variant: Variant
+    model: LoadedModel
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineState:
+    """A consistent view of one pipeline's models at one moment."""
+
+    pipeline: str
+    champion: LoadedModel | None
+    canary: LoadedModel | None
+    canary_weight: float
+
+
+@dataclass(slots=True)
+class _Slot:
+    champion: LoadedModel | None = None
+    canary: LoadedModel | None = None
+    canary_weight: float = 0.0
+
+    def models(self) -> set[LoadedModel]:
+        return {m for m in (self.champion, self.canary) if m is not None}
+
+
+_SlotChange = Callable[[_Slot], None]
+
+
+def _check_weight(pipeline: str, weight: float) -> float:
+    if not 0.0 <= weight <= 100.0 or math.isnan(weight):
+        raise InvalidInputError(f"{pipeline}: canary weight must be a percentage 0..100 (got {weight})")
+    return float(weight)
+
+
+def sticky_fraction(pipeline: str, key: str) -> float:
+    """A stable number in [0, 100) for (pipeline, key); below the canary weight means canary."""
+    digest = hashlib.sha256(f"{pipeline}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100.0
+
+
+class ModelRegistry:
+    """Per pipeline a champion and an optional canary; thread-safe; swaps are atomic."""
+
+    def __init__(self, pipelines: Iterable[str] = (), *, rng: random.Random | None = None) -> None:
+        """`pipelines` are expected: the server is not ready until each has a champion."""
+        self._slots: dict[str, _Slot] = {name: _Slot() for name in pipelines}
+        self._lock = threading.Lock()
+        self._rng = rng or random.Random()  # noqa: S311 - traffic split, not security
+
+    # -- changes -------------------------------------------------------------------------------
+    def expect(self, pipeline: str) -> None:
+        with self._lock:
+            self._slots.setdefault(pipeline, _Slot())
+
+    def set_champion(self, model: LoadedModel) -> None:
+        """Makes `model` the champion of its pipeline (registering the pipeline if new)."""
+        self._change(model.pipeline, lambda slot: setattr(slot, "champion", model))
+
+    def set_canary(self, model: LoadedModel, weight: float) -> None:
+        """Serves `model` to `weight` percent of the pipeline's traffic (replacing any canary)."""
+        weight = _check_weight(model.pipeline, weight)
+
+        def change(slot: _Slot) -> None:
+            if slot.champion is None:
+                raise ModelNotReadyError(f"{model.pipeline}: load a champion before a canary")
+            slot.canary, slot.canary_weight = model, weight
+
+        self._change(model.pipeline, change)
+
+    def set_canary_weight(self, pipeline: str, weight: float) -> None:
+        weight = _check_weight(pipeline, weight)
+
+        def change(slot: _Slot) -> None:
+            if slot.canary is None:
+                raise NotFoundError(f"{pipeline}: no canary is loaded; call set_canary first")
+            slot.canary_weight = weight
+
+        self._change(pipeline, change)
+
+    def remove_canary(self, pipeline: str) -> None:
+        """Rollback: all traffic back to the champion; the canary is freed after its last request."""
+
+        def change(slot: _Slot) -> None:
+            slot.canary, slot.canary_weight = None, 0.0
+
+        self._change(pipeline, change)
+
+    def promote_canary(self, pipeline: str) -> None:
+        """The canary becomes the champion (all traffic); the old champion is freed after its last request."""
+
+        def change(slot: _Slot) -> None:
+            if slot.canary is None:
+                raise NotFoundError(f"{pipeline}: no canary to promote")
+            slot.champion, slot.canary, slot.canary_weight = slot.canary, None, 0.0
+
+        self._change(pipeline, change)
+
+    def _change(self, pipeline: str, change: _SlotChange) -> None:
+        with self._lock:
+            slot = self._slots.setdefault(pipeline, _Slot())
+            before = slot.models()
+            change(slot)
+            dropped = before - slot.models()
+        for model in dropped:
+            model._retire()
+
+    # -- reads ---------------------------------------------------------------------------------
+    def pipelines(self) -> list[str]:
+        with self._lock:
+            return sorted(self._slots)
+
+    def state(self, pipeline: str) -> PipelineState:
+        with self._lock:
+            slot = self._slots.get(pipeline)
+            if slot is None:
+                raise NotFoundError(self._unknown(pipeline))
+            return PipelineState(pipeline, slot.champion, slot.canary, slot.canary_weight)
+
+    def is_ready(self, pipeline: str | None = None) -> bool:
+        """One pipeline has a champion; with no argument: every expected pipeline has one."""
+        with self._lock:
+            if pipeline is not None:
+                slot = self._slots.get(pipeline)
+                return slot is not None and slot.champion is not None
+            return all(slot.champion is not None for slot in self._slots.values())
+
+    @contextmanager
+    def route(self, pipeline: str, *, sticky_key: str | None = None, version: str | None = None) -> Iterator[Routed]:
+        """Picks the variant for one request and holds a lease on its model until the block ends.
+
+        `version` pins the request to the champion or canary with that version (404 otherwise).
+        """
+        with self._lock:
+            slot = self._slots.get(pipeline)
+            if slot is None:
+                raise NotFoundError(self._unknown(pipeline))
+            if slot.champion is None:
+                raise ModelNotReadyError(f"model {pipeline!r} has no champion loaded yet; retry once it is ready")
+            routed = self._pick(pipeline, slot, sticky_key, version)
+            routed.model._acquire()  # under the registry lock: a swap cannot retire it in between
+        try:
+            yield routed
+        finally:
+            routed.model._release()
+
+    def _pick(self, pipeline: str, slot: _Slot, sticky_key: str | None, version: str | None) -> Routed:
+        assert slot.champion is not None
+        if version is not None:
+            for variant, model in ((CHAMPION, slot.champion), (CANARY, slot.canary)):
+                if model is not None and model.version == version:
+                    return Routed(pipeline, variant, model)
+            served = [m.version for m in (slot.champion, slot.canary) if m is not None]
+            raise NotFoundError(
+                f"model {pipeline!r} has no version {version!r} loaded; it serves {', '.join(served)} "
+                f"(or omit the version)"
+            )
+        if slot.canary is not None and slot.canary_weight > 0.0:
+            draw = sticky_fraction(pipeline, sticky_key) if sticky_key else self._rng.random() * 100.0
+            if draw < slot.canary_weight:
+                return Routed(pipeline, CANARY, slot.canary)
+        return Routed(pipeline, CHAMPION, slot.champion)
+
+    def _unknown(self, pipeline: str) -> str:
+        known = ", ".join(sorted(self._slots)) or "none"
+        return f"model {pipeline!r} is not served here; served models: {known}"
+
+    def close(self) -> None:
+        """Server shutdown: closes every batcher (queued requests are still answered)."""
+        with self._lock:
+            models = [m for slot in self._slots.values() for m in slot.models()]
+        for model in models:
+            if model.batcher is not None:
+                model.batcher.close()
