@@ -61,13 +61,17 @@ class DynamicBatcher:
         *,
         name: str = "model",
         on_batch: Callable[[int, int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         """`forward` maps a [rows, F] tensor to a [rows, C] tensor; `on_batch(requests, rows)` is
-        called after every forward pass (metrics)."""
+        called after every forward pass (metrics). `in_flight()` counts the requests that may still
+        join a batch (queued or on their way); when the batch already holds them all the worker does
+        not wait, so a lone request pays no batching delay."""
         self._forward = forward
         self.config = config
         self.name = name
         self._on_batch = on_batch
+        self._in_flight = in_flight
         self._pending: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -117,7 +121,7 @@ class DynamicBatcher:
                     rows += following
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
+                if remaining <= 0 or self._closed or (self._in_flight is not None and self._in_flight() <= len(batch)):
                     break
                 self._cond.wait(timeout=remaining)
         return batch

@@ -79,7 +79,7 @@ class LoadedModel:
         self.output_classes = output_classes
         self.batching = batching or BatchingConfig()
         self.batcher: DynamicBatcher | None = (
-            DynamicBatcher(self.predict, self.batching, name=f"{pipeline}-v{version}")
+            DynamicBatcher(self.predict, self.batching, name=f"{pipeline}-v{version}", in_flight=self._lease_count)
             if self.batching.enabled
             else None
         )
@@ -106,6 +106,9 @@ class LoadedModel:
                 x = self.standardizer.transform_tensor(x)
             logits = self.model(x)
             return torch.softmax(logits.to(torch.float32), dim=-1)
+
+    def _lease_count(self) -> int:
+        return self._leases  # a plain int read: a stale value only costs or saves one short wait
 
     # -- lifetime: leases taken by requests, retirement by the registry --------------------------
     def _acquire(self) -> None:

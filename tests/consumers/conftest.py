@@ -35,9 +35,8 @@ class Stage:
         producer.close()
 
     def valid(self, event_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-        body = data_changed_event(
-            self.dataset, f"s3://datasets/{self.dataset}.csv", version=event_id, event_id=event_id
-        )
+        unique = f"{self.dataset}-{event_id}"  # the inbox is shared across tests: ids must not collide
+        body = data_changed_event(self.dataset, f"s3://datasets/{self.dataset}.csv", version=event_id, event_id=unique)
         return json.dumps(body).encode(), [("content-type", b"application/cloudevents+json")]
 
     def inbox_count(self) -> int:

@@ -27,7 +27,8 @@ class CountingModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.inner(x)
+        out: torch.Tensor = self.inner(x)
+        return out
 
 
 def tiny_module(seed: int) -> CountingModule:

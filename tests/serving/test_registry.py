@@ -148,7 +148,8 @@ def test_swap_keeps_the_in_flight_request_and_frees_the_old_model() -> None:
     _wait_until(lambda: not batcher.worker_alive)  # closed after its last lease
     with registry.route("digits") as routed:
         assert routed.model.version == "2"
-    del old, routed, result, batcher
+    del old, routed, result
+    batcher = None  # drop every reference the test holds
     gc.collect()
     assert module_ref() is None, "the swapped-out model is still referenced"
     registry.close()

@@ -21,7 +21,7 @@ from serving.batching import BatchingConfig
 from serving.metrics import ServingMetrics
 from serving.registry import ModelRegistry
 from serving.server import running_server
-from tests.serving.conftest import CLASSES, FEATURES, expected_probabilities, tiny_model
+from tests.serving.conftest import CLASSES, FEATURES, CountingModule, expected_probabilities, tiny_model
 
 INFER = "/v2/models/digits/infer"
 
@@ -171,7 +171,10 @@ def test_concurrent_requests_share_forward_passes(registry: ModelRegistry, http:
     with ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(call, requests))
     assert [r.status_code for r in responses] == [200] * 32
-    passes = champion.model.calls
+    counting = champion.model
+    assert isinstance(counting, CountingModule)
+    passes = counting.calls
+    assert passes == champion.forward_passes
     assert passes < 32, f"{passes} forward passes for 32 concurrent requests: batching did not batch"
     for rows, response in zip(requests, responses, strict=True):
         got = np.asarray(response.json()["outputs"][0]["data"]).reshape(len(rows), CLASSES)
