@@ -401,6 +401,38 @@ def api() -> None:
     serve_api(app_, settings.api_address)
 
 
+@app.command("serve-models")
+def serve_models_command(
+    refresh: Annotated[float, typer.Option(help="Seconds between reloads of champions from the database.")] = 10.0,
+) -> None:
+    """Run the model server (Open Inference Protocol v2) on RETRAINER_SERVING_ADDRESS with each
+    pipeline's champion from the metadata database, reloading when the champion moves."""
+    import threading
+
+    from retrainer import wiring
+    from serving.app import create_serving_app
+    from serving.loader import sync_from_metadata
+    from serving.registry import ModelRegistry
+    from serving.server import serve_models
+
+    settings = _settings()
+    registry = ModelRegistry()
+    sessions, store = wiring.sessions(settings), wiring.artifact_store(settings)
+    for pipeline, what in sync_from_metadata(registry, sessions, store).items():
+        err.print(f"{pipeline}: {what}", highlight=False)
+    stop = threading.Event()
+
+    def reload() -> None:
+        while not stop.wait(refresh):
+            sync_from_metadata(registry, sessions, store)
+
+    threading.Thread(target=reload, name="retrainer-model-reload", daemon=True).start()
+    try:
+        serve_models(create_serving_app(registry), settings.serving_address)
+    finally:
+        stop.set()
+
+
 @app.command("check")
 def check() -> None:
     """Check that the database, artifact store and Kafka answer; exit 1 naming what does not."""

@@ -1,0 +1,60 @@
+"""Keeps the model server's registry in step with the metadata database.
+
+`sync_from_metadata` loads each registered pipeline's champion, and the candidate of an active
+rollout as its canary, whenever they differ from what is in memory; every artifact is digest-
+verified on the way in (`load_version`). A version that cannot be loaded is reported and the
+model already serving stays (fail closed: never swap in something unverified).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain.errors import RetrainerError
+from serving.batching import BatchingConfig
+from serving.registry import ModelRegistry, load_version
+from storage import repositories as repo
+from storage.artifacts.base import ArtifactStore
+from storage.db import transaction
+
+log = logging.getLogger("retrainer.serving.loader")
+
+
+def sync_from_metadata(
+    registry: ModelRegistry,
+    sessions: sessionmaker[Session],
+    store: ArtifactStore,
+    *,
+    batching: BatchingConfig | None = None,
+) -> dict[str, str]:
+    """One pass; returns what happened per pipeline ("loaded v3", "unchanged v3", "no champion", an error)."""
+    with transaction(sessions) as session:
+        wanted = []
+        for pipeline in repo.list_pipelines(session):
+            champion = repo.get_champion(session, pipeline.name)
+            rollout = repo.active_rollout(session, pipeline.name)
+            candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id) if rollout else None
+            weight = rollout.steps[-1].traffic_percent if rollout and rollout.steps else 0.0
+            wanted.append((pipeline.name, champion, candidate, weight))
+    report: dict[str, str] = {}
+    for name, champion, candidate, weight in wanted:
+        registry.expect(name)
+        state = registry.state(name)
+        if champion is None:
+            report[name] = "no champion yet"
+            continue
+        try:
+            if state.champion is None or state.champion.version_id != champion.id:
+                registry.set_champion(load_version(store, champion, batching=batching))
+                report[name] = f"loaded champion v{champion.version}"
+            else:
+                report[name] = f"unchanged v{champion.version}"
+            if candidate is not None and (state.canary is None or state.canary.version_id != candidate.id):
+                registry.set_canary(load_version(store, candidate, batching=batching), weight)
+                report[name] += f"; canary v{candidate.version} at {weight:g} %"
+        except RetrainerError as error:
+            log.error("not loading %s: %s", name, error)
+            report[name] = f"kept what was serving: {error}"
+    return report

@@ -1,0 +1,77 @@
+"""The model server follows the champion alias in the metadata database, verifying every artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import migrations
+from domain.settings import load_settings
+from ml.package import MANIFEST_FORMAT, save_package
+from ml.zoo import build_model
+from serving.loader import sync_from_metadata
+from serving.registry import ModelRegistry
+from storage import repositories as repo
+from storage.artifacts import open_artifact_store
+from storage.artifacts.local import path_from_file_uri
+from storage.db import create_db_engine, make_sessions, transaction
+from tests.serving.conftest import CLASSES, FEATURES, STANDARDIZER
+
+
+def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'retrainer.db'}"
+    migrations.upgrade(url)
+    sessions = make_sessions(create_db_engine(url))
+    store = open_artifact_store(f"file://{tmp_path / 'artifacts'}", load_settings())
+    manifest = {
+        "format": MANIFEST_FORMAT, "architecture": "mlp", "params": {"hidden_sizes": [16]},
+        "input_shape": [FEATURES], "output_classes": CLASSES, "variant": "none",
+        "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
+    }  # fmt: skip
+
+    def register(seed: int) -> int:
+        torch.manual_seed(seed)
+        module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
+        ref = store.put_file(save_package(module, manifest, tmp_path / f"m{seed}.pt").path)
+        with transaction(sessions) as session:
+            current = repo.get_champion(session, "digits")
+            version = repo.register_model_version(
+                session,
+                "digits",
+                artifact_uri=ref.uri,
+                sha256=ref.sha256,
+                size_bytes=ref.size,
+                metrics={},
+                manifest=manifest,
+            )
+            repo.move_champion(
+                session,
+                "digits",
+                version.id,
+                expected_from_version_id=current.id if current else None,
+                actor="test",
+                reason="test promotion",
+            )
+        return version.version
+
+    with transaction(sessions) as session:
+        repo.upsert_pipeline(session, "digits", "digits", {"name": "digits"})
+    registry = ModelRegistry()
+    assert sync_from_metadata(registry, sessions, store) == {"digits": "no champion yet"}
+    assert not registry.is_ready()
+
+    assert register(1) == 1
+    assert sync_from_metadata(registry, sessions, store) == {"digits": "loaded champion v1"}
+    assert sync_from_metadata(registry, sessions, store) == {"digits": "unchanged v1"}
+    assert registry.is_ready() and registry.state("digits").champion.version == "1"  # type: ignore[union-attr]
+
+    register(2)
+    with transaction(sessions) as session:
+        tampered = repo.get_champion(session, "digits")
+    assert tampered is not None
+    path_from_file_uri(tampered.artifact_uri).write_bytes(b"not the model that was verified")
+    report = sync_from_metadata(registry, sessions, store)
+    assert report["digits"].startswith("kept what was serving")
+    assert registry.state("digits").champion.version == "1"  # type: ignore[union-attr]
+    registry.close()
