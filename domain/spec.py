@@ -204,6 +204,11 @@ class CanarySpec(_Strict):
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_latency_p99_ratio: float = Field(default=1.2, gt=0)
     failure_limit: PositiveInt = 1
+    # extensions: prediction drift, delayed-label accuracy, how long a step may wait for traffic
+    max_prediction_psi: float = Field(default=0.2, gt=0, description="Population stability index limit.")
+    min_labels: PositiveInt = Field(default=50, description="Feedback labels per variant before accuracy counts.")
+    max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
+    step_deadline_factor: float = Field(default=3.0, ge=1, description="A step waits up to this many intervals.")
 
     @field_validator("steps")
     @classmethod

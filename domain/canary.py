@@ -1,0 +1,223 @@
+"""The canary step decision: `next_canary_step(state, window, policy) -> CanaryStep`.
+
+Pure: the controller measures one window of live traffic per variant (same interval for both),
+this decides. Checks, each with its numbers and a reason:
+- error rate of the canary <= `max_error_rate`;
+- p99 latency ratio canary / champion in the same window <= `max_latency_p99_ratio`;
+- prediction drift: population stability index of the predicted-class distributions
+  <= `max_prediction_psi`;
+- accuracy from delayed labels, once both variants have `min_labels`: canary >= champion -
+  `max_accuracy_drop`.
+Never pass on no data: a step with fewer than `min_requests` canary requests waits (is extended)
+up to `step_deadline_factor` intervals, then fails closed. A failed check counts a failure; at
+`failure_limit` the rollout is rolled back, else the step is repeated with a fresh window. All
+checks passing advances to the next step, and passing the last (100 %) step promotes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from domain.entities import GateCheck, Verdict
+from domain.spec import CanarySpec
+
+
+class CanaryAction(StrEnum):
+    WAIT = "wait"  # not enough time or traffic yet: keep this step
+    REPEAT = "repeat"  # a check failed below the failure limit: analyse this step again
+    ADVANCE = "advance"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+
+
+@dataclass(frozen=True, slots=True)
+class VariantWindow:
+    requests: int
+    errors: int
+    latency_p99_ms: float | None
+    class_counts: dict[str, int] = field(default_factory=dict)
+    labelled: int = 0
+    correct: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryWindow:
+    canary: VariantWindow
+    champion: VariantWindow
+    elapsed_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutProgress:
+    step_index: int
+    failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryStep:
+    action: CanaryAction
+    step_index: int  # the step to be at after this decision
+    traffic_percent: float  # the canary's weight after this decision (0 on rollback)
+    failures: int
+    reason: str
+    checks: tuple[GateCheck, ...] = ()
+
+
+def population_stability_index(expected: dict[str, int], actual: dict[str, int], epsilon: float = 1e-4) -> float:
+    """PSI between two categorical distributions (0: identical; > 0.2 is commonly read as a shift)."""
+    classes = set(expected) | set(actual)
+    total_e, total_a = sum(expected.values()), sum(actual.values())
+    if not classes or total_e == 0 or total_a == 0:
+        return 0.0
+    psi = 0.0
+    for cls in classes:
+        e = max(expected.get(cls, 0) / total_e, epsilon)
+        a = max(actual.get(cls, 0) / total_a, epsilon)
+        psi += (a - e) * math.log(a / e)
+    return psi
+
+
+def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: CanarySpec) -> CanaryStep:
+    steps = policy.steps
+    current = steps[state.step_index]
+    canary = window.canary
+
+    def stay(
+        action: CanaryAction, reason: str, checks: tuple[GateCheck, ...] = (), failures: int | None = None
+    ) -> CanaryStep:
+        return CanaryStep(
+            action, state.step_index, current, state.failures if failures is None else failures, reason, checks
+        )
+
+    if window.elapsed_seconds < policy.interval_seconds:
+        return stay(CanaryAction.WAIT, f"step {state.step_index + 1} at {current:g} %: interval not over yet")
+    if canary.requests < policy.min_requests:
+        deadline = policy.interval_seconds * policy.step_deadline_factor
+        if window.elapsed_seconds < deadline:
+            return stay(
+                CanaryAction.WAIT,
+                f"only {canary.requests}/{policy.min_requests} canary requests: "
+                f"step extended (deadline {deadline:g} s)",
+            )
+        reason = (
+            f"no evidence: {canary.requests}/{policy.min_requests} canary requests by the "
+            f"{deadline:g} s deadline; rolled back (never pass on no data)"
+        )
+        return CanaryStep(CanaryAction.ROLLBACK, state.step_index, 0.0, state.failures + 1, reason)
+
+    checks = _checks(window, policy)
+    failed = [c for c in checks if c.verdict is Verdict.FAIL]
+    if failed:
+        failures = state.failures + 1
+        why = "; ".join(f"{c.metric}: {c.reason}" for c in failed)
+        if failures >= policy.failure_limit:
+            return CanaryStep(
+                CanaryAction.ROLLBACK,
+                state.step_index,
+                0.0,
+                failures,
+                f"rolled back at {current:g} % ({failures}/{policy.failure_limit} failures): {why}",
+                tuple(checks),
+            )
+        return stay(CanaryAction.REPEAT, f"failure {failures}/{policy.failure_limit}: {why}", tuple(checks), failures)
+    if state.step_index == len(steps) - 1:
+        return CanaryStep(
+            CanaryAction.PROMOTE,
+            state.step_index,
+            100.0,
+            state.failures,
+            f"every step passed up to {current:g} %: promote",
+            tuple(checks),
+        )
+    nxt = state.step_index + 1
+    return CanaryStep(
+        CanaryAction.ADVANCE,
+        nxt,
+        steps[nxt],
+        state.failures,
+        f"step {state.step_index + 1} at {current:g} % passed: on to {steps[nxt]:g} %",
+        tuple(checks),
+    )
+
+
+def _checks(window: CanaryWindow, policy: CanarySpec) -> list[GateCheck]:
+    canary, champion = window.canary, window.champion
+    checks: list[GateCheck] = []
+    error_rate = canary.errors / canary.requests
+    ok = error_rate <= policy.max_error_rate
+    checks.append(
+        GateCheck(
+            "error_rate",
+            "canary",
+            Verdict.PASS if ok else Verdict.FAIL,
+            f"{error_rate:.4f} {'<=' if ok else '>'} {policy.max_error_rate:.4f}",
+            candidate_value=error_rate,
+            champion_value=_rate(champion),
+            threshold=policy.max_error_rate,
+        )
+    )
+    if champion.requests and canary.latency_p99_ms is not None and champion.latency_p99_ms:
+        ratio = canary.latency_p99_ms / champion.latency_p99_ms
+        ok = ratio <= policy.max_latency_p99_ratio
+        checks.append(
+            GateCheck(
+                "latency_p99_ratio",
+                "canary",
+                Verdict.PASS if ok else Verdict.FAIL,
+                f"canary/champion p99 = {ratio:.2f} {'<=' if ok else '>'} {policy.max_latency_p99_ratio:.2f}",
+                canary.latency_p99_ms,
+                champion.latency_p99_ms,
+                policy.max_latency_p99_ratio,
+            )
+        )
+    else:
+        checks.append(
+            GateCheck(
+                "latency_p99_ratio", "canary", Verdict.SKIPPED, "no champion traffic in this window to compare with"
+            )
+        )
+    if champion.requests and canary.class_counts and champion.class_counts:
+        psi = population_stability_index(champion.class_counts, canary.class_counts)
+        ok = psi <= policy.max_prediction_psi
+        checks.append(
+            GateCheck(
+                "prediction_psi",
+                "canary",
+                Verdict.PASS if ok else Verdict.FAIL,
+                f"PSI {psi:.3f} {'<=' if ok else '>'} {policy.max_prediction_psi:.3f}",
+                psi,
+                None,
+                policy.max_prediction_psi,
+            )
+        )
+    if canary.labelled >= policy.min_labels and champion.labelled >= policy.min_labels:
+        cand_acc, champ_acc = canary.correct / canary.labelled, champion.correct / champion.labelled
+        ok = cand_acc >= champ_acc - policy.max_accuracy_drop
+        checks.append(
+            GateCheck(
+                "accuracy",
+                "canary",
+                Verdict.PASS if ok else Verdict.FAIL,
+                f"{cand_acc:.4f} vs champion {champ_acc:.4f} (max drop {policy.max_accuracy_drop:.4f})",
+                cand_acc,
+                champ_acc,
+                policy.max_accuracy_drop,
+            )
+        )
+    else:
+        checks.append(
+            GateCheck(
+                "accuracy",
+                "canary",
+                Verdict.SKIPPED,
+                f"labels so far: canary {canary.labelled}, champion {champion.labelled} "
+                f"(need {policy.min_labels} each)",
+            )
+        )
+    return checks
+
+
+def _rate(window: VariantWindow) -> float | None:
+    return window.errors / window.requests if window.requests else None

@@ -1,0 +1,89 @@
+"""next_canary_step: pure decisions on one window of live traffic."""
+
+from __future__ import annotations
+
+import pytest
+
+from domain.canary import (
+    CanaryAction,
+    CanaryWindow,
+    RolloutProgress,
+    VariantWindow,
+    next_canary_step,
+    population_stability_index,
+)
+from domain.spec import CanarySpec
+
+POLICY = CanarySpec(
+    steps=[10, 50, 100],
+    interval_seconds=30,
+    min_requests=200,
+    max_error_rate=0.01,
+    max_latency_p99_ratio=1.2,
+    failure_limit=1,
+    min_labels=50,
+)
+CLASSES = {"0": 100, "1": 100, "2": 100}
+
+
+def window(
+    requests: int = 300,
+    errors: int = 0,
+    p99: float = 5.0,
+    classes: dict[str, int] | None = None,
+    elapsed: float = 31,
+    labelled: int = 0,
+    correct: int = 0,
+) -> CanaryWindow:
+    champion = VariantWindow(3000, 3, 5.0, {k: v * 10 for k, v in CLASSES.items()}, 100, 95)
+    canary = VariantWindow(requests, errors, p99, classes or CLASSES, labelled, correct)
+    return CanaryWindow(canary, champion, elapsed)
+
+
+def test_a_good_canary_walks_every_step_and_is_promoted() -> None:
+    state = RolloutProgress(0)
+    seen = []
+    for _ in range(3):
+        step = next_canary_step(state, window(), POLICY)
+        seen.append((step.action, step.traffic_percent))
+        state = RolloutProgress(step.step_index, step.failures)
+    assert seen == [(CanaryAction.ADVANCE, 50), (CanaryAction.ADVANCE, 100), (CanaryAction.PROMOTE, 100)]
+
+
+@pytest.mark.parametrize(
+    ("canary", "metric"),
+    [
+        ({"errors": 30}, "error_rate"),
+        ({"p99": 15.0}, "latency_p99_ratio"),
+        ({"classes": {"0": 280, "1": 10, "2": 10}}, "prediction_psi"),
+        ({"labelled": 100, "correct": 70}, "accuracy"),
+    ],
+)
+def test_a_bad_canary_is_rolled_back_at_the_first_analysed_step(canary: dict[str, object], metric: str) -> None:
+    step = next_canary_step(RolloutProgress(0), window(**canary), POLICY)  # type: ignore[arg-type]
+    assert step.action is CanaryAction.ROLLBACK and step.traffic_percent == 0.0
+    assert metric in step.reason
+    assert any(c.metric == metric and c.verdict.value == "fail" for c in step.checks)
+
+
+def test_no_traffic_extends_the_step_then_fails_closed_at_the_deadline() -> None:
+    assert next_canary_step(RolloutProgress(1), window(requests=20, elapsed=60), POLICY).action is CanaryAction.WAIT
+    step = next_canary_step(RolloutProgress(1), window(requests=20, elapsed=91), POLICY)
+    assert step.action is CanaryAction.ROLLBACK and "no evidence" in step.reason
+
+
+def test_the_interval_must_pass_before_judging() -> None:
+    assert next_canary_step(RolloutProgress(0), window(errors=100, elapsed=10), POLICY).action is CanaryAction.WAIT
+
+
+def test_failures_below_the_limit_repeat_the_step() -> None:
+    lenient = POLICY.model_copy(update={"failure_limit": 2})
+    first = next_canary_step(RolloutProgress(0), window(errors=30), lenient)
+    assert (first.action, first.failures, first.step_index) == (CanaryAction.REPEAT, 1, 0)
+    second = next_canary_step(RolloutProgress(0, first.failures), window(errors=30), lenient)
+    assert second.action is CanaryAction.ROLLBACK
+
+
+def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None:
+    assert population_stability_index(CLASSES, CLASSES) == pytest.approx(0.0)
+    assert population_stability_index(CLASSES, {"0": 290, "1": 5, "2": 5}) > 1.0
