@@ -48,7 +48,8 @@ services-stop:
 services-status:
 	bash infra/local/services.sh status
 
-bench: venv
+# bench/triggers.py needs the local broker: the services are started (and left running).
+bench: venv services
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
