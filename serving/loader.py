@@ -3,7 +3,9 @@
 `sync_from_metadata` loads each registered pipeline's champion, and the candidate of an active
 rollout as its canary, whenever they differ from what is in memory; every artifact is digest-
 verified on the way in (`load_version`). A version that cannot be loaded is reported and the
-model already serving stays (fail closed: never swap in something unverified).
+model already serving stays (fail closed: never swap in something unverified). The canary's
+traffic share is the rollout's stored step, so the controller moves traffic by writing SQL and
+a restarted server comes back at the same weight.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from storage.db import transaction
 log = logging.getLogger("retrainer.serving.loader")
 
 
+def _current_weight(policy: dict[str, object], current_step: int) -> float:
+    """The canary's traffic share at the rollout's stored step (steps are percents, rising to 100)."""
+    steps = policy.get("steps")
+    if not isinstance(steps, list) or not steps:
+        return 0.0
+    return float(steps[min(current_step, len(steps) - 1)])
+
+
 def sync_from_metadata(
     registry: ModelRegistry,
     sessions: sessionmaker[Session],
@@ -36,7 +46,7 @@ def sync_from_metadata(
             champion = repo.get_champion(session, pipeline.name)
             rollout = repo.active_rollout(session, pipeline.name)
             candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id) if rollout else None
-            weight = rollout.steps[-1].traffic_percent if rollout and rollout.steps else 0.0
+            weight = _current_weight(rollout.policy, rollout.current_step) if rollout else 0.0
             wanted.append((pipeline.name, champion, candidate, weight))
     report: dict[str, str] = {}
     for name, champion, candidate, weight in wanted:
@@ -54,6 +64,12 @@ def sync_from_metadata(
             if candidate is not None and (state.canary is None or state.canary.version_id != candidate.id):
                 registry.set_canary(load_version(store, candidate, batching=batching), weight)
                 report[name] += f"; canary v{candidate.version} at {weight:g} %"
+            elif candidate is not None and state.canary_weight != weight:
+                registry.set_canary_weight(name, weight)  # the rollout moved to its next step
+                report[name] += f"; canary v{candidate.version} now at {weight:g} %"
+            elif candidate is None and state.canary is not None:
+                registry.remove_canary(name)  # the rollout ended: all traffic to the champion
+                report[name] += "; canary removed"
         except RetrainerError as error:
             log.error("not loading %s: %s", name, error)
             report[name] = f"kept what was serving: {error}"

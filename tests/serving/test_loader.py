@@ -75,3 +75,54 @@ def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact
     assert report["digits"].startswith("kept what was serving")
     assert registry.state("digits").champion.version == "1"  # type: ignore[union-attr]
     registry.close()
+
+
+def test_the_canary_follows_the_rollout_stored_in_sql(tmp_path: Path) -> None:
+    from domain import entities as e
+
+    url = f"sqlite:///{tmp_path / 'retrainer.db'}"
+    migrations.upgrade(url)
+    sessions = make_sessions(create_db_engine(url))
+    store = open_artifact_store(f"file://{tmp_path / 'artifacts'}", load_settings())
+    manifest = {
+        "format": MANIFEST_FORMAT, "architecture": "mlp", "params": {"hidden_sizes": [16]},
+        "input_shape": [FEATURES], "output_classes": CLASSES, "variant": "none",
+        "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
+    }  # fmt: skip
+    ids = []
+    with transaction(sessions) as session:
+        repo.upsert_pipeline(session, "digits", "digits", {"name": "digits"})
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
+        ref = store.put_file(save_package(module, manifest, tmp_path / f"m{seed}.pt").path)
+        with transaction(sessions) as session:
+            ids.append(
+                repo.register_model_version(
+                    session,
+                    "digits",
+                    artifact_uri=ref.uri,
+                    sha256=ref.sha256,
+                    size_bytes=ref.size,
+                    metrics={},
+                    manifest=manifest,
+                ).id
+            )
+    with transaction(sessions) as session:
+        repo.move_champion(session, "digits", ids[0], expected_from_version_id=None, actor="t", reason="first")
+        rollout = repo.start_rollout(
+            session, "digits", candidate_version_id=ids[1], champion_version_id=ids[0], policy={"steps": [10, 50, 100]}
+        )
+    registry = ModelRegistry()
+    assert "canary v2 at 10 %" in sync_from_metadata(registry, sessions, store)["digits"]
+    with transaction(sessions) as session:
+        repo.record_rollout_step(
+            session, rollout.id, step_index=0, traffic_percent=10, verdict=e.Verdict.PASS, analysis={}
+        )
+    assert "now at 50 %" in sync_from_metadata(registry, sessions, store)["digits"]
+    assert registry.state("digits").canary_weight == 50
+    with transaction(sessions) as session:
+        repo.finish_rollout(session, rollout.id, e.RolloutStatus.ROLLED_BACK, "p99 ratio 3.1 > 1.2")
+    assert "canary removed" in sync_from_metadata(registry, sessions, store)["digits"]
+    assert registry.state("digits").canary is None
+    registry.close()
