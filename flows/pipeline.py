@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
+from sqlalchemy.orm import Session
 
 from domain import entities as e
 from domain.errors import ConflictError, RetrainerError
@@ -432,7 +433,7 @@ def _decide_outcome(
     return {"status": e.RunStatus.PROMOTED, "reason": decision.reason, "version": version.version}
 
 
-def _promotion_hold(session: Any, spec: PipelineSpec) -> str | None:
+def _promotion_hold(session: Session, spec: PipelineSpec) -> str | None:
     now = datetime.now(UTC)
     pipeline = repo.get_pipeline(session, spec.name)
     if pipeline.frozen_until is not None and pipeline.frozen_until > now:

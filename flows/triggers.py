@@ -183,8 +183,3 @@ def _process_dataset(
         if result.created:
             TRIGGER_LATENCY.observe(max(0.0, (datetime.now(UTC) - first.received_at).total_seconds()))
     return results
-
-
-def pending_summary(sessions: sessionmaker[Session], datasets: Sequence[str]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        return {dataset: len(repo.pending_events(session, dataset)) for dataset in datasets}

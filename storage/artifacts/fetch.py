@@ -7,14 +7,13 @@ verify) exactly which bytes a run trained on.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from domain.errors import ArtifactIntegrityError, ArtifactNotFoundError, InvalidInputError
 from domain.settings import Settings
-from storage.artifacts.base import CHUNK_SIZE, sha256_of_file
+from storage.artifacts.base import sha256_of_file
 
 
 def fetch_uri(uri: str, dest: Path, settings: Settings, expected_sha256: str | None = None) -> str:
@@ -29,7 +28,7 @@ def fetch_uri(uri: str, dest: Path, settings: Settings, expected_sha256: str | N
                 raise ArtifactNotFoundError(f"data {uri} does not exist")
             shutil.copyfile(source, tmp)
         elif parts.scheme == "s3":
-            _download_s3(parts.netloc, parts.path.lstrip("/"), tmp, settings, uri)
+            _download_s3(parts.netloc, parts.path.lstrip("/"), tmp, settings)
         else:
             raise InvalidInputError(f"data URI {uri!r} must be file:// or s3://")
         digest, _ = sha256_of_file(tmp)
@@ -44,20 +43,13 @@ def fetch_uri(uri: str, dest: Path, settings: Settings, expected_sha256: str | N
         tmp.unlink(missing_ok=True)
 
 
-def _download_s3(bucket: str, key: str, dest: Path, settings: Settings, uri: str) -> None:
+def _download_s3(bucket: str, key: str, dest: Path, settings: Settings) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from storage.artifacts.s3 import S3ArtifactStore
 
     store = S3ArtifactStore(f"s3://{bucket}", settings)  # reuse its client set-up and error mapping
-    digest = hashlib.sha256()
     try:
-        body = store.client.get_object(Bucket=bucket, Key=key)["Body"]
-        with dest.open("wb") as out:
-            while chunk := body.read(CHUNK_SIZE):
-                digest.update(chunk)
-                out.write(chunk)
-    except Exception as e:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        if isinstance(e, ClientError | BotoCoreError):
-            raise store._translate(e) from e
-        raise
+        store.client.download_file(bucket, key, str(dest))
+    except (ClientError, BotoCoreError) as e:
+        raise store._translate(e) from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from domain.settings import load_settings
@@ -13,27 +14,33 @@ from ml.zoo import build_model
 from serving.loader import sync_from_metadata
 from serving.registry import ModelRegistry
 from storage import repositories as repo
-from storage.artifacts import open_artifact_store
+from storage.artifacts import ArtifactStore, open_artifact_store
 from storage.artifacts.local import path_from_file_uri
 from storage.db import create_db_engine, make_sessions, transaction
 from tests.serving.conftest import CLASSES, FEATURES, STANDARDIZER
 
+MANIFEST = {
+    "format": MANIFEST_FORMAT, "architecture": "mlp", "params": {"hidden_sizes": [16]},
+    "input_shape": [FEATURES], "output_classes": CLASSES, "variant": "none",
+    "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
+}  # fmt: skip
 
-def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact(tmp_path: Path) -> None:
+
+def _metadata_and_store(tmp_path: Path) -> tuple[sessionmaker[Session], ArtifactStore]:
     url = f"sqlite:///{tmp_path / 'retrainer.db'}"
     migrations.upgrade(url)
-    sessions = make_sessions(create_db_engine(url))
-    store = open_artifact_store(f"file://{tmp_path / 'artifacts'}", load_settings())
-    manifest = {
-        "format": MANIFEST_FORMAT, "architecture": "mlp", "params": {"hidden_sizes": [16]},
-        "input_shape": [FEATURES], "output_classes": CLASSES, "variant": "none",
-        "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
-    }  # fmt: skip
+    return make_sessions(create_db_engine(url)), open_artifact_store(
+        f"file://{tmp_path / 'artifacts'}", load_settings()
+    )
+
+
+def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact(tmp_path: Path) -> None:
+    sessions, store = _metadata_and_store(tmp_path)
 
     def register(seed: int) -> int:
         torch.manual_seed(seed)
         module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
-        ref = store.put_file(save_package(module, manifest, tmp_path / f"m{seed}.pt").path)
+        ref = store.put_file(save_package(module, MANIFEST, tmp_path / f"m{seed}.pt").path)
         with transaction(sessions) as session:
             current = repo.get_champion(session, "digits")
             version = repo.register_model_version(
@@ -43,7 +50,7 @@ def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact
                 sha256=ref.sha256,
                 size_bytes=ref.size,
                 metrics={},
-                manifest=manifest,
+                manifest=MANIFEST,
             )
             repo.move_champion(
                 session,
@@ -80,22 +87,14 @@ def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact
 def test_the_canary_follows_the_rollout_stored_in_sql(tmp_path: Path) -> None:
     from domain import entities as e
 
-    url = f"sqlite:///{tmp_path / 'retrainer.db'}"
-    migrations.upgrade(url)
-    sessions = make_sessions(create_db_engine(url))
-    store = open_artifact_store(f"file://{tmp_path / 'artifacts'}", load_settings())
-    manifest = {
-        "format": MANIFEST_FORMAT, "architecture": "mlp", "params": {"hidden_sizes": [16]},
-        "input_shape": [FEATURES], "output_classes": CLASSES, "variant": "none",
-        "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
-    }  # fmt: skip
+    sessions, store = _metadata_and_store(tmp_path)
     ids = []
     with transaction(sessions) as session:
         repo.upsert_pipeline(session, "digits", "digits", {"name": "digits"})
     for seed in (1, 2):
         torch.manual_seed(seed)
         module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
-        ref = store.put_file(save_package(module, manifest, tmp_path / f"m{seed}.pt").path)
+        ref = store.put_file(save_package(module, MANIFEST, tmp_path / f"m{seed}.pt").path)
         with transaction(sessions) as session:
             ids.append(
                 repo.register_model_version(
@@ -105,7 +104,7 @@ def test_the_canary_follows_the_rollout_stored_in_sql(tmp_path: Path) -> None:
                     sha256=ref.sha256,
                     size_bytes=ref.size,
                     metrics={},
-                    manifest=manifest,
+                    manifest=MANIFEST,
                 ).id
             )
     with transaction(sessions) as session:
