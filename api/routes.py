@@ -35,6 +35,7 @@ from api.schemas import (
     PipelineOut,
     PromoteBody,
     RollbackBody,
+    RolloutActionBody,
     RolloutOut,
     RolloutOutcome,
     RolloutStepOut,
@@ -339,8 +340,12 @@ def show_rollout(name: str, state: State) -> RolloutOut:
                 f"pipeline {name!r} has had no canary rollout yet; one starts when a candidate passes the gate "
                 "and the spec has a canary section"
             )
-        version_of = _VersionNumbers(session)
-        candidate, current = version_of(rollout.candidate_version_id), version_of(rollout.champion_version_id)
+        return _rollout_out(session, rollout)
+
+
+def _rollout_out(session: Session, rollout: e.Rollout) -> RolloutOut:
+    version_of = _VersionNumbers(session)
+    candidate, current = version_of(rollout.candidate_version_id), version_of(rollout.champion_version_id)
     final = rollout.status is not e.RolloutStatus.ACTIVE
     return RolloutOut(
         id=rollout.id,
@@ -371,6 +376,40 @@ def show_rollout(name: str, state: State) -> RolloutOut:
         started_at=rollout.started_at.isoformat(),
         finished_at=_iso(rollout.finished_at),
     )
+
+
+@_route(
+    "POST",
+    API_PREFIX + "/pipelines/{name}/rollout/abort",
+    summary="Abort the active canary rollout",
+    description="Canary traffic goes to 0 at once, the candidate becomes rolled_back, the champion is untouched. "
+    "409 if no rollout is active.",
+    responses=_OVERRIDE_ERRORS,
+)
+def abort_rollout(name: str, body: RolloutActionBody, state: State, key: Key) -> RolloutOut:
+    actor = _actor(key, body.actor)
+    with transaction(state.sessions) as session:
+        rollout = champion.abort_rollout(session, name, actor=actor, reason=body.reason)
+        out = _rollout_out(session, repo.latest_rollout(session, name) or rollout)
+    log.info("%s aborted the rollout of %s: %s", actor, name, body.reason)
+    return out
+
+
+@_route(
+    "POST",
+    API_PREFIX + "/pipelines/{name}/rollout/promote",
+    summary="Promote the active canary rollout's candidate now",
+    description="The champion alias moves to the candidate without waiting for the remaining steps "
+    "(compare-and-set; 409 if no rollout is active or the champion moved since it started).",
+    responses=_OVERRIDE_ERRORS,
+)
+def promote_rollout(name: str, body: RolloutActionBody, state: State, key: Key) -> RolloutOut:
+    actor = _actor(key, body.actor)
+    with transaction(state.sessions) as session:
+        rollout = champion.promote_rollout(session, name, actor=actor, reason=body.reason)
+        out = _rollout_out(session, repo.latest_rollout(session, name) or rollout)
+    log.info("%s promoted the rollout of %s: %s", actor, name, body.reason)
+    return out
 
 
 # --------------------------------------------------------------------------------- overrides

@@ -42,6 +42,11 @@ class RollbackBody(_Request):
     actor: str | None = Field(default=None, max_length=200, description="Who does this; default: the API key's name.")
 
 
+class RolloutActionBody(_Request):
+    reason: str = Field(max_length=2000, description="Justification, at least 10 characters (stored on the rollout).")
+    actor: str | None = Field(default=None, max_length=200, description="Who does this; default: the API key's name.")
+
+
 class FreezeBody(_Request):
     until: AwareDatetime | None = Field(
         description="Hold automatic promotions until this ISO 8601 time with a zone; null lifts the freeze."

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     )
     api_address: str = Field(default="127.0.0.1:8080", description="HOST:PORT of the HTTP API.")
     serving_address: str = Field(default="127.0.0.1:8081", description="HOST:PORT of the model server.")
+    serving_url: str = Field(
+        default="",
+        description="Base URL the canary controller reads the model server at; empty: http://SERVING_ADDRESS.",
+    )
+    canary_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often the canary controller looks at the step in progress."
+    )
     api_key: SecretStr | None = Field(
         default=None, description="API key the CLI sends to the HTTP API (`retrainer trigger`)."
     )
@@ -79,6 +86,16 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(
         default=5.0, gt=0, description="How long to wait for a backing service before giving up."
     )
+
+    @property
+    def model_server_url(self) -> str:
+        """Where the model server answers: `serving_url`, else http:// + `serving_address` (0.0.0.0 → 127.0.0.1)."""
+        if self.serving_url:
+            return self.serving_url.rstrip("/")
+        host, _, port = self.serving_address.rpartition(":")
+        if host in ("0.0.0.0", "", "[::]", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{port}"
 
     @field_validator("database_url")
     @classmethod

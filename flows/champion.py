@@ -1,7 +1,9 @@
-"""People's overrides of the automatic decisions: force-promotion, rollback, freezing.
+"""Moves of the champion alias and ends of canary rollouts, automatic and by people.
 
-Each is one transaction that records who did it and why (alias_history, or the pipeline's
-freeze); the CLI calls these now and the HTTP API will call the same functions.
+People's overrides (force-promotion, rollback, freezing, aborting or promoting a rollout) each run
+in the caller's transaction and record who did it and why (alias_history, the rollout's reason, the
+pipeline's freeze); the CLI and the HTTP API call the same functions. `end_rollout` and
+`promote_candidate` are also how the canary controller finishes a rollout.
 """
 
 from __future__ import annotations
@@ -66,6 +68,87 @@ def rollback(session: Session, pipeline: str, *, to_version: int | None, actor: 
         actor=f"{actor} (rollback)",
         reason=reason,
         previous_stage=e.ModelStage.ROLLED_BACK,
+    )
+
+
+def end_rollout(session: Session, rollout: e.Rollout, status: e.RolloutStatus, reason: str) -> e.Rollout:
+    """Rollback, abort or failure: the rollout stops being active (the model server drops the canary,
+    weight 0), the candidate becomes rolled_back and its run ends rolled_back with the reason."""
+    ended = repo.finish_rollout(session, rollout.id, status, reason)
+    repo.set_model_stage(session, rollout.candidate_version_id, e.ModelStage.ROLLED_BACK)
+    _finish_run(session, rollout, e.RunStatus.ROLLED_BACK, reason)
+    return ended
+
+
+def promote_candidate(
+    session: Session, rollout: e.Rollout, *, actor: str, reason: str, fail_on_conflict: bool = True
+) -> e.Rollout:
+    """Moves the champion alias to the rollout's candidate by compare-and-set from the champion the
+    rollout started against (the old one is retired) and ends the rollout and its run `promoted`.
+
+    If the champion moved since, the canary's evidence compared against the wrong model: with
+    `fail_on_conflict` the rollout ends `failed` (the candidate is not promoted); without, the
+    ConflictError is raised and the rollout is left as it was."""
+    try:
+        with session.begin_nested():
+            repo.move_champion(
+                session,
+                rollout.pipeline,
+                rollout.candidate_version_id,
+                expected_from_version_id=rollout.champion_version_id,
+                actor=actor,
+                reason=reason,
+                run_id=rollout.run_id,
+            )
+    except ConflictError as conflict:
+        if not fail_on_conflict:
+            raise
+        stale = f"not promoted: the champion changed during the rollout ({conflict}); its evidence is stale"
+        return end_rollout(session, rollout, e.RolloutStatus.FAILED, stale)
+    ended = repo.finish_rollout(session, rollout.id, e.RolloutStatus.PROMOTED, reason)
+    _finish_run(session, rollout, e.RunStatus.PROMOTED, reason)
+    return ended
+
+
+def _finish_run(session: Session, rollout: e.Rollout, status: e.RunStatus, reason: str) -> None:
+    if rollout.run_id is None:
+        return
+    run = repo.get_run(session, rollout.run_id)
+    if run.status.is_final:
+        return
+    canary = {"rollout_id": rollout.id, "status": status.value, "reason": reason}
+    gate = dict((run.evidence or {}).get("outcome") or {})
+    outcome = {**gate, "status": status.value, "reason": reason, "gate_reason": gate.get("reason")}
+    repo.update_run(session, rollout.run_id, status=status, evidence={"canary": canary, "outcome": outcome})
+
+
+def _active(session: Session, pipeline: str, what: str) -> e.Rollout:
+    rollout = repo.active_rollout(session, pipeline)
+    if rollout is None:
+        raise ConflictError(
+            f"{pipeline} has no active canary rollout to {what}; see GET /api/v1/pipelines/{pipeline}/rollout"
+        )
+    return rollout
+
+
+def abort_rollout(session: Session, pipeline: str, *, actor: str, reason: str) -> e.Rollout:
+    """Stops the active rollout now: canary weight 0, candidate rolled_back, champion untouched."""
+    reason = _require_reason(reason, "aborting a rollout")
+    return end_rollout(
+        session, _active(session, pipeline, "abort"), e.RolloutStatus.ABORTED, f"aborted by {actor}: {reason}"
+    )
+
+
+def promote_rollout(session: Session, pipeline: str, *, actor: str, reason: str) -> e.Rollout:
+    """Promotes the active rollout's candidate now, without waiting for the remaining steps."""
+    reason = _require_reason(reason, "promoting a rollout by hand")
+    rollout = _active(session, pipeline, "promote")
+    return promote_candidate(
+        session,
+        rollout,
+        actor=f"{actor} (manual promote)",
+        reason=f"promoted by {actor}: {reason}",
+        fail_on_conflict=False,
     )
 
 

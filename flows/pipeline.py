@@ -405,11 +405,28 @@ def _decide_outcome(
         if held:
             return {"status": e.RunStatus.SKIPPED, "reason": f"gate passed but {held}", "version": version.version}
         if spec.canary is not None:
+            try:
+                rollout = repo.start_rollout(
+                    session,
+                    spec.name,
+                    candidate_version_id=version.id,
+                    champion_version_id=champion_id,
+                    policy=spec.canary.model_dump(mode="json"),
+                    run_id=run_id,
+                )
+            except ConflictError as busy:  # one rollout at a time per pipeline (the database says so)
+                return {
+                    "status": e.RunStatus.SKIPPED,
+                    "version": version.version,
+                    "reason": f"gate passed but not rolled out: {busy}",
+                }
             repo.set_model_stage(session, version.id, e.ModelStage.CANARY)
+            steps = ", ".join(f"{s:g}" for s in spec.canary.steps)
             return {
                 "status": e.RunStatus.CANARY,
-                "reason": "gate passed; awaiting the canary rollout",
+                "reason": f"gate passed; canary rollout {rollout.id} started ({steps} % of traffic)",
                 "version": version.version,
+                "rollout_id": rollout.id,
             }
     try:
         with ctx.tx() as session:

@@ -38,6 +38,8 @@ runs_app = typer.Typer(help="Pipeline runs and their decision records.", no_args
 models_app = typer.Typer(help="Model versions and the champion alias.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Dataset versions.", no_args_is_help=True)
 publish_app = typer.Typer(help="Publish events to Kafka.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Canary rollouts: watch, run the controller, abort, promote.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(publish_app, name="publish")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
@@ -304,6 +306,75 @@ def models_rollback(
     out.print(f"{pipeline}: champion rolled back to v{target.version} (by {move.actor})", highlight=False)
 
 
+@rollout_app.command("show")
+def rollout_show(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
+    """The current or last rollout: each step's traffic, verdict and the reason of its last analysis."""
+    from storage import repositories as repo
+
+    with _unit_of_work() as session:
+        rollout = repo.latest_rollout(session, pipeline)
+        if rollout is None:
+            raise RetrainerError(f"{pipeline} has had no canary rollout yet")
+        candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id).version
+    table = Table("step", "traffic %", "verdict", "windows", "reason", title=f"{pipeline} rollout {rollout.id}")
+    for step in rollout.steps:
+        attempts = step.analysis.get("attempts", [])
+        verdict = step.verdict.value if step.verdict else ("open" if step.finished_at is None else "-")
+        table.add_row(
+            str(step.step_index + 1),
+            f"{step.traffic_percent:g}",
+            verdict,
+            str(len(attempts)),
+            str(step.analysis.get("reason") or "-"),
+        )
+    out.print(table)
+    out.print(f"candidate v{candidate}: {rollout.status.value} {rollout.reason or ''}", highlight=False)
+
+
+@rollout_app.command("run")
+def rollout_run(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    serving_url: Annotated[
+        str | None, typer.Option(help="Model server base URL; default RETRAINER_SERVING_URL or its address.")
+    ] = None,
+) -> None:
+    """Run the canary controller for the pipeline's active rollout until it is promoted or rolled
+    back (resumes at the stored step after a restart)."""
+    from flows.canary import canary_rollout
+
+    _settings()
+    result = canary_rollout(pipeline, serving_url=serving_url)
+    out.print(f"{pipeline}: rollout {result.get('status') or 'none'}: {result.get('reason')}", highlight=False)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    reason: Annotated[str, typer.Option(help="Required justification (stored on the rollout).")],
+    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
+) -> None:
+    """Abort the active rollout: canary traffic 0 now, candidate rolled_back, champion untouched."""
+    from flows import champion
+
+    with _unit_of_work() as session:
+        rollout = champion.abort_rollout(session, pipeline, actor=actor, reason=reason)
+    out.print(f"{pipeline}: rollout {rollout.id} {rollout.status.value}: {rollout.reason}", highlight=False)
+
+
+@rollout_app.command("promote")
+def rollout_promote(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    reason: Annotated[str, typer.Option(help="Required justification (stored on the rollout and alias_history).")],
+    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
+) -> None:
+    """Promote the active rollout's candidate now, without waiting for the remaining steps."""
+    from flows import champion
+
+    with _unit_of_work() as session:
+        rollout = champion.promote_rollout(session, pipeline, actor=actor, reason=reason)
+    out.print(f"{pipeline}: rollout {rollout.id} {rollout.status.value}: {rollout.reason}", highlight=False)
+
+
 @publish_app.command("data-changed")
 def publish_data_changed(
     dataset: Annotated[str, typer.Option(help="Dataset name (data.dataset).")],
@@ -407,30 +478,21 @@ def serve_models_command(
 ) -> None:
     """Run the model server (Open Inference Protocol v2) on RETRAINER_SERVING_ADDRESS with each
     pipeline's champion from the metadata database, reloading when the champion moves."""
-    import threading
-
     from retrainer import wiring
     from serving.app import create_serving_app
-    from serving.loader import sync_from_metadata
+    from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import serve_models
 
     settings = _settings()
-    registry = ModelRegistry()
-    sessions, store = wiring.sessions(settings), wiring.artifact_store(settings)
-    for pipeline, what in sync_from_metadata(registry, sessions, store).items():
+    follower = MetadataFollower(ModelRegistry(), wiring.sessions(settings), wiring.artifact_store(settings))
+    for pipeline, what in follower.sync().items():
         err.print(f"{pipeline}: {what}", highlight=False)
-    stop = threading.Event()
-
-    def reload() -> None:
-        while not stop.wait(refresh):
-            sync_from_metadata(registry, sessions, store)
-
-    threading.Thread(target=reload, name="retrainer-model-reload", daemon=True).start()
+    follower.start(refresh)
     try:
-        serve_models(create_serving_app(registry), settings.serving_address)
+        serve_models(create_serving_app(follower.registry, reload=follower.sync), settings.serving_address)
     finally:
-        stop.set()
+        follower.stop()
 
 
 @app.command("check")

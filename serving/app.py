@@ -6,6 +6,9 @@
     GET  /v2/models/{pipeline}/ready           200 or 503
     POST /v2/models/{pipeline}[/versions/{v}]/infer
     POST /v2/models/{pipeline}/feedback        {"request_id": "...", "label": 3} (or one label per row)
+    GET  /v2/models/{pipeline}/stats?window_seconds=60
+                                               per-variant window for the canary controller (extension)
+    POST /v2/repository/models/{pipeline}/load re-read champion/canary/weight from the metadata now
     GET  /metrics                              Prometheus text
 
 Without a version, `infer` is routed champion/canary by the canary weight, or by a hash of the
@@ -17,10 +20,13 @@ Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}` w
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -131,9 +137,12 @@ def create_serving_app(
     metrics: ServingMetrics | None = None,
     feedback: FeedbackStore | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    reload: Callable[[], Mapping[str, str]] | None = None,
 ) -> FastAPI:
     """The OIP v2 app over `registry`. `metrics` and `feedback` are created if not given; they are
-    also reachable as `app.state.metrics` and `app.state.feedback` for an in-process controller."""
+    also reachable as `app.state.metrics` and `app.state.feedback` for an in-process controller.
+    `reload` (e.g. `MetadataFollower.sync`) re-reads the models from the metadata database; the
+    canary controller calls it through `POST /v2/repository/models/{pipeline}/load` after each step."""
     metrics = metrics or ServingMetrics()
     feedback = feedback or FeedbackStore()
     metrics.registry.register(_ForwardPassCollector(registry))
@@ -261,6 +270,34 @@ def create_serving_app(
             "labels": result.labels,
             "correct": result.correct,
         }
+
+    def variants(pipeline: str) -> dict[str, Any]:
+        state = registry.state(pipeline)  # 404 if unknown
+        return {
+            "name": pipeline,
+            "champion": None if state.champion is None else {"version": state.champion.version},
+            "canary": None
+            if state.canary is None
+            else {"version": state.canary.version, "weight": state.canary_weight},
+        }
+
+    @app.get("/v2/models/{pipeline}/stats")
+    async def stats_route(pipeline: str, window_seconds: float = 60.0) -> dict[str, Any]:
+        if not math.isfinite(window_seconds) or not 0 < window_seconds <= 86_400:
+            raise InvalidInputError("window_seconds: must be a number of seconds in (0, 86400]")
+        answer = variants(pipeline)
+        answer["window_seconds"] = window_seconds
+        answer["variants"] = [asdict(s) for s in metrics.snapshot(pipeline, window_seconds)]
+        return answer
+
+    @app.post("/v2/repository/models/{pipeline}/load")
+    async def load_route(pipeline: str) -> dict[str, Any]:
+        if reload is None:
+            raise ConflictError("this model server does not follow a metadata database; nothing to reload")
+        report = await asyncio.to_thread(reload)
+        answer = variants(pipeline)
+        answer["loaded"] = report.get(pipeline, "not registered in the metadata database")
+        return answer
 
     @app.get("/metrics")
     async def prometheus() -> Response:

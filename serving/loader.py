@@ -11,6 +11,7 @@ a restarted server comes back at the same weight.
 from __future__ import annotations
 
 import logging
+import threading
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -74,3 +75,41 @@ def sync_from_metadata(
             log.error("not loading %s: %s", name, error)
             report[name] = f"kept what was serving: {error}"
     return report
+
+
+class MetadataFollower:
+    """Runs `sync_from_metadata` for one registry, one pass at a time: every `refresh_seconds` in a
+    background thread, and on demand (`sync`, which the model server's load endpoint calls)."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        *,
+        batching: BatchingConfig | None = None,
+    ) -> None:
+        self.registry, self._sessions, self._store, self._batching = registry, sessions, store, batching
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sync(self) -> dict[str, str]:
+        with self._lock:
+            return sync_from_metadata(self.registry, self._sessions, self._store, batching=self._batching)
+
+    def start(self, refresh_seconds: float) -> None:
+        def loop() -> None:
+            while not self._stop.wait(refresh_seconds):
+                try:
+                    self.sync()
+                except Exception:  # a database hiccup must not end the follower; the next pass retries
+                    log.exception("reloading models from the metadata database failed; retrying")
+
+        self._thread = threading.Thread(target=loop, name="retrainer-model-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

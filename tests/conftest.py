@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -54,3 +55,13 @@ def s3_endpoint_url() -> str:
 def kafka_bootstrap() -> str:
     require_service("Kafka", KAFKA_BOOTSTRAP, 9092)
     return KAFKA_BOOTSTRAP
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A real Prefect API for the session (Prefect's test harness: a temporary local server); yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())

@@ -364,3 +364,43 @@ def test_every_domain_error_class_is_mapped_by_its_own_code_or_its_parents() -> 
             continue
         codes = [c.code for c in cls.__mro__ if issubclass(c, errors.RetrainerError) and c is not errors.RetrainerError]
         assert any(code in ERROR_CODE_TO_HTTP_STATUS for code in codes), cls
+
+
+def test_rollout_abort_and_manual_promote(client: TestClient, sessions: sessionmaker[Session]) -> None:
+    url = f"/api/v1/pipelines/{PIPELINE}/rollout"
+    reason = "incident 7: stop all canaries"
+    nothing = client.post(f"{url}/abort", json={"reason": reason})
+    assert nothing.status_code == 409 and "no active canary rollout" in nothing.json()["error"]["message"]
+
+    v1, v2, v3 = register_version(sessions, 1), register_version(sessions, 2), register_version(sessions, 3)
+    make_champion(sessions, v1, None)
+    with transaction(sessions) as session:
+        repo.start_rollout(
+            session, PIPELINE, candidate_version_id=v2.id, champion_version_id=v1.id, policy={"steps": [50, 100]}
+        )
+    short = client.post(f"{url}/abort", json={"reason": "no"})
+    assert short.status_code == 400 and "10 characters" in short.json()["error"]["message"]
+    assert client.post(f"{url}/abort", json={}).status_code == 422
+    aborted = client.post(f"{url}/abort", json={"reason": reason, "actor": "alice"})
+    assert aborted.status_code == 200
+    body = aborted.json()
+    assert body["status"] == "aborted" and body["traffic_percent"] == 0
+    assert (
+        body["outcome"]["reason"].startswith("aborted by alice (API key ci-bot)")
+        and reason in body["outcome"]["reason"]
+    )
+    stages = {v["version"]: v["stage"] for v in client.get(f"/api/v1/pipelines/{PIPELINE}/models").json()["versions"]}
+    assert stages == {1: "champion", 2: "rolled_back", 3: "candidate"}
+
+    with transaction(sessions) as session:
+        repo.start_rollout(
+            session, PIPELINE, candidate_version_id=v3.id, champion_version_id=v1.id, policy={"steps": [50, 100]}
+        )
+    promoted = client.post(f"{url}/promote", json={"reason": "looked right on the dashboards"})
+    assert promoted.status_code == 200 and promoted.json()["status"] == "promoted"
+    assert promoted.json()["traffic_percent"] == 100
+    pipelines = client.get("/api/v1/pipelines").json()["pipelines"]
+    assert pipelines[0]["champion_version"] == 3
+    again = client.post(f"{url}/promote", json={"reason": "looked right on the dashboards"})
+    assert again.status_code == 409
+    assert client.post("/api/v1/pipelines/nope/rollout/abort", json={"reason": reason}).status_code == 404

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,6 @@ BASE_SPEC: dict[str, Any] = {
     "gates": {"min": {"accuracy": 0.5}, "vs_champion": {"accuracy": {"min_delta": 0.0, "confidence": 0.95}}},
 }
 WEAK = {"epochs": 1}
-
-
-@pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="session")

@@ -172,3 +172,23 @@ def test_a_failing_run_is_marked_failed_and_the_champion_stays(
     failed = record(env, run_id)
     assert failed["status"] == "failed" and "does not exist" in failed["error"]
     assert failed["finished_at"] is not None and champion_version(env) == 1
+
+
+def test_with_a_canary_section_a_passing_candidate_starts_one_rollout(
+    env: sessionmaker[Session], digits: dict[str, Path]
+) -> None:
+    assert run(env, spec(**WEAK), "v1", digits["v1"])["status"] == "promoted"
+    canary = {**spec(), "canary": {"steps": [20, 100], "interval_seconds": 5, "min_requests": 10}}
+    better = run(env, canary, "v2", digits["v2"])
+    assert better["status"] == "canary", better["decision"]["outcome"]
+    assert "canary rollout" in better["decision"]["outcome"]["reason"]
+    assert champion_version(env) == 1  # the champion moves only when the rollout promotes
+    with transaction(env) as session:
+        rollout = repo.active_rollout(session, "digits-classifier")
+        assert rollout is not None and rollout.run_id == better["run_id"]
+        assert rollout.policy["steps"] == [20.0, 100.0] and rollout.current_step == 0
+        assert repo.get_model_version_by_id(session, rollout.candidate_version_id).stage is e.ModelStage.CANARY
+
+    again = run(env, canary, "v2b", digits["v2"])  # passes the gate too, but one rollout at a time
+    assert again["status"] == "skipped"
+    assert "already has an active rollout" in again["decision"]["outcome"]["reason"]

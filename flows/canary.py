@@ -1,0 +1,306 @@
+"""The canary controller: walks a pipeline's active rollout step by step until it is promoted or
+rolled back (`canary_rollout`, a Prefect flow; `drive_rollout` is the same loop without Prefect).
+
+Each pass reads the rollout from SQL, opens its step in progress if needed, asks the model server
+to apply it (`POST /v2/repository/models/{pipeline}/load`: the server re-reads the canary weight
+from SQL), reads both variants' stats since the step began (`GET /v2/models/{pipeline}/stats`),
+and lets `domain.canary.next_canary_step` decide:
+
+- wait: keep looking (interval not over, or too few canary requests before the deadline);
+- repeat: a check failed below the failure limit; the step restarts on a fresh window;
+- advance: the step passed; the next step (higher weight) becomes the one in progress;
+- promote: the last step passed; the champion alias moves to the candidate by compare-and-set,
+  the old champion is retired, the rollout and its run end `promoted`;
+- rollback: weight 0 at once, candidate stage `rolled_back`, rollout and run `rolled_back`, reason
+  stored.
+
+Every decision is one transaction, and the step in progress and its start time live in SQL, so a
+controller killed at any point resumes at the same step and the same window: no step is skipped or
+analysed twice. A manual abort or promotion (API/CLI) ends the rollout; the controller notices on
+its next pass and stops. If the model server cannot be read, the window counts as empty, which
+fails closed at the step's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from domain import entities as e
+from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgress, VariantWindow, next_canary_step
+from domain.errors import ConflictError, TransientInfraError
+from domain.logcontext import log_context
+from domain.spec import CanarySpec
+from flows.champion import end_rollout, promote_candidate
+from flows.context import FlowContext
+from storage import repositories as repo
+
+log = logging.getLogger("retrainer.flows.canary")
+
+EMPTY = VariantWindow(requests=0, errors=0, latency_p99_ms=None)
+
+
+class ServingClient:
+    """The two model-server calls the controller makes, over HTTP (the server may be another process)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise TransientInfraError(f"model server {self.base_url} not reachable ({err})") from err
+        if response.status_code != 200:
+            raise TransientInfraError(
+                f"model server {self.base_url}{path}: HTTP {response.status_code} {response.text}"
+            )
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def load(self, pipeline: str) -> dict[str, Any]:
+        return self._call("POST", f"/v2/repository/models/{pipeline}/load")
+
+    def stats(self, pipeline: str, window_seconds: float) -> dict[str, Any]:
+        return self._call("GET", f"/v2/models/{pipeline}/stats", params={"window_seconds": max(window_seconds, 0.001)})
+
+    def close(self) -> None:
+        self._http.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutResult:
+    rollout_id: int
+    status: e.RolloutStatus
+    reason: str
+    steps: tuple[e.RolloutStep, ...]
+
+
+# What a pass saw and decided, for progress reporting: (rollout, decision, attempt record).
+StepListener = Callable[[e.Rollout, CanaryStep, dict[str, Any]], None]
+
+
+def _variant(stats: dict[str, Any], variant: str, version: int | None) -> VariantWindow:
+    for entry in stats.get("variants", []):
+        if entry.get("variant") == variant and version is not None and entry.get("version") == str(version):
+            return VariantWindow(
+                requests=int(entry["requests"]),
+                errors=int(entry["errors"]),
+                latency_p99_ms=entry.get("latency_p99_ms"),
+                class_counts={str(k): int(v) for k, v in (entry.get("class_counts") or {}).items()},
+                labelled=int(entry.get("labelled", 0)),
+                correct=int(entry.get("correct", 0)),
+            )
+    return EMPTY
+
+
+def _window_json(window: VariantWindow, version: int | None, p50: float | None = None) -> dict[str, Any]:
+    return {
+        "version": None if version is None else str(version),
+        "requests": window.requests,
+        "errors": window.errors,
+        "latency_p50_ms": p50,
+        "latency_p99_ms": window.latency_p99_ms,
+        "class_counts": window.class_counts,
+        "labelled": window.labelled,
+        "correct": window.correct,
+    }
+
+
+def _p50(stats: dict[str, Any], variant: str, version: int | None) -> float | None:
+    for entry in stats.get("variants", []):
+        if entry.get("variant") == variant and version is not None and entry.get("version") == str(version):
+            value = entry.get("latency_p50_ms")
+            return float(value) if value is not None else None
+    return None
+
+
+def _attempt(
+    decision: CanaryStep, window: CanaryWindow, stats: dict[str, Any], versions: tuple[int, int | None]
+) -> dict[str, Any]:
+    candidate, champion = versions
+    return {
+        "action": decision.action.value,
+        "reason": decision.reason,
+        "at": datetime.now(UTC).isoformat(),
+        "elapsed_seconds": round(window.elapsed_seconds, 3),
+        "traffic_percent": decision.traffic_percent,
+        "canary": _window_json(window.canary, candidate, _p50(stats, "canary", candidate)),
+        "champion": _window_json(window.champion, champion, _p50(stats, "champion", champion)),
+        "checks": [
+            {
+                "metric": c.metric,
+                "verdict": c.verdict.value,
+                "reason": c.reason,
+                "candidate_value": c.candidate_value,
+                "champion_value": c.champion_value,
+                "threshold": c.threshold,
+            }
+            for c in decision.checks
+        ],
+        **({"server_error": stats["error"]} if "error" in stats else {}),
+    }
+
+
+def _failures(rollout: e.Rollout) -> int:
+    """Failed analyses so far (each repeated window counts one), from what is stored."""
+    return sum(
+        1
+        for step in rollout.steps
+        for attempt in step.analysis.get("attempts", [])
+        if attempt.get("action") == "repeat"
+    )
+
+
+def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, attempt: dict[str, Any]) -> None:
+    """Stores the decision in one transaction (the model server follows what is stored)."""
+    step = rollout.current_step
+    with ctx.tx() as session:
+        if decision.action is CanaryAction.REPEAT:
+            repo.record_step_attempt(session, rollout.id, step, attempt)
+        elif decision.action is CanaryAction.ADVANCE:
+            repo.record_step_attempt(session, rollout.id, step, attempt, verdict=e.Verdict.PASS, next_step=step + 1)
+        elif decision.action is CanaryAction.ROLLBACK:
+            repo.record_step_attempt(session, rollout.id, step, attempt, verdict=e.Verdict.FAIL)
+            end_rollout(session, rollout, e.RolloutStatus.ROLLED_BACK, decision.reason)
+        elif decision.action is CanaryAction.PROMOTE:
+            repo.record_step_attempt(session, rollout.id, step, attempt, verdict=e.Verdict.PASS)
+            promote_candidate(session, rollout, actor="canary controller", reason=decision.reason)
+
+
+def drive_rollout(
+    ctx: FlowContext,
+    pipeline: str,
+    client: ServingClient,
+    *,
+    poll_seconds: float | None = None,
+    on_decision: StepListener | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    sleep: Callable[[float], None] = time.sleep,
+) -> RolloutResult | None:
+    """Runs the pipeline's active rollout to its end; None if it has none. Resumable at any point."""
+    poll = poll_seconds if poll_seconds is not None else ctx.settings.canary_poll_seconds
+    applied: tuple[int, int] | None = None  # (rollout, step) the server was last told about
+    while True:
+        with ctx.tx() as session:
+            rollout = repo.active_rollout(session, pipeline)
+            if rollout is not None:
+                policy = CanarySpec.model_validate(rollout.policy)
+                index = min(rollout.current_step, len(policy.steps) - 1)
+                step = repo.begin_rollout_step(session, rollout.id, traffic_percent=policy.steps[index])
+                candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id).version
+                champion = (
+                    repo.get_model_version_by_id(session, rollout.champion_version_id).version
+                    if rollout.champion_version_id
+                    else None
+                )
+        if rollout is None:
+            return _last_result(ctx, pipeline)
+        with log_context(pipeline=pipeline, run_id=rollout.run_id):
+            if applied != (rollout.id, step.step_index):
+                applied = _tell_server(client, pipeline, rollout.id, step.step_index)
+            elapsed = (clock() - step.started_at).total_seconds()
+            try:
+                stats = client.stats(pipeline, elapsed)
+            except TransientInfraError as err:
+                log.warning("canary window unreadable: %s", err)
+                stats = {"variants": [], "error": str(err)}
+                applied = None  # tell the server again once it answers
+            window = CanaryWindow(_variant(stats, "canary", candidate), _variant(stats, "champion", champion), elapsed)
+            decision = next_canary_step(RolloutProgress(index, _failures(rollout)), window, policy)
+            attempt = _attempt(decision, window, stats, (candidate, champion))
+            if decision.action is not CanaryAction.WAIT:
+                try:
+                    _apply(ctx, rollout, decision, attempt)
+                except ConflictError as conflict:  # ended meanwhile (manual abort/promote): re-read and stop
+                    log.info("rollout %s changed under the controller: %s", rollout.id, conflict)
+                    continue
+                log.info("rollout %s step %s: %s", rollout.id, index + 1, decision.reason)
+                applied = _tell_server(
+                    client, pipeline, rollout.id, decision.step_index
+                )  # new weight, or no canary, now
+            if on_decision is not None:
+                on_decision(rollout, decision, attempt)
+            if decision.action is CanaryAction.WAIT:
+                sleep(poll)
+
+
+def _tell_server(client: ServingClient, pipeline: str, rollout_id: int, step_index: int) -> tuple[int, int] | None:
+    """Best effort: the server also re-reads SQL on its own every few seconds."""
+    try:
+        client.load(pipeline)
+    except TransientInfraError as err:
+        log.warning("could not ask the model server to apply the rollout now: %s", err)
+        return None
+    return (rollout_id, step_index)
+
+
+def _last_result(ctx: FlowContext, pipeline: str) -> RolloutResult | None:
+    with ctx.tx() as session:
+        last = repo.latest_rollout(session, pipeline)
+    if last is None:
+        return None
+    return RolloutResult(last.id, last.status, last.reason or "", last.steps)
+
+
+@flow(name="canary-rollout", log_prints=False)
+def canary_rollout(pipeline: str, serving_url: str | None = None, poll_seconds: float | None = None) -> dict[str, Any]:
+    """Prefect flow: drives the pipeline's active rollout to promote or rollback, with a progress
+    artifact (steps done / steps) and a markdown artifact of each analysed window."""
+    ctx = FlowContext.open()
+    client = ServingClient(serving_url or ctx.settings.model_server_url)
+    progress: dict[int, Any] = {}
+
+    def report(rollout: e.Rollout, decision: CanaryStep, attempt: dict[str, Any]) -> None:
+        steps = len(rollout.policy.get("steps", [])) or 1
+        done = decision.step_index + (1 if decision.action is CanaryAction.PROMOTE else 0)
+        percent = 100.0 * done / steps if decision.action is not CanaryAction.ROLLBACK else 100.0
+        if rollout.id not in progress:
+            progress[rollout.id] = create_progress_artifact(
+                percent, key=f"canary-{pipeline}", description=f"{pipeline} rollout {rollout.id}"
+            )
+        else:
+            update_progress_artifact(progress[rollout.id], percent)
+        if decision.action is not CanaryAction.WAIT:
+            create_markdown_artifact(
+                _attempt_markdown(rollout, attempt), key=f"canary-{pipeline}-step", description=decision.reason
+            )
+
+    try:
+        result = drive_rollout(ctx, pipeline, client, poll_seconds=poll_seconds, on_decision=report)
+    finally:
+        client.close()
+        ctx.close()
+    if result is None:
+        return {"pipeline": pipeline, "status": None, "reason": "no rollout"}
+    return {
+        "pipeline": pipeline,
+        "rollout_id": result.rollout_id,
+        "status": result.status.value,
+        "reason": result.reason,
+    }
+
+
+def _attempt_markdown(rollout: e.Rollout, attempt: dict[str, Any]) -> str:
+    rows = ["| check | verdict | reason |", "|---|---|---|"]
+    rows += [f"| {c['metric']} | {c['verdict']} | {c['reason']} |" for c in attempt["checks"]]
+    canary, champion = attempt["canary"], attempt["champion"]
+    return "\n".join(
+        [
+            f"# {rollout.pipeline} rollout {rollout.id}: {attempt['action']}",
+            attempt["reason"],
+            f"window {attempt['elapsed_seconds']:.1f} s at {attempt['traffic_percent']:g} % canary; "
+            f"canary v{canary['version']}: {canary['requests']} requests, {canary['errors']} errors; "
+            f"champion v{champion['version']}: {champion['requests']} requests, {champion['errors']} errors",
+            *rows,
+        ]
+    )

@@ -1,0 +1,310 @@
+"""Canary rollouts end to end against the real model server under real HTTP load.
+
+A uvicorn model server follows a metadata database (SQLite here; the same repositories run on
+PostgreSQL in tests/storage); a bounded load generator sends live traffic with delayed labels; the
+controller (`flows.canary`) walks the rollout stored in SQL. Steps are short (about a second) so
+each scenario takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+from domain import entities as e
+from domain.settings import load_settings
+from flows.canary import ServingClient, drive_rollout
+from flows.context import FlowContext
+from ml.package import MANIFEST_FORMAT, save_package
+from ml.zoo import build_model
+from retrainer.traffic import Traffic
+from serving.app import create_serving_app
+from serving.loader import MetadataFollower
+from serving.registry import ModelRegistry
+from serving.server import running_server
+from storage import repositories as repo
+from storage.artifacts import ArtifactStore, open_artifact_store
+from storage.db import create_db_engine, make_sessions, transaction
+from tests.serving.conftest import CLASSES, FEATURES, STANDARDIZER
+
+PIPELINE = "digits"
+POLICY: dict[str, Any] = {
+    "steps": [25.0, 50.0, 100.0],
+    "interval_seconds": 1.0,
+    "min_requests": 40,
+    "max_error_rate": 0.01,
+    "max_latency_p99_ratio": 2.0,
+    "failure_limit": 1,
+    "max_prediction_psi": 0.25,
+    "min_labels": 1000,  # labels are exercised in their own test; here they must not decide
+    "max_accuracy_drop": 0.02,
+    "step_deadline_factor": 3.0,
+}
+ROWS = np.random.default_rng(0).normal(STANDARDIZER.mean, STANDARDIZER.std, size=(512, FEATURES)).astype(np.float32)
+
+
+@dataclass
+class Stack:
+    settings_env: dict[str, str]
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    url: str
+    tmp: Path
+
+    def register(self, architecture: str, params: dict[str, Any], seed: int) -> int:
+        manifest = {
+            "format": MANIFEST_FORMAT, "architecture": architecture, "params": params,
+            "input_shape": [FEATURES], "output_classes": CLASSES, "variant": "none",
+            "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
+        }  # fmt: skip
+        torch.manual_seed(seed)
+        module = build_model(architecture, params, [FEATURES], CLASSES)
+        ref = self.store.put_file(save_package(module, manifest, self.tmp / f"model-{seed}.pt").path)
+        with transaction(self.sessions) as session:
+            return repo.register_model_version(
+                session, PIPELINE, artifact_uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size,
+                metrics={}, manifest=manifest,
+            ).id  # fmt: skip
+
+    def start_rollout(self, candidate_id: int, champion_id: int, **policy: Any) -> tuple[int, str]:
+        with transaction(self.sessions) as session:
+            run, _ = repo.create_run(session, PIPELINE, e.TriggerKind.MANUAL, reason="canary test")
+            repo.update_run(session, run.id, status=e.RunStatus.RUNNING)
+            repo.update_run(session, run.id, status=e.RunStatus.CANARY, model_version_id=candidate_id)
+            repo.set_model_stage(session, candidate_id, e.ModelStage.CANARY)
+            rollout = repo.start_rollout(
+                session, PIPELINE, candidate_version_id=candidate_id, champion_version_id=champion_id,
+                policy={**POLICY, **policy}, run_id=run.id,
+            )  # fmt: skip
+        return rollout.id, run.id
+
+    def drive(self) -> Any:
+        ctx = FlowContext.open()
+        client = ServingClient(self.url)
+        try:
+            return drive_rollout(ctx, PIPELINE, client, poll_seconds=0.2)
+        finally:
+            client.close()
+            ctx.close()
+
+    def traffic(self, **options: Any) -> Traffic:
+        return Traffic(self.url, PIPELINE, ROWS, clients=3, rate_per_second=240, **options)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    url = f"sqlite:///{tmp_path / 'retrainer.db'}"
+    env = {
+        "RETRAINER_DATABASE_URL": url,
+        "RETRAINER_ARTIFACT_ROOT": f"file://{tmp_path / 'artifacts'}",
+        "RETRAINER_HOME_DIR": str(tmp_path / "home"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    migrations.upgrade(url)
+    sessions = make_sessions(create_db_engine(url))
+    store = open_artifact_store(env["RETRAINER_ARTIFACT_ROOT"], load_settings())
+    with transaction(sessions) as session:
+        repo.upsert_pipeline(session, PIPELINE, PIPELINE, {"name": PIPELINE})
+    follower = MetadataFollower(ModelRegistry(), sessions, store)
+    follower.start(0.5)
+    app = create_serving_app(follower.registry, reload=follower.sync)
+    with running_server(app) as base_url:
+        yield Stack(env, sessions, store, base_url, tmp_path)
+    follower.stop()
+    follower.registry.close()
+
+
+def _champion(stack: Stack) -> int:
+    champion = stack.register("mlp", {"hidden_sizes": [16]}, seed=1)
+    with transaction(stack.sessions) as session:
+        repo.move_champion(session, PIPELINE, champion, expected_from_version_id=None, actor="test", reason="first")
+    stack_follow = ServingClient(stack.url)
+    stack_follow.load(PIPELINE)
+    stack_follow.close()
+    return champion
+
+
+def _rollout(stack: Stack, rollout_id: int) -> e.Rollout:
+    with transaction(stack.sessions) as session:
+        rollout = repo.latest_rollout(session, PIPELINE)
+        assert rollout is not None and rollout.id == rollout_id
+        return rollout
+
+
+def _state(stack: Stack, version_id: int, run_id: str) -> tuple[e.ModelStage, e.RunStatus, int | None]:
+    with transaction(stack.sessions) as session:
+        stage = repo.get_model_version_by_id(session, version_id).stage
+        status = repo.get_run(session, run_id).status
+        champion = repo.get_champion(session, PIPELINE)
+    return stage, status, champion.id if champion else None
+
+
+def test_a_good_candidate_walks_every_step_under_load_and_is_promoted(stack: Stack) -> None:
+    champion = _champion(stack)
+    candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=2)  # a retrain: other weights, same behaviour
+    rollout_id, run_id = stack.start_rollout(candidate, champion, max_prediction_psi=5.0)
+    load = stack.traffic().start()
+    try:
+        result = stack.drive()
+    finally:
+        sent = load.stop()
+    assert result.status is e.RolloutStatus.PROMOTED, result.reason
+    rollout = _rollout(stack, rollout_id)
+    assert [s.step_index for s in rollout.steps] == [0, 1, 2]
+    assert [s.traffic_percent for s in rollout.steps] == [25.0, 50.0, 100.0]
+    assert all(s.verdict is e.Verdict.PASS and s.finished_at for s in rollout.steps)
+    for step in rollout.steps:
+        last = step.analysis["attempts"][-1]
+        assert last["canary"]["requests"] >= POLICY["min_requests"]
+        assert {c["metric"] for c in last["checks"]} >= {"error_rate", "latency_p99_ratio", "accuracy"}
+    # traffic really was split: the candidate's share grew with the steps
+    first = rollout.steps[0].analysis["attempts"][-1]
+    share = first["canary"]["requests"] / (first["canary"]["requests"] + first["champion"]["requests"])
+    assert 0.1 < share < 0.45
+    assert _state(stack, candidate, run_id) == (e.ModelStage.CHAMPION, e.RunStatus.PROMOTED, candidate)
+    with transaction(stack.sessions) as session:
+        assert repo.get_model_version_by_id(session, champion).stage is e.ModelStage.RETIRED
+        assert repo.alias_history(session, PIPELINE)[0].actor == "canary controller"
+    assert sent.failed == 0 and sent.sent > 200
+    state = ServingClient(stack.url).load(PIPELINE)
+    assert state["champion"] == {"version": "2"} and state["canary"] is None
+
+
+@pytest.mark.parametrize(
+    ("architecture", "params", "failed_check"),
+    [
+        ("tests.serving.faulty:FlakyMLP", {"hidden": 16, "threshold": 1.0}, "error_rate"),
+        ("tests.serving.faulty:SlowMLP", {"hidden": 16, "delay_ms": 80.0}, "latency_p99_ratio"),
+        ("tests.serving.faulty:SkewedMLP", {"hidden": 16}, "prediction_psi"),
+    ],
+    ids=["erroring", "3x-slower", "drifting"],
+)
+def test_a_bad_candidate_is_rolled_back_at_the_first_analysed_step(
+    stack: Stack, architecture: str, params: dict[str, Any], failed_check: str
+) -> None:
+    champion = _champion(stack)
+    candidate = stack.register(architecture, params, seed=3)
+    rollout_id, run_id = stack.start_rollout(candidate, champion)
+    load = stack.traffic().start()
+    try:
+        result = stack.drive()
+    finally:
+        load.stop()
+    assert result.status is e.RolloutStatus.ROLLED_BACK
+    rollout = _rollout(stack, rollout_id)
+    assert len(rollout.steps) == 1 and rollout.steps[0].verdict is e.Verdict.FAIL
+    attempt = rollout.steps[0].analysis["attempts"][-1]
+    failed = {c["metric"] for c in attempt["checks"] if c["verdict"] == "fail"}
+    assert failed_check in failed, attempt["checks"]
+    assert failed_check in (rollout.reason or "")
+    assert _state(stack, candidate, run_id) == (e.ModelStage.ROLLED_BACK, e.RunStatus.ROLLED_BACK, champion)
+    # weight 0 at once: the server no longer routes to the candidate
+    state = ServingClient(stack.url).load(PIPELINE)
+    assert state["canary"] is None and state["champion"] == {"version": "1"}
+
+
+def test_no_traffic_fails_closed_at_the_deadline(stack: Stack) -> None:
+    champion = _champion(stack)
+    candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=2)
+    rollout_id, run_id = stack.start_rollout(candidate, champion, interval_seconds=0.5, step_deadline_factor=2.0)
+    started = time.monotonic()
+    result = stack.drive()
+    assert result.status is e.RolloutStatus.ROLLED_BACK
+    assert time.monotonic() - started >= 1.0  # it waited for the deadline (2 intervals), never passed on no data
+    rollout = _rollout(stack, rollout_id)
+    assert "no evidence" in (rollout.reason or "")
+    assert _state(stack, candidate, run_id) == (e.ModelStage.ROLLED_BACK, e.RunStatus.ROLLED_BACK, champion)
+
+
+def test_delayed_labels_roll_back_a_less_accurate_candidate(stack: Stack) -> None:
+    """Labels come from the champion's own answers, so the champion is right on each; a candidate with
+    other weights disagrees often, which only the accuracy check can see (PSI is relaxed here)."""
+    champion = _champion(stack)
+    with torch.inference_mode():
+        x = STANDARDIZER.transform_tensor(torch.from_numpy(ROWS))
+        torch.manual_seed(1)
+        labels = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES).eval()(x).argmax(dim=1).numpy()
+    candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=5)
+    rollout_id, _ = stack.start_rollout(candidate, champion, min_labels=20, max_prediction_psi=50.0)
+    load = stack.traffic(labels=labels, feedback_fraction=0.5).start()
+    try:
+        result = stack.drive()
+    finally:
+        load.stop()
+    assert result.status is e.RolloutStatus.ROLLED_BACK, result.reason
+    attempt = _rollout(stack, rollout_id).steps[0].analysis["attempts"][-1]
+    accuracy = next(c for c in attempt["checks"] if c["metric"] == "accuracy")
+    assert accuracy["verdict"] == "fail" and accuracy["champion_value"] >= 0.99
+
+
+def test_a_controller_killed_between_steps_resumes_at_the_stored_step(stack: Stack, prefect_server: str) -> None:
+    champion = _champion(stack)
+    candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=2)
+    rollout_id, run_id = stack.start_rollout(candidate, champion, interval_seconds=1.5, max_prediction_psi=5.0)
+    env = {
+        **os.environ,
+        **stack.settings_env,
+        "PREFECT_API_URL": prefect_server,
+        "RETRAINER_CANARY_POLL_SECONDS": "0.2",
+    }
+    cli = [str(Path(sys.executable).parent / "retrainer"), "rollout", "run", PIPELINE, "--serving-url", stack.url]
+    load = stack.traffic().start()
+    try:
+        controller = subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while _rollout(stack, rollout_id).current_step < 1:  # step 1 passed and stored
+            assert controller.poll() is None, controller.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "the controller did not pass step 1 in time"
+            time.sleep(0.05)
+        controller.send_signal(signal.SIGKILL)
+        controller.wait(timeout=10)
+        killed_at = _rollout(stack, rollout_id)
+        assert killed_at.status is e.RolloutStatus.ACTIVE and killed_at.current_step == 1
+        result = stack.drive()  # a new controller
+    finally:
+        load.stop()
+    assert result.status is e.RolloutStatus.PROMOTED, result.reason
+    rollout = _rollout(stack, rollout_id)
+    assert [s.step_index for s in rollout.steps] == [0, 1, 2]  # none skipped, none twice
+    assert all(len(s.analysis["attempts"]) == 1 and s.verdict is e.Verdict.PASS for s in rollout.steps)
+    if len(killed_at.steps) == 2:  # the killed controller had opened step 2: its window was kept
+        assert rollout.steps[1].started_at == killed_at.steps[1].started_at
+    assert _state(stack, candidate, run_id)[1] is e.RunStatus.PROMOTED
+
+
+def test_abort_and_manual_promote_end_the_rollout_and_the_controller_stops(stack: Stack) -> None:
+    from flows import champion as overrides
+
+    first = _champion(stack)
+    candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=2)
+    _, run_id = stack.start_rollout(candidate, first, interval_seconds=30)
+    with transaction(stack.sessions) as session:
+        with pytest.raises(Exception, match="at least 10 characters"):
+            overrides.abort_rollout(session, PIPELINE, actor="ops", reason="no")
+        aborted = overrides.abort_rollout(session, PIPELINE, actor="ops", reason="incident 42: freeze all changes")
+    assert aborted.status is e.RolloutStatus.ABORTED and "incident 42" in (aborted.reason or "")
+    assert stack.drive().status is e.RolloutStatus.ABORTED  # nothing active: the controller just reports
+    assert _state(stack, candidate, run_id) == (e.ModelStage.ROLLED_BACK, e.RunStatus.ROLLED_BACK, first)
+
+    second = stack.register("mlp", {"hidden_sizes": [16]}, seed=4)
+    _, run_id = stack.start_rollout(second, first, interval_seconds=30)
+    with transaction(stack.sessions) as session:
+        promoted = overrides.promote_rollout(
+            session, PIPELINE, actor="ops", reason="verified by hand on shadow traffic"
+        )
+    assert promoted.status is e.RolloutStatus.PROMOTED
+    assert _state(stack, second, run_id) == (e.ModelStage.CHAMPION, e.RunStatus.PROMOTED, second)
