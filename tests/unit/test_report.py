@@ -1,0 +1,556 @@
+"""The HTML report: collected from a real (SQLite) metadata database, rendered self-contained."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import entities as e
+from domain.errors import NotFoundError
+from retrainer.report import ReportData, collect_report, render_html, runs_table_rows, write_report
+from storage import repositories as repo
+from storage.db import create_db_engine, make_sessions, transaction
+from storage.orm import Base
+
+PIPELINE = "digits"
+EVIL = "<script>alert('x')</script>"
+GENERATED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "embed", "source", "track", "wbr"}
+
+
+class StrictTags(HTMLParser):
+    """Fails on a closing tag that does not close the innermost open element, and records every
+    attribute that could load a resource."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: list[str] = []
+        self.resource_attrs: list[tuple[str, str, str]] = []
+        self.ids: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "xlink:href", "action", "srcset", "poster", "data"):
+                self.resource_attrs.append((tag, name, value or ""))
+            if name == "id" and value:
+                self.ids.append(value)
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+            return
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(document: str) -> StrictTags:
+    parser = StrictTags()
+    parser.feed(document)
+    parser.close()
+    assert parser.errors == []
+    assert parser.stack == [], f"unclosed elements: {parser.stack}"
+    return parser
+
+
+# ------------------------------------------------------------------------------------ the story
+
+
+def report(accuracy: float, latency: float = 1.0, size: float = 40_000.0) -> dict[str, Any]:
+    metrics = {"accuracy": accuracy, "macro_f1": accuracy - 0.01, "latency_p99_ms": latency, "size_bytes": size}
+    return {"n_examples": 360, "num_classes": 10, "metrics": metrics, "per_class": {}, "confusion_matrix": []}
+
+
+def quantization(chosen: str, reason: str) -> dict[str, Any]:
+    return {
+        "chosen": chosen,
+        "reason": reason,
+        "max_accuracy_drop": 0.01,
+        "results": [
+            {
+                "variant": "none",
+                "available": True,
+                "eligible": True,
+                "reason": "float baseline",
+                "score": {"accuracy": 0.95, "latency_p50_ms_b32": 0.8, "size_bytes": 40_000},
+            },
+            {
+                "variant": "dynamic_int8",
+                "available": True,
+                "eligible": chosen == "dynamic_int8",
+                "reason": "1.6x faster, 3.1x smaller",
+                "score": {"accuracy": 0.948, "latency_p50_ms_b32": 0.5, "size_bytes": 13_000},
+            },
+        ],
+    }
+
+
+def window(version: str, requests: int, errors: int, p99: float, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "version": version,
+        "requests": requests,
+        "errors": errors,
+        "latency_p50_ms": p99 / 3,
+        "latency_p99_ms": p99,
+        "class_counts": counts,
+        "labelled": 0,
+        "correct": 0,
+    }
+
+
+def check(
+    metric: str, verdict: str, reason: str, value: float | None, champion: float | None, threshold: float
+) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "verdict": verdict,
+        "reason": reason,
+        "candidate_value": value,
+        "champion_value": champion,
+        "threshold": threshold,
+    }
+
+
+def attempt(
+    action: str, reason: str, canary: dict[str, Any], champion: dict[str, Any], checks: list[Any]
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "reason": reason,
+        "elapsed_seconds": 31.2,
+        "at": "2026-11-23T10:00:00+00:00",
+        "canary": canary,
+        "champion": champion,
+        "checks": checks,
+    }
+
+
+def passing_checks(psi: float) -> list[dict[str, Any]]:
+    return [
+        check("error_rate", "pass", "error rate 0.00 % <= 1.00 %", 0.0, None, 0.01),
+        check("latency_p99_ratio", "pass", "p99 ratio 1.05 <= 1.20", 1.05, None, 1.2),
+        check("prediction_psi", "pass", f"PSI {psi:.3f} <= 0.200", psi, None, 0.2),
+        check("accuracy", "skipped", "fewer than 50 labels per variant", None, None, 0.02),
+    ]
+
+
+@dataclass(frozen=True)
+class Story:
+    runs: tuple[str, str, str]  # first model, promoted through a canary, rolled back
+    rollouts: tuple[int, int]
+
+
+def finish_run(
+    session: Session,
+    run_id: str,
+    dataset_version_id: int,
+    *,
+    accuracy: float,
+    champion: dict[str, Any] | None,
+    gate: list[e.GateCheck],
+    status: e.RunStatus,
+    reason: str,
+    quant: tuple[str, str] = ("dynamic_int8", "fastest variant within 1 % accuracy"),
+) -> e.ModelVersion:
+    repo.update_run(session, run_id, status=e.RunStatus.RUNNING, dataset_version_id=dataset_version_id)
+    version = repo.register_model_version(
+        session,
+        PIPELINE,
+        artifact_uri=f"file:///tmp/artifacts/{run_id}.pt",
+        sha256=f"{len(run_id) + int(accuracy * 1000):064x}",
+        size_bytes=13_000,
+        metrics=report(accuracy)["metrics"],
+        run_id=run_id,
+    )
+    repo.record_gate_checks(session, run_id, gate, model_version_id=version.id)
+    evidence = {"candidate": report(accuracy), "champion": champion, "quantization": quantization(*quant)}
+    repo.update_run(session, run_id, model_version_id=version.id, evidence=evidence)
+    repo.update_run(session, run_id, status=status, evidence={"outcome": {"status": status.value, "reason": reason}})
+    return version
+
+
+def build_story(sessions: sessionmaker[Session]) -> Story:
+    with transaction(sessions) as s:
+        repo.upsert_pipeline(s, PIPELINE, "digits", {"name": PIPELINE})
+        repo.upsert_pipeline(s, "other", "iris", {"name": "other"})
+        datasets = [
+            repo.record_dataset_version(s, "digits", f"v{i}", f"file:///data/digits-v{i}.csv") for i in (1, 2, 3)
+        ]
+        repo.add_to_inbox(
+            s, event_id="ev-1", source="//test", type="retrainer.data.changed", dataset="digits", payload={}
+        )
+
+        run1, _ = repo.create_run(s, PIPELINE, e.TriggerKind.EVENT, reason="first data", event_ids=["ev-1"])
+        v1 = finish_run(
+            s,
+            run1.id,
+            datasets[0].id,
+            accuracy=0.91,
+            champion=None,
+            gate=[e.GateCheck("accuracy", "min", e.Verdict.PASS, "accuracy 0.9100 >= 0.9000", 0.91, None, 0.9)],
+            status=e.RunStatus.PROMOTED,
+            reason="all gate checks passed (first model)",
+        )
+        repo.move_champion(
+            s, PIPELINE, v1.id, expected_from_version_id=None, actor="gate", reason="first model", run_id=run1.id
+        )
+
+        run2, _ = repo.create_run(s, PIPELINE, e.TriggerKind.MANUAL, reason="more data")
+        v2 = finish_run(
+            s,
+            run2.id,
+            datasets[1].id,
+            accuracy=0.95,
+            champion={"version": 1, "report": report(0.91, latency=1.1), "error": None},
+            gate=[
+                e.GateCheck("accuracy", "min", e.Verdict.PASS, "accuracy 0.9500 >= 0.9000", 0.95, None, 0.9),
+                e.GateCheck("accuracy", "vs_champion", e.Verdict.PASS, "+0.04 better than champion", 0.95, 0.91, 0.0),
+            ],
+            status=e.RunStatus.CANARY,
+            reason="gate passed; awaiting the canary rollout",
+        )
+        policy = {"steps": [10.0, 50.0, 100.0], "max_error_rate": 0.01, "max_latency_p99_ratio": 1.2}
+        promoted = repo.start_rollout(
+            s, PIPELINE, candidate_version_id=v2.id, champion_version_id=v1.id, policy=policy, run_id=run2.id
+        )
+        for index, (traffic, requests) in enumerate([(10.0, 220), (50.0, 900), (100.0, 1800)]):
+            ok = attempt(
+                "promote" if traffic == 100 else "advance",
+                f"all checks passed at {traffic:g} %",
+                window("2", requests, 0, 3.4, {"0": requests // 2, "1": requests - requests // 2}),
+                window("1", 2000 - requests, 1, 3.2, {"0": 1000, "1": 1000 - requests}),
+                passing_checks(0.01 * (index + 1)),
+            )
+            attempts = [ok]
+            if index == 1:  # one repeated window: too little traffic first
+                thin = attempt(
+                    "repeat",
+                    "only 40 canary requests (< 200); extending the step",
+                    window("2", 40, 0, 3.0, {"0": 20, "1": 20}),
+                    window("1", 400, 0, 3.1, {"0": 200, "1": 200}),
+                    [],
+                ) | {"server_error": "stats endpoint timed out"}
+                attempts = [thin, ok]
+            repo.record_rollout_step(
+                s,
+                promoted.id,
+                step_index=index,
+                traffic_percent=traffic,
+                verdict=e.Verdict.PASS,
+                analysis={"action": ok["action"], "reason": ok["reason"], "attempts": attempts},
+            )
+        repo.move_champion(
+            s, PIPELINE, v2.id, expected_from_version_id=v1.id, actor="canary", reason="canary passed", run_id=run2.id
+        )
+        repo.finish_rollout(s, promoted.id, e.RolloutStatus.PROMOTED, "all 3 steps passed; v2 is champion")
+        repo.update_run(s, run2.id, status=e.RunStatus.PROMOTED)
+
+        run3, _ = repo.create_run(s, PIPELINE, e.TriggerKind.SCHEDULE, reason="cron schedule")
+        v3 = finish_run(
+            s,
+            run3.id,
+            datasets[2].id,
+            accuracy=0.96,
+            champion={"version": 2, "report": report(0.95), "error": None},
+            gate=[
+                e.GateCheck("accuracy", "min", e.Verdict.PASS, "accuracy 0.9600 >= 0.9000", 0.96, None, 0.9),
+                e.GateCheck("latency_p99_ms", "max", e.Verdict.FAIL, f"latency too high {EVIL}", 7.0, None, 5.0),
+            ],
+            status=e.RunStatus.CANARY,
+            reason=f"gate passed; {EVIL}",
+        )
+        rolled = repo.start_rollout(
+            s, PIPELINE, candidate_version_id=v3.id, champion_version_id=v2.id, policy=policy, run_id=run3.id
+        )
+        repo.record_rollout_step(
+            s,
+            rolled.id,
+            step_index=0,
+            traffic_percent=10.0,
+            verdict=e.Verdict.PASS,
+            analysis={
+                "action": "advance",
+                "reason": "all checks passed at 10 %",
+                "attempts": [
+                    attempt(
+                        "advance",
+                        "all checks passed at 10 %",
+                        window("3", 250, 0, 3.5, {"0": 125, "1": 125}),
+                        window("2", 2250, 2, 3.3, {"0": 1125, "1": 1125}),
+                        passing_checks(0.02),
+                    )
+                ],
+            },
+        )
+        slow = "canary p99 latency 9.80 ms is 2.97x the champion's 3.30 ms (limit 1.20x)"
+        repo.record_rollout_step(
+            s,
+            rolled.id,
+            step_index=1,
+            traffic_percent=50.0,
+            verdict=e.Verdict.FAIL,
+            analysis={
+                "action": "rollback",
+                "reason": slow,
+                "attempts": [
+                    attempt(
+                        "rollback",
+                        slow,
+                        window("3", 1000, 3, 9.8, {"0": 500, "1": 500}),
+                        window("2", 1000, 1, 3.3, {"0": 500, "1": 500}),
+                        [
+                            check("error_rate", "pass", "error rate 0.30 % <= 1.00 %", 0.003, 0.001, 0.01),
+                            check("latency_p99_ratio", "fail", slow, 2.97, 3.3, 1.2),
+                        ],
+                    )
+                ],
+            },
+        )
+        repo.finish_rollout(s, rolled.id, e.RolloutStatus.ROLLED_BACK, f"rolled back at step 1: {slow}")
+        repo.set_model_stage(s, v3.id, e.ModelStage.ROLLED_BACK)
+        repo.update_run(s, run3.id, status=e.RunStatus.ROLLED_BACK)
+        return Story(runs=(run1.id, run2.id, run3.id), rollouts=(promoted.id, rolled.id))
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sessionmaker[Session], Story]]:
+    engine = create_db_engine(f"sqlite:///{tmp_path_factory.mktemp('report') / 'retrainer.db'}")
+    Base.metadata.create_all(engine)
+    sessions = make_sessions(engine)
+    story = build_story(sessions)
+    yield sessions, story
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def data(db: tuple[sessionmaker[Session], Story]) -> ReportData:
+    with transaction(db[0]) as session:
+        return collect_report(session)
+
+
+@pytest.fixture(scope="module")
+def document(data: ReportData) -> str:
+    return render_html(data, generated_at=GENERATED)
+
+
+# ---------------------------------------------------------------------------------- collecting
+
+
+def test_collects_runs_oldest_first_with_versions_and_evidence(
+    data: ReportData, db: tuple[sessionmaker[Session], Story]
+) -> None:
+    story = db[1]
+    assert [p.name for p in data.pipelines] == ["digits", "other"]
+    digits = data.pipelines[0]
+    assert digits.champion_version == 2
+    assert [r.run_id for r in digits.runs] == list(story.runs)
+    first, second, third = digits.runs
+    assert (first.trigger_kind, first.event_count, first.dataset_version, first.candidate_version) == (
+        "event",
+        1,
+        "v1",
+        1,
+    )
+    assert first.champion_version is None and first.metric("accuracy") is not None
+    assert second.status == "promoted" and second.champion_version == 1
+    # the gate's outcome said "awaiting the canary"; the finished rollout decided the final status
+    assert second.decision_reason == "all 3 steps passed; v2 is champion"
+    accuracy = second.metric("accuracy")
+    assert accuracy is not None and accuracy.candidate == 0.95 and accuracy.champion == 0.91 and accuracy.improved
+    latency = second.metric("latency_p99_ms")
+    assert latency is not None and latency.improved  # lower is better
+    assert third.status == "rolled_back" and [g.verdict for g in third.gate] == ["pass", "fail"]
+    assert third.quantization is not None and third.quantization.chosen == "dynamic_int8"
+    assert all(r.duration_seconds is not None and r.duration_seconds >= 0 for r in digits.runs)
+
+
+def test_collects_alias_history_and_rollouts_oldest_first(data: ReportData, db: tuple[Any, Story]) -> None:
+    digits = data.pipelines[0]
+    assert [(m.from_version, m.to_version, m.actor) for m in digits.alias_moves] == [
+        (None, 1, "gate"),
+        (1, 2, "canary"),
+    ]
+    promoted, rolled = digits.rollouts
+    assert [promoted.id, rolled.id] == list(db[1].rollouts)
+    assert (promoted.status, promoted.candidate_version, promoted.champion_version) == ("promoted", 2, 1)
+    assert [s.traffic_percent for s in promoted.steps] == [10.0, 50.0, 100.0]
+    assert [len(s.attempts) for s in promoted.steps] == [1, 2, 1]
+    decisive = promoted.steps[1].decisive
+    assert decisive is not None and decisive.action == "advance" and decisive.canary.requests == 900
+    assert decisive.psi == pytest.approx(0.02)
+    assert (rolled.status, len(rolled.steps), rolled.steps[1].action) == ("rolled_back", 2, "rollback")
+    last = rolled.steps[1].decisive
+    assert last is not None and last.canary.error_rate == pytest.approx(0.003)
+    assert [c.verdict for c in last.checks] == ["pass", "fail"]
+
+
+def test_pipeline_filter_and_unknown_pipeline(db: tuple[sessionmaker[Session], Story]) -> None:
+    with transaction(db[0]) as session:
+        only = collect_report(session, ["other"])
+        assert [p.name for p in only.pipelines] == ["other"]
+        assert only.pipelines[0].runs == () and only.pipelines[0].champion_version is None
+        with pytest.raises(NotFoundError):
+            collect_report(session, ["nope"])
+
+
+def test_runs_table_rows_for_the_cli(data: ReportData, db: tuple[Any, Story]) -> None:
+    rows = runs_table_rows(data)
+    assert [row[1] for row in rows] == [run_id[:8] for run_id in db[1].runs]
+    assert rows[0] == (
+        "digits",
+        db[1].runs[0][:8],
+        "event",
+        "v1",
+        "v1",
+        "promoted",
+        "all gate checks passed (first model)",
+    )
+    assert rows[2][2:6] == ("schedule", "v3", "v3", "rolled_back")
+    assert all(len(row) == 7 and all(isinstance(cell, str) and cell for cell in row) for row in rows)
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def test_html_is_well_formed_and_self_contained(document: str) -> None:
+    parsed = parse(document)
+    assert document.startswith("<!DOCTYPE html>")
+    assert "script" not in parsed.tags and "link" not in parsed.tags and "iframe" not in parsed.tags
+    # the only links are fragments inside the document, and each points at an element that exists
+    for tag, attr, value in parsed.resource_attrs:
+        assert (tag, attr) == ("a", "href") and value.startswith("#"), (tag, attr, value)
+        assert value[1:] in parsed.ids
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", document, re.IGNORECASE)
+    assert "http://" not in document and "https://" not in document
+    assert "Content-Security-Policy" in document and "default-src &#x27;none&#x27;" in document
+    assert "<style>" in document
+
+
+def test_html_shows_runs_verdicts_reasons_and_alias_history(document: str, db: tuple[Any, Story]) -> None:
+    text = " ".join(parse(document).text)
+    for run_id in db[1].runs:
+        assert run_id[:8] in text and f'id="run-{run_id}"' in document
+    for expected in (
+        "first data",
+        "more data",
+        "cron schedule",
+        "accuracy 0.9500 >= 0.9000",
+        "+0.04 better than champion",
+        "all gate checks passed (first model)",
+        "fastest variant within 1 % accuracy",
+        "dynamic_int8",
+        "first model",
+        "canary passed",
+        "all 3 steps passed; v2 is champion",
+        "only 40 canary requests (< 200); extending the step",
+        "stats endpoint timed out",
+        "canary p99 latency 9.80 ms is 2.97x the champion's 3.30 ms (limit 1.20x)",
+        "PSI 0.020 <= 0.200",
+        "fewer than 50 labels per variant",
+    ):
+        assert expected in text, expected
+    assert 'class="fail"' in document and 'class="pass"' in document
+    assert "badge bad" in document and "badge good" in document
+    assert "2026-11-23 12:00:00 UTC" in text
+    assert "candidate v1 vs champion none (first model)" in text
+
+
+def test_html_charts_are_inline_svg(document: str) -> None:
+    assert document.count("<svg") >= 1 + 3 + 2 * 5  # overview + one per run + five per rollout
+    for label in ("accuracy", "canary traffic (%)", "error rate", "p99 latency (ms)", "prediction drift (PSI)"):
+        assert f'aria-label="{label}"' in document, label
+    assert "<polyline" in document and "<rect" in document
+
+
+def test_stored_text_is_escaped(document: str) -> None:
+    assert "<script" not in document
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in document
+    assert EVIL in " ".join(parse(document).text)  # shown to the reader as text
+
+
+def test_title_is_escaped() -> None:
+    document = render_html(ReportData(pipelines=()), title="a <b> & c", generated_at=GENERATED)
+    parse(document)
+    assert "<title>a &lt;b&gt; &amp; c</title>" in document and "No pipelines recorded yet." in document
+
+
+def test_missing_and_malformed_analysis_never_breaks_the_report(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'sparse.db'}")
+    Base.metadata.create_all(engine)
+    sessions = make_sessions(engine)
+    with transaction(sessions) as s:
+        repo.upsert_pipeline(s, PIPELINE, "digits", {})
+        repo.create_run(s, PIPELINE, e.TriggerKind.MANUAL)  # queued: no evidence at all
+        version = repo.register_model_version(
+            s, PIPELINE, artifact_uri="file:///x.pt", sha256="a" * 64, size_bytes=1, metrics={}
+        )
+        odd, _ = repo.create_run(s, PIPELINE, e.TriggerKind.EVENT, reason="odd evidence")
+        repo.update_run(
+            s,
+            odd.id,
+            model_version_id=version.id,
+            evidence={
+                "candidate": {"metrics": {"accuracy": "high", "macro_f1": None}},
+                "champion": {"version": "two", "report": None, "error": "champion v2 unreadable"},
+                "quantization": {"chosen": None, "results": "none"},
+                "outcome": "not a dict",
+            },
+        )
+        repo.update_run(s, odd.id, status=e.RunStatus.FAILED, error="RuntimeError: boom")
+        rollout = repo.start_rollout(s, PIPELINE, candidate_version_id=version.id, champion_version_id=None, policy={})
+        repo.record_rollout_step(s, rollout.id, step_index=0, traffic_percent=10.0, verdict=None, analysis={})
+        repo.record_rollout_step(
+            s,
+            rollout.id,
+            step_index=1,
+            traffic_percent=25.0,
+            verdict=None,
+            analysis={"attempts": [{"canary": None, "champion": {"requests": "many", "errors": -1}, "checks": [1]}]},
+            finished=False,
+        )
+        repo.record_rollout_step(
+            s, rollout.id, step_index=2, traffic_percent=50.0, verdict=None, analysis={"attempts": "oops"}
+        )
+        repo.finish_rollout(s, rollout.id, e.RolloutStatus.ABORTED, "aborted by operator")
+    path = write_report(sessions, tmp_path / "out" / "report.html", generated_at=GENERATED)
+    engine.dispose()
+
+    document = path.read_text(encoding="utf-8")
+    parse(document)
+    assert "aborted by operator" in document and "RuntimeError: boom" in document
+    assert "champion v2 unreadable" in document and "—" in document
+    assert "none (first model)" not in document  # unknown is not the same as "no champion"
+    assert "canary traffic (%)" in document  # the traffic chart still draws from the step rows
+    assert "error rate: no data" in document  # no numbers: said, not drawn
+    assert [p for p in (tmp_path / "out").iterdir()] == [path]  # no temporary file left behind
+    rows = runs_table_rows(ReportData(pipelines=()))
+    assert rows == []
+
+
+def test_write_report_replaces_an_existing_file(db: tuple[sessionmaker[Session], Story], tmp_path: Path) -> None:
+    target = tmp_path / "report.html"
+    target.write_text("old", encoding="utf-8")
+    written = write_report(db[0], target, pipelines=["digits"], title="Demo", generated_at=GENERATED)
+    assert written == target
+    content = target.read_text(encoding="utf-8")
+    assert (
+        content.startswith("<!DOCTYPE html>") and "<title>Demo</title>" in content and "Pipeline other" not in content
+    )
