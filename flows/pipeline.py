@@ -404,7 +404,7 @@ def _decide_outcome(
         held = _promotion_hold(session, spec)
         if held:
             return {"status": e.RunStatus.SKIPPED, "reason": f"gate passed but {held}", "version": version.version}
-        if spec.canary is not None:
+        if spec.canary is not None and champion_id is not None:  # a first model has no champion to canary against
             try:
                 rollout = repo.start_rollout(
                     session,

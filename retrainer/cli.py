@@ -472,6 +472,25 @@ def api() -> None:
     serve_api(app_, settings.api_address)
 
 
+@app.command("serve")
+def serve() -> None:
+    """Run the whole service: HTTP API, Kafka consumer, trigger service, Prefect (a local server
+    unless PREFECT_API_URL is set, and a runner with each pipeline's deployment and schedule), the
+    model server and the canary controller. /healthz on the API reports every part; SIGTERM stops all."""
+    from retrainer.service import Running, serve_forever
+
+    settings = _settings()
+
+    def ready(running: Running) -> None:
+        err.print(
+            f"retrainer is serving: API {running.api_url}, models {running.serving_url}, "
+            f"Prefect {running.prefect_api_url}",
+            highlight=False,
+        )
+
+    serve_forever(settings, on_ready=ready)
+
+
 @app.command("serve-models")
 def serve_models_command(
     refresh: Annotated[float, typer.Option(help="Seconds between reloads of champions from the database.")] = 10.0,

@@ -1,0 +1,289 @@
+"""`retrainer serve`: every part of the service in one process, started in dependency order and
+stopped in reverse.
+
+    Prefect server    `prefect server start` subprocess (SQLite under RETRAINER_HOME_DIR/prefect),
+                      unless PREFECT_API_URL points at one that answers
+    Prefect runner    subprocess serving each pipeline's deployment with its cron schedule
+                      (`python -m retrainer.runner`); it executes the flow runs
+    model server      OIP v2 on RETRAINER_SERVING_ADDRESS, following champions and rollouts in SQL
+    HTTP API          on RETRAINER_API_ADDRESS; /healthz probes every part listed here
+    Kafka consumer    data-change events → inbox (invalid ones → dead-letter topic)
+    trigger service   debounced inbox events → one run per pipeline per window → Prefect
+    canary supervisor runs the canary controller flow for each active rollout (resumes after restart)
+
+SIGTERM or SIGINT stops everything cleanly: threads finish their current pass, the consumer leaves
+its group without committing anything new, subprocesses get SIGTERM (then SIGKILL after 10 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from domain.errors import InfrastructureError, RetrainerError, TransientInfraError
+from domain.settings import Settings
+
+log = logging.getLogger("retrainer.service")
+
+PREFECT_START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def prefect_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class Subprocess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def probe(self) -> None:
+        if not self.alive():
+            raise TransientInfraError(f"{self.name} exited with code {self.process.returncode}; see {self.log_path}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str]) -> Subprocess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return Subprocess(name, process, log_path)
+
+
+@dataclass
+class Worker:
+    """A named loop in a daemon thread; its exception (if any) makes it unhealthy."""
+
+    name: str
+    thread: threading.Thread
+    error: list[BaseException] = field(default_factory=list)
+
+    def probe(self) -> None:
+        if self.error:
+            raise TransientInfraError(f"{self.name} stopped: {type(self.error[0]).__name__}: {self.error[0]}")
+        if not self.thread.is_alive():
+            raise TransientInfraError(f"{self.name} is not running")
+
+
+def start_worker(name: str, target: Callable[[], None]) -> Worker:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as err:  # reported by the health probe and the log, never silently lost
+            log.exception("%s stopped", name)
+            errors.append(err)
+
+    thread = threading.Thread(target=run, name=f"retrainer-{name}", daemon=True)
+    worker = Worker(name, thread, errors)
+    thread.start()
+    return worker
+
+
+@dataclass
+class Running:
+    """What `running_service` yields: where each part answers and how to look at its health."""
+
+    api_url: str
+    serving_url: str
+    prefect_api_url: str
+    probes: dict[str, Callable[[], None]]
+    stop: threading.Event
+
+    def health(self) -> dict[str, str]:
+        report: dict[str, str] = {}
+        for name, probe in self.probes.items():
+            try:
+                probe()
+                report[name] = "ok"
+            except RetrainerError as err:
+                report[name] = err.message
+        return report
+
+
+def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> str:
+    """The Prefect API URL: PREFECT_API_URL if it answers, else a local server started here."""
+    configured = os.environ.get("PREFECT_API_URL")
+    if configured:
+        if not prefect_healthy(configured):
+            raise InfrastructureError(f"PREFECT_API_URL={configured} does not answer; unset it to start a local one")
+        return configured
+    home = (settings.home_dir / "prefect").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    server_env = {
+        **env,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = spawn("prefect-server", command, settings.home_dir / "logs", server_env)
+    stack.callback(server.stop)
+    deadline = time.monotonic() + PREFECT_START_TIMEOUT_S
+    while not prefect_healthy(url):
+        server.probe()
+        if time.monotonic() > deadline:
+            raise InfrastructureError(f"the Prefect server did not answer within {PREFECT_START_TIMEOUT_S:.0f} s")
+        time.sleep(0.5)
+    return url
+
+
+@contextmanager
+def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> Iterator[Running]:
+    """Starts every part (see the module docstring); yields once all answer; stops them on exit."""
+    from api.app import create_app, database_probe
+    from api.server import running_api
+    from consumers.consumer import DataChangeConsumer
+    from flows.registry import load_specs, sync_pipelines
+    from flows.triggers import prefect_submitter, process_pending_events
+    from retrainer import wiring
+    from serving.app import create_serving_app
+    from serving.loader import MetadataFollower
+    from serving.registry import ModelRegistry
+    from serving.server import running_server
+    from storage import repositories as repo
+    from storage.db import transaction
+
+    stop = threading.Event()
+    sessions = wiring.sessions(settings)
+    wiring.upgrade_database(settings)
+    with transaction(sessions) as session:
+        sync_pipelines(session, load_specs(settings.pipelines_dir))
+
+    with ExitStack() as stack:
+        env = {**os.environ}
+        prefect_url = _prefect(settings, env, stack)
+        os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"] = prefect_url
+
+        follower = MetadataFollower(ModelRegistry(), sessions, wiring.artifact_store(settings))
+        follower.sync()
+        follower.start(serving_refresh_s)
+        stack.callback(follower.registry.close)
+        stack.callback(follower.stop)
+        serving_app = create_serving_app(follower.registry, reload=follower.sync)
+        serving_url = stack.enter_context(running_server(serving_app, settings.serving_address))
+
+        runner_env = {**env, "RETRAINER_SERVING_URL": serving_url}
+        runner = spawn(
+            "prefect-runner", [sys.executable, "-m", "retrainer.runner"], settings.home_dir / "logs", runner_env
+        )
+        stack.callback(runner.stop)
+
+        submitter = prefect_submitter()
+        consumer = DataChangeConsumer(settings, sessions)
+
+        def consume() -> None:
+            consumer.stop_requested.clear()
+            consumer.run_forever()
+
+        def triggers() -> None:
+            while not stop.wait(1.0):
+                for result in process_pending_events(sessions, submitter):
+                    if result.created:
+                        log.info(
+                            "run %s for %s from %d events",
+                            result.run.id,
+                            result.run.pipeline,
+                            len(result.run.event_ids),
+                        )
+
+        controllers: dict[str, threading.Thread] = {}
+
+        def supervise_rollouts() -> None:
+            from flows.canary import canary_rollout
+
+            while not stop.wait(1.0):
+                with transaction(sessions) as session:
+                    active = [p.name for p in repo.list_pipelines(session) if repo.active_rollout(session, p.name)]
+                for name in active:
+                    if name not in controllers or not controllers[name].is_alive():
+                        log.info("canary controller for %s starting", name)
+                        controllers[name] = threading.Thread(
+                            target=canary_rollout, args=(name, serving_url), name=f"canary-{name}", daemon=True
+                        )
+                        controllers[name].start()
+
+        workers = [
+            start_worker("kafka-consumer", consume),
+            start_worker("trigger-service", triggers),
+            start_worker("canary-supervisor", supervise_rollouts),
+        ]
+        for worker in workers:
+            stack.callback(worker.thread.join, 15)
+        stack.callback(consumer.stop_requested.set)
+        stack.callback(stop.set)
+
+        def serving_probe() -> None:
+            try:
+                response = httpx.get(f"{serving_url}/v2/health/live", timeout=2.0)
+            except httpx.HTTPError as err:
+                raise TransientInfraError(f"model server at {serving_url} does not answer ({err})") from err
+            if response.status_code != 200:
+                raise TransientInfraError(f"model server at {serving_url}: HTTP {response.status_code}")
+
+        def prefect_probe() -> None:
+            if not prefect_healthy(prefect_url):
+                raise TransientInfraError(f"Prefect API at {prefect_url} does not answer")
+
+        probes: dict[str, Callable[[], None]] = {
+            "database": database_probe(sessions),
+            "prefect-server": prefect_probe,
+            "prefect-runner": runner.probe,
+            "model-server": serving_probe,
+            **{w.name: w.probe for w in workers},
+        }
+        api_app = create_app(sessions=sessions, settings=settings, submit=submitter, health_probes=probes)
+        api_url = stack.enter_context(running_api(api_app, settings.api_address))
+        log.info("retrainer serving: api %s, models %s, prefect %s", api_url, serving_url, prefect_url)
+        yield Running(api_url, serving_url, prefect_url, probes, stop)
+
+
+def serve_forever(settings: Settings, on_ready: Callable[[Running], None] | None = None) -> None:
+    """`retrainer serve`: runs until SIGTERM/SIGINT."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    with running_service(settings) as running:
+        if on_ready is not None:
+            on_ready(running)
+        while not stopping.wait(1.0):
+            pass
+        log.info("stopping: finishing current work")
