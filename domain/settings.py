@@ -23,8 +23,8 @@ _ARTIFACT_SCHEMES = ("file", "s3")
 
 def _check_address(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"must be HOST:PORT, e.g. 127.0.0.1:8080 (got {value!r})")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, e.g. 127.0.0.1:8080; port 0 takes a free one (got {value!r})")
     return value
 
 
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         if self.serving_url:
             return self.serving_url.rstrip("/")
         host, _, port = self.serving_address.rpartition(":")
-        if host in ("0.0.0.0", "", "[::]", "::"):
+        if host in ("0.0.0.0", "", "[::]", "::"):  # noqa: S104 - a wildcard bind is reached on loopback
             host = "127.0.0.1"
         return f"http://{host}:{port}"
 

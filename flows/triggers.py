@@ -110,6 +110,31 @@ def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
     return submit
 
 
+def submit_unsubmitted_runs(sessions: sessionmaker[Session], submit: RunSubmitter) -> list[str]:
+    """Retries the submission of queued runs that have no flow run yet (their first submission
+    failed); each is claimed first, so two trigger services never submit one run twice."""
+    with transaction(sessions) as session:
+        waiting = repo.unsubmitted_runs(session)
+    submitted: list[str] = []
+    for run in waiting:
+        with transaction(sessions) as session:
+            if not repo.claim_submission(session, run.id):
+                continue
+        try:
+            flow_run_id = submit(run)
+        except BaseException:
+            with transaction(sessions) as session:
+                repo.release_submission(session, run.id)
+            raise
+        with transaction(sessions) as session:
+            if flow_run_id:
+                repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
+                submitted.append(run.id)
+            else:
+                repo.release_submission(session, run.id)
+    return submitted
+
+
 def process_pending_events(
     sessions: sessionmaker[Session],
     submit: RunSubmitter | None,

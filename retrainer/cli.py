@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer import exceptions as typer_exceptions
+from typer._click import exceptions as click_exceptions  # typer 0.29 bundles its own click
 
 from domain.errors import RetrainerError
 from domain.settings import Settings, load_settings
@@ -534,47 +535,82 @@ def check() -> None:
 
 @app.command("demo")
 def demo() -> None:
-    """The story on embedded defaults: foundation checks, then digits v1 → v2 → v3 through the real flow."""
+    """The whole story on embedded defaults through the running service: events on Kafka, the gate,
+    a canary under live traffic promoted, a poisoned dataset rejected, a slow candidate rolled back;
+    ends with a table and a self-contained HTML report."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from retrainer import demo as story
     from retrainer import wiring
-    from retrainer.demo import run_story
+    from retrainer.report import write_report
+    from retrainer.service import exit_cleanly_on_sigterm, running_service
 
-    settings = _settings()
+    exit_cleanly_on_sigterm()
     started = time.perf_counter()
-    steps: list[tuple[str, Callable[[], str]]] = [
-        ("metadata database (migrations)", lambda: wiring.demo_database(settings)),
-        ("artifact store (write, verify, refuse tampering)", lambda: wiring.demo_artifacts(settings)),
-    ]
-    table = Table(title="Retrainer demo: foundation")
-    table.add_column("step")
-    table.add_column("result")
-    for label, step in steps:
-        table.add_row(label, step())
-    out.print(table)
+    home = story.fresh_home(Path(load_settings().home_dir).resolve() / "demo")
+    story.apply_environment(story.demo_environment(home))
+    settings = _settings()
+    with out.status("preparing: digits data, Kafka…"):
+        from ml.demo_data import digits_versions
 
-    with out.status("starting Prefect…") as status:
-        story = run_story(settings, wiring.sessions(settings), on_step=lambda text: status.update(f"run {text}"))
-    runs = Table(title="Runs and decisions (candidate and champion on the same test rows)")
-    for column in ("data", "status", "model", "accuracy", "champion acc."):
-        runs.add_column(column)
-    for entry in story:
-        runs.add_row(
-            entry.version,
-            entry.status,
-            f"v{entry.model_version}" if entry.model_version else "-",
-            f"{entry.accuracy:.4f}" if entry.accuracy is not None else "-",
-            f"{entry.champion_accuracy:.4f}" if entry.champion_accuracy is not None else "-",
+        data = digits_versions(home / "data")
+        story.write_spec(settings.pipelines_dir, story.spec_for(story.ACTS[0]))
+        out.print(story.ensure_kafka(settings), highlight=False)
+        story.create_topics(settings)
+    with out.status("starting the service: Prefect server and runner, model server, API, consumer…"):
+        service = running_service(settings)
+        running = service.__enter__()
+    try:
+        out.print(
+            f"service up: API {running.api_url}, models {running.serving_url}, Prefect {running.prefect_api_url}",
+            highlight=False,
         )
-    out.print(runs)
-    for entry in story:
-        out.print(f"[bold]{entry.version}[/bold] ({entry.story}): {entry.reason}", highlight=False)
-    out.print(f"decision records: retrainer runs show RUN_ID --json  (e.g. {story[-1].run_id})", highlight=False)
-    out.print(
-        "The demo writes its events to the inbox directly; `retrainer consume`, `retrainer triggers` and "
-        "`retrainer api` run the Kafka and HTTP paths. [bold]Not built yet:[/bold] serving and canary "
-        "rollouts (issue 6), `retrainer serve` and the HTML report (issue 7)."
-    )
-    elapsed = time.perf_counter() - started
-    out.print(f"demo finished in {elapsed:.1f} s; state under {Path(settings.home_dir).resolve()}")
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=out) as bar:
+            tasks = {act.key: bar.add_task(f"{act.key}: {act.story}", start=False) for act in story.ACTS}
+
+            def progress(key: str, text: str) -> None:
+                bar.start_task(tasks[key])
+                act = next(a for a in story.ACTS if a.key == key)
+                bar.update(tasks[key], description=f"[bold]{key}[/bold] {act.story}: {text}")
+
+            results = story.run_story(
+                settings,
+                wiring.sessions(settings),
+                serving_url=running.serving_url,
+                data={key: path.resolve().as_uri() for key, path in data.items()},
+                traffic_rows=data["v2"],
+                progress=progress,
+            )
+            for task in tasks.values():
+                bar.stop_task(task)
+    finally:
+        service.__exit__(None, None, None)
+        story.delete_topics(settings)
+    report = write_report(wiring.sessions(settings), home / "report.html")
+    table = Table(title="Runs and decisions")
+    for column in ("act", "expected", "status", "model", "seconds", "served (version: requests)", "reason"):
+        table.add_column(column, overflow="fold")
+    unexpected = []
+    for result in results:
+        ok = result.status == result.act.expect
+        if not ok:
+            unexpected.append(result.act.key)
+        table.add_row(
+            f"{result.act.key}: {result.act.story}",
+            result.act.expect,
+            f"[green]{result.status}[/green]" if ok else f"[red]{result.status}[/red]",
+            f"v{result.model_version}" if result.model_version else "-",
+            f"{result.seconds:.0f}",
+            ", ".join(f"v{v}: {n}" for v, n in sorted(result.traffic.items())) or "-",
+            result.reason,
+        )
+    out.print(table)
+    out.print(f"decision records: retrainer runs show RUN_ID --json  (e.g. {results[-1].run_id})", highlight=False)
+    out.print(f"report: {report}", highlight=False)
+    out.print(f"demo finished in {time.perf_counter() - started:.1f} s; state under {home}", highlight=False)
+    if unexpected:
+        raise RetrainerError(f"the story did not go as expected for {', '.join(unexpected)}; see the report")
 
 
 def main() -> None:
@@ -583,12 +619,12 @@ def main() -> None:
         # standalone_mode=False: click returns the exit code of typer.Exit instead of exiting.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.Exit as e:
+    except typer_exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer_exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
-    except click.ClickException as e:
+    except click_exceptions.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except RetrainerError as e:

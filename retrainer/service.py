@@ -81,8 +81,20 @@ def spawn(name: str, command: list[str], log_dir: Path, env: dict[str, str]) -> 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
     return Subprocess(name, process, log_path)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL (no orphaned servers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 @dataclass
@@ -166,6 +178,24 @@ def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> str:
     return url
 
 
+def _wait_for_deployments(prefect_url: str, pipelines: list[str], runner: Subprocess) -> None:
+    """Until the runner has registered every pipeline's deployment (runs submitted before would fail)."""
+    deadline = time.monotonic() + PREFECT_START_TIMEOUT_S
+    missing = set(pipelines)
+    while missing:
+        runner.probe()
+        if time.monotonic() > deadline:
+            raise InfrastructureError(f"the Prefect runner did not register {sorted(missing)}; see {runner.log_path}")
+        for name in sorted(missing):
+            try:
+                found = httpx.get(f"{prefect_url}/deployments/name/retrainer-pipeline/{name}", timeout=2.0)
+            except httpx.HTTPError:
+                continue
+            if found.status_code == 200:
+                missing.discard(name)
+        time.sleep(0.5)
+
+
 @contextmanager
 def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> Iterator[Running]:
     """Starts every part (see the module docstring); yields once all answer; stops them on exit."""
@@ -173,7 +203,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from api.server import running_api
     from consumers.consumer import DataChangeConsumer
     from flows.registry import load_specs, sync_pipelines
-    from flows.triggers import prefect_submitter, process_pending_events
+    from flows.triggers import prefect_submitter, process_pending_events, submit_unsubmitted_runs
     from retrainer import wiring
     from serving.app import create_serving_app
     from serving.loader import MetadataFollower
@@ -185,8 +215,9 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     stop = threading.Event()
     sessions = wiring.sessions(settings)
     wiring.upgrade_database(settings)
+    specs = load_specs(settings.pipelines_dir)
     with transaction(sessions) as session:
-        sync_pipelines(session, load_specs(settings.pipelines_dir))
+        sync_pipelines(session, specs)
 
     with ExitStack() as stack:
         env = {**os.environ}
@@ -206,6 +237,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
             "prefect-runner", [sys.executable, "-m", "retrainer.runner"], settings.home_dir / "logs", runner_env
         )
         stack.callback(runner.stop)
+        _wait_for_deployments(prefect_url, [spec.name for spec in specs], runner)
 
         submitter = prefect_submitter()
         consumer = DataChangeConsumer(settings, sessions)
@@ -216,7 +248,13 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
 
         def triggers() -> None:
             while not stop.wait(1.0):
-                for result in process_pending_events(sessions, submitter):
+                try:
+                    results = process_pending_events(sessions, submitter)
+                    submit_unsubmitted_runs(sessions, submitter)
+                except Exception:  # Prefect or the database hiccupped: the runs stay queued, retried next pass
+                    log.exception("trigger pass failed; retrying")
+                    continue
+                for result in results:
                     if result.created:
                         log.info(
                             "run %s for %s from %d events",
@@ -276,14 +314,27 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         yield Running(api_url, serving_url, prefect_url, probes, stop)
 
 
+def _raise_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt), so `with` blocks stop what they started."""
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+
+
 def serve_forever(settings: Settings, on_ready: Callable[[Running], None] | None = None) -> None:
-    """`retrainer serve`: runs until SIGTERM/SIGINT."""
+    """`retrainer serve`: runs until SIGTERM/SIGINT, then stops every part (also if signalled while starting)."""
+    exit_cleanly_on_sigterm()
     stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    with running_service(settings) as running:
-        if on_ready is not None:
-            on_ready(running)
-        while not stopping.wait(1.0):
-            pass
-        log.info("stopping: finishing current work")
+    try:
+        with running_service(settings) as running:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: stopping.set())
+            if on_ready is not None:
+                on_ready(running)
+            while not stopping.wait(1.0):
+                pass
+            log.info("stopping: finishing current work")
+    except KeyboardInterrupt:
+        log.info("stopped while starting")

@@ -894,6 +894,17 @@ def claim_submission(session: Session, run_id: str) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def unsubmitted_runs(session: Session, limit: int = 100) -> list[e.Run]:
+    """Queued runs that no flow run was submitted for (a submission failed, e.g. Prefect was down)."""
+    query = (
+        select(SqlRun)
+        .where(SqlRun.status == e.RunStatus.QUEUED.value, SqlRun.prefect_flow_run_id.is_(None))
+        .order_by(SqlRun.created_at)
+        .limit(limit)
+    )
+    return [row.to_entity() for row in session.scalars(query)]
+
+
 def release_submission(session: Session, run_id: str) -> None:
     session.execute(
         update(SqlRun)

@@ -1,0 +1,145 @@
+"""The demo story, smaller, through `retrainer serve` (a subprocess) on the production-like stack:
+PostgreSQL (a database of its own), MinIO for artifacts and data, Kafka for the events, a real
+Prefect server and runner started by the service. Every decision is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from domain import entities as e
+from domain.settings import load_settings
+from retrainer import demo as story
+from retrainer.service import free_port
+from storage import repositories as repo
+from storage.db import create_db_engine, make_sessions, transaction
+
+pytestmark = pytest.mark.integration
+
+SMALL = tuple(
+    story.Act(a.key, a.data, a.story, a.expect, epochs, a.spec_changes)
+    for a, epochs in zip(story.ACTS, (2, 12, 8, 4), strict=True)
+)
+
+
+@pytest.fixture
+def e2e_database(postgres_url: str) -> Iterator[str]:
+    name = f"retrainer_e2e_{uuid.uuid4().hex[:8]}"
+    url = make_url(postgres_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield url.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_the_story_through_retrainer_serve(
+    tmp_path: Path, e2e_database: str, s3_endpoint_url: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml.demo_data import digits_versions
+
+    suffix = uuid.uuid4().hex[:8]
+    api, serving = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {
+        **story.demo_environment(tmp_path / "home"),
+        "RETRAINER_DATABASE_URL": e2e_database,
+        "RETRAINER_ARTIFACT_ROOT": f"s3://retrainer-test/e2e-{suffix}",
+        "RETRAINER_S3_ENDPOINT_URL": s3_endpoint_url,
+        "RETRAINER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "RETRAINER_API_ADDRESS": api,
+        "RETRAINER_SERVING_ADDRESS": serving,
+        "RETRAINER_LOG_LEVEL": "INFO",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the service starts its own Prefect server
+    settings = load_settings()
+    story.create_topics(settings)
+
+    files = digits_versions(tmp_path / "data")  # the data lives in S3 too
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint_url)
+    data = {}
+    for key, path in files.items():
+        s3.upload_file(str(path), "datasets", f"e2e-{suffix}/{path.name}")
+        data[key] = f"s3://datasets/e2e-{suffix}/{path.name}"
+    story.write_spec(settings.pipelines_dir, story.spec_for(SMALL[0]))
+
+    retrainer = str(Path(sys.executable).parent / "retrainer")
+    out = (tmp_path / "serve.log").open("wb")
+    service = subprocess.Popen([retrainer, "serve"], env={**os.environ}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        health = _wait_healthy(f"http://{api}/healthz", service, tmp_path / "serve.log")
+        assert set(health["checks"]) == {
+            "database", "prefect-server", "prefect-runner", "model-server",
+            "kafka-consumer", "trigger-service", "canary-supervisor",
+        }  # fmt: skip
+        sessions = make_sessions(create_db_engine(e2e_database))
+        results = story.run_story(
+            settings, sessions, serving_url=f"http://{serving}", data=data, traffic_rows=files["v2"], acts=SMALL,
+            act_timeout_s=240,
+        )  # fmt: skip
+        summary = [(r.act.key, r.status, r.reason) for r in results]
+        assert [r.status for r in results] == ["promoted", "promoted", "rejected", "rolled_back"], summary
+
+        with transaction(sessions) as session:
+            champion = repo.get_champion(session, story.PIPELINE)
+            rollouts = repo.list_rollouts(session, story.PIPELINE)
+            versions = {v.version: v for v in repo.list_model_versions(session, story.PIPELINE)}
+            first = repo.decision_record(session, results[0].run_id)
+        assert champion is not None and champion.version == results[1].model_version  # v2 is still champion
+        assert first["trigger"]["kind"] == "event" and first["trigger"]["event_ids"] == [results[0].event_id]
+        assert first["decision"]["dataset"]["uri"] == data["v1"] and first["decision"]["dataset"]["sha256"]
+        assert versions[results[0].model_version].stage is e.ModelStage.RETIRED
+        assert versions[results[2].model_version].stage is e.ModelStage.REJECTED
+        assert versions[results[3].model_version].stage is e.ModelStage.ROLLED_BACK
+        assert champion.artifact_uri.startswith(f"s3://retrainer-test/e2e-{suffix}/")
+
+        slow, good = rollouts[0], rollouts[1]  # newest first
+        assert good.status is e.RolloutStatus.PROMOTED and [s.verdict for s in good.steps] == [e.Verdict.PASS] * 3
+        assert slow.status is e.RolloutStatus.ROLLED_BACK and len(slow.steps) == 1
+        assert "latency_p99_ratio" in (slow.reason or ""), slow.reason
+        assert results[1].traffic and results[3].traffic  # live traffic reached both canaries
+
+        kinds = [
+            r.trigger_kind for r in (repo.get_run(s, r.run_id) for s in [sessions()] for r in results)
+        ]  # fmt: skip
+        assert kinds == [e.TriggerKind.EVENT] * 4
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            code = service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise
+        out.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    story.delete_topics(settings)
+
+
+def _wait_healthy(url: str, service: subprocess.Popen[bytes], log: Path) -> dict[str, dict[str, str]]:
+    deadline = time.monotonic() + 240
+    while True:
+        assert service.poll() is None, log.read_text()[-3000:]
+        try:
+            answer = httpx.get(url, timeout=2)
+            if answer.status_code == 200:
+                body: dict[str, dict[str, str]] = answer.json()
+                return body
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
