@@ -193,21 +193,26 @@ def drive_rollout(
     while True:
         with ctx.tx() as session:
             rollout = repo.active_rollout(session, pipeline)
-            if rollout is not None:
-                policy = CanarySpec.model_validate(rollout.policy)
-                index = min(rollout.current_step, len(policy.steps) - 1)
-                step = repo.begin_rollout_step(session, rollout.id, traffic_percent=policy.steps[index])
-                candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id).version
-                champion = (
-                    repo.get_model_version_by_id(session, rollout.champion_version_id).version
-                    if rollout.champion_version_id
-                    else None
-                )
         if rollout is None:
             return _last_result(ctx, pipeline)
+        if applied != (rollout.id, rollout.current_step):
+            # first: the server loads the canary / applies the weight, then the step's window opens
+            # (a new step's window never includes the model load; a resumed step keeps its window)
+            applied = _tell_server(client, pipeline, rollout.id, rollout.current_step)
+        with ctx.tx() as session:
+            policy = CanarySpec.model_validate(rollout.policy)
+            index = min(rollout.current_step, len(policy.steps) - 1)
+            try:
+                step = repo.begin_rollout_step(session, rollout.id, traffic_percent=policy.steps[index])
+            except ConflictError:  # ended or moved on meanwhile: read it again
+                continue
+            candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id).version
+            champion = (
+                repo.get_model_version_by_id(session, rollout.champion_version_id).version
+                if rollout.champion_version_id
+                else None
+            )
         with log_context(pipeline=pipeline, run_id=rollout.run_id):
-            if applied != (rollout.id, step.step_index):
-                applied = _tell_server(client, pipeline, rollout.id, step.step_index)
             elapsed = (clock() - step.started_at).total_seconds()
             try:
                 stats = client.stats(pipeline, elapsed)
