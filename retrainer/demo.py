@@ -6,9 +6,9 @@ rest, and live traffic (with delayed labels) flows while a canary is out.
     v1  60 % of the rows                 → first model, promoted on the absolute gates
     v2  all rows, trained longer         → better than the champion → canary under traffic → promoted
     v3  30 % of the labels flipped        → rejected by the gate; the champion stays
-    v4  v2 data, a much wider network    → as accurate (non-inferior) but slow in serving: its p99
-                                           latency against the champion's on the same live traffic
-                                           rolls it back at the first canary step
+    v4  v2 data, `ml.demo_models:LookupMLP` → as accurate (non-inferior), under the absolute latency
+                                           ceiling, but a blocking per-request lookup makes its p99 against
+                                           the champion's on the same live traffic too high: rolled back
 
 `run_story` drives the acts against any running service (the end-to-end test uses it against
 `retrainer serve` on PostgreSQL and MinIO); `demo_environment` sets up the embedded defaults.
@@ -64,7 +64,7 @@ DEMO_SPEC: dict[str, Any] = {
     "evaluation": {"latency_budget_seconds": 0.5},
     "gates": {
         "min": {"accuracy": 0.85},
-        "max": {"latency_p99_ms": 50.0},
+        "max": {"latency_p99_ms": 100.0},
         "vs_champion": {"accuracy": {"min_delta": 0.0, "confidence": 0.95}},
     },
     "canary": {
@@ -72,8 +72,10 @@ DEMO_SPEC: dict[str, Any] = {
         "interval_seconds": 4,
         "min_requests": 80,
         "max_error_rate": 0.01,
-        "max_latency_p99_ratio": 1.5,
-        "failure_limit": 1,
+        # p99 of a few hundred requests on 2 shared cores is noisy: a margin and a second window before
+        # rolling back keep a good candidate safe, and the slow one (7-10x) still fails at once
+        "max_latency_p99_ratio": 2.5,
+        "failure_limit": 2,
         "max_prediction_psi": 0.25,
         "min_labels": 30,
         "max_accuracy_drop": 0.05,
@@ -92,16 +94,15 @@ class Act:
     spec_changes: dict[str, Any] = field(default_factory=dict)
 
 
-WIDE = {
-    "model": {"params": {"hidden_sizes": [4096, 4096], "dropout": 0.1}},
-    "hyperparameters": {"checkpoint_every_steps": 200},  # 17M parameters: checkpoint once per run, not per epoch
+SLOW = {
+    "model": {"architecture": "ml.demo_models:LookupMLP", "params": {"lookup_ms": 50.0}},
     "gates": {"vs_champion": {"accuracy": {"min_delta": -0.03, "confidence": 0.95, "mode": "non_inferiority"}}},
 }
 ACTS = (
     Act("v1", "v1", "first model on 60 % of the data", "promoted", 3),
     Act("v2", "v2", "all the data, trained longer", "promoted", 15),
     Act("v3", "v3", "30 % of the labels flipped", "rejected", 15),
-    Act("v4", "v2", "a much wider network: as accurate, but slow in serving", "rolled_back", 4, WIDE),
+    Act("v4", "v2", "as accurate, but a blocking lookup makes it slow in serving", "rolled_back", 15, SLOW),
 )
 
 

@@ -641,7 +641,8 @@ def record_rollout_step(
 
 
 def _active_rollout_row(session: Session, rollout_id: int) -> SqlRollout:
-    rollout = session.get(SqlRollout, rollout_id, with_for_update=True)
+    # FOR UPDATE OF rollouts only: PostgreSQL refuses to lock the outer-joined pipeline row
+    rollout = session.get(SqlRollout, rollout_id, with_for_update={"of": SqlRollout})
     if rollout is None:
         raise NotFoundError(f"rollout {rollout_id} not found")
     if rollout.status != e.RolloutStatus.ACTIVE.value:

@@ -450,3 +450,38 @@ def test_racing_batch_inserts_store_each_event_once(sessions: sessionmaker[Sessi
     assert not [r for r in results if isinstance(r, Exception)], results
     assert sum(stored for stored, _ in results) == 60
     assert len(tx(sessions, lambda s: repo.pending_events(s, "digits"))) == 60
+
+
+def test_the_step_in_progress_keeps_its_window_and_advances_once(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    v1, v2 = register(sessions, SHA_A), register(sessions, SHA_B)
+    rollout = tx(
+        sessions,
+        lambda s: repo.start_rollout(
+            s, "digits-classifier", candidate_version_id=v2.id, champion_version_id=v1.id, policy={"steps": [50, 100]}
+        ),
+    )
+    opened = tx(sessions, lambda s: repo.begin_rollout_step(s, rollout.id, traffic_percent=50))
+    again = tx(sessions, lambda s: repo.begin_rollout_step(s, rollout.id, traffic_percent=50))  # a restarted controller
+    assert (again.id, again.started_at) == (opened.id, opened.started_at)
+
+    repeated = tx(sessions, lambda s: repo.record_step_attempt(s, rollout.id, 0, {"action": "repeat", "reason": "r"}))
+    assert repeated.finished_at is None and repeated.started_at >= opened.started_at  # a fresh window
+    done = tx(
+        sessions,
+        lambda s: repo.record_step_attempt(
+            s, rollout.id, 0, {"action": "advance", "reason": "ok"}, verdict=e.Verdict.PASS, next_step=1
+        ),
+    )
+    assert done.verdict is e.Verdict.PASS and [a["action"] for a in done.analysis["attempts"]] == ["repeat", "advance"]
+    with pytest.raises(ConflictError):  # step 0 is over: it cannot be decided twice
+        tx(
+            sessions,
+            lambda s: repo.record_step_attempt(s, rollout.id, 0, {"action": "advance"}, verdict=e.Verdict.PASS),
+        )
+    tx(sessions, lambda s: repo.begin_rollout_step(s, rollout.id, traffic_percent=100))
+    ended = tx(sessions, lambda s: repo.finish_rollout(s, rollout.id, e.RolloutStatus.ABORTED, "aborted by ops"))
+    assert ended.steps[-1].finished_at is not None and ended.steps[-1].analysis["reason"] == "aborted by ops"
+    with pytest.raises(ConflictError):
+        tx(sessions, lambda s: repo.begin_rollout_step(s, rollout.id, traffic_percent=100))
