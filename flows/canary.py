@@ -89,39 +89,38 @@ class RolloutResult:
 StepListener = Callable[[e.Rollout, CanaryStep, dict[str, Any]], None]
 
 
-def _variant(stats: dict[str, Any], variant: str, version: int | None) -> VariantWindow:
+def _entry(stats: dict[str, Any], variant: str, version: int | None) -> dict[str, Any]:
+    """The server's window for one variant at one version ({} if it served nothing)."""
     for entry in stats.get("variants", []):
         if entry.get("variant") == variant and version is not None and entry.get("version") == str(version):
-            return VariantWindow(
-                requests=int(entry["requests"]),
-                errors=int(entry["errors"]),
-                latency_p99_ms=entry.get("latency_p99_ms"),
-                class_counts={str(k): int(v) for k, v in (entry.get("class_counts") or {}).items()},
-                labelled=int(entry.get("labelled", 0)),
-                correct=int(entry.get("correct", 0)),
-            )
-    return EMPTY
+            return dict(entry)
+    return {}
 
 
-def _window_json(window: VariantWindow, version: int | None, p50: float | None = None) -> dict[str, Any]:
+def _variant(entry: dict[str, Any]) -> VariantWindow:
+    if not entry:
+        return EMPTY
+    return VariantWindow(
+        requests=int(entry["requests"]),
+        errors=int(entry["errors"]),
+        latency_p99_ms=entry.get("latency_p99_ms"),
+        class_counts={str(k): int(v) for k, v in (entry.get("class_counts") or {}).items()},
+        labelled=int(entry.get("labelled", 0)),
+        correct=int(entry.get("correct", 0)),
+    )
+
+
+def _window_json(window: VariantWindow, version: int | None, entry: dict[str, Any]) -> dict[str, Any]:
     return {
         "version": None if version is None else str(version),
         "requests": window.requests,
         "errors": window.errors,
-        "latency_p50_ms": p50,
+        "latency_p50_ms": entry.get("latency_p50_ms"),
         "latency_p99_ms": window.latency_p99_ms,
         "class_counts": window.class_counts,
         "labelled": window.labelled,
         "correct": window.correct,
     }
-
-
-def _p50(stats: dict[str, Any], variant: str, version: int | None) -> float | None:
-    for entry in stats.get("variants", []):
-        if entry.get("variant") == variant and version is not None and entry.get("version") == str(version):
-            value = entry.get("latency_p50_ms")
-            return float(value) if value is not None else None
-    return None
 
 
 def _attempt(
@@ -134,8 +133,8 @@ def _attempt(
         "at": datetime.now(UTC).isoformat(),
         "elapsed_seconds": round(window.elapsed_seconds, 3),
         "traffic_percent": decision.traffic_percent,
-        "canary": _window_json(window.canary, candidate, _p50(stats, "canary", candidate)),
-        "champion": _window_json(window.champion, champion, _p50(stats, "champion", champion)),
+        "canary": _window_json(window.canary, candidate, _entry(stats, "canary", candidate)),
+        "champion": _window_json(window.champion, champion, _entry(stats, "champion", champion)),
         "checks": [
             {
                 "metric": c.metric,
@@ -220,7 +219,9 @@ def drive_rollout(
                 log.warning("canary window unreadable: %s", err)
                 stats = {"variants": [], "error": str(err)}
                 applied = None  # tell the server again once it answers
-            window = CanaryWindow(_variant(stats, "canary", candidate), _variant(stats, "champion", champion), elapsed)
+            window = CanaryWindow(
+                _variant(_entry(stats, "canary", candidate)), _variant(_entry(stats, "champion", champion)), elapsed
+            )
             decision = next_canary_step(RolloutProgress(index, _failures(rollout)), window, policy)
             attempt = _attempt(decision, window, stats, (candidate, champion))
             if decision.action is not CanaryAction.WAIT:
