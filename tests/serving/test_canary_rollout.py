@@ -240,14 +240,26 @@ def test_delayed_labels_roll_back_a_less_accurate_candidate(stack: Stack) -> Non
         torch.manual_seed(1)
         labels = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES).eval()(x).argmax(dim=1).numpy()
     candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=5)
-    rollout_id, _ = stack.start_rollout(candidate, champion, min_labels=20, max_prediction_psi=50.0)
+    # Only accuracy may decide: latency is not judged on a loaded machine (a p99 spike on CI once rolled
+    # this back before the labels arrived), and 120 canary requests per window bring ~60 labels.
+    rollout_id, _ = stack.start_rollout(
+        candidate,
+        champion,
+        min_labels=20,
+        min_requests=120,
+        interval_seconds=2.0,
+        max_prediction_psi=50.0,
+        max_latency_p99_ratio=1e6,
+    )
     load = stack.traffic(labels=labels, feedback_fraction=0.5).start()
     try:
         result = stack.drive()
     finally:
         load.stop()
     assert result.status is e.RolloutStatus.ROLLED_BACK, result.reason
-    attempt = _rollout(stack, rollout_id).steps[0].analysis["attempts"][-1]
+    rollout = _rollout(stack, rollout_id)
+    assert "accuracy" in (rollout.reason or ""), rollout.reason
+    attempt = rollout.steps[-1].analysis["attempts"][-1]
     accuracy = next(c for c in attempt["checks"] if c["metric"] == "accuracy")
     assert accuracy["verdict"] == "fail" and accuracy["champion_value"] >= 0.99
 
