@@ -6,6 +6,8 @@ this decides. Checks, each with its numbers and a reason:
 - p99 latency ratio canary / champion in the same window <= `max_latency_p99_ratio`;
 - prediction drift: population stability index of the predicted-class distributions
   <= `max_prediction_psi`;
+  (both compare with the champion, so they need `min_requests` champion requests in the window
+  too; with fewer, as at 100 %, they are skipped and the step is judged on the other checks)
 - accuracy from delayed labels, once both variants have `min_labels`: canary >= champion -
   `max_accuracy_drop`.
 Never pass on no data: a step with fewer than `min_requests` canary requests waits (is extended)
@@ -158,7 +160,15 @@ def _checks(window: CanaryWindow, policy: CanarySpec) -> list[GateCheck]:
             threshold=policy.max_error_rate,
         )
     )
-    if champion.requests and canary.latency_p99_ms is not None and champion.latency_p99_ms:
+    # A comparison needs a champion sample as large as the canary's minimum: a handful of champion
+    # requests (late arrivals at a high step, none at 100 %) says nothing about its p99 or its classes.
+    uncomparable = (
+        None
+        if champion.requests >= policy.min_requests
+        else f"champion served {champion.requests} requests in this window; a comparison needs "
+        f"{policy.min_requests} (min_requests)"
+    )
+    if uncomparable is None and canary.latency_p99_ms is not None and champion.latency_p99_ms:
         ratio = canary.latency_p99_ms / champion.latency_p99_ms
         ok = ratio <= policy.max_latency_p99_ratio
         checks.append(
@@ -175,10 +185,10 @@ def _checks(window: CanaryWindow, policy: CanarySpec) -> list[GateCheck]:
     else:
         checks.append(
             GateCheck(
-                "latency_p99_ratio", "canary", Verdict.SKIPPED, "no champion traffic in this window to compare with"
+                "latency_p99_ratio", "canary", Verdict.SKIPPED, uncomparable or "no latency measured in this window"
             )
         )
-    if champion.requests and canary.class_counts and champion.class_counts:
+    if uncomparable is None and canary.class_counts and champion.class_counts:
         psi = population_stability_index(champion.class_counts, canary.class_counts)
         ok = psi <= policy.max_prediction_psi
         checks.append(
@@ -190,6 +200,12 @@ def _checks(window: CanaryWindow, policy: CanarySpec) -> list[GateCheck]:
                 psi,
                 None,
                 policy.max_prediction_psi,
+            )
+        )
+    else:
+        checks.append(
+            GateCheck(
+                "prediction_psi", "canary", Verdict.SKIPPED, uncomparable or "no predicted classes in this window"
             )
         )
     if canary.labelled >= policy.min_labels and champion.labelled >= policy.min_labels:

@@ -5,17 +5,11 @@ Prefect server and runner started by the service. Every decision is asserted.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
-import httpx
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
@@ -26,6 +20,7 @@ from retrainer import demo as story
 from retrainer.service import free_port
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
+from tests.integration.service import retrainer_serve
 
 pytestmark = pytest.mark.integration
 
@@ -78,12 +73,8 @@ def test_the_story_through_retrainer_serve(
         data[key] = f"s3://datasets/e2e-{suffix}/{path.name}"
     story.write_spec(settings.pipelines_dir, story.spec_for(SMALL[0]))
 
-    retrainer = str(Path(sys.executable).parent / "retrainer")
-    out = (tmp_path / "serve.log").open("wb")
-    service = subprocess.Popen([retrainer, "serve"], env={**os.environ}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        health = _wait_healthy(f"http://{api}/healthz", service, tmp_path / "serve.log")
-        assert set(health["checks"]) == {
+    with retrainer_serve(api, tmp_path / "serve.log") as health:
+        assert set(health) == {
             "database", "prefect-server", "prefect-runner", "model-server",
             "kafka-consumer", "trigger-service", "canary-supervisor",
         }  # fmt: skip
@@ -120,28 +111,4 @@ def test_the_story_through_retrainer_serve(
             r.trigger_kind for r in (repo.get_run(s, r.run_id) for s in [sessions()] for r in results)
         ]  # fmt: skip
         assert kinds == [e.TriggerKind.EVENT] * 4
-    finally:
-        service.send_signal(signal.SIGTERM)
-        try:
-            code = service.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            raise
-        out.close()
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     story.delete_topics(settings)
-
-
-def _wait_healthy(url: str, service: subprocess.Popen[bytes], log: Path) -> dict[str, dict[str, str]]:
-    deadline = time.monotonic() + 240
-    while True:
-        assert service.poll() is None, log.read_text()[-3000:]
-        try:
-            answer = httpx.get(url, timeout=2)
-            if answer.status_code == 200:
-                body: dict[str, dict[str, str]] = answer.json()
-                return body
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(1)

@@ -87,3 +87,20 @@ def test_failures_below_the_limit_repeat_the_step() -> None:
 def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None:
     assert population_stability_index(CLASSES, CLASSES) == pytest.approx(0.0)
     assert population_stability_index(CLASSES, {"0": 290, "1": 5, "2": 5}) > 1.0
+
+
+def test_a_handful_of_champion_requests_is_no_baseline_for_comparisons() -> None:
+    """At a high step the champion sees a few late requests: its p99 and class mix mean nothing, so the
+    comparisons are skipped (the case CI met: 100 %, PSI 7.2 against a few champion requests)."""
+    few = VariantWindow(4, 0, 1.0, {"0": 4}, 0, 0)
+    slow_and_skewed = VariantWindow(300, 0, 50.0, {"0": 100, "1": 100, "2": 100}, 0, 0)
+    step = next_canary_step(RolloutProgress(2), CanaryWindow(slow_and_skewed, few, 31), POLICY)
+    assert step.action is CanaryAction.PROMOTE
+    skipped = {c.metric: c.reason for c in step.checks if c.verdict.value == "skipped"}
+    assert set(skipped) >= {"latency_p99_ratio", "prediction_psi"}
+    assert "champion served 4 requests" in skipped["prediction_psi"] and "min_requests" in skipped["prediction_psi"]
+    # with as many champion requests as the policy's minimum, the same canary fails both comparisons
+    enough = VariantWindow(200, 0, 1.0, {"0": 200}, 0, 0)
+    step = next_canary_step(RolloutProgress(2), CanaryWindow(slow_and_skewed, enough, 31), POLICY)
+    assert step.action is CanaryAction.ROLLBACK
+    assert {c.metric for c in step.checks if c.verdict.value == "fail"} == {"latency_p99_ratio", "prediction_psi"}
