@@ -8,8 +8,8 @@ loop in this process with N keep-alive connections, each sending one-row OIP v2 
 back (closed loop) for a fixed time per cell; requests that start in the warm-up are not counted.
 
 1. Throughput and p50/p99 latency at 1, 16 and 64 clients, batching ON vs OFF (`BatchingConfig`),
-   as shipped and with `OMP_NUM_THREADS=1` (one torch intra-op thread), with LitServe (same model,
-   body and outputs, with and without its batching) as a peer when it is installed. Our four
+   as shipped (one torch intra-op thread, `RETRAINER_SERVING_TORCH_THREADS=1`) and with two threads,
+   with LitServe (same model, body and outputs, with and without its batching) as a peer when it is installed. Our four
    servers stay up and their cells alternate, the order rotating each round. Diagnostics: server
    and load-generator CPU per request, mean rows per forward pass (from /metrics), and the HTTP
    floor (`GET /v2/health/live`: uvicorn + FastAPI with no model and no body).
@@ -19,7 +19,8 @@ back (closed loop) for a fixed time per cell; requests that start in the warm-up
 4. The server's resident memory (RSS, /proc) with one version, two (champion + canary), after
    removing the canary and after swapping the champion, for a bigger MLP (64-2048-2048-10), with
    the count of loaded-model objects still alive (weak references) to tell a model kept alive from
-   freed memory the allocator keeps; with glibc's default malloc and with a fixed mmap threshold.
+   freed memory the allocator keeps; as shipped (`tune_process` fixes glibc's mmap threshold) and with
+   glibc's default, adaptive threshold.
 
 Targets: batching ON/OFF >= 3x at 64 clients; p99 <= 20 ms at 16 clients (batching ON).
 
@@ -76,6 +77,13 @@ CLIENTS = (1, 16, 64)
 TARGET_BATCHING_RATIO = 3.0  # batching ON / OFF throughput at 64 clients
 TARGET_P99_MS = 20.0  # at 16 clients, batching ON
 CHILD_TAG = "@@"  # the child servers' answers on stdout start with this
+GLIBC_DEFAULT_ENV = "BENCH_GLIBC_DEFAULT_MMAP"  # "1": the server child leaves glibc's mmap threshold adaptive
+
+
+def tune_threads() -> int:
+    from domain.settings import Settings
+
+    return int(Settings.model_fields["serving_torch_threads"].default)
 
 
 def describe(params: dict[str, Any]) -> str:
@@ -121,8 +129,14 @@ def _serve_retrainer(batching: bool, params: dict[str, Any], work: Path) -> None
     from ml.package import MANIFEST_FORMAT, save_package
     from serving.app import create_serving_app
     from serving.registry import LoadedModel, ModelRegistry, load_version
-    from serving.server import running_server
+    from serving.server import running_server, tune_process
     from storage.artifacts.local import LocalArtifactStore
+
+    # as `retrainer serve` does; the comparison columns change it through the environment
+    tune_process(
+        int(os.environ.get("RETRAINER_SERVING_TORCH_THREADS", "1")),
+        fixed_mmap_threshold=os.environ.get(GLIBC_DEFAULT_ENV) != "1",
+    )
 
     config = BatchingConfig(enabled=batching)
     store = LocalArtifactStore(f"file://{work / 'artifacts'}")
@@ -541,8 +555,6 @@ RSS_STATES = [
     ("  after gc.collect()", ["gc"]),
     ("  after malloc_trim(0)", ["trim"]),
 ]
-FIXED_MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold, held fixed: big blocks always go back to the OS
-FIXED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(FIXED_MMAP_THRESHOLD)}
 
 
 def rss_sequence(log_dir: Path, seconds: float, env: dict[str, str], tag: str) -> list[dict[str, Any]]:
@@ -601,13 +613,13 @@ class Results:
     rss: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torch's intra-op threads in the server process
+TWO_THREADS = {"RETRAINER_SERVING_TORCH_THREADS": "2"}  # torch's intra-op threads in the server process
 # (label, batching, extra environment): the first two are the server as shipped (the targets' subject)
 OURS: list[tuple[str, bool, dict[str, str]]] = [
     ("retrainer batching ON", True, {}),
     ("retrainer batching OFF", False, {}),
-    ("retrainer ON, OMP_NUM_THREADS=1", True, ONE_THREAD),
-    ("retrainer OFF, OMP_NUM_THREADS=1", False, ONE_THREAD),
+    ("retrainer ON, 2 torch threads", True, TWO_THREADS),
+    ("retrainer OFF, 2 torch threads", False, TWO_THREADS),
 ]
 PEERS = ("LitServe batching ON", "LitServe batching OFF")
 
@@ -693,7 +705,7 @@ def report_http(results: Results, peer_missing: str | None) -> None:
     print(f"\n{'target':<58}{'goal':>10}{'measured':>12}  verdict")
     for on, off in ((OURS[0][0], OURS[1][0]), (OURS[2][0], OURS[3][0])):
         shipped = on == OURS[0][0]
-        suffix = "" if shipped else " (OMP_NUM_THREADS=1)"
+        suffix = "" if shipped else " (2 torch threads)"
         ratio = rps(on) / rps(off) if rps(off) else float("nan")
         p99_16 = merged(results.http[(on, 16)])[2]
         label, goal = f"batching ON / OFF throughput, {CLIENTS[-1]} clients{suffix}", f">= {TARGET_BATCHING_RATIO:g}x"
@@ -711,15 +723,14 @@ def report_ceiling(results: Results) -> None:
         f"\n## 2. ceiling: LoadedModel.predict in-process (MLP {describe(DEMO_PARAMS)}, standardizer, softmax), "
         "best of 5 interleaved runs"
     )
-    server_threads = torch.get_num_threads()
     for threads, rates in results.ceilings.items():
-        note = " (shipped server)" if threads == server_threads else " (OMP_NUM_THREADS=1)"
+        note = " (shipped server)" if threads == 1 else ""
         text = "   ".join(
             f"batch {batch}: {rate:>8.0f} rows/s ({batch / rate * 1e6:6.0f} µs/pass)" for batch, rate in rates.items()
         )
         print(f"torch threads {threads}{note:<22}{text}")
     best = max(merged(results.http[(label, CLIENTS[-1])])[0] for label, _, _ in OURS[:2])
-    top = results.ceilings[server_threads]
+    top = results.ceilings[1]
     print(
         f"best shipped server at {CLIENTS[-1]} clients: {best / top[BATCHING.max_batch_size]:.1%} of the batch-"
         f"{BATCHING.max_batch_size} ceiling, {best / top[1]:.0%} of the batch-1 ceiling"
@@ -728,7 +739,7 @@ def report_ceiling(results: Results) -> None:
     floor_us = cpu_per_request_us([results.floor])[0]
     print(f"server CPU per request at {CLIENTS[-1]} clients: HTTP floor (no model, no body) {floor_us:.0f} µs")
     for (on, _, env), (off, _, _) in ((OURS[0], OURS[1]), (OURS[2], OURS[3])):
-        threads = 1 if env else server_threads
+        threads = int(env.get("RETRAINER_SERVING_TORCH_THREADS", "1"))
         if threads not in results.ceilings:
             continue
         on_us, off_us = (cpu_per_request_us(results.http[(label, CLIENTS[-1])])[0] for label in (on, off))
@@ -805,7 +816,8 @@ def main() -> None:
     peer_missing = "skipped (--no-litserve)" if args.no_litserve else litserve_status()
     print(
         f"# Model server on this machine: {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {http_stack()}; load average {os.getloadavg()[0]:.2f} at the start"
+        f"(server: {tune_threads()} intra-op thread as shipped), {http_stack()}; "
+        f"load average {os.getloadavg()[0]:.2f} at the start"
     )
     print(
         f"# model MLP {describe(DEMO_PARAMS)} fp32 (pipelines/digits-classifier.yaml), 1 row per request; "
@@ -818,9 +830,9 @@ def main() -> None:
     if peer_missing is None:
         measure_peer(results, log_dir, args.peer_rounds, cell)
     # no server is running now
-    results.ceilings = ceiling(max(0.5, args.seconds / 2), sorted({torch.get_num_threads(), 1}))
+    results.ceilings = ceiling(max(0.5, args.seconds / 2), [1, 2])
     results.weights_mb = sum(p.numel() * p.element_size() for p in module_for(BIG_PARAMS, 0).parameters()) / 2**20
-    allocators = {"glibc default": {}, f"MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD}": FIXED_MMAP_ENV}
+    allocators = {"shipped (mmap threshold 128 KiB)": {}, "glibc default (adaptive)": {GLIBC_DEFAULT_ENV: "1"}}
     results.rss = {name: rss_sequence(log_dir, args.seconds, env, name) for name, env in allocators.items()}
 
     report_http(results, peer_missing)

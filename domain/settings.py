@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         default="",
         description="Base URL the canary controller reads the model server at; empty: http://SERVING_ADDRESS.",
     )
+    serving_torch_threads: int = Field(
+        default=1,
+        ge=1,
+        description="torch intra-op threads in the model server's process. 1 suits small models: the "
+        "batcher already amortises each forward pass, and idle OpenMP threads spin on the cores the "
+        "HTTP event loop needs. Raise it for large models.",
+    )
     canary_poll_seconds: float = Field(
         default=2.0, gt=0, description="How often the canary controller looks at the step in progress."
     )

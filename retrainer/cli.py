@@ -502,9 +502,10 @@ def serve_models_command(
     from serving.app import create_serving_app
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
-    from serving.server import serve_models
+    from serving.server import serve_models, tune_process
 
     settings = _settings()
+    tune_process(settings.serving_torch_threads)
     follower = MetadataFollower(ModelRegistry(), wiring.sessions(settings), wiring.artifact_store(settings))
     for pipeline, what in follower.sync().items():
         err.print(f"{pipeline}: {what}", highlight=False)

@@ -208,7 +208,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from serving.app import create_serving_app
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
-    from serving.server import running_server
+    from serving.server import running_server, tune_process
     from storage import repositories as repo
     from storage.db import transaction
 
@@ -229,6 +229,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         follower.start(serving_refresh_s)
         stack.callback(follower.registry.close)
         stack.callback(follower.stop)
+        tune_process(settings.serving_torch_threads)
         serving_app = create_serving_app(follower.registry, reload=follower.sync)
         serving_url = stack.enter_context(running_server(serving_app, settings.serving_address))
 

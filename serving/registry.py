@@ -91,8 +91,9 @@ class LoadedModel:
 
     async def infer(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, classes] probabilities for [N, F] rows, through the batcher when batching is on."""
-        if self.batcher is not None:
-            return await asyncio.wrap_future(self.batcher.submit(rows))
+        batcher = self.batcher  # once: a retired model drops its batcher (after its last request)
+        if batcher is not None:
+            return await asyncio.wrap_future(batcher.submit(rows))
         return await asyncio.to_thread(self.predict, rows)
 
     def predict(self, rows: torch.Tensor) -> torch.Tensor:
@@ -130,8 +131,12 @@ class LoadedModel:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        """Closes the batcher and drops it: the batcher holds this model's bound methods, so keeping
+        it would make a reference cycle that only the cycle collector frees; without it the model and
+        its weights go with the last reference (the worker thread lets go when the queue is drained)."""
+        batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            batcher.close()
 
     @property
     def in_flight(self) -> int:

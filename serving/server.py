@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import socket
 import threading
 import time
@@ -15,6 +18,33 @@ from fastapi import FastAPI
 from domain.errors import ConfigurationError, InfrastructureError
 
 SETTING = "RETRAINER_SERVING_ADDRESS"
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+log = logging.getLogger(__name__)
+
+
+def tune_process(torch_threads: int, *, fixed_mmap_threshold: bool = True) -> None:
+    """Process-wide settings for serving, called once before the server starts:
+    - torch's intra-op threads (`RETRAINER_SERVING_TORCH_THREADS`, 1 by default);
+    - glibc's mmap threshold fixed at 128 KiB. By default glibc raises it after the first large
+      free, so later weight tensors come from the heap and a swapped-out model's memory stays in
+      the process; with it fixed, every tensor over 128 KiB is its own mapping, returned to the
+      system when the model is freed (`bench/serving.py`, section 4).
+    """
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    if not fixed_mmap_threshold:
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        ok = libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    except OSError:
+        ok = False
+    if not ok:
+        log.info("mallopt(M_MMAP_THRESHOLD) not available (not glibc): swapped-out models may keep heap memory")
 
 
 def parse_address(address: str) -> tuple[str, int]:
