@@ -23,18 +23,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from domain.errors import (
     ArtifactIntegrityError,
@@ -87,11 +91,16 @@ def status_for(error: RetrainerError) -> int:
     return 500
 
 
-def error_response(error: RetrainerError) -> JSONResponse:
+def _error_body(error: RetrainerError) -> tuple[int, bytes]:
     status = status_for(error)
     if status >= 500:
         log.warning("inference request failed: %s: %s", error.code, error.message)
-    return JSONResponse({"error": error.message}, status_code=status)
+    return status, orjson.dumps({"error": error.message})
+
+
+def error_response(error: RetrainerError) -> Response:
+    status, body = _error_body(error)
+    return Response(body, status_code=status, media_type="application/json")
 
 
 class _ForwardPassCollector(Collector):
@@ -116,19 +125,78 @@ class _ForwardPassCollector(Collector):
         yield rows
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _receive_body(declared_length: str | None, receive: Receive, limit: int) -> bytes:
+    """The whole request body from ASGI `receive`, refused past `limit` bytes (declared or sent)."""
     too_large = PayloadTooLargeError(f"request body is over {limit} bytes; send fewer rows per request")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return await _receive_body(request.headers.get("content-length"), request.receive, limit)
+
+
+InferHandler = Callable[[str, str | None, bytes, str | None], Awaitable[tuple[dict[str, Any], str]]]
+INFER_PATH = re.compile(r"/v2/models/(?P<pipeline>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+
+
+class ModelServerApp(FastAPI):
+    """FastAPI for every endpoint but `infer`, which this answers as plain ASGI before FastAPI's
+    middleware, routing and dependency layers: they cost more CPU per request than the rest of an
+    inference together (`bench/serving.py` measures the path), and `infer` needs none of them.
+    Errors get the same bodies and statuses as the FastAPI handlers give."""
+
+    infer_handler: InferHandler | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and self.infer_handler is not None:
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                await self._infer(scope, receive, send, match["pipeline"], match["version"])
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, pipeline: str, version: str | None) -> None:
+        assert self.infer_handler is not None
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            length = headers.get(b"content-length")
+            body = await _receive_body(length.decode("latin-1") if length else None, receive, self.max_body_bytes)
+            sticky = headers.get(STICKY_HEADER.lower().encode())
+            answer, variant = await self.infer_handler(
+                pipeline, version, body, sticky.decode("latin-1") if sticky else None
+            )
+            status, payload = 200, orjson.dumps(answer)
+            extra.append((b"x-retrainer-variant", variant.encode()))
+        except ClientDisconnect:
+            return
+        except RetrainerError as e:
+            status, payload = _error_body(e)
+        except Exception as e:
+            log.exception("unexpected error in the model server", exc_info=e)
+            status, payload = 500, orjson.dumps({"error": f"internal error ({type(e).__name__}); see the server log"})
+        response_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 def create_serving_app(
@@ -146,10 +214,10 @@ def create_serving_app(
     metrics = metrics or ServingMetrics()
     feedback = feedback or FeedbackStore()
     metrics.registry.register(_ForwardPassCollector(registry))
-    app = FastAPI(title="Retrainer model server", docs_url=None, redoc_url=None, openapi_url=None)
+    app = ModelServerApp(title="Retrainer model server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.metrics, app.state.feedback = registry, metrics, feedback
 
-    async def retrainer_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def retrainer_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RetrainerError)
         return error_response(exc)
 
@@ -204,11 +272,13 @@ def create_serving_app(
     async def version_metadata_route(pipeline: str, version: str) -> dict[str, Any]:
         return metadata(pipeline, version)
 
-    async def infer(request: Request, pipeline: str, version: str | None) -> JSONResponse:
-        body = await _read_body(request, max_body_bytes)
+    async def infer(
+        pipeline: str, version: str | None, body: bytes, sticky_key: str | None
+    ) -> tuple[dict[str, Any], str]:
+        """One inference request: the OIP v2 answer and the variant that served it."""
         parsed = parse_infer_request(parse_json(body))
         request_id = parsed.id or uuid.uuid4().hex
-        with registry.route(pipeline, sticky_key=request.headers.get(STICKY_HEADER), version=version) as routed:
+        with registry.route(pipeline, sticky_key=sticky_key, version=version) as routed:
             model = routed.model
             started = time.perf_counter()
             try:
@@ -217,8 +287,8 @@ def create_serving_app(
                 metrics.rejected(pipeline, routed.variant, model.version)
                 raise
             try:
-                probabilities = await model.infer(rows)
-                if not bool(probabilities.isfinite().all()):
+                answers = await model.infer(rows)
+                if not all(answer.finite for answer in answers):
                     raise ModelFailedError(
                         f"model {pipeline!r} version {model.version} produced NaN/inf for this input; "
                         "check the model (the input itself was finite)"
@@ -230,22 +300,18 @@ def create_serving_app(
                 raise ModelFailedError(
                     f"model {pipeline!r} version {model.version} failed on this input ({type(e).__name__}: {e})"
                 ) from e
-            classes = probabilities.argmax(dim=1).tolist()
+            classes = [answer.predicted_class for answer in answers]
             metrics.observe(pipeline, routed.variant, model.version, time.perf_counter() - started, classes)
             feedback.remember(
                 request_id,
                 Prediction(pipeline, routed.variant, model.version, tuple(classes), model.output_classes),
             )
-            answer = infer_response(pipeline, model.version, request_id, probabilities, parsed.outputs)
-        return JSONResponse(answer, headers={"X-Retrainer-Variant": routed.variant})
+            probabilities = [answer.probabilities for answer in answers]
+            answer = infer_response(pipeline, model.version, request_id, probabilities, classes, parsed.outputs)
+            return answer, routed.variant
 
-    @app.post("/v2/models/{pipeline}/infer")
-    async def infer_route(request: Request, pipeline: str) -> JSONResponse:
-        return await infer(request, pipeline, None)
-
-    @app.post("/v2/models/{pipeline}/versions/{version}/infer")
-    async def infer_version_route(request: Request, pipeline: str, version: str) -> JSONResponse:
-        return await infer(request, pipeline, version)
+    # POST /v2/models/{pipeline}[/versions/{version}]/infer: answered by ModelServerApp.__call__
+    app.infer_handler, app.max_body_bytes = infer, max_body_bytes
 
     @app.post("/v2/models/{pipeline}/feedback")
     async def feedback_route(request: Request, pipeline: str) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """Dynamic batching: concurrent requests to one loaded model share one forward pass.
 
-Each `DynamicBatcher` owns a queue and one worker thread. `submit(rows)` queues an NxF tensor and
-returns a `concurrent.futures.Future`; the worker takes the oldest request, then keeps adding
-queued requests until the batch holds `max_batch_size` rows or `max_wait_ms` has passed since it
-took the first one, runs one forward pass over the concatenation and hands each request its own
-slice of the result. A request larger than `max_batch_size` rows runs alone (never split).
+Each `DynamicBatcher` owns a queue and one worker thread. `await run(rows)` (from an event loop)
+or `submit(rows)` (a `concurrent.futures.Future`, from any thread) queues an NxF tensor; the
+worker takes the oldest request, then keeps adding queued requests until the batch holds
+`max_batch_size` rows or `max_wait_ms` has passed since it took the first one, runs one forward
+pass over the concatenation and hands each request its own slice of the result (`forward` returns
+one item per row: a tensor, or a list). A request larger than `max_batch_size` rows runs alone
+(never split).
 
-A thread, not an asyncio task, so that the forward pass never blocks the event loop and the
-batcher works under any loop (or none): an async caller awaits `asyncio.wrap_future(future)`.
+A thread, not an asyncio task, so that the forward pass never blocks the event loop. The answers
+of one batch go back to an event loop in one `call_soon_threadsafe`, not one wake-up per request.
 The worker starts on the first `submit` and exits after `idle_exit_s` without work (and
 `close()` ends it at once), so a model that is swapped out leaves no thread behind and its
 memory is freed with its last reference.
@@ -15,16 +17,19 @@ memory is freed with its last reference.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[[torch.Tensor], Any]  # [rows, F] → one answer per row, sliceable (a tensor or a list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +53,24 @@ class BatchingConfig:
 @dataclass(slots=True)
 class _Pending:
     rows: torch.Tensor
-    future: Future[torch.Tensor]
+    future: Future[Any] | None = None  # submit(): thread-safe
+    waiter: asyncio.Future[Any] | None = None  # run(): belongs to the caller's event loop
+
+    def wanted(self) -> bool:
+        """False if the caller gave up (cancelled) before the forward pass."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return self.waiter is not None and not self.waiter.done()
+
+
+def _deliver(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the event loop: one call per batch sets every waiting request's result."""
+    for waiter, result, error in answers:
+        if not waiter.done():
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)
 
 
 class DynamicBatcher:
@@ -77,17 +99,25 @@ class DynamicBatcher:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, rows: torch.Tensor) -> Future[torch.Tensor]:
-        future: Future[torch.Tensor] = Future()
+    def submit(self, rows: torch.Tensor) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._enqueue(_Pending(rows, future=future))
+        return future
+
+    async def run(self, rows: torch.Tensor) -> Any:
+        waiter = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(rows, waiter=waiter))
+        return await waiter
+
+    def _enqueue(self, pending: _Pending) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"batcher of {self.name} is closed; route the request to the current model")
-            self._pending.append(_Pending(rows, future))
+            self._pending.append(pending)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return future
 
     def close(self) -> None:
         """Lets the worker finish what is queued, then exit; later submits are refused."""
@@ -128,20 +158,36 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            live = [item for item in batch if item.wanted()]
             if not live:
                 continue
             try:
                 inputs = live[0].rows if len(live) == 1 else torch.cat([item.rows for item in live])
                 outputs = self._forward(inputs)
-                sizes = [int(item.rows.shape[0]) for item in live]
-                for item, part in zip(live, torch.split(outputs, sizes), strict=True):
-                    item.future.set_result(part)
             except BaseException as e:  # every waiting request must hear about the failure
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+                self._answer(live, [None] * len(live), e)
             else:
+                parts, start = [], 0
+                for item in live:
+                    end = start + int(item.rows.shape[0])
+                    parts.append(outputs[start:end])
+                    start = end
+                self._answer(live, parts, None)
                 if self._on_batch is not None:
                     self._on_batch(len(live), int(inputs.shape[0]))
             del batch, live
+
+    @staticmethod
+    def _answer(items: list[_Pending], results: list[Any], error: BaseException | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for item, result in zip(items, results, strict=True):
+            if item.future is not None:
+                if error is not None:
+                    item.future.set_exception(error)
+                else:
+                    item.future.set_result(result)
+            elif item.waiter is not None:
+                by_loop.setdefault(item.waiter.get_loop(), []).append((item.waiter, result, error))
+        for loop, answers in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver, answers)

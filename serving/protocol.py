@@ -159,14 +159,19 @@ def _parse_outputs(outputs: Any) -> tuple[str, ...]:
 
 
 def infer_response(
-    model_name: str, model_version: str, request_id: str, probabilities: torch.Tensor, outputs: Sequence[str]
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    probabilities: Sequence[Sequence[float]],
+    classes: Sequence[int],
+    outputs: Sequence[str],
 ) -> dict[str, Any]:
-    classes = probabilities.argmax(dim=1)
-    n, k = int(probabilities.shape[0]), int(probabilities.shape[1])
+    """The OIP v2 answer for N rows: `probabilities` [N][classes] and the predicted class of each."""
+    n, k = len(probabilities), len(probabilities[0]) if probabilities else 0
     tensors = {
         PROBABILITIES: {"name": PROBABILITIES, "shape": [n, k], "datatype": "FP32",
-                        "data": probabilities.reshape(-1).tolist()},
-        PREDICTED_CLASS: {"name": PREDICTED_CLASS, "shape": [n], "datatype": "INT64", "data": classes.tolist()},
+                        "data": [value for row in probabilities for value in row]},
+        PREDICTED_CLASS: {"name": PREDICTED_CLASS, "shape": [n], "datatype": "INT64", "data": list(classes)},
     }  # fmt: skip
     return {
         "model_name": model_name,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +45,14 @@ class ModelNotReadyError(RetrainerError):
     """The pipeline is expected by the server but no champion is loaded yet."""
 
     code = "model_not_ready"
+
+
+class RowAnswer(NamedTuple):
+    """The model's answer for one input row."""
+
+    probabilities: list[float]
+    predicted_class: int
+    finite: bool
 
 
 class LoadedModel:
@@ -79,7 +87,7 @@ class LoadedModel:
         self.output_classes = output_classes
         self.batching = batching or BatchingConfig()
         self.batcher: DynamicBatcher | None = (
-            DynamicBatcher(self.predict, self.batching, name=f"{pipeline}-v{version}", in_flight=self._lease_count)
+            DynamicBatcher(self.answer_rows, self.batching, name=f"{pipeline}-v{version}", in_flight=self._lease_count)
             if self.batching.enabled
             else None
         )
@@ -89,12 +97,27 @@ class LoadedModel:
         self._retired = False
         self._lock = threading.Lock()
 
-    async def infer(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N, classes] probabilities for [N, F] rows, through the batcher when batching is on."""
+    async def infer(self, rows: torch.Tensor) -> list[RowAnswer]:
+        """One answer per row of [N, F] `rows`, through the batcher when batching is on."""
         batcher = self.batcher  # once: a retired model drops its batcher (after its last request)
         if batcher is not None:
-            return await asyncio.wrap_future(batcher.submit(rows))
-        return await asyncio.to_thread(self.predict, rows)
+            answers: list[RowAnswer] = await batcher.run(rows)
+            return answers
+        return await asyncio.to_thread(self.answer_rows, rows)
+
+    def answer_rows(self, rows: torch.Tensor) -> list[RowAnswer]:
+        """`predict`, then each row's probabilities, class and finiteness as Python values: done once
+        per forward pass (per batch), so a request only picks its rows out of lists."""
+        probabilities = self.predict(rows)
+        return [
+            RowAnswer(*row)
+            for row in zip(
+                probabilities.tolist(),
+                probabilities.argmax(dim=1).tolist(),
+                probabilities.isfinite().all(dim=1).tolist(),
+                strict=True,
+            )
+        ]
 
     def predict(self, rows: torch.Tensor) -> torch.Tensor:
         """One forward pass (the batcher's, or a request's own when batching is off)."""

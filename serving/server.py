@@ -72,7 +72,11 @@ def _bind(address: str) -> socket.socket:
 
 
 def _server(app: FastAPI, log_level: str) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level.lower(), server_header=False, access_log=False))
+    # No proxy-headers middleware: the model server never uses the client's address, and it costs per request.
+    config = uvicorn.Config(
+        app, log_level=log_level.lower(), server_header=False, access_log=False, proxy_headers=False
+    )
+    return uvicorn.Server(config)
 
 
 def _close_registry(app: FastAPI) -> None:
