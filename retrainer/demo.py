@@ -16,6 +16,7 @@ rest, and live traffic (with delayed labels) flows while a canary is out.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import os
@@ -300,11 +301,16 @@ def ensure_kafka(settings: Settings) -> str:
 
 
 def create_topics(settings: Settings) -> None:
+    """Creates the run's topics; idempotent. Right after the broker starts, kafka-python may retry a
+    CreateTopics whose first attempt did succeed, and then hears that the topics already exist."""
     from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
 
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers.split(","))
     try:
-        admin.create_topics([NewTopic(settings.kafka_topic, 3, 1), NewTopic(settings.kafka_dlq_topic, 1, 1)])
+        for topic in (NewTopic(settings.kafka_topic, 3, 1), NewTopic(settings.kafka_dlq_topic, 1, 1)):
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([topic])
     finally:
         admin.close()
 

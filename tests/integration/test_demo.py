@@ -31,3 +31,22 @@ def test_demo_tells_the_story(tmp_path: Path) -> None:
     assert f"report: {report}" in result.stdout.replace("\n", "")
     html = report.read_text()
     assert "<svg" in html and "latency_p99_ratio" in html and "http://" not in html
+
+
+def test_demo_topics_are_created_idempotently(
+    tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after `make demo` starts the broker, kafka-python may retry a CreateTopics that did
+    succeed and hear "already exists" (a fresh machine's `make demo` once died of it)."""
+    from domain.settings import load_settings
+    from retrainer import demo as story
+
+    for key, value in story.demo_environment(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RETRAINER_KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    settings = load_settings()
+    story.create_topics(settings)
+    try:
+        story.create_topics(settings)  # both topics exist now: no error, nothing changes
+    finally:
+        story.delete_topics(settings)
