@@ -6,8 +6,8 @@ this decides. Checks, each with its numbers and a reason:
 - p99 latency ratio canary / champion in the same window <= `max_latency_p99_ratio`;
 - prediction drift: population stability index of the predicted-class distributions
   <= `max_prediction_psi`;
-  (both compare with the champion, so they need `min_requests` champion requests in the window
-  too; with fewer, as at 100 %, they are skipped and the step is judged on the other checks)
+  (both compare with the champion: below 100 % a step waits for `min_requests` champion requests
+  too; at 100 % they are skipped and the last step is judged on the other checks)
 - accuracy from delayed labels, once both variants have `min_labels`: canary >= champion -
   `max_accuracy_drop`.
 Never pass on no data: a step with fewer than `min_requests` canary requests waits (is extended)
@@ -95,21 +95,26 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
 
     if window.elapsed_seconds < policy.interval_seconds:
         return stay(CanaryAction.WAIT, f"step {state.step_index + 1} at {current:g} %: interval not over yet")
-    if canary.requests < policy.min_requests:
+    # Below 100 % the champion still serves its share, and the comparisons need it: the window must
+    # hold min_requests of each. At 100 % the champion only gets requests already on their way.
+    compares = current < 100.0
+    short = [f"{canary.requests}/{policy.min_requests} canary"] if canary.requests < policy.min_requests else []
+    if compares and window.champion.requests < policy.min_requests:
+        short.append(f"{window.champion.requests}/{policy.min_requests} champion")
+    if short:
         deadline = policy.interval_seconds * policy.step_deadline_factor
         if window.elapsed_seconds < deadline:
             return stay(
                 CanaryAction.WAIT,
-                f"only {canary.requests}/{policy.min_requests} canary requests: "
-                f"step extended (deadline {deadline:g} s)",
+                f"only {' and '.join(short)} requests: step extended (deadline {deadline:g} s)",
             )
         reason = (
-            f"no evidence: {canary.requests}/{policy.min_requests} canary requests by the "
-            f"{deadline:g} s deadline; rolled back (never pass on no data)"
+            f"no evidence: {' and '.join(short)} requests by the {deadline:g} s deadline; "
+            "rolled back (never pass on no data)"
         )
         return CanaryStep(CanaryAction.ROLLBACK, state.step_index, 0.0, state.failures + 1, reason)
 
-    checks = _checks(window, policy)
+    checks = _checks(window, policy, compares)
     failed = [c for c in checks if c.verdict is Verdict.FAIL]
     if failed:
         failures = state.failures + 1
@@ -144,7 +149,7 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
     )
 
 
-def _checks(window: CanaryWindow, policy: CanarySpec) -> list[GateCheck]:
+def _checks(window: CanaryWindow, policy: CanarySpec, compares: bool) -> list[GateCheck]:
     canary, champion = window.canary, window.champion
     checks: list[GateCheck] = []
     error_rate = canary.errors / canary.requests
@@ -160,13 +165,11 @@ def _checks(window: CanaryWindow, policy: CanarySpec) -> list[GateCheck]:
             threshold=policy.max_error_rate,
         )
     )
-    # A comparison needs a champion sample as large as the canary's minimum: a handful of champion
-    # requests (late arrivals at a high step, none at 100 %) says nothing about its p99 or its classes.
     uncomparable = (
         None
-        if champion.requests >= policy.min_requests
-        else f"champion served {champion.requests} requests in this window; a comparison needs "
-        f"{policy.min_requests} (min_requests)"
+        if compares
+        else f"at 100 % the champion only serves requests already on their way ({champion.requests} in this "
+        "window): nothing to compare with"
     )
     if uncomparable is None and canary.latency_p99_ms is not None and champion.latency_p99_ms:
         ratio = canary.latency_p99_ms / champion.latency_p99_ms

@@ -6,7 +6,7 @@ to apply it (`POST /v2/repository/models/{pipeline}/load`: the server re-reads t
 from SQL), reads both variants' stats since the step began (`GET /v2/models/{pipeline}/stats`),
 and lets `domain.canary.next_canary_step` decide:
 
-- wait: keep looking (interval not over, or too few canary requests before the deadline);
+- wait: keep looking (interval not over, or too few requests before the deadline);
 - repeat: a check failed below the failure limit; the step restarts on a fresh window;
 - advance: the step passed; the next step (higher weight) becomes the one in progress;
 - promote: the last step passed; the champion alias moves to the candidate by compare-and-set,

@@ -224,12 +224,12 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         prefect_url = _prefect(settings, env, stack)
         os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"] = prefect_url
 
+        tune_process(settings.serving_torch_threads)  # before the first model loads
         follower = MetadataFollower(ModelRegistry(), sessions, wiring.artifact_store(settings))
         follower.sync()
         follower.start(serving_refresh_s)
         stack.callback(follower.registry.close)
         stack.callback(follower.stop)
-        tune_process(settings.serving_torch_threads)
         serving_app = create_serving_app(follower.registry, reload=follower.sync)
         serving_url = stack.enter_context(running_server(serving_app, settings.serving_address))
 

@@ -21,6 +21,7 @@ Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}` w
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -95,7 +96,8 @@ def _error_body(error: RetrainerError) -> tuple[int, bytes]:
     status = status_for(error)
     if status >= 500:
         log.warning("inference request failed: %s: %s", error.code, error.message)
-    return status, orjson.dumps({"error": error.message})
+    # the standard library with ASCII escapes: an error message can quote any input, and must always encode
+    return status, json.dumps({"error": error.message}).encode()
 
 
 def error_response(error: RetrainerError) -> Response:
@@ -128,7 +130,12 @@ class _ForwardPassCollector(Collector):
 async def _receive_body(declared_length: str | None, receive: Receive, limit: int) -> bytes:
     """The whole request body from ASGI `receive`, refused past `limit` bytes (declared or sent)."""
     too_large = PayloadTooLargeError(f"request body is over {limit} bytes; send fewer rows per request")
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+    if (
+        declared_length is not None
+        and declared_length.isascii()
+        and declared_length.isdigit()
+        and int(declared_length) > limit
+    ):
         raise too_large
     chunks: list[bytes] = []
     size = 0
@@ -163,10 +170,13 @@ class ModelServerApp(FastAPI):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self.infer_handler is not None:
+        if scope["type"] == "http" and self.infer_handler is not None:
             match = INFER_PATH.fullmatch(scope["path"])
             if match is not None:
-                await self._infer(scope, receive, send, match["pipeline"], match["version"])
+                if scope["method"] == "POST":
+                    await self._infer(scope, receive, send, match["pipeline"], match["version"])
+                else:
+                    await _send_json(send, 405, b'{"error":"infer takes POST"}', [(b"allow", b"POST")])
                 return
         await super().__call__(scope, receive, send)
 
@@ -190,13 +200,13 @@ class ModelServerApp(FastAPI):
         except Exception as e:
             log.exception("unexpected error in the model server", exc_info=e)
             status, payload = 500, orjson.dumps({"error": f"internal error ({type(e).__name__}); see the server log"})
-        response_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *extra,
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_json(send, status, payload, extra)
+
+
+async def _send_json(send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def create_serving_app(

@@ -10,7 +10,7 @@ one item per row: a tensor, or a list). A request larger than `max_batch_size` r
 
 A thread, not an asyncio task, so that the forward pass never blocks the event loop. The answers
 of one batch go back to an event loop in one `call_soon_threadsafe`, not one wake-up per request.
-The worker starts on the first `submit` and exits after `idle_exit_s` without work (and
+The worker starts with the first request and exits after `idle_exit_s` without work (and
 `close()` ends it at once), so a model that is swapped out leaves no thread behind and its
 memory is freed with its last reference.
 """
@@ -157,25 +157,34 @@ class DynamicBatcher:
         return batch
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            live = [item for item in batch if item.wanted()]
-            if not live:
-                continue
-            try:
-                inputs = live[0].rows if len(live) == 1 else torch.cat([item.rows for item in live])
-                outputs = self._forward(inputs)
-            except BaseException as e:  # every waiting request must hear about the failure
-                self._answer(live, [None] * len(live), e)
-            else:
-                parts, start = [], 0
-                for item in live:
-                    end = start + int(item.rows.shape[0])
-                    parts.append(outputs[start:end])
-                    start = end
-                self._answer(live, parts, None)
-                if self._on_batch is not None:
-                    self._on_batch(len(live), int(inputs.shape[0]))
-            del batch, live
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._process(batch)
+                del batch
+        finally:  # should the worker ever die, the next request starts a new one
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _process(self, batch: list[_Pending]) -> None:
+        live = [item for item in batch if item.wanted()]
+        if not live:
+            return
+        try:
+            inputs = live[0].rows if len(live) == 1 else torch.cat([item.rows for item in live])
+            outputs = self._forward(inputs)
+            parts, start = [], 0
+            for item in live:
+                end = start + int(item.rows.shape[0])
+                parts.append(outputs[start:end])
+                start = end
+        except BaseException as e:  # every waiting request must hear about the failure
+            self._answer(live, [None] * len(live), e)
+            return
+        self._answer(live, parts, None)
+        if self._on_batch is not None:
+            with contextlib.suppress(Exception):  # metrics never cost an answer
+                self._on_batch(len(live), int(inputs.shape[0]))
 
     @staticmethod
     def _answer(items: list[_Pending], results: list[Any], error: BaseException | None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import torch
 
 from domain.errors import InvalidInputError
@@ -54,10 +55,23 @@ class InferRequest:
 
 
 def parse_json(body: bytes) -> Any:
+    """orjson first (fast, strict). What only the standard library accepts (NaN/Infinity literals,
+    which many clients send and the input check names; integers past 64 bits) is parsed again with
+    it, and a lone surrogate in a string is refused (it could not be written back as JSON)."""
     try:
-        return json.loads(body)
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        payload = json.loads(body)
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(
+            "request body has a string with a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode"
+        ) from e
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidInputError(f"request body is not valid JSON ({e}); send an OIP v2 inference request") from e
+    return payload
 
 
 def parse_infer_request(payload: Any) -> InferRequest:

@@ -109,6 +109,12 @@ class LoadedModel:
         """`predict`, then each row's probabilities, class and finiteness as Python values: done once
         per forward pass (per batch), so a request only picks its rows out of lists."""
         probabilities = self.predict(rows)
+        expected = (int(rows.shape[0]), self.output_classes)
+        if tuple(probabilities.shape) != expected:
+            raise RuntimeError(
+                f"the model returned shape {list(probabilities.shape)} for {expected[0]} rows; "
+                f"it must return [rows, {self.output_classes}] (output_classes in its manifest)"
+            )
         return [
             RowAnswer(*row)
             for row in zip(
@@ -381,5 +387,6 @@ class ModelRegistry:
         with self._lock:
             models = [m for slot in self._slots.values() for m in slot.models()]
         for model in models:
-            if model.batcher is not None:
-                model.batcher.close()
+            batcher = model.batcher  # once: retirement may drop it meanwhile
+            if batcher is not None:
+                batcher.close()

@@ -14,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi import FastAPI
 
 from serving.app import create_serving_app
 from serving.batching import BatchingConfig
 from serving.metrics import ServingMetrics
-from serving.registry import ModelRegistry
+from serving.registry import LoadedModel, ModelRegistry
 from serving.server import running_server
 from tests.serving.conftest import CLASSES, FEATURES, CountingModule, expected_probabilities, tiny_model
 
@@ -135,6 +136,34 @@ def test_other_refusals(registry: ModelRegistry, http: httpx.Client) -> None:
     too_big = http.post(INFER, json=body(rows_of(2000)))  # over the 64 KiB limit of this app
     assert too_big.status_code == 413 and "over 65536 bytes" in too_big.json()["error"]
     assert http.get("/v2/nothing").status_code == 404 and "error" in http.get("/v2/nothing").json()
+    wrong_method = http.get(INFER)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    # a lone UTF-16 surrogate parses with Python's json but cannot be written back: refused, never a 500
+    for raw in (
+        b'{"id": "\\ud800", "inputs": []}',
+        b'{"inputs": [{"name": "\\ud800", "shape": [1, 1], "datatype": "FP32", "data": [0]}]}',
+    ):
+        lone = http.post(INFER, content=raw, headers={"Content-Type": "application/json"})
+        assert lone.status_code == 400 and "surrogate" in lone.json()["error"], lone.text
+
+
+class DropsARow(torch.nn.Module):
+    """A broken model: one row fewer out than in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0] - 1, CLASSES)
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batching", "no-batching"])
+def test_a_model_answering_the_wrong_number_of_rows_fails_loudly(
+    registry: ModelRegistry, http: httpx.Client, batching: bool
+) -> None:
+    registry.set_champion(
+        LoadedModel("digits", "1", DropsARow(), input_shape=[FEATURES], output_classes=CLASSES,
+                    batching=BatchingConfig(enabled=batching))
+    )  # fmt: skip
+    answer = http.post(INFER, json=body(rows_of(3)))
+    assert answer.status_code == 500 and "returned shape [2, 3] for 3 rows" in answer.json()["error"], answer.text
 
 
 def test_feedback_and_metrics(registry: ModelRegistry, http: httpx.Client) -> None:
