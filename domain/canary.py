@@ -3,7 +3,8 @@
 Pure: the controller measures one window of live traffic per variant (same interval for both),
 this decides. Checks, each with its numbers and a reason:
 - error rate of the canary <= `max_error_rate`;
-- p99 latency ratio canary / champion in the same window <= `max_latency_p99_ratio`;
+- p99 latency ratio canary / champion in the same window <= `max_latency_p99_ratio` (or the canary
+  at most `latency_p99_slack_ms` slower: on a p99 of a few ms, jitter alone moves the ratio);
 - prediction drift: population stability index of the predicted-class distributions
   <= `max_prediction_psi`;
   (both compare with the champion: below 100 % a step waits for `min_requests` champion requests
@@ -173,13 +174,18 @@ def _checks(window: CanaryWindow, policy: CanarySpec, compares: bool) -> list[Ga
     )
     if uncomparable is None and canary.latency_p99_ms is not None and champion.latency_p99_ms:
         ratio = canary.latency_p99_ms / champion.latency_p99_ms
-        ok = ratio <= policy.max_latency_p99_ratio
+        within = ratio <= policy.max_latency_p99_ratio
+        slower_ms = canary.latency_p99_ms - champion.latency_p99_ms
+        ok = within or slower_ms <= policy.latency_p99_slack_ms
+        reason = f"canary/champion p99 = {ratio:.2f} {'<=' if within else '>'} {policy.max_latency_p99_ratio:.2f}"
+        if not within and ok:
+            reason += f", but only {slower_ms:.1f} ms slower (slack {policy.latency_p99_slack_ms:g} ms)"
         checks.append(
             GateCheck(
                 "latency_p99_ratio",
                 "canary",
                 Verdict.PASS if ok else Verdict.FAIL,
-                f"canary/champion p99 = {ratio:.2f} {'<=' if ok else '>'} {policy.max_latency_p99_ratio:.2f}",
+                reason,
                 canary.latency_p99_ms,
                 champion.latency_p99_ms,
                 policy.max_latency_p99_ratio,

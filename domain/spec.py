@@ -209,6 +209,12 @@ class CanarySpec(_Strict):
     min_labels: PositiveInt = Field(default=50, description="Feedback labels per variant before accuracy counts.")
     max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
     step_deadline_factor: float = Field(default=3.0, ge=1, description="A step waits up to this many intervals.")
+    latency_p99_slack_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="The p99 ratio fails a step only if the canary is also this many ms slower: on a p99 of a "
+        "few ms, scheduler jitter alone moves the ratio.",
+    )
 
     @field_validator("steps")
     @classmethod

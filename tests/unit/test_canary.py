@@ -114,3 +114,13 @@ def test_below_100_percent_a_step_waits_for_enough_champion_requests_then_fails_
     step = next_canary_step(RolloutProgress(1), CanaryWindow(slow_and_skewed, enough, 31), POLICY)
     assert step.action is CanaryAction.ROLLBACK
     assert {c.metric for c in step.checks if c.verdict.value == "fail"} == {"latency_p99_ratio", "prediction_psi"}
+
+
+def test_latency_slack_forgives_a_large_ratio_of_a_few_milliseconds_only() -> None:
+    policy = POLICY.model_copy(update={"latency_p99_slack_ms": 10.0})
+    jitter = next_canary_step(RolloutProgress(0), window(p99=12.0), policy)  # 2.4x of 5 ms, 7 ms slower
+    check = next(c for c in jitter.checks if c.metric == "latency_p99_ratio")
+    assert jitter.action is CanaryAction.ADVANCE and "only 7.0 ms slower (slack 10 ms)" in check.reason
+    slow = next_canary_step(RolloutProgress(0), window(p99=50.0), policy)  # 10x, 45 ms slower
+    assert slow.action is CanaryAction.ROLLBACK
+    assert next_canary_step(RolloutProgress(0), window(p99=12.0), POLICY).action is CanaryAction.ROLLBACK  # no slack
