@@ -24,6 +24,7 @@ fails closed at the step's deadline.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 import httpx
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgress, VariantWindow, next_canary_step
@@ -42,6 +44,7 @@ from domain.spec import CanarySpec
 from flows.champion import end_rollout, promote_candidate
 from flows.context import FlowContext
 from storage import repositories as repo
+from storage.db import transaction
 
 log = logging.getLogger("retrainer.flows.canary")
 
@@ -294,6 +297,26 @@ def canary_rollout(pipeline: str, serving_url: str | None = None, poll_seconds: 
         "status": result.status.value,
         "reason": result.reason,
     }
+
+
+def supervise_rollouts(
+    sessions: sessionmaker[Session], serving_url: str | None, stop: threading.Event, poll_seconds: float = 1.0
+) -> None:
+    """Until `stop` is set: for each pipeline with an active rollout, runs the controller flow
+    (`canary_rollout`) in a thread of its own, and starts it again should it end while the rollout
+    is still active; it resumes at the stored step. One supervisor per deployment: `retrainer
+    serve` runs it in-process, `retrainer rollout supervise` on its own."""
+    controllers: dict[str, threading.Thread] = {}
+    while not stop.wait(poll_seconds):
+        with transaction(sessions) as session:
+            active = [p.name for p in repo.list_pipelines(session) if repo.active_rollout(session, p.name)]
+        for name in active:
+            if name not in controllers or not controllers[name].is_alive():
+                log.info("canary controller for %s starting", name)
+                controllers[name] = threading.Thread(
+                    target=canary_rollout, args=(name, serving_url), name=f"canary-{name}", daemon=True
+                )
+                controllers[name].start()
 
 
 def _attempt_markdown(rollout: e.Rollout, attempt: dict[str, Any]) -> str:

@@ -50,8 +50,11 @@ def sync_pipelines(session: Session, specs: list[PipelineSpec]) -> list[Pipeline
     return [repo.upsert_pipeline(session, spec.name, spec.dataset, spec.to_document()) for spec in specs]
 
 
-def deployments(specs: list[PipelineSpec]) -> list[RunnerDeployment]:
+def deployments(specs: list[PipelineSpec], *, module_entrypoint: bool = False) -> list[RunnerDeployment]:
+    """One deployment per pipeline. `module_entrypoint`: the flow is found by module path (for
+    work-pool workers, which run flows from a temporary folder and import the installed package)."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import run_pipeline
 
@@ -64,6 +67,24 @@ def deployments(specs: list[PipelineSpec]) -> list[RunnerDeployment]:
             parameters={"pipeline": spec.name},
             tags=[f"pipeline:{spec.name}"],
             description=f"Retrain {spec.name} on dataset {spec.dataset}",
+            entrypoint_type=EntrypointType.MODULE_PATH if module_entrypoint else EntrypointType.FILE_PATH,
         )
         built.append(cast("RunnerDeployment", deployment))  # sync call: never the coroutine
     return built
+
+
+def deploy_to_work_pool(specs: list[PipelineSpec], work_pool: str) -> list[str]:
+    """Registers each pipeline's deployment on `work_pool` (a `process` pool, created if missing),
+    where `prefect worker start --pool …` processes pick its runs up. Returns the deployment names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(work_pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
+    for deployment in deployments(specs, module_entrypoint=True):
+        deployment.apply(work_pool_name=work_pool)
+    return [f"retrainer-pipeline/{spec.name}" for spec in specs]

@@ -126,6 +126,25 @@ def pipelines_sync() -> None:
         out.print(f"registered {pipeline.name} (dataset {pipeline.dataset})", highlight=False)
 
 
+@pipelines_app.command("deploy")
+def pipelines_deploy(
+    pool: Annotated[str, typer.Option(help="Prefect work pool (type process; created if missing).")] = "retrainer",
+) -> None:
+    """Validate and register every spec, then make each pipeline's Prefect deployment
+    (`retrainer-pipeline/NAME`, the spec's cron) on a work pool, for `prefect worker start --pool`
+    processes to run. For a split deployment (compose, Kubernetes); `retrainer serve` needs none of it."""
+    from flows.registry import deploy_to_work_pool, load_specs, sync_pipelines
+    from retrainer import wiring
+    from storage.db import transaction
+
+    settings = _settings()
+    specs = load_specs(settings.pipelines_dir)
+    with transaction(wiring.sessions(settings)) as session:
+        sync_pipelines(session, specs)
+    for name in deploy_to_work_pool(specs, pool):
+        out.print(f"deployment {name} on work pool {pool}", highlight=False)
+
+
 @pipelines_app.command("list")
 def pipelines_list() -> None:
     """Registered pipelines and their champions."""
@@ -346,6 +365,31 @@ def rollout_run(
     _settings()
     result = canary_rollout(pipeline, serving_url=serving_url)
     out.print(f"{pipeline}: rollout {result.get('status') or 'none'}: {result.get('reason')}", highlight=False)
+
+
+@rollout_app.command("supervise")
+def rollout_supervise(
+    serving_url: Annotated[
+        str | None, typer.Option(help="Model server base URL; default RETRAINER_SERVING_URL or its address.")
+    ] = None,
+) -> None:
+    """Run a canary controller for every active rollout, now and as they start, until SIGTERM or
+    Ctrl-C (what `retrainer serve` does in-process; one per deployment)."""
+    import threading
+
+    from flows.canary import supervise_rollouts
+    from retrainer import wiring
+    from retrainer.service import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
+    settings = _settings()
+    stop = threading.Event()
+    err.print("supervising canary rollouts (Ctrl-C to stop)", highlight=False)
+    try:
+        supervise_rollouts(wiring.sessions(settings), serving_url, stop)
+    except KeyboardInterrupt:
+        stop.set()
+        err.print("stopped", highlight=False)
 
 
 @rollout_app.command("abort")

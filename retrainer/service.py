@@ -209,7 +209,6 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import running_server, tune_process
-    from storage import repositories as repo
     from storage.db import transaction
 
     stop = threading.Event()
@@ -264,26 +263,15 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
                             len(result.run.event_ids),
                         )
 
-        controllers: dict[str, threading.Thread] = {}
+        def supervise() -> None:
+            from flows.canary import supervise_rollouts
 
-        def supervise_rollouts() -> None:
-            from flows.canary import canary_rollout
-
-            while not stop.wait(1.0):
-                with transaction(sessions) as session:
-                    active = [p.name for p in repo.list_pipelines(session) if repo.active_rollout(session, p.name)]
-                for name in active:
-                    if name not in controllers or not controllers[name].is_alive():
-                        log.info("canary controller for %s starting", name)
-                        controllers[name] = threading.Thread(
-                            target=canary_rollout, args=(name, serving_url), name=f"canary-{name}", daemon=True
-                        )
-                        controllers[name].start()
+            supervise_rollouts(sessions, serving_url, stop)
 
         workers = [
             start_worker("kafka-consumer", consume),
             start_worker("trigger-service", triggers),
-            start_worker("canary-supervisor", supervise_rollouts),
+            start_worker("canary-supervisor", supervise),
         ]
         for worker in workers:
             stack.callback(worker.thread.join, 15)

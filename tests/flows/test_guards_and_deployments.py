@@ -98,6 +98,41 @@ def test_each_pipeline_is_a_deployment_with_the_specs_cron(tmp_path: Path, prefe
     assert built["digits-nightly"].schedules == []
 
 
+def test_pipelines_deploy_puts_each_pipeline_on_a_work_pool(tmp_path: Path, prefect_server: str) -> None:
+    """`retrainer pipelines deploy --pool` (the register-pipelines job of compose and k8s): registers the
+    specs in SQL, creates the process work pool, and deploys each pipeline on it by module path."""
+    document = spec()
+    document["triggers"] = {"schedule": {"cron": "0 3 * * *", "timezone": "UTC"}}
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "digits.yaml").write_text(yaml.safe_dump(document))
+    database = f"sqlite:///{tmp_path / 'retrainer.db'}"
+    migrations.upgrade(database)
+    pool = f"test-pool-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ, "PREFECT_API_URL": prefect_server, "RETRAINER_DATABASE_URL": database,
+        "RETRAINER_PIPELINES_DIR": str(pipelines),
+    }  # fmt: skip
+    retrainer = str(Path(sys.executable).parent / "retrainer")
+    for _ in range(2):  # again: the pool exists now, the deployment is updated
+        done = subprocess.run(
+            [retrainer, "pipelines", "deploy", "--pool", pool], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"deployment retrainer-pipeline/digits-classifier on work pool {pool}" in done.stdout
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(pool).type == "process"
+        stored = client.read_deployment_by_name("retrainer-pipeline/digits-classifier")
+    assert stored.work_pool_name == pool and stored.entrypoint == "flows.pipeline.run_pipeline"
+    (schedule,) = stored.schedules
+    assert schedule.schedule.cron == "0 3 * * *"
+    with transaction(make_sessions(create_db_engine(database))) as session:
+        assert repo.get_pipeline(session, "digits-classifier").dataset == document["dataset"]
+
+
 def test_runs_show_prints_the_decision_record(env: sessionmaker[Session], digits: dict[str, Path]) -> None:
     run_id = event_run(env, spec(**WEAK), "v1", digits["v1"])
     run_pipeline("digits-classifier", run_id)

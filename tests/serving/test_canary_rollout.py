@@ -301,6 +301,36 @@ def test_a_controller_killed_between_steps_resumes_at_the_stored_step(stack: Sta
     assert _state(stack, candidate, run_id)[1] is e.RunStatus.PROMOTED
 
 
+def test_rollout_supervise_drives_a_rollout_that_starts_while_it_runs(stack: Stack, prefect_server: str) -> None:
+    """`retrainer rollout supervise` (the canary-controller container of compose and k8s): it picks up
+    a rollout started after it, drives it to its end (here: no traffic, so fail closed), and stops
+    cleanly on SIGTERM."""
+    env = {
+        **os.environ,
+        **stack.settings_env,
+        "PREFECT_API_URL": prefect_server,
+        "RETRAINER_CANARY_POLL_SECONDS": "0.2",
+    }
+    cli = [str(Path(sys.executable).parent / "retrainer"), "rollout", "supervise", "--serving-url", stack.url]
+    supervisor = subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.0)  # supervising nothing yet
+        champion = _champion(stack)
+        candidate = stack.register("mlp", {"hidden_sizes": [16]}, seed=2)
+        rollout_id, run_id = stack.start_rollout(candidate, champion, interval_seconds=0.5, step_deadline_factor=2.0)
+        deadline = time.monotonic() + 90
+        while _rollout(stack, rollout_id).status is e.RolloutStatus.ACTIVE:
+            assert supervisor.poll() is None, supervisor.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "the supervisor did not finish the rollout"
+            time.sleep(0.1)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        output = supervisor.communicate(timeout=30)[0].decode()
+    assert supervisor.returncode == 0, output[-3000:]
+    assert "no evidence" in (_rollout(stack, rollout_id).reason or "")
+    assert _state(stack, candidate, run_id) == (e.ModelStage.ROLLED_BACK, e.RunStatus.ROLLED_BACK, champion)
+
+
 def test_abort_and_manual_promote_end_the_rollout_and_the_controller_stops(stack: Stack) -> None:
     from flows import champion as overrides
 

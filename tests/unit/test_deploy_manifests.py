@@ -3,15 +3,13 @@
 Nothing here starts Docker or Kubernetes (neither is needed to run the tests). The checks are
 structural and take a second or two: every YAML parses; every RETRAINER_* variable is a
 field of `domain.settings.Settings` and every value set for one passes its validation; every
-`retrainer …` command line exists in the Typer app with the options it is given; the inline
-Python scripts compile, are the same in compose and Kubernetes, and only use names the
-repository's modules define; compose dependencies, Kubernetes selectors, Service ports, probes, the
+`retrainer …` command line exists in the Typer app with the options it is given; no container
+runs inline Python (each runs a CLI command); compose dependencies, Kubernetes selectors, Service ports, probes, the
 HPA target and the kustomization's resource list are consistent with each other.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shlex
@@ -47,7 +45,10 @@ SETTING_NAMES = frozenset(f"{ENV_PREFIX}{name.upper()}" for name in Settings.mod
 K8S_IMAGE = "retrainer"  # the image name the manifests use; kustomization.yaml's `images` maps it
 WORK_POOL = "retrainer"
 EVERY_INTERFACE = "0.0.0.0"  # noqa: S104 - in a container a server must listen beyond loopback
-RETRAINER_PROCESSES = {("api",), ("consume",), ("triggers",), ("serve-models",), ("db", "upgrade")}
+RETRAINER_PROCESSES = {
+    ("api",), ("consume",), ("triggers",), ("serve-models",), ("db", "upgrade"),
+    ("pipelines", "deploy"), ("rollout", "supervise"),
+}  # fmt: skip
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass", "StorageClass"}
 DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -204,62 +205,6 @@ def _check_argv(where: str, argv: tuple[str, ...]) -> tuple[str, ...]:
 
 def _calls_in(text: str) -> list[list[str]]:
     return [match.group(1).split() for match in RETRAINER_CALL.finditer(text)]
-
-
-def _python_sources(process: Process) -> list[str]:
-    """Inline Python a container runs: `python -c SCRIPT`, or a `python - <<'PY'` heredoc."""
-    if process.program == "python":
-        return [process.script]
-    if process.program == "sh":
-        return re.findall(r"^python3? - <<'?PY'?\n(.*?)^PY$", process.script, flags=re.DOTALL | re.MULTILINE)
-    return []
-
-
-def _module_file(module: str) -> Path | None:
-    base = ROOT.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _top_level_names(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-        elif isinstance(node, ast.Import | ast.ImportFrom):
-            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-    return names
-
-
-def _check_inline_python(where: str, source: str) -> None:
-    """It compiles, and every name it takes from the repository's packages (`from flows.canary
-    import canary_rollout`, `repo.active_rollout`) is defined there: the code it calls is read,
-    not imported, so this stays fast and catches renames."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as e:
-        pytest.fail(f"{where}: inline Python does not compile: {e}")
-    modules: dict[str, str] = {}  # local name -> repository module
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in REPO_PACKAGES:
-            path = _module_file(node.module)
-            assert path is not None, f"{where}: no module {node.module}"
-            for alias in node.names:
-                if _module_file(f"{node.module}.{alias.name}"):
-                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-                else:
-                    assert alias.name in _top_level_names(path), f"{where}: {node.module} has no {alias.name}"
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
-            module = modules[node.value.id]
-            path = _module_file(module)
-            assert path is not None and node.attr in _top_level_names(path), f"{where}: {module} has no {node.attr}"
 
 
 # ----------------------------------------------------------------------------- every file parses
@@ -447,20 +392,14 @@ def test_readme_commands_exist() -> None:
         _command_path(words)
 
 
-def test_inline_scripts_are_the_same_in_compose_and_k8s_and_call_real_code(
+def test_no_container_runs_inline_python(
     services: dict[str, dict[str, Any]], k8s_objects: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    def scripts(processes: list[Process]) -> set[str]:
-        return {p.script for p in processes if p.program in ("sh", "python")}
-
-    compose_scripts, k8s_scripts = scripts(_compose_processes(services)), scripts(_k8s_processes(k8s_objects))
-    assert compose_scripts == k8s_scripts, "an inline script differs between compose and k8s"
-    processes = [*_compose_processes(services), *_k8s_processes(k8s_objects)]
-    sources = [(p.where, source) for p in processes for source in _python_sources(p)]
-    assert sources, "no inline Python found"
-    for where, source in sources:
-        _check_inline_python(where, source)
-    assert any("canary_rollout" in source for _, source in sources), "nothing drives canary rollouts"
+    """Registration and the canary supervisor are CLI commands (`pipelines deploy`, `rollout
+    supervise`), tested with the code; inline scripts in YAML are tested by nothing."""
+    for process in [*_compose_processes(services), *_k8s_processes(k8s_objects)]:
+        assert process.program != "python", f"{process.where}: inline Python; make it a `retrainer` command"
+        assert not re.search(r"^\s*python3? ", process.script, flags=re.MULTILINE), process.where
 
 
 def test_one_work_pool_everywhere(
@@ -469,16 +408,15 @@ def test_one_work_pool_everywhere(
     processes = [*_compose_processes(services), *_k8s_processes(k8s_objects)]
     workers = [p for p in processes if p.program == "prefect"]
     assert len(workers) == 2, "one Prefect worker in compose and one in k8s"
+    deploys = [p for p in processes if p.program == "retrainer" and p.argv[:2] == ("pipelines", "deploy")]
+    assert len(deploys) == 2, "one `retrainer pipelines deploy` in compose and one in k8s"
     for worker in workers:
         argv = list(worker.argv)
         assert argv[argv.index("--pool") + 1] == WORK_POOL, worker.where
         assert argv[argv.index("--type") + 1] == "process", worker.where
-    scripts = {p.script for p in processes if p.program == "sh" and "work_pool_name" in p.script}
-    assert len(scripts) == 1, "compose and k8s must register deployments with the same script"
-    (script,) = scripts
-    assert re.findall(r'work_pool_name="([^"]+)"', script) == [WORK_POOL]
-    assert f"prefect work-pool create {WORK_POOL} --type process" in script
-    assert "EntrypointType.MODULE_PATH" in script, "the process worker runs flows in a temp dir"
+    for deploy in deploys:
+        argv = list(deploy.argv)
+        assert argv[argv.index("--pool") + 1] == WORK_POOL, deploy.where
 
 
 # ----------------------------------------------------------------------------- compose
