@@ -74,21 +74,28 @@ def request_run(
     # request. The database hands the submission to exactly one caller (claim_submission), and
     # Prefect's idempotency key (the run id) would turn a second one into the same flow run anyway.
     if submit is not None and run.prefect_flow_run_id is None and run.status is e.RunStatus.QUEUED:
-        with transaction(sessions) as session:
-            claimed = repo.claim_submission(session, run.id)
-        if claimed:
-            try:
-                flow_run_id = submit(run)
-            except BaseException:
-                with transaction(sessions) as session:
-                    repo.release_submission(session, run.id)
-                raise
-            with transaction(sessions) as session:
-                if flow_run_id:
-                    run = repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
-                else:
-                    repo.release_submission(session, run.id)
+        run = _submit_claimed(sessions, run, submit) or run
     return TriggerResult(run, created)
+
+
+def _submit_claimed(sessions: sessionmaker[Session], run: e.Run, submit: RunSubmitter) -> e.Run | None:
+    """Claims the run's submission, submits it and records the flow run id: the run as updated, or
+    None when another caller holds the claim or the submitter returned no id (claim released). A
+    submitter that raises releases the claim too, so a later pass retries."""
+    with transaction(sessions) as session:
+        if not repo.claim_submission(session, run.id):
+            return None
+    try:
+        flow_run_id = submit(run)
+    except BaseException:
+        with transaction(sessions) as session:
+            repo.release_submission(session, run.id)
+        raise
+    with transaction(sessions) as session:
+        if flow_run_id:
+            return repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
+        repo.release_submission(session, run.id)
+        return None
 
 
 def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
@@ -115,24 +122,7 @@ def submit_unsubmitted_runs(sessions: sessionmaker[Session], submit: RunSubmitte
     failed); each is claimed first, so two trigger services never submit one run twice."""
     with transaction(sessions) as session:
         waiting = repo.unsubmitted_runs(session)
-    submitted: list[str] = []
-    for run in waiting:
-        with transaction(sessions) as session:
-            if not repo.claim_submission(session, run.id):
-                continue
-        try:
-            flow_run_id = submit(run)
-        except BaseException:
-            with transaction(sessions) as session:
-                repo.release_submission(session, run.id)
-            raise
-        with transaction(sessions) as session:
-            if flow_run_id:
-                repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
-                submitted.append(run.id)
-            else:
-                repo.release_submission(session, run.id)
-    return submitted
+    return [run.id for run in waiting if _submit_claimed(sessions, run, submit) is not None]
 
 
 def process_pending_events(
