@@ -36,6 +36,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -c constraints.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r requirements.txt
 COPY domain/ domain/
 COPY ml/ ml/
+COPY web/ web/
 COPY storage/ storage/
 COPY flows/ flows/
 COPY consumers/ consumers/

@@ -34,7 +34,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy domain ml storage flows consumers serving api retrainer migrations
+	$(BIN)/mypy domain ml web storage flows consumers serving api retrainer migrations
 
 test: lint
 	bash infra/local/test.sh

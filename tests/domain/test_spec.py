@@ -21,7 +21,7 @@ EXAMPLE = ROOT / "pipelines" / "digits-classifier.yaml"
 
 
 class TinyNet(nn.Module):
-    """A user's own model, referenced as tests.unit.test_spec:TinyNet."""
+    """A user's own model, referenced as tests.domain.test_spec:TinyNet."""
 
     def __init__(self, width: int, output_classes: int, depth: int = 1) -> None:
         super().__init__()
@@ -81,7 +81,7 @@ def test_model_params_are_checked_against_the_constructor() -> None:
 def test_user_model_by_import_path() -> None:
     document = example()
     document["model"] = {
-        "architecture": "tests.unit.test_spec:TinyNet",
+        "architecture": "tests.domain.test_spec:TinyNet",
         "params": {"width": 64},
         "input_shape": [64],
         "output_classes": 10,
