@@ -33,13 +33,13 @@ from torch import nn
 
 from ml.quantization import (
     VARIANTS,
-    QuantizationUnavailableError,
     Variant,
     VariantScore,
-    _swap_encoder_layers,
     quantize,
+    quantize_each,
     select_variant,
     serialized_size,
+    swap_encoder_layers,
 )
 from ml.zoo import build_model
 
@@ -231,13 +231,8 @@ def _bench(arch: Architecture, data: tuple[np.ndarray, ...], folder: Path, round
     calibration = [torch.from_numpy(x_train[i : i + 32]) for i in range(0, 32 * 16, 32)]
 
     rows: list[Row] = []
-    unavailable: dict[Variant, str] = {}
-    for variant in VARIANTS:
-        try:
-            quantized = quantize(model, variant, calibration)
-        except QuantizationUnavailableError as e:
-            unavailable[variant] = e.message
-            continue
+    built, unavailable = quantize_each(model, VARIANTS, calibration)
+    for variant, quantized in built.items():
         name = "fp32 (none)" if variant == "none" else variant
         rows.append(Row(name, _torch_runner(quantized), serialized_size(quantized, variant), variant=variant))
     if arch.name in TARGET_ARCHITECTURES:
@@ -246,7 +241,7 @@ def _bench(arch: Architecture, data: tuple[np.ndarray, ...], folder: Path, round
         rows += _torchao_rows(model)
     if arch.name == "transformer":
         float_attention = quantize(model, "none")
-        _swap_encoder_layers(float_attention)  # the dynamic variant's attention path, kept in float
+        swap_encoder_layers(float_attention)  # the dynamic variant's attention path, kept in float
         rows.append(Row("fp32 + our attention path", _torch_runner(float_attention), _state_size(float_attention)))
     onnx_rows, onnx_note = _onnx_rows(model, x_test[:2], folder)
     rows += onnx_rows
@@ -332,7 +327,7 @@ def _width_sweep(rounds: int) -> None:
         rows = [Row(v, _torch_runner(quantize(model, v)), 0, variant=v) for v in ("none", "dynamic", "fp16")]
         if name == "transformer":
             float_attention = quantize(model, "none")
-            _swap_encoder_layers(float_attention)
+            swap_encoder_layers(float_attention)
             rows.append(Row("fp32 + our attention path", _torch_runner(float_attention), 0))
             x = torch.randint(0, 17, (32, 64), generator=generator).float().numpy()
         else:

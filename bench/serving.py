@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.support.measures import current_rss_mb, percentile  # noqa: E402
 from serving.batching import BatchingConfig  # noqa: E402
 
 PIPELINE = "digits"
@@ -102,16 +103,6 @@ def module_for(params: dict[str, Any], seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return build_model(str(SPEC["architecture"]), dict(params), [FEATURES], CLASSES).eval()
-
-
-def current_rss_mb() -> float:
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 # ------------------------------------------------------------------ child: our model server

@@ -28,6 +28,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.support.measures import current_rss_mb, percentile  # noqa: E402
+
 BOOTSTRAP = os.environ.get("RETRAINER_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
 
@@ -45,14 +48,15 @@ def make_topic(partitions: int = 3) -> str:
 def produce(topic: str, dataset: str, count: int, prefix: str, producer: Any = None) -> None:
     from kafka import KafkaProducer
 
+    from consumers.binding import to_kafka_message
     from consumers.publisher import data_changed_event
 
     own = producer is None
     producer = producer or KafkaProducer(bootstrap_servers=BOOTSTRAP, acks=1, linger_ms=20, batch_size=256 * 1024)
-    headers = [("content-type", b"application/cloudevents+json")]
     for i in range(count):
         event = data_changed_event(dataset, f"s3://datasets/{dataset}.csv", event_id=f"{prefix}-{i}")
-        producer.send(topic, key=dataset.encode(), value=json.dumps(event).encode(), headers=headers)
+        message = to_kafka_message(event)
+        producer.send(topic, key=dataset.encode(), value=message.value, headers=list(message.headers.items()))
     producer.flush(120)
     if own:
         producer.close()
@@ -260,16 +264,6 @@ def rss_child(topic: str, db_dir: str, count: int) -> None:
                 marks[mark] = current_rss_mb()
     consumer.close()
     print(json.dumps(marks))
-
-
-def current_rss_mb() -> float:
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -5,35 +5,26 @@ standing in for what makes real candidates slow only in production: a synchronou
 feature-store call someone added to the model. Offline it is as accurate as the MLP and stays under
 an absolute latency ceiling; against the champion on the same live traffic its p99 is several
 times higher, which the canary catches. Loaded by import path like any custom architecture:
-`architecture: "ml.demo_models:LookupMLP"`.
+`architecture: "ml.demo_models:LookupMLP"`; every other parameter is the MLP's (ml/zoo.py checks them
+against MLP's constructor).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from ml.zoo import MLP
 
 
-class LookupMLP(nn.Module):
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        output_classes: int,
-        hidden_sizes: Sequence[int] = (128, 64),
-        dropout: float = 0.1,
-        lookup_ms: float = 50.0,
-    ) -> None:
-        super().__init__()
-        self.mlp = MLP(input_shape, output_classes, hidden_sizes, dropout)
+class LookupMLP(MLP):
+    def __init__(self, *, lookup_ms: float = 50.0, **mlp_params: Any) -> None:
+        super().__init__(**mlp_params)
         self.lookup_ms = lookup_ms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # the "lookup" happens at inference only
             time.sleep(self.lookup_ms / 1000.0)
-        out: torch.Tensor = self.mlp(x)
-        return out
+        return super().forward(x)

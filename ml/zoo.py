@@ -189,19 +189,18 @@ def constructor_problems(architecture: str, params: dict[str, Any]) -> list[tupl
         cls = resolve_architecture(architecture)
     except InvalidInputError as e:
         return [("architecture", str(e))]
-    signature = inspect.signature(cls.__init__)
-    accepted = [name for name in signature.parameters if name != "self"]
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    accepted, takes_any = _constructor_parameters(cls)
     problems: list[tuple[str, str]] = []
     for key in params:
         if key in _SUPPLIED:
             problems.append((key, f"set by the spec's model.{key}, not in model.params"))
-        elif key not in accepted and not takes_kwargs:
+        elif key not in accepted and not takes_any:
             candidates = [name for name in accepted if name not in _SUPPLIED]
             close = difflib.get_close_matches(key, candidates, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append((key, f"unknown parameter for {cls.__name__}{hint}; accepted: {', '.join(candidates)}"))
-    for name, parameter in signature.parameters.items():
+    # Required: only the class's own; a base's may be supplied by the subclass itself.
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
         required = parameter.default is inspect.Parameter.empty and parameter.kind in (
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
             inspect.Parameter.KEYWORD_ONLY,
@@ -209,6 +208,34 @@ def constructor_problems(architecture: str, params: dict[str, Any]) -> list[tupl
         if name != "self" and required and name not in _SUPPLIED and name not in params:
             problems.append((name, f"required parameter of {cls.__name__} is missing"))
     return problems
+
+
+def _constructor_parameters(cls: type[nn.Module]) -> tuple[list[str], bool]:
+    """The keyword parameters `cls(...)` accepts, and whether it takes any keyword at all.
+
+    A constructor with `**kwargs` is followed into the next base class that defines `__init__`, so a
+    subclass that adds a parameter to a zoo model and forwards the rest (ml/demo_models.py) is still
+    checked name by name. One that reaches nn.Module's own `__init__` may consume its keywords itself:
+    any name is accepted there, as Python would.
+    """
+    accepted: list[str] = []
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        if klass in (nn.Module, object):
+            return accepted, True
+        parameters = inspect.signature(init).parameters.values()
+        accepted += [
+            p.name
+            for p in parameters
+            if p.name != "self"
+            and p.name not in accepted
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return accepted, False
+    return accepted, True
 
 
 def build_model(
@@ -219,7 +246,7 @@ def build_model(
     if problems:
         raise InvalidInputError("; ".join(f"model.params.{key}: {message}" for key, message in problems))
     cls = resolve_architecture(architecture)
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted, _ = _constructor_parameters(cls)
     kwargs = dict(params)
     if "input_shape" in accepted:
         kwargs["input_shape"] = list(input_shape)

@@ -13,14 +13,8 @@ from sklearn import metrics as skm
 from torch import nn
 
 from domain.errors import InvalidInputError
-from ml.evaluation import (
-    EvalReport,
-    _Evidence,
-    _resampled_ece,
-    _resampled_macro_f1,
-    compare,
-    evaluate,
-)
+from ml.evaluation import EvalReport, compare, evaluate
+from ml.evaluation.resampling import Evidence, resampled_ece, resampled_macro_f1
 
 LATENCY_KEYS = ("latency_p50_ms_b1", "latency_p99_ms_b1", "latency_p50_ms_b32", "latency_p99_ms_b32")
 
@@ -450,10 +444,10 @@ def test_compare_rejects_bad_arguments(kwargs: dict[str, object], fragment: str)
 def test_vectorised_resample_statistics_match_per_resample_definitions() -> None:
     rng = np.random.default_rng(5)
     candidate, _ = _noisy_reports(n=120, c=4, seed=2)
-    evidence = _Evidence.of(candidate)
+    evidence = Evidence.of(candidate)
     idx = rng.integers(0, 120, size=(25, 120))
-    f1 = _resampled_macro_f1(evidence, idx)
-    ece = _resampled_ece(evidence, idx)
+    f1 = resampled_macro_f1(evidence, idx)
+    ece = resampled_ece(evidence, idx)
     confidence = candidate.probabilities.max(axis=1).astype(np.float64)
     for r, row in enumerate(idx):
         y, p = candidate.labels[row], candidate.predictions[row]

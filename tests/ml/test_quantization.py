@@ -20,13 +20,13 @@ from ml.quantization import (
     QuantizationUnavailableError,
     Variant,
     VariantScore,
-    _swap_encoder_layers,
     load_quantized,
     quantize,
     quantize_and_select,
     save_quantized,
     select_variant,
     serialized_size,
+    swap_encoder_layers,
     variants_for,
 )
 from ml.zoo import build_model
@@ -121,7 +121,7 @@ def test_attention_swap_matches_multihead_attention_with_masks() -> None:
     encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     swapped = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     swapped.load_state_dict(encoder.state_dict())
-    _swap_encoder_layers(swapped)
+    swap_encoder_layers(swapped)
     assert type(swapped.layers[0]) is not nn.TransformerEncoderLayer
 
     x = torch.randn(3, 5, 16)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
 from domain.errors import InvalidInputError
-from ml.zoo import build_model, constructor_problems, parameter_count
+from ml.zoo import MLP, build_model, constructor_problems, parameter_count
 
 
 class Echo(nn.Module):
@@ -78,3 +80,40 @@ def test_input_shape_must_fit_the_architecture(architecture: str, input_shape: l
 def test_constructor_problems_is_empty_for_good_params() -> None:
     assert constructor_problems("mlp", {"hidden_sizes": [8], "dropout": 0.2, "layer_norm": False}) == []
     assert constructor_problems("transformer", {"d_model": 32, "nhead": 4}) == []
+
+
+class WideMLP(MLP):
+    """A user's subclass that adds one parameter and forwards the rest to the zoo's MLP."""
+
+    def __init__(self, *, widen: int = 2, **mlp_params: Any) -> None:
+        super().__init__(**mlp_params)
+        self.widen = widen
+
+
+class TakesAnything(nn.Module):
+    """A user's model that consumes its keywords itself (they never reach nn.Module)."""
+
+    def __init__(self, input_shape: list[int], output_classes: int, **options: Any) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_shape[0], output_classes)
+        self.options = options
+
+
+def test_a_subclass_that_forwards_kwargs_is_checked_against_its_base() -> None:
+    assert constructor_problems("tests.ml.test_zoo:WideMLP", {"widen": 3, "hidden_sizes": [8]}) == []
+    problems = constructor_problems("tests.ml.test_zoo:WideMLP", {"hiden_sizes": [8]})
+    assert [key for key, _ in problems] == ["hiden_sizes"]
+    assert "unknown parameter for WideMLP (did you mean hidden_sizes?)" in problems[0][1]
+    assert "accepted: widen, hidden_sizes, dropout, layer_norm" in problems[0][1]
+    with pytest.raises(InvalidInputError) as info:
+        build_model("tests.ml.test_zoo:WideMLP", {"input_shape": [4]}, [4], 3)
+    assert info.value.code == "invalid_input" and "model.params.input_shape: set by the spec's" in str(info.value)
+    # input_shape and output_classes reach MLP through **mlp_params.
+    model = build_model("tests.ml.test_zoo:WideMLP", {"widen": 3, "hidden_sizes": [8]}, [4], 3)
+    assert isinstance(model, WideMLP) and model.widen == 3 and model(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_kwargs_that_reach_no_zoo_class_accept_any_name() -> None:
+    assert constructor_problems("tests.ml.test_zoo:TakesAnything", {"anything": 1}) == []
+    model = build_model("tests.ml.test_zoo:TakesAnything", {"anything": 1}, [4], 3)
+    assert isinstance(model, TakesAnything) and model.options == {"anything": 1}

@@ -1,0 +1,37 @@
+"""Model evaluation and the paired comparison a promotion gate relies on.
+
+`evaluate` runs a classifier once over a labelled set and returns an `EvalReport`: summary metrics
+(quality, calibration, CPU latency, size), per-class precision/recall/F1, the confusion matrix and
+the per-example evidence (labels, predictions, probabilities). `compare` takes two reports computed
+on the same data and returns, per metric, the difference candidate - champion with a paired
+bootstrap confidence interval.
+
+Design:
+
+- Every quality metric is a function of the per-example evidence only, and `evaluate` computes its
+  numbers with the same vectorised code `compare` resamples (the full data is the identity
+  resample). A report's `metrics["accuracy"]` and a comparison's `candidate` are therefore the
+  same number, never two implementations that drift apart.
+- The bootstrap is paired and refuses reports from different data (comparison.py); the metrics
+  are vectorised over resamples, and macro-F1 averages over the classes in the true labels
+  (resampling.py); latency is CPU wall-clock of the forward pass, batch 1 unless suffixed (cost.py).
+
+Where things live: `report.py` (EvalReport, MetricComparison), `scoring.py` (`evaluate`),
+`resampling.py` (the built-in metrics over per-example evidence), `cost.py` (latency, size,
+parameter count), `custom_metrics.py` (user metrics by import path), `comparison.py` (`compare`).
+Import from this package; the names below are its public interface.
+"""
+
+from ml.evaluation.comparison import compare
+from ml.evaluation.report import EvalReport, MetricComparison
+from ml.evaluation.resampling import BUILTIN_METRICS, ECE_BINS
+from ml.evaluation.scoring import evaluate
+
+__all__ = [
+    "BUILTIN_METRICS",
+    "ECE_BINS",
+    "EvalReport",
+    "MetricComparison",
+    "compare",
+    "evaluate",
+]

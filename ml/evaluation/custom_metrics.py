@@ -1,0 +1,75 @@
+"""User metrics by import path (`"package.module:function"`): resolved once, called with checks.
+
+A custom metric is `fn(labels, predictions, probabilities) -> float`, stored under the function's
+name; a failure or a non-finite value is reported against its path, never swallowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from domain.errors import InvalidInputError
+from ml.evaluation.resampling import BUILTIN_METRICS
+
+CustomMetric = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]], Any]
+
+
+def resolve_custom_metrics(paths: Sequence[str]) -> dict[str, tuple[str, CustomMetric]]:
+    """Each import path mapped to (the name its value is stored under, the function); refuses names that clash."""
+    if isinstance(paths, str):
+        raise InvalidInputError(f"custom_metrics must be a list of import paths, not the string {paths!r}")
+    resolved: dict[str, tuple[str, CustomMetric]] = {}
+    names: dict[str, str] = {}
+    for path in paths:
+        name, fn = resolve_custom_metric(path)
+        if name in BUILTIN_METRICS or name.startswith(("latency_", "size_bytes", "parameter_count")):
+            raise InvalidInputError(f"custom metric {path!r}: the name {name!r} is taken by a built-in metric")
+        if name in names and names[name] != path:
+            raise InvalidInputError(f"custom metrics {names[name]!r} and {path!r} would both be stored as {name!r}")
+        names[name] = path
+        resolved[path] = (name, fn)
+    return resolved
+
+
+def resolve_custom_metric(path: str) -> tuple[str, CustomMetric]:
+    """The function an import path names, and its name; InvalidInputError saying what is wrong with the path."""
+    module_name, sep, attribute = path.partition(":") if isinstance(path, str) else ("", "", "")
+    if not sep or not module_name or not attribute:
+        raise InvalidInputError(f"custom metric {path!r}: use an import path of the form 'package.module:function'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InvalidInputError(f"custom metric {path!r}: cannot import module {module_name!r} ({e})") from e
+    for part in attribute.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise InvalidInputError(f"custom metric {path!r}: {module_name} has no attribute {attribute!r}")
+    if not callable(target):
+        raise InvalidInputError(f"custom metric {path!r}: {attribute!r} is not callable; it must be a function")
+    return attribute.rsplit(".", 1)[-1], target
+
+
+def call_custom_metric(
+    path: str,
+    fn: CustomMetric,
+    labels: npt.NDArray[np.int64],
+    predictions: npt.NDArray[np.int64],
+    probabilities: npt.NDArray[np.float32],
+) -> float:
+    """The metric's value as a finite float; InvalidInputError naming the path if it fails or returns another thing."""
+    try:
+        value = fn(labels, predictions, probabilities)
+    except Exception as e:  # user code: any failure is reported against its path, never swallowed
+        raise InvalidInputError(f"custom metric {path!r} raised {type(e).__name__}: {e}") from e
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise InvalidInputError(f"custom metric {path!r} must return a finite float (got {value!r})")
+    return float(value)
