@@ -13,7 +13,7 @@ help:
 	@echo "make demo            the whole story on embedded defaults (creates .venv if needed)"
 	@echo "make test            lint, start Kafka/PostgreSQL/MinIO, migrate, run pytest, stop what it started"
 	@echo "make lint            ruff (lint + format), import-linter layer contracts, mypy (strict) on every package"
-	@echo "make services        start the local services (idempotent); make services-stop stops them"
+	@echo "make services        start the local services that are down and create missing Kafka topics (idempotent); make services-stop stops them"
 	@echo "make bench           run the benchmarks in bench/"
 
 # The virtualenv is rebuilt when the pins change. constraints.txt locks every transitive package.

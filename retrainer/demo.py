@@ -11,31 +11,39 @@ rest, and live traffic (with delayed labels) flows while a canary is out.
                                            the champion's on the same live traffic too high: rolled back
 
 `run_story` drives the acts against any running service (the end-to-end test uses it against
-`retrainer serve` on PostgreSQL and MinIO); `demo_environment` sets up the embedded defaults.
+`retrainer serve` on PostgreSQL and MinIO); `demo_environment` sets up the embedded defaults and
+`run_demo` is the command: while it runs, the service's logs go to files under the demo's
+`logs/` folder, so the terminal shows only the progress view, the table and the report path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import os
 import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from rich import progress as bars
+from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
-from domain.errors import InfrastructureError
-from domain.settings import Settings
+from domain.errors import InfrastructureError, RetrainerError
+from domain.settings import Settings, load_settings
+from flows.records import decision_record
 from storage import repositories as repo
 from storage.db import transaction
 
@@ -144,15 +152,11 @@ def write_spec(directory: Path, document: dict[str, Any]) -> Path:
 
 
 def read_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a digits CSV (label column last or named `label`)."""
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        rows = [[float(v) for v in line] for line in reader]
-    table = np.asarray(rows, dtype=np.float32)
-    target = header.index("label")
-    labels = table[:, target].astype(np.int64)
-    return np.delete(table, target, axis=1), labels
+    """Features and labels of a digits CSV (label column `label`), read by the pipelines' own loader."""
+    from ml.data import load_table
+
+    table = load_table(path, "csv", "label")
+    return table.features, table.labels
 
 
 def _run_for_event(session: Session, pipeline: str, event_id: str) -> e.Run | None:
@@ -213,11 +217,11 @@ def run_story(
                             serving_url, document["name"], rows, labels=labels, feedback_fraction=0.3, clients=3,
                             rate_per_second=100, rows_per_request=8, seed=len(results),
                         ).start()  # fmt: skip
-                    steps = rollout.policy.get("steps", [])
-                    step = min(rollout.current_step, len(steps) - 1)
+                    steps = len(rollout.policy.get("steps", []))
+                    step = min(rollout.current_step + 1, steps)
                     say(
                         act.key,
-                        f"canary step {step + 1}/{len(steps)} at {steps[step]:g} % · {traffic.stats.sent} requests",
+                        f"canary step {step}/{steps} at {rollout.traffic_percent:g} % · {traffic.stats.sent} requests",
                     )
                 elif run.status.is_final:
                     break
@@ -227,7 +231,7 @@ def run_story(
         finally:
             served = dict(traffic.stop().by_version) if traffic is not None else {}
         with transaction(sessions) as session:
-            record = repo.decision_record(session, run.id)
+            record = decision_record(session, run.id)
         outcome = record["decision"].get("outcome") or {}
         results.append(
             ActResult(
@@ -267,7 +271,8 @@ def demo_environment(home: Path) -> dict[str, str]:
         "RETRAINER_API_ADDRESS": "127.0.0.1:0",
         "RETRAINER_SERVING_ADDRESS": "127.0.0.1:0",
         "RETRAINER_CANARY_POLL_SECONDS": "0.5",
-        "RETRAINER_LOG_LEVEL": "WARNING",  # the progress view stays readable; the service's logs are in files
+        # INFO: the logs go to files under `home`/logs (`run_demo`), never between the progress lines
+        "RETRAINER_LOG_LEVEL": "INFO",
     }
 
 
@@ -293,7 +298,10 @@ def ensure_kafka(settings: Settings) -> str:
                 f"no Kafka broker at {settings.kafka_bootstrap_servers} and no {script} to start one; "
                 "start a broker or set RETRAINER_KAFKA_BOOTSTRAP_SERVERS"
             ) from None
-        done = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, check=False)
+        # without the demo's own topic names: the broker comes up with the contract's topics, ready for
+        # `retrainer serve` after the demo (the demo creates its own topics next, `create_topics`)
+        env = {k: v for k, v in os.environ.items() if k not in ("RETRAINER_KAFKA_TOPIC", "RETRAINER_KAFKA_DLQ_TOPIC")}
+        done = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise InfrastructureError(
                 f"starting the local Kafka broker failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
@@ -328,3 +336,105 @@ def delete_topics(settings: Settings) -> None:
 
 def apply_environment(values: dict[str, str]) -> None:
     os.environ.update(values)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_demo(out: Console) -> None:
+    """`retrainer demo` on embedded defaults under RETRAINER_HOME_DIR/demo, wiped at each start.
+    `out` shows the progress, the table and the report path; the service's logs go to
+    `logs/service.log` beside the subprocesses' logs. Raises RetrainerError when an act did not end
+    as the story expects."""
+    from retrainer import wiring
+    from retrainer.logs import logs_to_file
+    from retrainer.report import write_report
+    from retrainer.service import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
+    started = time.perf_counter()
+    home = fresh_home(Path(load_settings().home_dir).resolve() / "demo")
+    apply_environment(demo_environment(home))
+    settings = load_settings()
+    with logs_to_file(home / "logs" / "service.log", settings.log_level, settings.log_format) as log_file:
+        results = _tell_story(out, settings, home)
+        report = write_report(wiring.sessions(settings), home / "report.html")
+    unexpected = _print_results(out, results)
+    out.print(f"decision records: retrainer runs show RUN_ID --json  (e.g. {results[-1].run_id})", highlight=False)
+    out.print(
+        f"demo finished in {time.perf_counter() - started:.1f} s; state under {home}, logs in {log_file.parent}",
+        highlight=False,
+    )
+    out.print(f"report: {report}", highlight=False, soft_wrap=True)
+    if unexpected:
+        raise RetrainerError(f"the story did not go as expected for {', '.join(unexpected)}; see the report")
+
+
+def _spinner(out: Console, text: str) -> Live:
+    # redirect_stderr=False here and in the Progress below: rich would otherwise swap sys.stderr for a
+    # proxy onto `out`, and a library that installs its stderr handler meanwhile would print there.
+    return Live(Spinner("dots", text), console=out, transient=True, redirect_stderr=False)
+
+
+def _tell_story(out: Console, settings: Settings, home: Path) -> list[ActResult]:
+    from ml.demo_data import digits_versions
+    from retrainer import wiring
+    from retrainer.service import running_service
+
+    with _spinner(out, "preparing: digits data, Kafka…"):
+        data = digits_versions(home / "data")
+        write_spec(settings.pipelines_dir, spec_for(ACTS[0]))
+        out.print(ensure_kafka(settings), highlight=False)
+        create_topics(settings)
+    with ExitStack() as stack:
+        stack.callback(delete_topics, settings)  # runs after the service has stopped
+        with _spinner(out, "starting the service: Prefect server and runner, model server, API, consumer…"):
+            running = stack.enter_context(running_service(settings))
+        out.print(
+            f"service up: API {running.api_url}, models {running.serving_url}, Prefect {running.prefect_api_url}",
+            highlight=False,
+        )
+        columns = (bars.SpinnerColumn(), bars.TextColumn("{task.description}"), bars.TimeElapsedColumn())
+        with bars.Progress(*columns, console=out, redirect_stderr=False) as bar:
+            tasks = {act.key: bar.add_task(f"{act.key}: {act.story}", start=False) for act in ACTS}
+
+            def progress(key: str, text: str) -> None:
+                bar.start_task(tasks[key])
+                act = next(a for a in ACTS if a.key == key)
+                bar.update(tasks[key], description=f"[bold]{key}[/bold] {act.story}: {text}")
+
+            results = run_story(
+                settings,
+                wiring.sessions(settings),
+                serving_url=running.serving_url,
+                data={key: path.resolve().as_uri() for key, path in data.items()},
+                traffic_rows=data["v2"],
+                acts=ACTS,
+                progress=progress,
+            )
+            for task in tasks.values():
+                bar.stop_task(task)
+    return results
+
+
+def _print_results(out: Console, results: list[ActResult]) -> list[str]:
+    """Prints the table of acts; returns the keys of the acts that did not end as expected."""
+    table = Table(title="Runs and decisions")
+    for column in ("act", "expected", "status", "model", "seconds", "served (version: requests)", "reason"):
+        table.add_column(column, overflow="fold")
+    unexpected = []
+    for result in results:
+        ok = result.status == result.act.expect
+        if not ok:
+            unexpected.append(result.act.key)
+        table.add_row(
+            f"{result.act.key}: {result.act.story}",
+            result.act.expect,
+            f"[green]{result.status}[/green]" if ok else f"[red]{result.status}[/red]",
+            f"v{result.model_version}" if result.model_version else "-",
+            f"{result.seconds:.0f}",
+            ", ".join(f"v{v}: {n}" for v, n in sorted(result.traffic.items())) or "-",
+            result.reason,
+        )
+    out.print(table)
+    return unexpected

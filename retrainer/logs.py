@@ -1,4 +1,5 @@
-"""Structured logging, set up once for every process (`setup_logging`).
+"""Structured logging, set up once for every process (`setup_logging`), and sent to a file instead of
+the terminal while a command shows a progress view there (`logs_to_file`).
 
 Each line is one JSON object with a timestamp, level, logger, message, the context fields
 bound with `domain.logcontext.log_context` (pipeline, run_id, event_id — present as null
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 from domain.logcontext import current_log_context
@@ -61,3 +66,27 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | None 
     root.setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "kafka", "alembic.runtime.migration", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+@contextmanager
+def logs_to_file(path: Path, level: str = "INFO", fmt: str = "json") -> Iterator[Path]:
+    """While the block runs, this process's logs are appended to `path` and stay off the terminal:
+    the root handler writes there, and so does file descriptor 2, because libraries log through
+    stderr handlers of their own that they install when they start inside the block (uvicorn when a
+    server starts, Prefect when it is imported), where re-pointing loggers beforehand cannot reach
+    them. stdout stays on the terminal. On exit the root handler goes back to stderr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    try:
+        with path.open("a", encoding="utf-8") as sink:
+            os.dup2(sink.fileno(), 2)
+            setup_logging(level, fmt, stream=sink)
+            try:
+                yield path
+            finally:
+                setup_logging(level, fmt)
+                sys.stderr.flush()
+    finally:
+        os.dup2(terminal, 2)
+        os.close(terminal)

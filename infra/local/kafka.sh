@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Local single-node Apache Kafka (KRaft, combined broker+controller) on 127.0.0.1:9092.
 # The official broker jars come from Maven Central through infra/kafka/pom.xml.
-# usage: kafka.sh start|stop|status|health
+# `start` and `topics` create the event topic and its dead-letter topic wherever they are missing,
+# whoever started the broker; both names follow RETRAINER_KAFKA_TOPIC and RETRAINER_KAFKA_DLQ_TOPIC.
+# usage: kafka.sh start|stop|status|health|topics
 SERVICE=kafka
 source "$(dirname "$0")/common.sh"
 
@@ -16,6 +18,7 @@ LOG="$CACHE_DIR/logs/kafka.log"
 PIDFILE="$CACHE_DIR/run/kafka.pid"
 POM="$REPO_ROOT/infra/kafka/pom.xml"
 TOPIC="${RETRAINER_KAFKA_TOPIC:-retrainer.data-changes}"
+DLQ_TOPIC="${RETRAINER_KAFKA_DLQ_TOPIC:-$TOPIC.dlq}"
 HEAP="${RETRAINER_KAFKA_HEAP:-512m}"
 
 resolve_jars() {
@@ -86,19 +89,24 @@ topics() { run_class org.apache.kafka.tools.TopicCommand --bootstrap-server "$HO
 
 health() { port_open "$HOST" "$PORT" && topics --list >/dev/null 2>&1; }
 
-create_topics() {
-  topics --create --if-not-exists --topic "$TOPIC" --partitions 3 --replication-factor 1 >>"$LOG" 2>&1 \
-    || fail_with_log "$LOG" "could not create topic $TOPIC"
-  topics --create --if-not-exists --topic "$TOPIC.dlq" --partitions 1 --replication-factor 1 >>"$LOG" 2>&1 \
-    || fail_with_log "$LOG" "could not create topic $TOPIC.dlq"
+# ensure_topics: the event topic (3 partitions) and its dead-letter topic (1 partition), created where
+# missing. Automatic topic creation is off, and a broker that answers may have been started for other
+# topics (`make demo` starts it for a topic of its own), so this runs on every start, not only a fresh one.
+ensure_topics() {
+  local existing spec name created=()
+  existing="$(topics --list 2>>"$LOG")" || fail_with_log "$LOG" "could not list the topics on $HOST:$PORT"
+  for spec in "$TOPIC:3" "$DLQ_TOPIC:1"; do
+    name="${spec%:*}"
+    if grep -qxF -- "$name" <<<"$existing"; then continue; fi
+    # --if-not-exists: another caller may create it between the listing and here
+    topics --create --if-not-exists --topic "$name" --partitions "${spec##*:}" --replication-factor 1 >>"$LOG" 2>&1 \
+      || fail_with_log "$LOG" "could not create topic $name"
+    created+=("$name")
+  done
+  if ((${#created[@]})); then log "created topics: ${created[*]}"; fi
 }
 
-start() {
-  if pid_alive "$PIDFILE"; then log "already running (pid $(cat "$PIDFILE"))"; create_topics; return 0; fi
-  if port_open "$HOST" "$PORT"; then
-    die "something else already listens on $HOST:$PORT; stop it or set RETRAINER_KAFKA_PORT"
-  fi
-  resolve_jars
+launch() {
   write_config
   format_storage
   log "starting broker on $HOST:$PORT (heap $HEAP)"
@@ -108,18 +116,32 @@ start() {
     -cp "$LIBS/*" kafka.Kafka "$CONF" >>"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
   if ! wait_until 90 "kafka" health; then
-    pid_alive "$PIDFILE" && kill -KILL "$(cat "$PIDFILE")" 2>/dev/null
+    if pid_alive "$PIDFILE"; then kill -KILL "$(cat "$PIDFILE")" 2>/dev/null || true; fi
     rm -f "$PIDFILE"
     fail_with_log "$LOG" "broker did not answer on $HOST:$PORT within 90 s"
   fi
-  create_topics
-  log "ready on $HOST:$PORT; topics $TOPIC (3 partitions), $TOPIC.dlq"
+}
+
+start() {
+  resolve_jars
+  if pid_alive "$PIDFILE"; then
+    wait_until 90 "kafka" health || fail_with_log "$LOG" "broker (pid $(cat "$PIDFILE")) does not answer on $HOST:$PORT"
+    log "already running (pid $(cat "$PIDFILE"))"
+  elif port_open "$HOST" "$PORT"; then
+    health || die "something else already listens on $HOST:$PORT; stop it or set RETRAINER_KAFKA_PORT"
+    log "a broker started elsewhere answers on $HOST:$PORT"
+  else
+    launch
+  fi
+  ensure_topics
+  log "ready on $HOST:$PORT; topics $TOPIC (3 partitions), $DLQ_TOPIC"
 }
 
 case "${1:-}" in
   start) start ;;
   stop) stop_pidfile "$PIDFILE" ;;
   health) health ;;
+  topics) resolve_jars; health || die "no broker answers on $HOST:$PORT; start one with $0 start"; ensure_topics ;;
   status) if health; then echo "kafka: up on $HOST:$PORT"; else echo "kafka: down"; exit 1; fi ;;
-  *) echo "usage: $0 start|stop|status|health" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|health|topics" >&2; exit 2 ;;
 esac

@@ -56,7 +56,7 @@ start() {
     --console-address "$HOST:$CONSOLE_PORT" "$DATA" >>"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
   if ! wait_until 60 minio health; then
-    pid_alive "$PIDFILE" && kill -KILL "$(cat "$PIDFILE")" 2>/dev/null
+    if pid_alive "$PIDFILE"; then kill -KILL "$(cat "$PIDFILE")" 2>/dev/null || true; fi
     rm -f "$PIDFILE"
     fail_with_log "$LOG" "MinIO did not answer on $HOST:$PORT within 60 s"
   fi

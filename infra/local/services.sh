@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts or stops all local services. `start --record FILE` appends the names of the services
 # this call really started (not those already running) so that `stop --only-from FILE` stops
-# exactly those: `make test` leaves a developer's own running services alone.
+# exactly those: `make test` leaves a developer's own running services alone. A broker already up,
+# whoever started it, gets its topics (kafka.sh topics).
 # usage: services.sh start [--record FILE] | stop [--only-from FILE] | status
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -22,9 +23,12 @@ case "$cmd" in
     for s in "${ALL[@]}"; do
       if "$HERE/$s.sh" health >/dev/null 2>&1; then
         echo "[$s] already up"
+        # whoever started the broker (`make demo` starts it for a topic of its own), the topics must exist
+        if [[ "$s" == kafka ]]; then "$HERE/kafka.sh" topics; fi
       else
         "$HERE/$s.sh" start
-        [[ -n "$record" ]] && echo "$s" >>"$record"
+        # an `if`, not `[[ … ]] && …`: as the loop's last command that was the script's exit status
+        if [[ -n "$record" ]]; then echo "$s" >>"$record"; fi
       fi
     done
     ;;
@@ -36,7 +40,9 @@ case "$cmd" in
       names=("${ALL[@]}")
     fi
     status=0
-    for s in "${names[@]}"; do [[ -n "$s" ]] && { "$HERE/$s.sh" stop || status=1; }; done
+    for s in "${names[@]}"; do
+      if [[ -n "$s" ]]; then "$HERE/$s.sh" stop || status=1; fi
+    done
     exit "$status"
     ;;
   status)

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.integration
+
+
+def json_log_entry(line: str) -> dict[str, Any] | None:
+    """The entry when `line` is one of our JSON log lines (retrainer/logs.py), else None."""
+    if not line.lstrip().startswith("{"):
+        return None
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry if isinstance(entry, dict) and {"level", "logger", "message"} <= entry.keys() else None
 
 
 def test_demo_tells_the_story(tmp_path: Path) -> None:
@@ -27,8 +40,15 @@ def test_demo_tells_the_story(tmp_path: Path) -> None:
     # the demo exits non-zero unless every act ended as the story says; here is its table and report
     for expected in ("promoted", "rejected", "rolled_back", "canary"):
         assert expected in result.stdout, result.stdout
-    report = tmp_path / ".retrainer" / "demo" / "report.html"
-    assert f"report: {report}" in result.stdout.replace("\n", "")
+    home = tmp_path / ".retrainer" / "demo"
+    report = home / "report.html"
+    # the terminal shows the progress, the table and the report path; the service logs go to files
+    terminal = result.stdout.splitlines() + result.stderr.splitlines()
+    assert not [line for line in terminal if json_log_entry(line)], terminal
+    assert result.stdout.rstrip().splitlines()[-1] == f"report: {report}"
+    service_log = (home / "logs" / "service.log").read_text().splitlines()
+    logged = [entry for line in service_log if (entry := json_log_entry(line))]
+    assert {entry["logger"].split(".")[0] for entry in logged} & {"retrainer", "flows", "consumers", "serving"}
     html = report.read_text()
     assert "<svg" in html and "latency_p99_ratio" in html and "http://" not in html
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,43 @@ def test_context_does_not_leak_between_threads() -> None:
         thread.start()
         thread.join()
     assert seen["run_id"] is None
+
+
+LOGS_TO_FILE_SCRIPT = """
+import logging, os, sys
+from pathlib import Path
+from retrainer.logs import logs_to_file, setup_logging
+
+setup_logging("INFO", "json")
+with logs_to_file(Path(sys.argv[1]), "INFO", "json"):
+    logging.getLogger("retrainer.demo").info("inside")
+    # what uvicorn does when a server starts: a handler of its own on stderr, not propagating
+    server = logging.getLogger("uvicorn.error")
+    server.propagate = False
+    server.addHandler(logging.StreamHandler(sys.stderr))
+    server.warning("server line")
+    os.write(2, b"native stderr line\\n")
+    print("progress view", flush=True)
+logging.getLogger("retrainer.demo").warning("after")
+"""
+
+
+def test_logs_to_file_keeps_every_log_line_off_the_terminal_while_it_runs(tmp_path: Path) -> None:
+    """`retrainer demo` shows a progress view; the service's log lines, its own and those of the
+    libraries it starts, go to the log file instead of interleaving with it."""
+    log_file = tmp_path / "logs" / "service.log"
+    done = subprocess.run(
+        [sys.executable, "-c", LOGS_TO_FILE_SCRIPT, str(log_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "progress view\n"
+    (after,) = (json.loads(line) for line in done.stderr.splitlines())
+    assert after["message"] == "after" and after["level"] == "warning"
+    written = log_file.read_text().splitlines()
+    inside = json.loads(written[0])
+    assert inside["message"] == "inside" and inside["logger"] == "retrainer.demo"
+    assert written[1:] == ["server line", "native stderr line"]
