@@ -13,15 +13,14 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import ERROR_CODE_TO_HTTP_STATUS, UNHEALTHY, IdempotencyKeyReusedError, UnauthorizedError, error_body
+from api.errors import IdempotencyKeyReusedError, UnauthorizedError
 from api.middleware import API_KEY_HEADER
 from api.schemas import (
     AliasMoveOut,
@@ -47,12 +46,14 @@ from api.schemas import (
     TriggerInfo,
 )
 from domain import entities as e
-from domain.errors import ConflictError, NotFoundError, RetrainerError
+from domain.errors import ConflictError, NotFoundError
+from domain.evidence import StepAnalysis
 from domain.settings import Settings
-from flows import champion
+from flows import champion, records
 from flows.triggers import RunSubmitter, TriggerRequest, request_run
 from storage import repositories as repo
 from storage.db import transaction
+from web.health import health_report, metrics_response
 
 log = logging.getLogger("retrainer.api")
 
@@ -200,12 +201,6 @@ def _actor(key: e.ApiKey, claimed: str | None) -> str:
     return f"{claimed} (API key {key.name})"
 
 
-def _traffic_percent(rollout: e.Rollout) -> float:
-    if rollout.status is e.RolloutStatus.ACTIVE:
-        return rollout.steps[-1].traffic_percent if rollout.steps else 0.0
-    return 100.0 if rollout.status is e.RolloutStatus.PROMOTED else 0.0
-
-
 # ---------------------------------------------------------------------------------- triggers
 
 
@@ -259,7 +254,7 @@ def trigger_train(
 )
 def show_run(run_id: str, state: State) -> RunDetail:
     with transaction(state.sessions) as session:
-        record = repo.decision_record(session, run_id)
+        record = records.decision_record(session, run_id)
     return RunDetail.model_validate(record)
 
 
@@ -355,14 +350,14 @@ def _rollout_out(session: Session, rollout: e.Rollout) -> RolloutOut:
         candidate_version=candidate,
         champion_version=current,
         current_step=rollout.current_step,
-        traffic_percent=_traffic_percent(rollout),
+        traffic_percent=rollout.traffic_percent,
         policy=rollout.policy,
         steps=[
             RolloutStepOut(
                 step_index=step.step_index,
                 traffic_percent=step.traffic_percent,
                 verdict=step.verdict.value if step.verdict else None,
-                analysis=step.analysis,
+                analysis=StepAnalysis.model_validate(step.analysis),
                 started_at=step.started_at.isoformat(),
                 finished_at=_iso(step.finished_at),
             )
@@ -387,12 +382,7 @@ def _rollout_out(session: Session, rollout: e.Rollout) -> RolloutOut:
     responses=_OVERRIDE_ERRORS,
 )
 def abort_rollout(name: str, body: RolloutActionBody, state: State, key: Key) -> RolloutOut:
-    actor = _actor(key, body.actor)
-    with transaction(state.sessions) as session:
-        rollout = champion.abort_rollout(session, name, actor=actor, reason=body.reason)
-        out = _rollout_out(session, repo.latest_rollout(session, name) or rollout)
-    log.info("%s aborted the rollout of %s: %s", actor, name, body.reason)
-    return out
+    return _end_rollout(champion.abort_rollout, "aborted", name, body, state, key)
 
 
 @_route(
@@ -404,11 +394,22 @@ def abort_rollout(name: str, body: RolloutActionBody, state: State, key: Key) ->
     responses=_OVERRIDE_ERRORS,
 )
 def promote_rollout(name: str, body: RolloutActionBody, state: State, key: Key) -> RolloutOut:
+    return _end_rollout(champion.promote_rollout, "promoted", name, body, state, key)
+
+
+class _RolloutEnd(Protocol):
+    def __call__(self, session: Session, pipeline: str, *, actor: str, reason: str) -> e.Rollout: ...
+
+
+def _end_rollout(
+    end: _RolloutEnd, done: str, name: str, body: RolloutActionBody, state: ApiState, key: e.ApiKey
+) -> RolloutOut:
+    """An operator ends the active rollout (`end` is `flows.champion.abort_rollout` or `promote_rollout`)."""
     actor = _actor(key, body.actor)
     with transaction(state.sessions) as session:
-        rollout = champion.promote_rollout(session, name, actor=actor, reason=body.reason)
+        rollout = end(session, name, actor=actor, reason=body.reason)
         out = _rollout_out(session, repo.latest_rollout(session, name) or rollout)
-    log.info("%s promoted the rollout of %s: %s", actor, name, body.reason)
+    log.info("%s %s the rollout of %s: %s", actor, done, name, body.reason)
     return out
 
 
@@ -423,10 +424,12 @@ def promote_rollout(name: str, body: RolloutActionBody, state: State, key: Key) 
     responses=_OVERRIDE_ERRORS,
 )
 def promote(name: str, body: PromoteBody, state: State, key: Key) -> AliasMoveOut:
-    actor = _actor(key, body.actor)
-    with transaction(state.sessions) as session:
-        move = champion.force_promote(session, name, body.version, actor=actor, reason=body.reason)
-        out = _alias_move(move, _VersionNumbers(session))
+    actor, out = _move_alias(
+        state,
+        key,
+        body.actor,
+        lambda s, actor: champion.force_promote(s, name, body.version, actor=actor, reason=body.reason),
+    )
     log.info("%s force-promoted %s v%s: %s", actor, name, body.version, body.reason)
     return out
 
@@ -439,12 +442,24 @@ def promote(name: str, body: PromoteBody, state: State, key: Key) -> AliasMoveOu
     responses=_OVERRIDE_ERRORS,
 )
 def rollback(name: str, body: RollbackBody, state: State, key: Key) -> AliasMoveOut:
-    actor = _actor(key, body.actor)
-    with transaction(state.sessions) as session:
-        move = champion.rollback(session, name, to_version=body.to_version, actor=actor, reason=body.reason)
-        out = _alias_move(move, _VersionNumbers(session))
+    actor, out = _move_alias(
+        state,
+        key,
+        body.actor,
+        lambda s, actor: champion.rollback(s, name, to_version=body.to_version, actor=actor, reason=body.reason),
+    )
     log.info("%s rolled %s back to v%s: %s", actor, name, out.champion_version, body.reason)
     return out
+
+
+def _move_alias(
+    state: ApiState, key: e.ApiKey, claimed: str | None, move: Callable[[Session, str], e.AliasMove]
+) -> tuple[str, AliasMoveOut]:
+    """An operator's champion move (`move(session, actor)`) in one transaction; returns (actor, answer)."""
+    actor = _actor(key, claimed)
+    with transaction(state.sessions) as session:
+        out = _alias_move(move(session, actor), _VersionNumbers(session))
+    return actor, out
 
 
 @_route(
@@ -476,29 +491,13 @@ def freeze(name: str, body: FreezeBody, state: State, key: Key) -> FreezeOut:
     responses={503: {"model": HealthOut, "description": "A dependency does not answer."}},
 )
 def healthz(state: State) -> JSONResponse:
-    checks: dict[str, dict[str, str]] = {}
-    failing: list[str] = []
-    for name, probe in state.health_probes.items():
-        try:
-            probe()
-        except RetrainerError as err:
-            checks[name] = {"status": "failing", "code": err.code, "message": err.message}
-            failing.append(f"{name}: {err.message}")
-        except Exception as err:  # a probe that crashes is a failing dependency, not a 500
-            checks[name] = {"status": "failing", "code": "internal_error", "message": f"{type(err).__name__}: {err}"}
-            failing.append(f"{name}: {type(err).__name__}: {err}")
-        else:
-            checks[name] = {"status": "ok"}
-    if not failing:
-        return JSONResponse(HealthOut(status="ok", checks=checks).model_dump())
-    body = HealthOut(status="unavailable", checks=checks).model_dump()
-    body.update(error_body(UNHEALTHY, "not ready: " + "; ".join(failing)))
-    return JSONResponse(body, status_code=ERROR_CODE_TO_HTTP_STATUS[UNHEALTHY])
+    status, body = health_report(state.health_probes)
+    return JSONResponse(body, status_code=status)
 
 
 @_route("GET", "/metrics", public=True, summary="Prometheus metrics (public)", response_class=Response)
 def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return metrics_response()
 
 
 @_route("GET", "/openapi.json", include_in_schema=False)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from domain.evidence import StepAnalysis
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -123,7 +125,9 @@ class RolloutStepOut(_Response):
     step_index: int
     traffic_percent: float
     verdict: str | None
-    analysis: dict[str, Any]
+    analysis: StepAnalysis = Field(
+        description="The step's analysed windows (both variants' numbers, checks, decision) and what closed it."
+    )
     started_at: str
     finished_at: str | None
 
@@ -143,8 +147,8 @@ class RolloutOut(_Response):
     champion_version: int | None
     current_step: int
     traffic_percent: float = Field(
-        description="Candidate's share of traffic now: the last recorded step's while active, 100 once "
-        "promoted, 0 after any other end."
+        description="Candidate's share of traffic now: the planned percent of the step in progress while "
+        "active, 100 once promoted, 0 after any other end."
     )
     policy: dict[str, Any] = Field(description="The canary policy in force (planned steps, thresholds).")
     steps: list[RolloutStepOut] = Field(description="Analysed steps, in order.")

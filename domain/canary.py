@@ -20,29 +20,21 @@ checks passing advances to the next step, and passing the last (100 %) step prom
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
 from domain.entities import GateCheck, Verdict
+from domain.evidence import CanaryAction, VariantWindow
 from domain.spec import CanarySpec
 
-
-class CanaryAction(StrEnum):
-    WAIT = "wait"  # not enough time or traffic yet: keep this step
-    REPEAT = "repeat"  # a check failed below the failure limit: analyse this step again
-    ADVANCE = "advance"
-    PROMOTE = "promote"
-    ROLLBACK = "rollback"
-
-
-@dataclass(frozen=True, slots=True)
-class VariantWindow:
-    requests: int
-    errors: int
-    latency_p99_ms: float | None
-    class_counts: dict[str, int] = field(default_factory=dict)
-    labelled: int = 0
-    correct: int = 0
+__all__ = [
+    "CanaryAction",
+    "CanaryStep",
+    "CanaryWindow",
+    "RolloutProgress",
+    "VariantWindow",
+    "next_canary_step",
+    "population_stability_index",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,20 +144,16 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
 
 def _checks(window: CanaryWindow, policy: CanarySpec, compares: bool) -> list[GateCheck]:
     canary, champion = window.canary, window.champion
-    checks: list[GateCheck] = []
     error_rate = canary.errors / canary.requests
     ok = error_rate <= policy.max_error_rate
-    checks.append(
-        GateCheck(
+    checks = [
+        _judged(
             "error_rate",
-            "canary",
-            Verdict.PASS if ok else Verdict.FAIL,
+            ok,
             f"{error_rate:.4f} {'<=' if ok else '>'} {policy.max_error_rate:.4f}",
-            candidate_value=error_rate,
-            champion_value=_rate(champion),
-            threshold=policy.max_error_rate,
+            (error_rate, champion.error_rate, policy.max_error_rate),
         )
-    )
+    ]
     uncomparable = (
         None
         if compares
@@ -176,67 +164,32 @@ def _checks(window: CanaryWindow, policy: CanarySpec, compares: bool) -> list[Ga
         ratio = canary.latency_p99_ms / champion.latency_p99_ms
         within = ratio <= policy.max_latency_p99_ratio
         slower_ms = canary.latency_p99_ms - champion.latency_p99_ms
-        ok = within or slower_ms <= policy.latency_p99_slack_ms
         reason = f"canary/champion p99 = {ratio:.2f} {'<=' if within else '>'} {policy.max_latency_p99_ratio:.2f}"
-        if not within and ok:
+        if not within and slower_ms <= policy.latency_p99_slack_ms:
             reason += f", but only {slower_ms:.1f} ms slower (slack {policy.latency_p99_slack_ms:g} ms)"
-        checks.append(
-            GateCheck(
-                "latency_p99_ratio",
-                "canary",
-                Verdict.PASS if ok else Verdict.FAIL,
-                reason,
-                canary.latency_p99_ms,
-                champion.latency_p99_ms,
-                policy.max_latency_p99_ratio,
-            )
-        )
+        values = (canary.latency_p99_ms, champion.latency_p99_ms, policy.max_latency_p99_ratio)
+        checks.append(_judged("latency_p99_ratio", within or slower_ms <= policy.latency_p99_slack_ms, reason, values))
     else:
-        checks.append(
-            GateCheck(
-                "latency_p99_ratio", "canary", Verdict.SKIPPED, uncomparable or "no latency measured in this window"
-            )
-        )
+        checks.append(_skipped("latency_p99_ratio", uncomparable or "no latency measured in this window"))
     if uncomparable is None and canary.class_counts and champion.class_counts:
         psi = population_stability_index(champion.class_counts, canary.class_counts)
         ok = psi <= policy.max_prediction_psi
-        checks.append(
-            GateCheck(
-                "prediction_psi",
-                "canary",
-                Verdict.PASS if ok else Verdict.FAIL,
-                f"PSI {psi:.3f} {'<=' if ok else '>'} {policy.max_prediction_psi:.3f}",
-                psi,
-                None,
-                policy.max_prediction_psi,
-            )
-        )
+        reason = f"PSI {psi:.3f} {'<=' if ok else '>'} {policy.max_prediction_psi:.3f}"
+        checks.append(_judged("prediction_psi", ok, reason, (psi, None, policy.max_prediction_psi)))
+    else:
+        checks.append(_skipped("prediction_psi", uncomparable or "no predicted classes in this window"))
+    if (
+        canary.accuracy is not None
+        and champion.accuracy is not None
+        and min(canary.labelled, champion.labelled) >= policy.min_labels
+    ):
+        ok = canary.accuracy >= champion.accuracy - policy.max_accuracy_drop
+        reason = f"{canary.accuracy:.4f} vs champion {champion.accuracy:.4f} (max drop {policy.max_accuracy_drop:.4f})"
+        checks.append(_judged("accuracy", ok, reason, (canary.accuracy, champion.accuracy, policy.max_accuracy_drop)))
     else:
         checks.append(
-            GateCheck(
-                "prediction_psi", "canary", Verdict.SKIPPED, uncomparable or "no predicted classes in this window"
-            )
-        )
-    if canary.labelled >= policy.min_labels and champion.labelled >= policy.min_labels:
-        cand_acc, champ_acc = canary.correct / canary.labelled, champion.correct / champion.labelled
-        ok = cand_acc >= champ_acc - policy.max_accuracy_drop
-        checks.append(
-            GateCheck(
+            _skipped(
                 "accuracy",
-                "canary",
-                Verdict.PASS if ok else Verdict.FAIL,
-                f"{cand_acc:.4f} vs champion {champ_acc:.4f} (max drop {policy.max_accuracy_drop:.4f})",
-                cand_acc,
-                champ_acc,
-                policy.max_accuracy_drop,
-            )
-        )
-    else:
-        checks.append(
-            GateCheck(
-                "accuracy",
-                "canary",
-                Verdict.SKIPPED,
                 f"labels so far: canary {canary.labelled}, champion {champion.labelled} "
                 f"(need {policy.min_labels} each)",
             )
@@ -244,5 +197,10 @@ def _checks(window: CanaryWindow, policy: CanarySpec, compares: bool) -> list[Ga
     return checks
 
 
-def _rate(window: VariantWindow) -> float | None:
-    return window.errors / window.requests if window.requests else None
+def _judged(metric: str, ok: bool, reason: str, values: tuple[float | None, float | None, float | None]) -> GateCheck:
+    """A pass or fail with its numbers: (canary value, champion value, threshold)."""
+    return GateCheck(metric, "canary", Verdict.PASS if ok else Verdict.FAIL, reason, *values)
+
+
+def _skipped(metric: str, reason: str) -> GateCheck:
+    return GateCheck(metric, "canary", Verdict.SKIPPED, reason)

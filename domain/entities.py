@@ -190,6 +190,18 @@ class Rollout:
     finished_at: datetime | None
     steps: tuple[RolloutStep, ...] = field(default_factory=tuple)
 
+    @property
+    def traffic_percent(self) -> float:
+        """The candidate's share of traffic now, the one source for the model server, the controller
+        and the API: the planned percent of the stored step while active, 100 once promoted, 0 after
+        any other end. The policy was validated when the rollout started (`CanarySpec.steps`)."""
+        if self.status is not RolloutStatus.ACTIVE:
+            return 100.0 if self.status is RolloutStatus.PROMOTED else 0.0
+        steps = self.policy.get("steps")
+        if not isinstance(steps, list) or not steps:
+            return 0.0
+        return float(steps[min(self.current_step, len(steps) - 1)])
+
 
 @dataclass(frozen=True, slots=True)
 class AliasMove:

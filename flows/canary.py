@@ -34,11 +34,13 @@ from typing import Any
 import httpx
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
-from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgress, VariantWindow, next_canary_step
-from domain.errors import ConflictError, TransientInfraError
+from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgress, next_canary_step
+from domain.errors import ConflictError, InfrastructureError, TransientInfraError
+from domain.evidence import CanaryAttempt, ModelStats, StepAnalysis
 from domain.logcontext import log_context
 from domain.spec import CanarySpec
 from flows.champion import end_rollout, promote_candidate
@@ -47,8 +49,6 @@ from storage import repositories as repo
 from storage.db import transaction
 
 log = logging.getLogger("retrainer.flows.canary")
-
-EMPTY = VariantWindow(requests=0, errors=0, latency_p99_ms=None)
 
 
 class ServingClient:
@@ -73,8 +73,17 @@ class ServingClient:
     def load(self, pipeline: str) -> dict[str, Any]:
         return self._call("POST", f"/v2/repository/models/{pipeline}/load")
 
-    def stats(self, pipeline: str, window_seconds: float) -> dict[str, Any]:
-        return self._call("GET", f"/v2/models/{pipeline}/stats", params={"window_seconds": max(window_seconds, 0.001)})
+    def stats(self, pipeline: str, window_seconds: float) -> ModelStats:
+        answer = self._call(
+            "GET", f"/v2/models/{pipeline}/stats", params={"window_seconds": max(window_seconds, 0.001)}
+        )
+        try:
+            return ModelStats.model_validate(answer)
+        except ValidationError as err:
+            raise InfrastructureError(
+                f"model server {self.base_url}: its stats answer is not a model server's window ({err}); "
+                "check that the serving URL points at a Retrainer model server of this version"
+            ) from err
 
     def close(self) -> None:
         self._http.close()
@@ -89,83 +98,32 @@ class RolloutResult:
 
 
 # What a pass saw and decided, for progress reporting: (rollout, decision, attempt record).
-StepListener = Callable[[e.Rollout, CanaryStep, dict[str, Any]], None]
+StepListener = Callable[[e.Rollout, CanaryStep, CanaryAttempt], None]
 
 
-def _entry(stats: dict[str, Any], variant: str, version: int | None) -> dict[str, Any]:
-    """The server's window for one variant at one version ({} if it served nothing)."""
-    for entry in stats.get("variants", []):
-        if entry.get("variant") == variant and version is not None and entry.get("version") == str(version):
-            return dict(entry)
-    return {}
-
-
-def _variant(entry: dict[str, Any]) -> VariantWindow:
-    if not entry:
-        return EMPTY
-    return VariantWindow(
-        requests=int(entry["requests"]),
-        errors=int(entry["errors"]),
-        latency_p99_ms=entry.get("latency_p99_ms"),
-        class_counts={str(k): int(v) for k, v in (entry.get("class_counts") or {}).items()},
-        labelled=int(entry.get("labelled", 0)),
-        correct=int(entry.get("correct", 0)),
+def _attempt(decision: CanaryStep, window: CanaryWindow, server_error: str | None) -> CanaryAttempt:
+    return CanaryAttempt(
+        action=decision.action,
+        reason=decision.reason,
+        at=datetime.now(UTC),
+        elapsed_seconds=round(window.elapsed_seconds, 3),
+        traffic_percent=decision.traffic_percent,
+        canary=window.canary,
+        champion=window.champion,
+        checks=decision.checks,
+        server_error=server_error,
     )
-
-
-def _window_json(window: VariantWindow, version: int | None, entry: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "version": None if version is None else str(version),
-        "requests": window.requests,
-        "errors": window.errors,
-        "latency_p50_ms": entry.get("latency_p50_ms"),
-        "latency_p99_ms": window.latency_p99_ms,
-        "class_counts": window.class_counts,
-        "labelled": window.labelled,
-        "correct": window.correct,
-    }
-
-
-def _attempt(
-    decision: CanaryStep, window: CanaryWindow, stats: dict[str, Any], versions: tuple[int, int | None]
-) -> dict[str, Any]:
-    candidate, champion = versions
-    return {
-        "action": decision.action.value,
-        "reason": decision.reason,
-        "at": datetime.now(UTC).isoformat(),
-        "elapsed_seconds": round(window.elapsed_seconds, 3),
-        "traffic_percent": decision.traffic_percent,
-        "canary": _window_json(window.canary, candidate, _entry(stats, "canary", candidate)),
-        "champion": _window_json(window.champion, champion, _entry(stats, "champion", champion)),
-        "checks": [
-            {
-                "metric": c.metric,
-                "verdict": c.verdict.value,
-                "reason": c.reason,
-                "candidate_value": c.candidate_value,
-                "champion_value": c.champion_value,
-                "threshold": c.threshold,
-            }
-            for c in decision.checks
-        ],
-        **({"server_error": stats["error"]} if "error" in stats else {}),
-    }
 
 
 def _failures(rollout: e.Rollout) -> int:
     """Failed analyses so far (each repeated window counts one), from what is stored."""
-    return sum(
-        1
-        for step in rollout.steps
-        for attempt in step.analysis.get("attempts", [])
-        if attempt.get("action") == "repeat"
-    )
+    return sum(StepAnalysis.model_validate(step.analysis).repeats for step in rollout.steps)
 
 
-def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, attempt: dict[str, Any]) -> None:
+def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, analysed: CanaryAttempt) -> None:
     """Stores the decision in one transaction (the model server follows what is stored)."""
     step = rollout.current_step
+    attempt = analysed.model_dump(mode="json")
     with ctx.tx() as session:
         if decision.action is CanaryAction.REPEAT:
             repo.record_step_attempt(session, rollout.id, step, attempt)
@@ -205,7 +163,7 @@ def drive_rollout(
             policy = CanarySpec.model_validate(rollout.policy)
             index = min(rollout.current_step, len(policy.steps) - 1)
             try:
-                step = repo.begin_rollout_step(session, rollout.id, traffic_percent=policy.steps[index])
+                step = repo.begin_rollout_step(session, rollout.id, traffic_percent=rollout.traffic_percent)
             except ConflictError:  # ended or moved on meanwhile: read it again
                 continue
             candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id).version
@@ -218,15 +176,15 @@ def drive_rollout(
             elapsed = (clock() - step.started_at).total_seconds()
             try:
                 stats = client.stats(pipeline, elapsed)
-            except TransientInfraError as err:
+                server_error = None
+            except InfrastructureError as err:
                 log.warning("canary window unreadable: %s", err)
-                stats = {"variants": [], "error": str(err)}
+                stats = ModelStats(name=pipeline, champion=None, canary=None, window_seconds=elapsed)
+                server_error = err.message
                 applied = None  # tell the server again once it answers
-            window = CanaryWindow(
-                _variant(_entry(stats, "canary", candidate)), _variant(_entry(stats, "champion", champion)), elapsed
-            )
+            window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
             decision = next_canary_step(RolloutProgress(index, _failures(rollout)), window, policy)
-            attempt = _attempt(decision, window, stats, (candidate, champion))
+            attempt = _attempt(decision, window, server_error)
             if decision.action is not CanaryAction.WAIT:
                 try:
                     _apply(ctx, rollout, decision, attempt)
@@ -269,7 +227,7 @@ def canary_rollout(pipeline: str, serving_url: str | None = None, poll_seconds: 
     client = ServingClient(serving_url or ctx.settings.model_server_url)
     progress: dict[int, Any] = {}
 
-    def report(rollout: e.Rollout, decision: CanaryStep, attempt: dict[str, Any]) -> None:
+    def report(rollout: e.Rollout, decision: CanaryStep, attempt: CanaryAttempt) -> None:
         steps = len(rollout.policy.get("steps", [])) or 1
         done = decision.step_index + (1 if decision.action is CanaryAction.PROMOTE else 0)
         percent = 100.0 * done / steps if decision.action is not CanaryAction.ROLLBACK else 100.0
@@ -319,17 +277,17 @@ def supervise_rollouts(
                 controllers[name].start()
 
 
-def _attempt_markdown(rollout: e.Rollout, attempt: dict[str, Any]) -> str:
+def _attempt_markdown(rollout: e.Rollout, attempt: CanaryAttempt) -> str:
     rows = ["| check | verdict | reason |", "|---|---|---|"]
-    rows += [f"| {c['metric']} | {c['verdict']} | {c['reason']} |" for c in attempt["checks"]]
-    canary, champion = attempt["canary"], attempt["champion"]
+    rows += [f"| {c.metric} | {c.verdict.value} | {c.reason} |" for c in attempt.checks]
+    canary, champion = attempt.canary, attempt.champion
     return "\n".join(
         [
-            f"# {rollout.pipeline} rollout {rollout.id}: {attempt['action']}",
-            attempt["reason"],
-            f"window {attempt['elapsed_seconds']:.1f} s at {attempt['traffic_percent']:g} % canary; "
-            f"canary v{canary['version']}: {canary['requests']} requests, {canary['errors']} errors; "
-            f"champion v{champion['version']}: {champion['requests']} requests, {champion['errors']} errors",
+            f"# {rollout.pipeline} rollout {rollout.id}: {attempt.action.value}",
+            attempt.reason,
+            f"window {attempt.elapsed_seconds:.1f} s at {attempt.traffic_percent:g} % canary; "
+            f"canary v{canary.version}: {canary.requests} requests, {canary.errors} errors; "
+            f"champion v{champion.version}: {champion.requests} requests, {champion.errors} errors",
             *rows,
         ]
     )

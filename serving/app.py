@@ -7,7 +7,8 @@
     POST /v2/models/{pipeline}[/versions/{v}]/infer
     POST /v2/models/{pipeline}/feedback        {"request_id": "...", "label": 3} (or one label per row)
     GET  /v2/models/{pipeline}/stats?window_seconds=60
-                                               per-variant window for the canary controller (extension)
+                                               per-variant window for the canary controller (extension;
+                                               the body is `domain.evidence.ModelStats`)
     POST /v2/repository/models/{pipeline}/load re-read champion/canary/weight from the metadata now
     GET  /metrics                              Prometheus text
 
@@ -28,7 +29,6 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -41,16 +41,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from domain.errors import (
-    ArtifactIntegrityError,
-    ConflictError,
-    InvalidInputError,
-    NotFoundError,
-    RetrainerError,
-)
+from domain.errors import ConflictError, InvalidInputError, PayloadTooLargeError, RetrainerError
+from domain.evidence import ModelStats, ServedVersion
 from serving.metrics import FeedbackStore, Prediction, ServingMetrics
 from serving.protocol import infer_response, model_metadata, parse_infer_request, parse_json
-from serving.registry import ModelNotReadyError, ModelRegistry
+from serving.registry import ModelRegistry
+from web.errors import status_for
 
 log = logging.getLogger("retrainer.serving")
 
@@ -59,37 +55,10 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 SERVER_NAME = "retrainer"
 
 
-class PayloadTooLargeError(InvalidInputError):
-    """The request body is larger than the model server accepts."""
-
-    code = "payload_too_large"
-
-
 class ModelFailedError(RetrainerError):
     """The model raised or produced non-finite output for a valid request."""
 
     code = "model_failed"
-
-
-ERROR_CODE_TO_HTTP_STATUS: Mapping[str, int] = {
-    RetrainerError.code: 500,
-    InvalidInputError.code: 400,
-    PayloadTooLargeError.code: 413,
-    NotFoundError.code: 404,
-    ConflictError.code: 409,
-    ModelNotReadyError.code: 503,
-    ModelFailedError.code: 500,
-    ArtifactIntegrityError.code: 500,
-}
-
-
-def status_for(error: RetrainerError) -> int:
-    """Its own code's status, else the nearest ancestor's (a new subclass is never an accidental 500)."""
-    for cls in type(error).__mro__:
-        code = getattr(cls, "code", None)
-        if isinstance(code, str) and code in ERROR_CODE_TO_HTTP_STATUS:
-            return ERROR_CODE_TO_HTTP_STATUS[code]
-    return 500
 
 
 def _error_body(error: RetrainerError) -> tuple[int, bytes]:
@@ -347,31 +316,32 @@ def create_serving_app(
             "correct": result.correct,
         }
 
-    def variants(pipeline: str) -> dict[str, Any]:
+    def served(pipeline: str, window_seconds: float = 0.0) -> ModelStats:
+        """What serves the pipeline now and, for a window > 0, each variant's window."""
         state = registry.state(pipeline)  # 404 if unknown
-        return {
-            "name": pipeline,
-            "champion": None if state.champion is None else {"version": state.champion.version},
-            "canary": None
-            if state.canary is None
-            else {"version": state.canary.version, "weight": state.canary_weight},
-        }
+        weight = state.canary_weight if state.canary is not None else 0.0
+        return ModelStats(
+            name=pipeline,
+            champion=None
+            if state.champion is None
+            else ServedVersion(version=state.champion.version, weight=100 - weight),
+            canary=None if state.canary is None else ServedVersion(version=state.canary.version, weight=weight),
+            window_seconds=window_seconds,
+            variants=tuple(metrics.snapshot(pipeline, window_seconds)) if window_seconds > 0 else (),
+        )
 
     @app.get("/v2/models/{pipeline}/stats")
-    async def stats_route(pipeline: str, window_seconds: float = 60.0) -> dict[str, Any]:
+    async def stats_route(pipeline: str, window_seconds: float = 60.0) -> ModelStats:
         if not math.isfinite(window_seconds) or not 0 < window_seconds <= 86_400:
             raise InvalidInputError("window_seconds: must be a number of seconds in (0, 86400]")
-        answer = variants(pipeline)
-        answer["window_seconds"] = window_seconds
-        answer["variants"] = [asdict(s) for s in metrics.snapshot(pipeline, window_seconds)]
-        return answer
+        return served(pipeline, window_seconds)
 
     @app.post("/v2/repository/models/{pipeline}/load")
     async def load_route(pipeline: str) -> dict[str, Any]:
         if reload is None:
             raise ConflictError("this model server does not follow a metadata database; nothing to reload")
         report = await asyncio.to_thread(reload)
-        answer = variants(pipeline)
+        answer = served(pipeline).model_dump(mode="json", include={"name", "champion", "canary"})
         answer["loaded"] = report.get(pipeline, "not registered in the metadata database")
         return answer
 

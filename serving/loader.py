@@ -25,14 +25,6 @@ from storage.db import transaction
 log = logging.getLogger("retrainer.serving.loader")
 
 
-def _current_weight(policy: dict[str, object], current_step: int) -> float:
-    """The canary's traffic share at the rollout's stored step (steps are percents, rising to 100)."""
-    steps = policy.get("steps")
-    if not isinstance(steps, list) or not steps:
-        return 0.0
-    return float(steps[min(current_step, len(steps) - 1)])
-
-
 def sync_from_metadata(
     registry: ModelRegistry,
     sessions: sessionmaker[Session],
@@ -47,7 +39,7 @@ def sync_from_metadata(
             champion = repo.get_champion(session, pipeline.name)
             rollout = repo.active_rollout(session, pipeline.name)
             candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id) if rollout else None
-            weight = _current_weight(rollout.policy, rollout.current_step) if rollout else 0.0
+            weight = rollout.traffic_percent if rollout else 0.0
             wanted.append((pipeline.name, champion, candidate, weight))
     report: dict[str, str] = {}
     for name, champion, candidate, weight in wanted:

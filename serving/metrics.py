@@ -7,9 +7,10 @@ forward pass), `retrainer_serving_request_latency_seconds` (histogram),
 from the loaded models themselves `retrainer_serving_forward_passes_total` and
 `retrainer_serving_forward_rows_total` (their ratio is the mean batch size).
 
-The controller reads `ServingMetrics.snapshot(pipeline, window_s)`: per (variant, version) the
-requests, errors, p50/p99 latency, predicted-class counts and labelled accuracy over the last
-`window_s` seconds, from bounded in-memory event windows (no Prometheus scrape needed).
+`ServingMetrics.snapshot(pipeline, window_s)` gives per (variant, version) a
+`domain.evidence.ServedWindow`: requests, errors, p50/p99 latency, predicted-class counts and
+labelled rows over the last `window_s` seconds, from bounded in-memory event windows (no
+Prometheus scrape needed). The stats endpoint answers them to the canary controller.
 
 Delayed labels: `FeedbackStore` remembers the predicted classes of the last `capacity` requests
 (LRU by request id); a label sent later is scored against the prediction of the variant that
@@ -18,46 +19,25 @@ actually served the request.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from domain.errors import InvalidInputError, NotFoundError
+from domain.evidence import ServedWindow
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LABELS = ("pipeline", "variant", "version")
 WINDOW_EVENTS = 50_000  # per (pipeline, variant, version): enough for minutes at hundreds of req/s
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True, slots=True)
-class VariantStats:
-    """What one variant (one version) did in the window. Latencies in milliseconds (None: no requests)."""
-
-    pipeline: str
-    variant: str
-    version: str
-    requests: int
-    errors: int
-    rejected: int
-    latency_p50_ms: float | None
-    latency_p99_ms: float | None
-    class_counts: dict[int, int]
-    labelled: int
-    correct: int
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.labelled if self.labelled else None
 
 
 @dataclass(slots=True)
@@ -75,33 +55,27 @@ class ServingMetrics:
 
     def __init__(self, *, clock: Clock = time.monotonic) -> None:
         self.registry = CollectorRegistry()
-        labels = ("pipeline", "variant", "version")
-        self.requests = Counter(
-            "retrainer_serving_requests", "Inference requests answered.", labels, registry=self.registry
-        )
-        self.errors = Counter(
+
+        def counter(name: str, documentation: str, *extra: str) -> Counter:
+            return Counter(name, documentation, (*LABELS, *extra), registry=self.registry)
+
+        self.requests = counter("retrainer_serving_requests", "Inference requests answered.")
+        self.errors = counter(
             "retrainer_serving_errors",
             "Inference requests that failed (kind=client: refused input; kind=server: the model failed).",
-            (*labels, "kind"),
-            registry=self.registry,
+            "kind",
         )
         self.latency = Histogram(
             "retrainer_serving_request_latency_seconds",
             "Time from a parsed request to its answer, batching wait included.",
-            labels,
+            LABELS,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.predictions = Counter(
-            "retrainer_serving_predictions",
-            "Predicted classes, one per row.",
-            (*labels, "class"),
-            registry=self.registry,
+        self.predictions = counter("retrainer_serving_predictions", "Predicted classes, one per row.", "class")
+        self.feedback = counter(
+            "retrainer_serving_feedback", "Delayed labels received, by whether the prediction was right.", "correct"
         )
-        self.feedback = Counter(
-            "retrainer_serving_feedback", "Delayed labels received, by whether the prediction was right.",
-            (*labels, "correct"), registry=self.registry,
-        )  # fmt: skip
         self._clock = clock
         self._windows: dict[tuple[str, str, str], _Window] = {}
         self._lock = threading.Lock()
@@ -139,8 +113,8 @@ class ServingMetrics:
         with self._lock:
             self._window((pipeline, variant, version)).feedback.append((self._clock(), labels, correct))
 
-    def snapshot(self, pipeline: str, window_s: float = 60.0) -> list[VariantStats]:
-        """Stats per (variant, version) seen in the last `window_s` seconds, champion first."""
+    def snapshot(self, pipeline: str, window_s: float = 60.0) -> list[ServedWindow]:
+        """Windows per (variant, version) seen in the last `window_s` seconds, champion first."""
         since = self._clock() - window_s
         with self._lock:
             items = [(key, window) for key, window in self._windows.items() if key[0] == pipeline]
@@ -149,36 +123,43 @@ class ServingMetrics:
                  [f for f in w.feedback if f[0] >= since])
                 for key, w in items
             ]  # fmt: skip
-        stats: list[VariantStats] = []
-        for (_, variant, version), served, rejected, feedback in copies:
-            if not served and not rejected and not feedback:
-                continue
-            latencies = np.asarray([e[1] for e in served], dtype=np.float64) * 1000.0
-            class_counts: dict[int, int] = {}
-            for event in served:
-                for cls in event[3]:
-                    class_counts[cls] = class_counts.get(cls, 0) + 1
-            stats.append(
-                VariantStats(
-                    pipeline=pipeline,
-                    variant=variant,
-                    version=version,
-                    requests=len(served),
-                    errors=sum(1 for e in served if not e[2]),
-                    rejected=rejected,
-                    latency_p50_ms=float(np.percentile(latencies, 50)) if latencies.size else None,
-                    latency_p99_ms=float(np.percentile(latencies, 99)) if latencies.size else None,
-                    class_counts=dict(sorted(class_counts.items())),
-                    labelled=sum(f[1] for f in feedback),
-                    correct=sum(f[2] for f in feedback),
-                )
-            )
-        stats.sort(key=lambda s: (s.variant != "champion", s.version))
-        return stats
+        windows = [
+            _served_window(key, served, rejected, feedback)
+            for key, served, rejected, feedback in copies
+            if served or rejected or feedback
+        ]
+        windows.sort(key=lambda w: (w.variant != "champion", w.version))
+        return windows
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
+def _served_window(
+    key: tuple[str, str, str],
+    served: list[tuple[float, float, bool, tuple[int, ...]]],
+    rejected: int,
+    feedback: list[tuple[float, int, int]],
+) -> ServedWindow:
+    pipeline, variant, version = key
+    latencies = np.asarray([e[1] for e in served], dtype=np.float64) * 1000.0
+    p50, p99 = (float(v) for v in np.percentile(latencies, (50, 99))) if latencies.size else (None, None)
+    classes = collections.Counter(cls for event in served for cls in event[3])
+    return ServedWindow.model_validate(
+        {
+            "pipeline": pipeline,
+            "variant": variant,
+            "version": version,
+            "requests": len(served),
+            "errors": sum(1 for e in served if not e[2]),
+            "rejected": rejected,
+            "latency_p50_ms": p50,
+            "latency_p99_ms": p99,
+            "class_counts": {str(cls): classes[cls] for cls in sorted(classes)},
+            "labelled": sum(f[1] for f in feedback),
+            "correct": sum(f[2] for f in feedback),
+        }
+    )
+
+
+class Prediction(NamedTuple):
     """What was answered to one request: by which variant and version, and the predicted classes."""
 
     pipeline: str

@@ -212,8 +212,7 @@ def load_version(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
+class Routed(NamedTuple):
     """Where one request goes: the variant and the model it holds a lease on."""
 
     pipeline: str

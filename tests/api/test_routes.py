@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import ERROR_CODE_TO_HTTP_STATUS, IdempotencyKeyReusedError, status_for
 from domain import entities as e
 from domain import errors
+from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
 from storage import repositories as repo
 from storage.db import transaction
 from tests.api.conftest import PIPELINE, FakeSubmitter, error_code
@@ -199,23 +200,33 @@ def test_rollout_404_then_current_then_outcome(client: TestClient, sessions: ses
             session, PIPELINE, candidate_version_id=v2.id, champion_version_id=v1.id, policy={"steps": [10, 50, 100]}
         )
     started = client.get(url).json()
-    assert started["status"] == "active" and started["steps"] == [] and started["traffic_percent"] == 0
+    # the model server serves the first step's share as soon as the rollout is active
+    assert started["status"] == "active" and started["steps"] == [] and started["traffic_percent"] == 10
     assert started["outcome"] is None and started["policy"] == {"steps": [10, 50, 100]}
 
+    attempt = CanaryAttempt(
+        action=CanaryAction.ADVANCE,
+        reason="step 1 at 10 % passed: on to 50 %",
+        at=datetime(2026, 11, 23, 10, 0, tzinfo=UTC),
+        elapsed_seconds=31.0,
+        traffic_percent=50.0,
+        canary=VariantWindow(version="2", requests=250, latency_p99_ms=3.0, class_counts={"0": 250}),
+        champion=VariantWindow(version="1", requests=2250, errors=1, latency_p99_ms=2.9),
+        checks=(e.GateCheck("error_rate", "canary", e.Verdict.PASS, "0.0000 <= 0.0100", 0.0, 0.0004, 0.01),),
+    )
     with transaction(sessions) as session:
-        repo.record_rollout_step(
-            session,
-            rollout.id,
-            step_index=0,
-            traffic_percent=10,
-            verdict=e.Verdict.PASS,
-            analysis={"requests": 250, "error_rate": 0.0},
+        repo.begin_rollout_step(session, rollout.id, traffic_percent=10)
+        repo.record_step_attempt(
+            session, rollout.id, 0, attempt.model_dump(mode="json"), verdict=e.Verdict.PASS, next_step=1
         )
     active = client.get(url).json()
     assert (active["candidate_version"], active["champion_version"], active["current_step"]) == (2, 1, 1)
-    assert active["traffic_percent"] == 10
-    assert active["steps"][0]["analysis"] == {"requests": 250, "error_rate": 0.0}
-    assert active["steps"][0]["verdict"] == "pass"
+    assert active["traffic_percent"] == 50
+    (step,) = active["steps"]
+    assert step["verdict"] == "pass" and step["traffic_percent"] == 10
+    analysis = StepAnalysis.model_validate(step["analysis"])
+    assert analysis.action is CanaryAction.ADVANCE and analysis.attempts == (attempt,)
+    assert step["analysis"]["attempts"][0]["canary"]["requests"] == 250
 
     with transaction(sessions) as session:
         repo.finish_rollout(session, rollout.id, e.RolloutStatus.ROLLED_BACK, "p99 ratio 3.1 > 1.2")

@@ -26,6 +26,19 @@ POLICY = CanarySpec(
 CLASSES = {"0": 100, "1": 100, "2": 100}
 
 
+def variant(
+    requests: int, errors: int, p99: float, classes: dict[str, int], labelled: int = 0, correct: int = 0
+) -> VariantWindow:
+    return VariantWindow(
+        requests=requests,
+        errors=errors,
+        latency_p99_ms=p99,
+        class_counts=classes,
+        labelled=labelled,
+        correct=correct,
+    )
+
+
 def window(
     requests: int = 300,
     errors: int = 0,
@@ -35,8 +48,8 @@ def window(
     labelled: int = 0,
     correct: int = 0,
 ) -> CanaryWindow:
-    champion = VariantWindow(3000, 3, 5.0, {k: v * 10 for k, v in CLASSES.items()}, 100, 95)
-    canary = VariantWindow(requests, errors, p99, classes or CLASSES, labelled, correct)
+    champion = variant(3000, 3, 5.0, {k: v * 10 for k, v in CLASSES.items()}, 100, 95)
+    canary = variant(requests, errors, p99, classes or CLASSES, labelled, correct)
     return CanaryWindow(canary, champion, elapsed)
 
 
@@ -92,8 +105,8 @@ def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None
 def test_at_100_percent_the_comparisons_are_skipped_not_judged_on_late_champion_requests() -> None:
     """At 100 % the champion sees only a few late requests: its p99 and class mix mean nothing (CI once
     rolled a good candidate back on PSI 7.2 against them), so the last step skips the comparisons."""
-    few = VariantWindow(4, 0, 1.0, {"0": 4}, 0, 0)
-    slow_and_skewed = VariantWindow(300, 0, 50.0, {"0": 100, "1": 100, "2": 100}, 0, 0)
+    few = variant(4, 0, 1.0, {"0": 4})
+    slow_and_skewed = variant(300, 0, 50.0, {"0": 100, "1": 100, "2": 100})
     step = next_canary_step(RolloutProgress(2), CanaryWindow(slow_and_skewed, few, 31), POLICY)
     assert step.action is CanaryAction.PROMOTE
     skipped = {c.metric: c.reason for c in step.checks if c.verdict.value == "skipped"}
@@ -104,13 +117,13 @@ def test_at_100_percent_the_comparisons_are_skipped_not_judged_on_late_champion_
 def test_below_100_percent_a_step_waits_for_enough_champion_requests_then_fails_closed() -> None:
     """At 50 % the champion may be just short of min_requests when the canary reaches it: the step
     waits rather than be judged without its comparisons, and fails closed at the deadline."""
-    slow_and_skewed = VariantWindow(210, 0, 500.0, {"0": 210}, 0, 0)
-    short = VariantWindow(190, 0, 5.0, CLASSES, 0, 0)
+    slow_and_skewed = variant(210, 0, 500.0, {"0": 210})
+    short = variant(190, 0, 5.0, CLASSES)
     step = next_canary_step(RolloutProgress(1), CanaryWindow(slow_and_skewed, short, 31), POLICY)
     assert step.action is CanaryAction.WAIT and "190/200 champion" in step.reason
     step = next_canary_step(RolloutProgress(1), CanaryWindow(slow_and_skewed, short, 91), POLICY)
     assert step.action is CanaryAction.ROLLBACK and "no evidence" in step.reason
-    enough = VariantWindow(200, 0, 5.0, CLASSES, 0, 0)
+    enough = variant(200, 0, 5.0, CLASSES)
     step = next_canary_step(RolloutProgress(1), CanaryWindow(slow_and_skewed, enough, 31), POLICY)
     assert step.action is CanaryAction.ROLLBACK
     assert {c.metric for c in step.checks if c.verdict.value == "fail"} == {"latency_p99_ratio", "prediction_psi"}

@@ -15,10 +15,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.errors import NotFoundError
-from retrainer.report import ReportData, collect_report, render_html, runs_table_rows, write_report
+from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
+from retrainer.report import collect_report, runs_table_rows, write_report
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
 from storage.orm import Base
+from web.render import render_report
+from web.views import ReportData
 
 PIPELINE = "digits"
 EVIL = "<script>alert('x')</script>"
@@ -103,53 +106,66 @@ def quantization(chosen: str, reason: str) -> dict[str, Any]:
     }
 
 
-def window(version: str, requests: int, errors: int, p99: float, counts: dict[str, int]) -> dict[str, Any]:
-    return {
-        "version": version,
-        "requests": requests,
-        "errors": errors,
-        "latency_p50_ms": p99 / 3,
-        "latency_p99_ms": p99,
-        "class_counts": counts,
-        "labelled": 0,
-        "correct": 0,
-    }
+def window(version: str, requests: int, errors: int, p99: float, counts: dict[str, int]) -> VariantWindow:
+    return VariantWindow(
+        version=version,
+        requests=requests,
+        errors=errors,
+        latency_p50_ms=p99 / 3,
+        latency_p99_ms=p99,
+        class_counts=counts,
+    )
 
 
 def check(
     metric: str, verdict: str, reason: str, value: float | None, champion: float | None, threshold: float
-) -> dict[str, Any]:
-    return {
-        "metric": metric,
-        "verdict": verdict,
-        "reason": reason,
-        "candidate_value": value,
-        "champion_value": champion,
-        "threshold": threshold,
-    }
+) -> e.GateCheck:
+    return e.GateCheck(metric, "canary", e.Verdict(verdict), reason, value, champion, threshold)
 
 
 def attempt(
-    action: str, reason: str, canary: dict[str, Any], champion: dict[str, Any], checks: list[Any]
-) -> dict[str, Any]:
-    return {
-        "action": action,
-        "reason": reason,
-        "elapsed_seconds": 31.2,
-        "at": "2026-11-23T10:00:00+00:00",
-        "canary": canary,
-        "champion": champion,
-        "checks": checks,
-    }
+    action: str,
+    reason: str,
+    canary: VariantWindow,
+    champion: VariantWindow,
+    checks: list[e.GateCheck],
+    server_error: str | None = None,
+) -> CanaryAttempt:
+    return CanaryAttempt(
+        action=CanaryAction(action),
+        reason=reason,
+        elapsed_seconds=31.2,
+        at=datetime(2026, 11, 23, 10, 0, tzinfo=UTC),
+        traffic_percent=0.0 if action == "rollback" else 50.0,
+        canary=canary,
+        champion=champion,
+        checks=tuple(checks),
+        server_error=server_error,
+    )
 
 
-def passing_checks(psi: float) -> list[dict[str, Any]]:
+def passing_checks(psi: float) -> list[e.GateCheck]:
     return [
         check("error_rate", "pass", "error rate 0.00 % <= 1.00 %", 0.0, None, 0.01),
         check("latency_p99_ratio", "pass", "p99 ratio 1.05 <= 1.20", 1.05, None, 1.2),
         check("prediction_psi", "pass", f"PSI {psi:.3f} <= 0.200", psi, None, 0.2),
         check("accuracy", "skipped", "fewer than 50 labels per variant", None, None, 0.02),
     ]
+
+
+def record_step(
+    session: Session, rollout_id: int, index: int, traffic: float, verdict: e.Verdict, *attempts: CanaryAttempt
+) -> None:
+    """A finished step as the controller stores it (the last attempt decided it)."""
+    analysis = StepAnalysis(attempts=attempts, action=attempts[-1].action, reason=attempts[-1].reason)
+    repo.record_rollout_step(
+        session,
+        rollout_id,
+        step_index=index,
+        traffic_percent=traffic,
+        verdict=verdict,
+        analysis=analysis.model_dump(mode="json"),
+    )
 
 
 @dataclass(frozen=True)
@@ -239,7 +255,6 @@ def build_story(sessions: sessionmaker[Session]) -> Story:
                 window("1", 2000 - requests, 1, 3.2, {"0": 1000, "1": 1000 - requests}),
                 passing_checks(0.01 * (index + 1)),
             )
-            attempts = [ok]
             if index == 1:  # one repeated window: too little traffic first
                 thin = attempt(
                     "repeat",
@@ -247,16 +262,11 @@ def build_story(sessions: sessionmaker[Session]) -> Story:
                     window("2", 40, 0, 3.0, {"0": 20, "1": 20}),
                     window("1", 400, 0, 3.1, {"0": 200, "1": 200}),
                     [],
-                ) | {"server_error": "stats endpoint timed out"}
-                attempts = [thin, ok]
-            repo.record_rollout_step(
-                s,
-                promoted.id,
-                step_index=index,
-                traffic_percent=traffic,
-                verdict=e.Verdict.PASS,
-                analysis={"action": ok["action"], "reason": ok["reason"], "attempts": attempts},
-            )
+                    server_error="stats endpoint timed out",
+                )
+                record_step(s, promoted.id, index, traffic, e.Verdict.PASS, thin, ok)
+            else:
+                record_step(s, promoted.id, index, traffic, e.Verdict.PASS, ok)
         repo.move_champion(
             s, PIPELINE, v2.id, expected_from_version_id=v1.id, actor="canary", reason="canary passed", run_id=run2.id
         )
@@ -280,49 +290,37 @@ def build_story(sessions: sessionmaker[Session]) -> Story:
         rolled = repo.start_rollout(
             s, PIPELINE, candidate_version_id=v3.id, champion_version_id=v2.id, policy=policy, run_id=run3.id
         )
-        repo.record_rollout_step(
+        record_step(
             s,
             rolled.id,
-            step_index=0,
-            traffic_percent=10.0,
-            verdict=e.Verdict.PASS,
-            analysis={
-                "action": "advance",
-                "reason": "all checks passed at 10 %",
-                "attempts": [
-                    attempt(
-                        "advance",
-                        "all checks passed at 10 %",
-                        window("3", 250, 0, 3.5, {"0": 125, "1": 125}),
-                        window("2", 2250, 2, 3.3, {"0": 1125, "1": 1125}),
-                        passing_checks(0.02),
-                    )
-                ],
-            },
+            0,
+            10.0,
+            e.Verdict.PASS,
+            attempt(
+                "advance",
+                "all checks passed at 10 %",
+                window("3", 250, 0, 3.5, {"0": 125, "1": 125}),
+                window("2", 2250, 2, 3.3, {"0": 1125, "1": 1125}),
+                passing_checks(0.02),
+            ),
         )
         slow = "canary p99 latency 9.80 ms is 2.97x the champion's 3.30 ms (limit 1.20x)"
-        repo.record_rollout_step(
+        record_step(
             s,
             rolled.id,
-            step_index=1,
-            traffic_percent=50.0,
-            verdict=e.Verdict.FAIL,
-            analysis={
-                "action": "rollback",
-                "reason": slow,
-                "attempts": [
-                    attempt(
-                        "rollback",
-                        slow,
-                        window("3", 1000, 3, 9.8, {"0": 500, "1": 500}),
-                        window("2", 1000, 1, 3.3, {"0": 500, "1": 500}),
-                        [
-                            check("error_rate", "pass", "error rate 0.30 % <= 1.00 %", 0.003, 0.001, 0.01),
-                            check("latency_p99_ratio", "fail", slow, 2.97, 3.3, 1.2),
-                        ],
-                    )
+            1,
+            50.0,
+            e.Verdict.FAIL,
+            attempt(
+                "rollback",
+                slow,
+                window("3", 1000, 3, 9.8, {"0": 500, "1": 500}),
+                window("2", 1000, 1, 3.3, {"0": 500, "1": 500}),
+                [
+                    check("error_rate", "pass", "error rate 0.30 % <= 1.00 %", 0.003, 0.001, 0.01),
+                    check("latency_p99_ratio", "fail", slow, 2.97, 3.3, 1.2),
                 ],
-            },
+            ),
         )
         repo.finish_rollout(s, rolled.id, e.RolloutStatus.ROLLED_BACK, f"rolled back at step 1: {slow}")
         repo.set_model_stage(s, v3.id, e.ModelStage.ROLLED_BACK)
@@ -348,7 +346,7 @@ def data(db: tuple[sessionmaker[Session], Story]) -> ReportData:
 
 @pytest.fixture(scope="module")
 def document(data: ReportData) -> str:
-    return render_html(data, generated_at=GENERATED)
+    return render_report(data, generated_at=GENERATED)
 
 
 # ---------------------------------------------------------------------------------- collecting
@@ -396,7 +394,7 @@ def test_collects_alias_history_and_rollouts_oldest_first(data: ReportData, db: 
     decisive = promoted.steps[1].decisive
     assert decisive is not None and decisive.action == "advance" and decisive.canary.requests == 900
     assert decisive.psi == pytest.approx(0.02)
-    assert (rolled.status, len(rolled.steps), rolled.steps[1].action) == ("rolled_back", 2, "rollback")
+    assert (rolled.status, len(rolled.steps), rolled.steps[1].analysis.action) == ("rolled_back", 2, "rollback")
     last = rolled.steps[1].decisive
     assert last is not None and last.canary.error_rate == pytest.approx(0.003)
     assert [c.verdict for c in last.checks] == ["pass", "fail"]
@@ -440,7 +438,7 @@ def test_html_is_well_formed_and_self_contained(document: str) -> None:
         assert value[1:] in parsed.ids
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", document, re.IGNORECASE)
     assert "http://" not in document and "https://" not in document
-    assert "Content-Security-Policy" in document and "default-src &#x27;none&#x27;" in document
+    assert "Content-Security-Policy" in document and "default-src &#39;none&#39;" in document
     assert "<style>" in document
 
 
@@ -482,17 +480,17 @@ def test_html_charts_are_inline_svg(document: str) -> None:
 
 def test_stored_text_is_escaped(document: str) -> None:
     assert "<script" not in document
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in document
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in document
     assert EVIL in " ".join(parse(document).text)  # shown to the reader as text
 
 
 def test_title_is_escaped() -> None:
-    document = render_html(ReportData(pipelines=()), title="a <b> & c", generated_at=GENERATED)
+    document = render_report(ReportData(pipelines=()), title="a <b> & c", generated_at=GENERATED)
     parse(document)
     assert "<title>a &lt;b&gt; &amp; c</title>" in document and "No pipelines recorded yet." in document
 
 
-def test_missing_and_malformed_analysis_never_breaks_the_report(tmp_path: Path) -> None:
+def test_missing_run_evidence_and_steps_without_windows_never_break_the_report(tmp_path: Path) -> None:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'sparse.db'}")
     Base.metadata.create_all(engine)
     sessions = make_sessions(engine)
@@ -523,11 +521,8 @@ def test_missing_and_malformed_analysis_never_breaks_the_report(tmp_path: Path) 
             step_index=1,
             traffic_percent=25.0,
             verdict=None,
-            analysis={"attempts": [{"canary": None, "champion": {"requests": "many", "errors": -1}, "checks": [1]}]},
+            analysis=StepAnalysis().model_dump(mode="json"),
             finished=False,
-        )
-        repo.record_rollout_step(
-            s, rollout.id, step_index=2, traffic_percent=50.0, verdict=None, analysis={"attempts": "oops"}
         )
         repo.finish_rollout(s, rollout.id, e.RolloutStatus.ABORTED, "aborted by operator")
     path = write_report(sessions, tmp_path / "out" / "report.html", generated_at=GENERATED)

@@ -182,7 +182,7 @@ def test_a_good_candidate_walks_every_step_under_load_and_is_promoted(stack: Sta
         assert repo.alias_history(session, PIPELINE)[0].actor == "canary controller"
     assert sent.failed == 0 and sent.sent > 200
     state = ServingClient(stack.url).load(PIPELINE)
-    assert state["champion"] == {"version": "2"} and state["canary"] is None
+    assert state["champion"] == {"version": "2", "weight": 100.0} and state["canary"] is None
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_a_bad_candidate_is_rolled_back_at_the_first_analysed_step(
     assert _state(stack, candidate, run_id) == (e.ModelStage.ROLLED_BACK, e.RunStatus.ROLLED_BACK, champion)
     # weight 0 at once: the server no longer routes to the candidate
     state = ServingClient(stack.url).load(PIPELINE)
-    assert state["canary"] is None and state["champion"] == {"version": "1"}
+    assert state["canary"] is None and state["champion"] == {"version": "1", "weight": 100.0}
 
 
 def test_no_traffic_fails_closed_at_the_deadline(stack: Stack) -> None:

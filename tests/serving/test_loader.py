@@ -8,6 +8,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from domain import entities as e
 from domain.settings import load_settings
 from ml.package import MANIFEST_FORMAT, save_package
 from ml.zoo import build_model
@@ -34,24 +35,30 @@ def _metadata_and_store(tmp_path: Path) -> tuple[sessionmaker[Session], Artifact
     )
 
 
+def _register(sessions: sessionmaker[Session], store: ArtifactStore, folder: Path, seed: int) -> e.ModelVersion:
+    """A small model (weights from `seed`) stored and registered as the next version of digits."""
+    torch.manual_seed(seed)
+    module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
+    ref = store.put_file(save_package(module, MANIFEST, folder / f"m{seed}.pt").path)
+    with transaction(sessions) as session:
+        return repo.register_model_version(
+            session,
+            "digits",
+            artifact_uri=ref.uri,
+            sha256=ref.sha256,
+            size_bytes=ref.size,
+            metrics={},
+            manifest=MANIFEST,
+        )
+
+
 def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact(tmp_path: Path) -> None:
     sessions, store = _metadata_and_store(tmp_path)
 
     def register(seed: int) -> int:
-        torch.manual_seed(seed)
-        module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
-        ref = store.put_file(save_package(module, MANIFEST, tmp_path / f"m{seed}.pt").path)
+        version = _register(sessions, store, tmp_path, seed)
         with transaction(sessions) as session:
             current = repo.get_champion(session, "digits")
-            version = repo.register_model_version(
-                session,
-                "digits",
-                artifact_uri=ref.uri,
-                sha256=ref.sha256,
-                size_bytes=ref.size,
-                metrics={},
-                manifest=MANIFEST,
-            )
             repo.move_champion(
                 session,
                 "digits",
@@ -85,28 +92,10 @@ def test_champions_are_loaded_followed_and_never_swapped_for_a_tampered_artifact
 
 
 def test_the_canary_follows_the_rollout_stored_in_sql(tmp_path: Path) -> None:
-    from domain import entities as e
-
     sessions, store = _metadata_and_store(tmp_path)
-    ids = []
     with transaction(sessions) as session:
         repo.upsert_pipeline(session, "digits", "digits", {"name": "digits"})
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        module = build_model("mlp", {"hidden_sizes": [16]}, [FEATURES], CLASSES)
-        ref = store.put_file(save_package(module, MANIFEST, tmp_path / f"m{seed}.pt").path)
-        with transaction(sessions) as session:
-            ids.append(
-                repo.register_model_version(
-                    session,
-                    "digits",
-                    artifact_uri=ref.uri,
-                    sha256=ref.sha256,
-                    size_bytes=ref.size,
-                    metrics={},
-                    manifest=MANIFEST,
-                ).id
-            )
+    ids = [_register(sessions, store, tmp_path, seed).id for seed in (1, 2)]
     with transaction(sessions) as session:
         repo.move_champion(session, "digits", ids[0], expected_from_version_id=None, actor="t", reason="first")
         rollout = repo.start_rollout(

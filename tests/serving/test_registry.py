@@ -169,7 +169,7 @@ def test_metrics_snapshot_and_feedback() -> None:
         "champion",
         3,
         0,
-        {0: 3, 2: 3},
+        {"0": 3, "2": 3},
     )
     assert champion.latency_p99_ms is not None and 90 < champion.latency_p99_ms <= 100
     assert champion.accuracy == 0.5

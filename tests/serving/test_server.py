@@ -17,6 +17,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 
+from domain.evidence import ModelStats, ServedVersion, VariantWindow
 from serving.app import create_serving_app
 from serving.batching import BatchingConfig
 from serving.metrics import ServingMetrics
@@ -270,3 +271,33 @@ def test_triton_http_client_speaks_to_the_server(registry: ModelRegistry, http: 
         "digits", [tensor], outputs=[triton.InferRequestedOutput("predicted_class", binary_data=False)]
     )
     assert result.as_numpy("predicted_class").shape == (3,)
+
+
+def test_stats_answer_is_the_typed_window_the_controller_reads(registry: ModelRegistry, http: httpx.Client) -> None:
+    registry.set_champion(tiny_model("1"))
+    registry.set_canary(tiny_model("2"), 30)
+    for version in ("1", "2", "2"):
+        answer = http.post(f"/v2/models/digits/versions/{version}/infer", json=body(rows_of(2))).json()
+        assert answer["model_version"] == version
+    wrong_width = np.zeros((1, FEATURES + 1), dtype=np.float32)
+    refused = http.post("/v2/models/digits/versions/2/infer", json=body(wrong_width))
+    assert refused.status_code == 400
+
+    response = http.get("/v2/models/digits/stats", params={"window_seconds": 60})
+    assert response.status_code == 200
+    stats = ModelStats.model_validate(response.json())
+    assert (stats.name, stats.window_seconds) == ("digits", 60)
+    assert stats.champion == ServedVersion(version="1", weight=70) and stats.canary == ServedVersion(
+        version="2", weight=30
+    )
+    canary = stats.window("canary", 2)
+    assert (canary.version, canary.requests, canary.errors, canary.rejected) == ("2", 2, 0, 1)
+    assert sum(canary.class_counts.values()) == 4 and canary.latency_p99_ms is not None
+    assert stats.window("champion", 1).requests == 1
+    assert stats.window("canary", 3) == VariantWindow(version="3")  # served nothing in the window: empty, never absent
+    for entry in response.json()["variants"]:  # the JSON users saw before, now a superset
+        assert {"pipeline", "variant", "version", "requests", "errors", "latency_p99_ms", "class_counts"} <= set(entry)
+
+    bad = http.get("/v2/models/digits/stats", params={"window_seconds": 0})
+    assert bad.status_code == 400 and "window_seconds" in bad.json()["error"]
+    assert http.get("/v2/models/nope/stats").status_code == 404

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.engine import make_url
 
 import migrations
+from domain.entities import RolloutStatus, Verdict
+from domain.evidence import CanaryAction, StepAnalysis, VariantWindow
 from storage.db import create_db_engine
 from storage.orm import Base
 
@@ -76,3 +81,129 @@ def test_upgrade_downgrade_upgrade_roundtrip(empty_database_url: str) -> None:
     assert tables() == set()
     migrations.upgrade(empty_database_url)
     assert tables() == EXPECTED_TABLES
+
+
+# ------------------------------------------------------------- 0003: typed canary attempts
+
+STARTED = datetime(2026, 11, 23, 10, 0, 0)
+OLD_WINDOW = {  # what the controller stored per variant before 0003 (no "rejected")
+    "version": "2",
+    "requests": 250,
+    "errors": 1,
+    "latency_p50_ms": 1.2,
+    "latency_p99_ms": 3.4,
+    "class_counts": {"0": 125, "1": 125},
+    "labelled": 0,
+    "correct": 0,
+}
+OLD_CHECK = {  # no "check", "ci_low", "ci_high"
+    "metric": "error_rate",
+    "verdict": "pass",
+    "reason": "0.0040 <= 0.0100",
+    "candidate_value": 0.004,
+    "champion_value": None,
+    "threshold": 0.01,
+}
+OLD_ATTEMPT = {
+    "action": "repeat",
+    "reason": "failure 1/2: latency",
+    "at": "2026-11-23T10:00:31+00:00",
+    "elapsed_seconds": 31.2,
+    "traffic_percent": 10.0,
+    "canary": OLD_WINDOW,
+    "champion": OLD_WINDOW | {"version": "1"},
+    "checks": [OLD_CHECK],
+    "server_error": "stats endpoint timed out",
+}
+OLD_ANALYSES = {
+    0: {"attempts": [OLD_ATTEMPT, OLD_ATTEMPT | {"action": "advance"}], "action": "advance", "reason": "passed"},
+    1: {"attempts": [OLD_ATTEMPT], "action": "aborted", "reason": "aborted by alice: incident 7"},
+    2: {},  # a step recorded without analysis
+    3: {"attempts": [{"canary": None, "checks": [1]}, {"action": "rollback", "canary": {"requests": "many"}}]},
+}
+
+
+def _insert_old_rollout(url: str) -> None:
+    def table(name: str, *columns: str) -> Any:
+        return sa.table(name, *(sa.column(c) for c in columns))
+
+    engine = create_db_engine(url)
+    try:
+        with engine.begin() as conn:
+            when = {"created_at": STARTED, "updated_at": STARTED}
+            conn.execute(
+                sa.insert(table("pipelines", "id", "name", "dataset", "spec", "spec_sha256", *when)).values(
+                    id=1, name="digits", dataset="digits", spec=sa.literal("{}", sa.JSON), spec_sha256="0" * 64, **when
+                )
+            )
+            version = ("id", "pipeline_id", "version", "artifact_uri", "sha256", "size_bytes", "metrics", "stage")
+            conn.execute(
+                sa.insert(table("model_versions", *version, "created_at", "stage_changed_at")).values(
+                    id=1, pipeline_id=1, version=1, artifact_uri="file:///m.pt", sha256="a" * 64, size_bytes=1,
+                    metrics=sa.literal("{}", sa.JSON), stage="canary", created_at=STARTED, stage_changed_at=STARTED,
+                )
+            )  # fmt: skip
+            rollout = ("id", "pipeline_id", "candidate_version_id", "status", "current_step", "policy", "started_at")
+            conn.execute(
+                sa.insert(table("rollouts", *rollout)).values(
+                    id=1, pipeline_id=1, candidate_version_id=1, status="aborted", current_step=1,
+                    policy=sa.literal({"steps": [10, 50, 100]}, sa.JSON), started_at=STARTED,
+                )
+            )  # fmt: skip
+            steps = table(
+                "rollout_steps", "id", "rollout_id", "step_index", "traffic_percent", "analysis", "started_at"
+            )
+            for index, analysis in OLD_ANALYSES.items():
+                conn.execute(
+                    sa.insert(steps).values(
+                        id=index + 1, rollout_id=1, step_index=index, traffic_percent=10.0 * (index + 1),
+                        analysis=sa.literal(analysis, sa.JSON), started_at=STARTED,
+                    )
+                )  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def _analyses(url: str) -> dict[int, dict[str, Any]]:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            steps = sa.table("rollout_steps", sa.column("step_index"), sa.column("analysis", sa.JSON))
+            return {
+                index: analysis for index, analysis in conn.execute(sa.select(steps.c.step_index, steps.c.analysis))
+            }
+    finally:
+        engine.dispose()
+
+
+def test_0003_rewrites_stored_canary_attempts_into_the_typed_shape(empty_database_url: str) -> None:
+    migrations.upgrade(empty_database_url, "0002")
+    _insert_old_rollout(empty_database_url)
+    migrations.upgrade(empty_database_url, "0003")
+
+    typed = {index: StepAnalysis.model_validate(raw) for index, raw in _analyses(empty_database_url).items()}
+    repeated, advanced = typed[0].attempts
+    assert (repeated.action, advanced.action, typed[0].action) == (CanaryAction.REPEAT, CanaryAction.ADVANCE, "advance")
+    assert typed[0].repeats == 1 and repeated.server_error == "stats endpoint timed out"
+    assert repeated.canary == VariantWindow(**OLD_WINDOW) and repeated.champion.version == "1"
+    assert repeated.at == datetime(2026, 11, 23, 10, 0, 31, tzinfo=UTC) and repeated.elapsed_seconds == 31.2
+    (check,) = repeated.checks
+    assert (check.metric, check.check, check.verdict, check.candidate_value) == (
+        "error_rate",
+        "canary",
+        Verdict.PASS,
+        0.004,
+    )
+    assert typed[1].action is RolloutStatus.ABORTED and typed[1].reason == "aborted by alice: incident 7"
+    assert typed[2] == StepAnalysis()
+    # not an analysed window (no action) is dropped; a mistyped count becomes 0; the step's own time and share fill in
+    (rollback,) = typed[3].attempts
+    assert (rollback.canary.requests, rollback.reason, rollback.traffic_percent) == (0, "", 40.0)
+    assert rollback.at == STARTED.replace(tzinfo=UTC) and typed[3].action is CanaryAction.ROLLBACK
+
+    migrations.downgrade(empty_database_url, "0002")
+    restored = _analyses(empty_database_url)
+    assert restored[0]["attempts"][0]["canary"] == OLD_WINDOW
+    assert restored[0]["attempts"][0]["checks"] == [OLD_CHECK]
+    migrations.upgrade(empty_database_url)
+    assert StepAnalysis.model_validate(_analyses(empty_database_url)[0]).attempts[0] == repeated

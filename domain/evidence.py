@@ -1,0 +1,132 @@
+"""Canary evidence, one shape from the model server to the report.
+
+- `VariantWindow`: what one variant (one model version) did in one window of live traffic.
+- `ModelStats`: the answer of the model server's `GET /v2/models/{pipeline}/stats`; its
+  `variants` are `ServedWindow`s (a `VariantWindow` naming the pipeline and variant).
+- `CanaryAttempt`: one analysed window of a rollout step, as the controller (`flows/canary.py`)
+  stores it: both variants' windows, the decision, its checks and reasons.
+- `StepAnalysis`: a rollout step's stored `analysis`: its attempts in order, and what closed it.
+
+The API's rollout schema and the report read these models back. Rows stored before this shape
+existed are rewritten by the migration `migrations/versions/0003_typed_canary_attempts.py`, so
+a reader never has to guess at a missing or mistyped key.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from domain.entities import GateCheck, RolloutStatus
+
+
+class CanaryAction(StrEnum):
+    WAIT = "wait"  # not enough time or traffic yet: keep this step
+    REPEAT = "repeat"  # a check failed below the failure limit: analyse this step again
+    ADVANCE = "advance"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+
+
+class _Evidence(BaseModel):
+    # Unknown keys are ignored rather than refused: a newer model server may report more, and an
+    # older controller must still read what it knows.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class VariantWindow(_Evidence):
+    """One variant (one version) in one window. Latencies in milliseconds; None: nothing measured."""
+
+    version: str | None = Field(default=None, description="Model version that served (None: no such variant).")
+    requests: int = Field(default=0, ge=0, description="Requests answered or failed by the model.")
+    errors: int = Field(default=0, ge=0, description="Requests the model failed on (server errors).")
+    rejected: int = Field(default=0, ge=0, description="Requests refused for bad input (client errors).")
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    class_counts: dict[str, int] = Field(default_factory=dict, description="Predicted rows per class id.")
+    labelled: int = Field(default=0, ge=0, description="Rows with a delayed label (feedback) in the window.")
+    correct: int = Field(default=0, ge=0, description="Labelled rows the variant predicted right.")
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+Variant = Literal["champion", "canary"]
+
+
+class ServedWindow(VariantWindow):
+    """A variant's window as the model server reports it."""
+
+    pipeline: str
+    variant: Variant
+
+    def window(self) -> VariantWindow:
+        """The window alone (what the controller judges and stores)."""
+        return VariantWindow.model_validate(self.model_dump(include=set(VariantWindow.model_fields)))
+
+
+class ServedVersion(_Evidence):
+    version: str
+    weight: float = Field(description="Percent of the pipeline's traffic this variant gets.")
+
+
+class ModelStats(_Evidence):
+    """`GET /v2/models/{pipeline}/stats`: what is served now, and each variant's window, champion first."""
+
+    name: str
+    champion: ServedVersion | None
+    canary: ServedVersion | None
+    window_seconds: float
+    variants: tuple[ServedWindow, ...] = ()
+
+    def window(self, variant: Variant, version: int | None) -> VariantWindow:
+        """That variant's window at that version; an empty one if it served nothing in the window."""
+        wanted = None if version is None else str(version)
+        for served in self.variants:
+            if served.variant == variant and wanted is not None and served.version == wanted:
+                return served.window()
+        return VariantWindow(version=wanted)
+
+
+class CanaryAttempt(_Evidence):
+    """One analysed window of a rollout step; the last attempt of a finished step decided it."""
+
+    action: CanaryAction
+    reason: str
+    at: AwareDatetime = Field(description="When the window was analysed.")
+    elapsed_seconds: float = Field(ge=0, description="Length of the window.")
+    traffic_percent: float = Field(description="The canary's traffic share after this decision (0 on rollback).")
+    canary: VariantWindow
+    champion: VariantWindow
+    checks: tuple[GateCheck, ...] = ()
+    server_error: str | None = Field(default=None, description="Why the model server's window could not be read.")
+
+    @property
+    def psi(self) -> float | None:
+        check = next((c for c in self.checks if c.metric == "prediction_psi"), None)
+        return check.candidate_value if check else None
+
+
+class StepAnalysis(_Evidence):
+    """A rollout step's `analysis`: its attempts in order, and the action and reason that closed it
+    (the decisive attempt's, or the rollout's end when an operator aborted or promoted mid-step)."""
+
+    attempts: tuple[CanaryAttempt, ...] = ()
+    action: CanaryAction | RolloutStatus | None = None
+    reason: str | None = None
+
+    @property
+    def decisive(self) -> CanaryAttempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def repeats(self) -> int:
+        """Failed analyses below the failure limit (each repeated window counts one)."""
+        return sum(1 for a in self.attempts if a.action is CanaryAction.REPEAT)

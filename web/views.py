@@ -1,0 +1,180 @@
+"""What the report (and the dashboard to come) shows, as plain frozen data: no SQL, no HTML.
+
+`retrainer/report.py` collects these from the metadata database; `web/render.py` renders them
+with the templates in `web/templates/`. Canary evidence is the domain's own typed model
+(`domain.evidence.StepAnalysis`); run evidence is read into the small records below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from domain.entities import GateCheck
+from domain.evidence import CanaryAttempt, StepAnalysis
+
+# (metric, higher is better) for the candidate-vs-champion table
+COMPARED_METRICS: tuple[tuple[str, bool], ...] = (
+    ("accuracy", True),
+    ("macro_f1", True),
+    ("latency_p99_ms", False),
+    ("size_bytes", False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPair:
+    name: str
+    candidate: float | None
+    champion: float | None
+    higher_is_better: bool
+
+    @property
+    def delta(self) -> float | None:
+        if self.candidate is None or self.champion is None:
+            return None
+        return self.candidate - self.champion
+
+    @property
+    def improved(self) -> bool | None:
+        delta = self.delta
+        if delta is None or delta == 0:
+            return None
+        return (delta > 0) == self.higher_is_better
+
+
+@dataclass(frozen=True, slots=True)
+class GateRow:
+    metric: str
+    check: str
+    verdict: str
+    reason: str
+    candidate: float | None
+    champion: float | None
+    threshold: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizationVariant:
+    variant: str
+    available: bool | None
+    eligible: bool | None
+    reason: str | None
+    accuracy: float | None
+    latency_p50_ms_b32: float | None
+    size_bytes: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    chosen: str | None
+    reason: str | None
+    max_accuracy_drop: float | None
+    variants: tuple[QuantizationVariant, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    run_id: str
+    trigger_kind: str
+    trigger_reason: str | None
+    event_count: int
+    status: str
+    dataset: str | None
+    dataset_version: str | None
+    candidate_version: int | None
+    evaluated: bool  # the run stored candidate evidence (so a missing champion means "none yet")
+    champion_recorded: bool  # the evidence names a champion (its version may still be unreadable)
+    champion_version: int | None
+    champion_error: str | None
+    decision_reason: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    metrics: tuple[MetricPair, ...]
+    gate: tuple[GateRow, ...]
+    quantization: Quantization | None
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:8]
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def metric(self, name: str) -> MetricPair | None:
+        return next((m for m in self.metrics if m.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class AliasMoveReport:
+    from_version: int | None
+    to_version: int | None
+    actor: str
+    reason: str
+    run_id: str | None
+    moved_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    step_index: int
+    traffic_percent: float
+    verdict: str | None
+    analysis: StepAnalysis
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def attempts(self) -> tuple[CanaryAttempt, ...]:
+        return self.analysis.attempts
+
+    @property
+    def decisive(self) -> CanaryAttempt | None:
+        return self.analysis.decisive
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutReport:
+    id: int
+    run_id: str | None
+    candidate_version: int | None
+    champion_version: int | None
+    status: str
+    reason: str | None
+    policy: tuple[tuple[str, str], ...]
+    started_at: datetime
+    finished_at: datetime | None
+    steps: tuple[StepReport, ...]
+
+    @property
+    def windows(self) -> list[tuple[StepReport, int, CanaryAttempt]]:
+        """Every analysed window in order: (step, its number within the step from 1, the attempt)."""
+        return [(s, i, a) for s in self.steps for i, a in enumerate(s.attempts, 1)]
+
+    @property
+    def checks(self) -> list[tuple[StepReport, int, CanaryAttempt, GateCheck]]:
+        """Every check of every analysed window, in order."""
+        return [(s, i, a, c) for s, i, a in self.windows for c in a.checks]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineReport:
+    name: str
+    dataset: str
+    champion_version: int | None
+    runs: tuple[RunReport, ...]  # oldest first
+    alias_moves: tuple[AliasMoveReport, ...]  # oldest first
+    rollouts: tuple[RolloutReport, ...]  # oldest first
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.runs if r.status == status)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportData:
+    pipelines: tuple[PipelineReport, ...]
