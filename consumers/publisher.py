@@ -1,22 +1,24 @@
-"""Publishing data-change events (structured CloudEvents) for producers and the CLI.
+"""Publishing data-change events (CloudEvents built by the `cloudevents` SDK) for producers and the CLI.
 
 The producer is idempotent-minded: acks=all, the dataset as the record key (one dataset's events
 stay ordered in one partition), and the event id chosen by the caller so a retried publish of the
-same change is deduplicated by the consumer's inbox.
+same change is deduplicated by the consumer's inbox. Structured mode by default; binary mode is
+the same event with its attributes in `ce_*` headers (`consumers/binding.py`).
 """
 
 from __future__ import annotations
 
-import json
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.exceptions import CloudEventValidationError
+from cloudevents.core.v1.event import CloudEvent
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from domain.errors import TransientInfraError
-from domain.events import EVENT_TYPE, STRUCTURED_CONTENT_TYPE
+from consumers.binding import Mode, as_data_change, to_kafka_message
+from domain.errors import InvalidInputError, TransientInfraError
+from domain.events import EVENT_TYPE
 
 
 def data_changed_event(
@@ -27,26 +29,39 @@ def data_changed_event(
     rows: int | None = None,
     event_id: str | None = None,
     source: str = "//retrainer/cli",
-) -> dict[str, Any]:
+) -> CloudEvent:
+    """A `retrainer.data.changed` event; the SDK sets specversion 1.0, the time (now) and, lacking `event_id`, an id."""
     data: dict[str, Any] = {"dataset": dataset, "uri": uri}
     if version is not None:
         data["version"] = version
     if rows is not None:
         data["rows"] = rows
-    return {
-        "specversion": "1.0",
-        "id": event_id or str(uuid.uuid4()),
+    attributes: dict[str, Any] = {
         "source": source,
         "type": EVENT_TYPE,
         "subject": dataset,
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",
-        "data": data,
     }
+    if event_id is not None:
+        attributes["id"] = event_id
+    try:
+        event = CloudEvent(attributes, data)
+    except CloudEventValidationError as error:
+        raise InvalidInputError(f"cannot build the data-change event: {error}") from error
+    as_data_change(event)  # a URI the consumer would dead-letter is refused here, where the caller sees it
+    return event
 
 
-def publish_data_changed(bootstrap_servers: str, topic: str, event: dict[str, Any], timeout_s: float = 10.0) -> str:
-    """Sends one structured CloudEvent and waits for the broker's acknowledgement; returns its id."""
+def publish_data_changed(
+    bootstrap_servers: str,
+    topic: str,
+    event: BaseCloudEvent,
+    timeout_s: float = 10.0,
+    *,
+    mode: Mode = "structured",
+) -> str:
+    """Sends one CloudEvent and waits for the broker's acknowledgement; returns its id."""
+    message = to_kafka_message(event, mode)
     try:
         producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers.split(","), acks="all", max_block_ms=int(timeout_s * 1000), retries=5
@@ -57,14 +72,15 @@ def publish_data_changed(bootstrap_servers: str, topic: str, event: dict[str, An
         ) from e
     try:
         future = producer.send(
-            topic,
-            key=event["data"]["dataset"].encode(),
-            value=json.dumps(event).encode(),
-            headers=[("content-type", STRUCTURED_CONTENT_TYPE.encode())],
+            topic, key=_bytes(message.key), value=message.value, headers=list(message.headers.items())
         )
         future.get(timeout=timeout_s)
     except KafkaError as e:
         raise TransientInfraError(f"publishing to {topic} on {bootstrap_servers} failed ({e})") from e
     finally:
         producer.close(timeout=timeout_s)
-    return str(event["id"])
+    return event.get_id()
+
+
+def _bytes(key: str | bytes | None) -> bytes | None:
+    return key.encode() if isinstance(key, str) else key

@@ -4,8 +4,8 @@ An invalid spec is refused before anything runs, with one line per problem:
 `pipelines/digits.yaml: hyperparameters.learning_rate: must be > 0 (got -1)`.
 Unknown keys are refused with a "did you mean" suggestion. Checks that need torch (do
 `model.params` fit the architecture's constructor?) are injected by the caller as a
-`ParamChecker`, so this module stays free of ml/ and torch; PyYAML is its one non-pydantic
-import, used only to read the document.
+`ParamChecker`, so this module stays free of ml/ and torch. Besides pydantic it imports PyYAML, only
+to read the document, and croniter, which checks `triggers.schedule.cron` field by field.
 
 Decision on precision: `fp16` with `device: cpu` is an error (CPU fp16 autocast is not a
 training mode we support; use `bf16`). With `device: auto` the spec is valid and training falls
@@ -16,6 +16,7 @@ spec is often not the one that trains it.
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import json
 import re
@@ -25,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from domain.errors import SpecError
@@ -49,7 +51,21 @@ BUILTIN_METRICS = (
 )
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-_CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+# Prefect's scheduler accepts these nicknames besides the 5 fields; @reboot has no schedule to follow.
+_CRON_NICKNAMES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_CRON_FIELDS = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31 or L"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-7 or SUN-SAT, N#K for the K-th weekday N"),
+)
+# croniter accepts these, Prefect's scheduler refuses them: R/H (random/hashed, not names such as
+# MAR or THU) and W (nearest weekday).
+_CRON_PREFECT_REFUSES = (
+    (re.compile(r"(?<![A-Z])[RH](?![A-Z])", re.IGNORECASE), "R and H (random/hashed values)"),
+    (re.compile(r"\dW", re.IGNORECASE), "W (nearest weekday)"),
+)
 
 
 class _Strict(BaseModel):
@@ -249,19 +265,56 @@ class ScheduleSpec(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        fields = value.split()
-        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
-            raise ValueError(f"must be a 5-field cron expression like '0 3 * * *' (got {value!r})")
+        problem = cron_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-            raise ValueError(f"unknown time zone {value!r}; use an IANA name like UTC or Europe/Berlin") from e
+        # Prefect checks membership in this set (a zone file such as 'posixrules' loads but is refused there).
+        if value not in _time_zones():
+            close = difflib.get_close_matches(value, sorted(_time_zones()), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown time zone {value!r}{hint}; use an IANA name like UTC or Europe/Berlin")
         return value
+
+
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why Prefect's scheduler would refuse `expression` (or never fire it); None when it is usable.
+
+    Every field's range is checked by croniter (strict: a day that no listed month has, such as
+    `0 0 31 2 *`, never fires and is refused too); the message names the field that is wrong.
+    """
+    text = expression.strip()
+    if text.lower() in _CRON_NICKNAMES:
+        return None
+    fields = text.split()
+    if len(fields) != 5:
+        counted = f"{len(fields)} field{'' if len(fields) == 1 else 's'}"
+        return (
+            f"must be a 5-field cron expression (minute hour day-of-month month day-of-week) like '0 3 * * *', "
+            f"or one of {', '.join(_CRON_NICKNAMES)} (got {expression!r}: {counted})"
+        )
+    for position, ((name, allowed), field) in enumerate(zip(_CRON_FIELDS, fields, strict=True)):
+        for pattern, what in _CRON_PREFECT_REFUSES:
+            if pattern.search(field):
+                return f"{name} field {field!r} uses {what}, which Prefect's scheduler does not support"
+        # The field alone, the others '*': croniter's own message does not say which field is wrong.
+        probe = " ".join(field if i == position else "*" for i in range(5))
+        if not croniter.is_valid(probe, strict=True):
+            return f"{name} field {field!r} is not valid: allowed are {allowed}, with * , - / (got {expression!r})"
+    try:
+        croniter.expand(text, strict=True)
+    except CroniterError as e:
+        return f"{expression!r} is not a usable schedule ({e})"
+    return None
 
 
 class TriggersSpec(_Strict):

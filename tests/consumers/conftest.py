@@ -3,7 +3,6 @@ and a dataset/pipeline name of its own in the shared PostgreSQL test database.""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from kafka.admin import NewTopic
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from consumers.binding import to_kafka_message
 from consumers.publisher import data_changed_event
 from domain.settings import Settings, load_settings
 from storage import repositories as repo
@@ -36,8 +36,9 @@ class Stage:
 
     def valid(self, event_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
         unique = f"{self.dataset}-{event_id}"  # the inbox is shared across tests: ids must not collide
-        body = data_changed_event(self.dataset, f"s3://datasets/{self.dataset}.csv", version=event_id, event_id=unique)
-        return json.dumps(body).encode(), [("content-type", b"application/cloudevents+json")]
+        event = data_changed_event(self.dataset, f"s3://datasets/{self.dataset}.csv", version=event_id, event_id=unique)
+        message = to_kafka_message(event)
+        return message.value, list(message.headers.items())
 
     def inbox_count(self) -> int:
         with transaction(self.sessions) as session:

@@ -1,77 +1,65 @@
-"""CloudEvent parsing (CONTRACT section 1): both binding modes, every way to be invalid."""
+"""The rules for a data-change event's `data` and type (CONTRACT section 1); the envelope is tested
+with the binding in tests/consumers/test_binding.py."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
-from domain.events import InvalidEvent, parse_data_change
+from domain.events import MAX_LENGTHS, InvalidEvent, data_change
 
-STRUCTURED = [("content-type", b"application/cloudevents+json")]
-
-
-def event(**changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": "b7c5",
-        "source": "//warehouse/etl",
-        "type": "retrainer.data.changed",
-        "subject": "digits",
-        "time": "2026-11-23T10:00:00Z",
-        "datacontenttype": "application/json",
-        "data": {"dataset": "digits", "version": "v3", "uri": "s3://datasets/digits/v3.csv", "rows": 1500},
-    }
-    base.update(changes)
-    return base
+ATTRIBUTES: dict[str, Any] = {
+    "specversion": "1.0",
+    "id": "b7c5",
+    "source": "//warehouse/etl",
+    "type": "retrainer.data.changed",
+    "subject": "digits",
+    "time": "2026-11-23T10:00:00Z",
+    "datacontenttype": "application/json",
+}
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+DATA: dict[str, Any] = {"dataset": "digits", "version": "v3", "uri": "s3://datasets/digits/v3.csv", "rows": 1500}
 
 
-def test_structured_mode() -> None:
-    parsed = parse_data_change(json.dumps(event()).encode(), STRUCTURED)
-    assert (parsed.event_id, parsed.dataset, parsed.version, parsed.uri, parsed.rows) == (
+def test_a_valid_event_becomes_a_typed_data_change_that_keeps_every_attribute() -> None:
+    change = data_change({**ATTRIBUTES, "traceparent": TRACEPARENT}, DATA)
+    assert (change.event_id, change.source, change.subject, change.time) == (
         "b7c5",
+        "//warehouse/etl",
         "digits",
-        "v3",
-        "s3://datasets/digits/v3.csv",
-        1500,
+        "2026-11-23T10:00:00Z",
     )
-    assert parsed.cloudevent["data"]["dataset"] == "digits"
+    assert (change.dataset, change.uri, change.version, change.rows) == ("digits", DATA["uri"], "v3", 1500)
+    assert change.cloudevent == {**ATTRIBUTES, "traceparent": TRACEPARENT, "data": DATA}  # extensions kept
 
 
-def test_binary_mode() -> None:
-    headers = [
-        ("ce_specversion", b"1.0"),
-        ("ce_id", b"x1"),
-        ("ce_source", b"//etl"),
-        ("ce_type", b"retrainer.data.changed"),
-        ("ce_subject", b"digits"),
-        ("Content-Type", b"application/json"),
-    ]
-    parsed = parse_data_change(b'{"dataset": "digits", "uri": "file:///data/v4.csv"}', headers)
-    assert (parsed.event_id, parsed.source, parsed.uri, parsed.version) == ("x1", "//etl", "file:///data/v4.csv", None)
-    assert parsed.cloudevent["data"] == {"dataset": "digits", "uri": "file:///data/v4.csv"}
+def test_optional_fields_may_be_absent_and_an_integer_version_is_a_string() -> None:
+    bare = {key: ATTRIBUTES[key] for key in ("specversion", "id", "source", "type")}
+    change = data_change(bare, {"dataset": "d", "uri": "file:///data/v4.csv", "version": 4})
+    assert (change.subject, change.time, change.rows, change.version) == (None, None, None, "4")
 
 
 @pytest.mark.parametrize(
-    ("value", "headers", "reason"),
+    ("attributes", "data", "reason"),
     [
-        (b"not json", STRUCTURED, "not_json"),
-        (b"[1, 2]", STRUCTURED, "not_object"),
-        (json.dumps(event()).encode(), [], "not_cloudevent"),
-        (None, STRUCTURED, "empty"),
-        (json.dumps(event(type="other.type")).encode(), STRUCTURED, "wrong_type"),
-        (json.dumps(event(specversion="0.3")).encode(), STRUCTURED, "bad_specversion"),
-        (json.dumps(event(id="")).encode(), STRUCTURED, "missing_field"),
-        (json.dumps(event(data={"uri": "s3://b/k"})).encode(), STRUCTURED, "missing_field"),
-        (json.dumps(event(data={"dataset": "d", "uri": "http://x/y"})).encode(), STRUCTURED, "bad_uri"),
-        (json.dumps(event(data={"dataset": "d", "uri": "s3://b/k", "rows": -1})).encode(), STRUCTURED, "bad_field"),
-        (json.dumps(event(data="text")).encode(), STRUCTURED, "missing_field"),
-        (b"x" * 2_000_000, STRUCTURED, "oversize"),
-        (b'{"dataset": "d", "uri": "s3://b/k"}', [("ce_id", b"1"), ("ce_specversion", b"1.0")], "missing_field"),
+        ({"type": "other.type"}, DATA, "wrong_type"),
+        ({"id": "x" * (MAX_LENGTHS["id"] + 1)}, DATA, "bad_field"),
+        ({"source": "/" * (MAX_LENGTHS["source"] + 1)}, DATA, "bad_field"),
+        ({"subject": "s" * (MAX_LENGTHS["subject"] + 1)}, DATA, "bad_field"),
+        ({}, "text", "missing_field"),
+        ({}, None, "missing_field"),
+        ({}, [DATA], "missing_field"),
+        ({}, {"uri": "s3://b/k"}, "missing_field"),
+        ({}, {"dataset": "", "uri": "s3://b/k"}, "missing_field"),
+        ({}, {"dataset": "d"}, "bad_uri"),
+        ({}, {"dataset": "d", "uri": "http://x/y"}, "bad_uri"),
+        ({}, {"dataset": "d", "uri": "s3://b/k", "rows": -1}, "bad_field"),
+        ({}, {"dataset": "d", "uri": "s3://b/k", "rows": True}, "bad_field"),
+        ({}, {"dataset": "d", "uri": "s3://b/k", "version": ["v1"]}, "bad_field"),
     ],
 )
-def test_invalid_records_are_named(value: bytes | None, headers: list[tuple[str, bytes]], reason: str) -> None:
+def test_data_that_breaks_a_rule_is_refused_with_its_reason(attributes: dict[str, Any], data: Any, reason: str) -> None:
     with pytest.raises(InvalidEvent) as info:
-        parse_data_change(value, headers)
+        data_change({**ATTRIBUTES, **attributes}, data)
     assert info.value.reason == reason and info.value.code == "invalid_event" and info.value.message

@@ -127,6 +127,11 @@ CSV_CASES = {
     "ragged row": ("a,b,label\n1,2,0\n3,1\n", ["line 3", "2 values", "3 columns"]),
     "only target": ("label\n0\n1\n", ["no feature columns", "'label'"]),
     "duplicate column": ("a,a,label\n1,2,0\n", ["column 'a'", "twice"]),
+    "ragged after blank lines": ("a,b,label\n\n1,2,0\n\n3,1\n", ["line 5", "2 values", "3 columns"]),
+    "non numeric after blank lines": ("a,b,label\n\n1,2,0\n\r\n3,x7,1\n", ["column 'b'", "'x7'", "line 5"]),
+    "boolean feature": ("a,label\n1,0\ntrue,1\n", ["column 'a'", "'true'", "line 3", "numeric"]),
+    "header without newline": ("a,label", ["no data rows"]),
+    "blank lines only": ("\n\n", ["empty", "header"]),
 }
 
 
@@ -157,7 +162,15 @@ def test_non_utf8_csv(tmp_path: Path) -> None:
     path.write_bytes("a,label\n\xe9,0\n".encode("latin-1"))
     with pytest.raises(InvalidInputError) as info:
         load_table(path, "csv", "label")
-    invalid(info, "latin.csv", "UTF-8")
+    invalid(info, "latin.csv", "UTF-8", "column 'a'", "line 2")
+
+
+def test_a_bad_cell_deep_in_a_large_csv_is_found_by_its_line(tmp_path: Path) -> None:
+    rows = "".join(f"{i},{i % 2}\n" for i in range(20_000))
+    path = write(tmp_path / "large.csv", f"a,label\n{rows}1e3x,0\n")
+    with pytest.raises(InvalidInputError) as info:
+        load_table(path, "csv", "label")
+    invalid(info, "large.csv", "column 'a'", "'1e3x'", "line 20002")
 
 
 def _parquet(tmp_path: Path, columns: dict[str, object]) -> Path:
@@ -180,6 +193,13 @@ def test_parquet_null_names_column_and_row(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError) as info:
         load_table(path, "parquet", "label")
     invalid(info, "bad_input.parquet", "column 'a'", "null", "row 2")
+
+
+def test_parquet_string_labels_name_the_row_that_is_not_a_class_id(tmp_path: Path) -> None:
+    path = _parquet(tmp_path, {"a": [1.0, 2.0, 3.0], "label": ["0", " 1 ", "dog"]})
+    with pytest.raises(InvalidInputError) as info:
+        load_table(path, "parquet", "label")
+    invalid(info, "bad_input.parquet", "label column 'label'", "'dog'", "row 2", "class ids")
 
 
 def test_parquet_missing_target_lists_columns(tmp_path: Path) -> None:
