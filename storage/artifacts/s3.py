@@ -9,8 +9,9 @@ hex digest is also kept as object metadata so `stat` needs no download.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -40,6 +41,8 @@ ENDPOINT_SETTING = "RETRAINER_S3_ENDPOINT_URL"
 _MISSING = ("404", "NoSuchKey", "NotFound")
 _PRECONDITION = ("412", "PreconditionFailed", "ConditionalRequestConflict")
 _CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
+
+T = TypeVar("T")
 
 
 def _error_code(error: ClientError) -> str:
@@ -115,22 +118,31 @@ class S3ArtifactStore(ArtifactStore):
             f"{self.endpoint or 'AWS'}; create it (make services creates the local ones)"
         )
 
+    def _request(self, key: str, send: Callable[[], T], *, declined: tuple[str, ...] = ()) -> T | None:
+        """Sends one S3 request. An answer whose error code is in `declined` is an expected "no"
+        (the key exists, or does not) and gives None; any other botocore error is translated."""
+        try:
+            return send()
+        except ClientError as e:
+            if _error_code(e) in declined:
+                return None
+            raise self._translate(e, key) from e
+        except BotoCoreError as e:
+            raise self._translate(e, key) from e
+
     # -- backend operations -------------------------------------------------------------------
     def _write_new(self, key: str, source: Path | bytes, sha256: str, size: int) -> bool:
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
-        try:
+
+        def put() -> bool:
             if isinstance(source, bytes):
                 self._put_object(key, source, checksum, sha256, size)
             else:
                 with source.open("rb") as body:
                     self._put_object(key, body, checksum, sha256, size)
-        except ClientError as e:
-            if _error_code(e) in _PRECONDITION:
-                return False
-            raise self._translate(e, key) from e
-        except BotoCoreError as e:
-            raise self._translate(e, key) from e
-        return True
+            return True
+
+        return self._request(key, put, declined=_PRECONDITION) is not None
 
     def _put_object(self, key: str, body: bytes | BinaryIO, checksum: str, sha256: str, size: int) -> None:
         self.client.put_object(
@@ -153,22 +165,16 @@ class S3ArtifactStore(ArtifactStore):
             raise self._translate(e, key) from e
 
     def stat(self, key: str) -> ArtifactRef | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
-        except ClientError as e:
-            if _error_code(e) in _MISSING:
-                return None
-            raise self._translate(e, key) from e
-        except BotoCoreError as e:
-            raise self._translate(e, key) from e
+        head = self._request(
+            key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._object_key(key)), declined=_MISSING
+        )
+        if head is None:
+            return None
         sha256 = head.get("Metadata", {}).get("sha256", "")
         return ArtifactRef(uri=self.uri_for(key), key=key, sha256=sha256, size=int(head["ContentLength"]))
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
-        except (ClientError, BotoCoreError) as e:
-            raise self._translate(e, key) from e
+        self._request(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key)))
 
     def list_keys(self, prefix: str) -> list[str]:
         folder = validate_key(prefix.rstrip("/")) + "/"

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from flows.pipeline import run_pipeline
+from flows.records import decision_record
 from storage import repositories as repo
 from storage.artifacts.local import path_from_file_uri
 from storage.db import transaction
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 def record(sessions: sessionmaker[Session], run_id: str) -> dict[str, Any]:
     with transaction(sessions) as session:
-        return repo.decision_record(session, run_id)
+        return decision_record(session, run_id)
 
 
 def champion_version(sessions: sessionmaker[Session]) -> int | None:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from domain import entities as e
 from domain.settings import load_settings
+from flows.records import decision_record
 from retrainer import demo as story
 from retrainer.service import free_port
 from storage import repositories as repo
@@ -90,7 +91,7 @@ def test_the_story_through_retrainer_serve(
             champion = repo.get_champion(session, story.PIPELINE)
             rollouts = repo.list_rollouts(session, story.PIPELINE)
             versions = {v.version: v for v in repo.list_model_versions(session, story.PIPELINE)}
-            first = repo.decision_record(session, results[0].run_id)
+            first = decision_record(session, results[0].run_id)
         assert champion is not None and champion.version == results[1].model_version  # v2 is still champion
         assert first["trigger"]["kind"] == "event" and first["trigger"]["event_ids"] == [results[0].event_id]
         assert first["decision"]["dataset"]["uri"] == data["v1"] and first["decision"]["dataset"]["sha256"]

@@ -12,6 +12,7 @@ import pytest
 import migrations
 from domain import entities as e
 from domain.settings import load_settings
+from flows.records import decision_record
 from retrainer import demo as story
 from retrainer.service import free_port
 from storage import repositories as repo
@@ -66,7 +67,7 @@ def test_a_cron_schedule_fires_under_retrainer_serve(
         assert run.status is e.RunStatus.PROMOTED, run
         assert run.reason == "cron schedule" and run.event_ids == ()
         with transaction(sessions) as session:
-            record = repo.decision_record(session, run.id)
+            record = decision_record(session, run.id)
             champion = repo.get_champion(session, spec["name"])
         assert record["trigger"]["kind"] == "schedule"
         assert champion is not None and champion.id == run.model_version_id

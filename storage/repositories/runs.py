@@ -1,0 +1,201 @@
+"""Runs: created idempotently per request or debounce window, moved forward, submitted once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from domain import entities as e
+from domain.errors import ConflictError, InvalidInputError, NotFoundError
+from storage.orm import SqlEvent, SqlRun, SqlRunEvent, utcnow
+from storage.repositories.pipelines import find_pipeline_row
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
+
+
+def find_run_row(session: Session, run_id: str) -> SqlRun:
+    row = session.get(SqlRun, run_id)
+    if row is None:
+        raise NotFoundError(f"run {run_id!r} not found")
+    return row
+
+
+def create_run(
+    session: Session,
+    pipeline: str,
+    trigger_kind: e.TriggerKind,
+    *,
+    reason: str | None = None,
+    idempotency_key: str | None = None,
+    request_sha256: str | None = None,
+    dedupe_key: str | None = None,
+    event_ids: Sequence[str] = (),
+    run_id: str | None = None,
+) -> tuple[e.Run, bool]:
+    """Creates a queued run, idempotently. Returns (run, created).
+
+    - the same `idempotency_key` with the same `request_sha256` returns the first run;
+      with another request it raises ConflictError (code `conflict`; the API answers 422);
+    - the same (pipeline, `dedupe_key`) returns the existing run (one run per debounce window).
+    """
+    pipeline_row = find_pipeline_row(session, pipeline)
+    existing = _existing_run(session, pipeline_row.id, idempotency_key, request_sha256, dedupe_key)
+    if existing is not None:
+        return existing.to_entity(), False
+    row = SqlRun(
+        id=run_id or new_run_id(),
+        pipeline_id=pipeline_row.id,
+        trigger_kind=trigger_kind.value,
+        status=e.RunStatus.QUEUED.value,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        request_sha256=request_sha256,
+        dedupe_key=dedupe_key,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # a concurrent request won the race: theirs is the run
+        existing = _existing_run(session, pipeline_row.id, idempotency_key, request_sha256, dedupe_key)
+        if existing is None:
+            raise
+        return existing.to_entity(), False
+    if event_ids:
+        link_events(session, row.id, event_ids)
+    session.flush()
+    session.refresh(row)
+    return row.to_entity(), True
+
+
+def _existing_run(
+    session: Session,
+    pipeline_id: int,
+    idempotency_key: str | None,
+    request_sha256: str | None,
+    dedupe_key: str | None,
+) -> SqlRun | None:
+    if idempotency_key is not None:
+        row = session.scalars(select(SqlRun).where(SqlRun.idempotency_key == idempotency_key)).one_or_none()
+        if row is not None:
+            if row.request_sha256 != request_sha256 or row.pipeline_id != pipeline_id:
+                raise ConflictError(
+                    f"Idempotency-Key {idempotency_key!r} was already used for a different request "
+                    f"(run {row.id}); use a new key for a new request"
+                )
+            return row
+    if dedupe_key is not None:
+        query = select(SqlRun).where(SqlRun.pipeline_id == pipeline_id, SqlRun.dedupe_key == dedupe_key)
+        return session.scalars(query).one_or_none()
+    return None
+
+
+def link_events(session: Session, run_id: str, event_ids: Sequence[str]) -> None:
+    """Attaches inbox events to a run (idempotent) and marks them linked."""
+    rows = session.scalars(select(SqlEvent).where(SqlEvent.event_id.in_(list(event_ids)))).all()
+    missing = set(event_ids) - {row.event_id for row in rows}
+    if missing:
+        raise NotFoundError(f"events not in the inbox: {', '.join(sorted(missing))}")
+    already = set(session.scalars(select(SqlRunEvent.event_pk).where(SqlRunEvent.run_id == run_id)))
+    for row in rows:
+        if row.id not in already:
+            session.add(SqlRunEvent(run_id=run_id, event_pk=row.id))
+        row.status = e.EventStatus.LINKED.value
+    session.flush()
+
+
+def run_events(session: Session, run_id: str) -> list[e.InboxEvent]:
+    """The inbox events a run was created for, in the order they were received."""
+    return [row.to_entity() for row in find_run_row(session, run_id).events]
+
+
+def get_run(session: Session, run_id: str) -> e.Run:
+    return find_run_row(session, run_id).to_entity()
+
+
+def list_runs(session: Session, pipeline: str | None = None, limit: int = 50) -> list[e.Run]:
+    if not 1 <= limit <= 1000:
+        raise InvalidInputError(f"limit must be between 1 and 1000 (got {limit})")
+    query = select(SqlRun).order_by(SqlRun.created_at.desc(), SqlRun.id.desc()).limit(limit)
+    if pipeline is not None:
+        query = query.where(SqlRun.pipeline_id == find_pipeline_row(session, pipeline).id)
+    return [row.to_entity() for row in session.scalars(query)]
+
+
+def update_run(
+    session: Session,
+    run_id: str,
+    *,
+    status: e.RunStatus | None = None,
+    error: str | None = None,
+    prefect_flow_run_id: str | None = None,
+    dataset_version_id: int | None = None,
+    model_version_id: int | None = None,
+    evidence: dict[str, Any] | None = None,
+) -> e.Run:
+    """Moves a run forward. A final status is never left again (ConflictError)."""
+    row = find_run_row(session, run_id)
+    if status is not None and status.value != row.status:
+        current = e.RunStatus(row.status)
+        if current.is_final:
+            raise ConflictError(f"run {run_id} is already {current.value}; it cannot become {status.value}")
+        row.status = status.value
+        now = utcnow()
+        if status is e.RunStatus.RUNNING and row.started_at is None:
+            row.started_at = now
+        if status.is_final:
+            row.finished_at = now
+    if error is not None:
+        row.error = error
+    if prefect_flow_run_id is not None:
+        row.prefect_flow_run_id = prefect_flow_run_id
+    if dataset_version_id is not None:
+        row.dataset_version_id = dataset_version_id
+    if model_version_id is not None:
+        row.model_version_id = model_version_id
+    if evidence is not None:
+        row.evidence = {**(row.evidence or {}), **evidence}
+    session.flush()
+    return row.to_entity()
+
+
+# Stands in the flow-run id while a submission is in flight, so a claim needs no lock or extra column.
+SUBMITTING = "submitting"
+
+
+def claim_submission(session: Session, run_id: str) -> bool:
+    """Compare-and-set: only one caller gets to submit a queued run's flow run (the others see
+    it claimed). Released with `release_submission` if the submission fails."""
+    result = session.execute(
+        update(SqlRun)
+        .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id.is_(None), SqlRun.status == e.RunStatus.QUEUED.value)
+        .values(prefect_flow_run_id=SUBMITTING)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def unsubmitted_runs(session: Session, limit: int = 100) -> list[e.Run]:
+    """Queued runs that no flow run was submitted for (a submission failed, e.g. Prefect was down)."""
+    query = (
+        select(SqlRun)
+        .where(SqlRun.status == e.RunStatus.QUEUED.value, SqlRun.prefect_flow_run_id.is_(None))
+        .order_by(SqlRun.created_at)
+        .limit(limit)
+    )
+    return [row.to_entity() for row in session.scalars(query)]
+
+
+def release_submission(session: Session, run_id: str) -> None:
+    session.execute(
+        update(SqlRun)
+        .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id == SUBMITTING)
+        .values(prefect_flow_run_id=None)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,104 @@
+"""Runs: idempotent creation, event links, lifecycle, listing, on SQLite and PostgreSQL (the `sessions` fixture)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import entities as e
+from domain.errors import ConflictError, InvalidInputError, NotFoundError
+from storage import repositories as repo
+from tests.storage.repositories.conftest import SHA_A, SHA_B, race, store_event, tx
+
+
+def test_run_lifecycle_and_event_links(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
+    tx(sessions, lambda s: store_event(s, "evt-a"))
+    tx(sessions, lambda s: store_event(s, "evt-b"))
+    run, created = tx(
+        sessions,
+        lambda s: repo.create_run(
+            s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="w1", event_ids=["evt-a", "evt-b"]
+        ),
+    )
+    assert created and run.status is e.RunStatus.QUEUED and run.event_ids == ("evt-a", "evt-b")
+    assert tx(sessions, lambda s: repo.get_event(s, "evt-a")).status is e.EventStatus.LINKED
+    running = tx(sessions, lambda s: repo.update_run(s, run.id, status=e.RunStatus.RUNNING, prefect_flow_run_id="f"))
+    assert running.started_at is not None and running.finished_at is None
+    done = tx(sessions, lambda s: repo.update_run(s, run.id, status=e.RunStatus.REJECTED))
+    assert done.finished_at is not None and done.finished_at >= running.started_at  # type: ignore[operator]
+    with pytest.raises(ConflictError):
+        tx(sessions, lambda s: repo.update_run(s, run.id, status=e.RunStatus.RUNNING))
+    assert tx(sessions, lambda s: repo.get_run(s, run.id)).status is e.RunStatus.REJECTED
+
+
+def test_run_dedupe_key_gives_one_run_per_window(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
+    first, c1 = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="w"))
+    second, c2 = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="w"))
+    assert (c1, c2) == (True, False) and first.id == second.id
+
+
+def test_idempotency_key_same_body_same_run_other_body_conflict(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    def create(body_sha: str) -> tuple[e.Run, bool]:
+        return tx(
+            sessions,
+            lambda s: repo.create_run(
+                s, "digits-classifier", e.TriggerKind.MANUAL, idempotency_key="k1", request_sha256=body_sha
+            ),
+        )
+
+    first, created = create(SHA_A)
+    again, created_again = create(SHA_A)
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(ConflictError) as info:
+        create(SHA_B)
+    assert info.value.code == "conflict" and "Idempotency-Key" in str(info.value)
+
+
+def test_concurrent_identical_requests_create_exactly_one_run(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    results = race(
+        10,
+        lambda i: tx(
+            sessions,
+            lambda s: repo.create_run(
+                s, "digits-classifier", e.TriggerKind.MANUAL, idempotency_key="same", request_sha256=SHA_A
+            ),
+        ),
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert sum(created for _, created in results) == 1
+    assert len({run.id for run, _ in results}) == 1
+
+
+def test_list_runs_newest_first_with_limit(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
+    ids = [
+        tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.SCHEDULE))[0].id for _ in range(3)
+    ]
+    listed = tx(sessions, lambda s: repo.list_runs(s, "digits-classifier", limit=2))
+    assert [r.id for r in listed] == [ids[2], ids[1]]
+    with pytest.raises(InvalidInputError) as info:
+        tx(sessions, lambda s: repo.list_runs(s, limit=0))
+    assert info.value.code == "invalid_input"
+
+
+def test_run_events_are_the_linked_events_in_receive_order(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    tx(sessions, lambda s: store_event(s, "evt-late", offset=7))
+    tx(sessions, lambda s: store_event(s, "evt-early", offset=3))
+    tx(sessions, lambda s: store_event(s, "evt-other"))
+    run, _ = tx(
+        sessions,
+        lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, event_ids=["evt-early", "evt-late"]),
+    )
+    events = tx(sessions, lambda s: repo.run_events(s, run.id))
+    assert [(ev.event_id, ev.offset, ev.status) for ev in events] == [
+        ("evt-late", 7, e.EventStatus.LINKED),
+        ("evt-early", 3, e.EventStatus.LINKED),
+    ]
+    with pytest.raises(NotFoundError) as missing:
+        tx(sessions, lambda s: repo.run_events(s, "no-such-run"))
+    assert missing.value.code == "not_found"
