@@ -5,12 +5,12 @@
         record = client.wait(accepted["run_id"], timeout_s=600)
 
 An error answer becomes an `ApiError` (a RetrainerError) carrying the server's code, status and
-message; a server that does not answer becomes a TransientInfraError naming the address.
+message; a server that does not answer becomes a TransientInfraError naming the address. Reads
+are retried a few times on such passing errors (`flows/retry.py`, the one set of policies).
 """
 
 from __future__ import annotations
 
-import time
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +18,7 @@ import httpx
 
 from domain import entities as e
 from domain.errors import RetrainerError, TransientInfraError
+from flows.retry import poll_until, transient
 
 IN_PROGRESS = frozenset({e.RunStatus.QUEUED.value, e.RunStatus.RUNNING.value, e.RunStatus.CANARY.value})
 
@@ -31,6 +32,11 @@ class ApiError(RetrainerError):
         self.status = status
         self.retry_after = retry_after
         self.retryable = status in (429, 503)
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    """A server that does not answer, or answers 429/503: the same read may succeed in a moment."""
+    return isinstance(error, TransientInfraError) or (isinstance(error, ApiError) and error.retryable)
 
 
 class RetrainerClient:
@@ -63,6 +69,14 @@ class RetrainerClient:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if method != "GET":  # a POST is retried by its caller, with an Idempotency-Key
+            return self._send(method, path, **kwargs)
+        for attempt in transient(_worth_retrying):
+            with attempt:
+                return self._send(method, path, **kwargs)
+        raise AssertionError("unreachable: the retry policy re-raises the last error")
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as err:
@@ -103,14 +117,16 @@ class RetrainerClient:
     def wait(self, run_id: str, *, timeout_s: float = 3600.0, poll_s: float = 2.0) -> dict[str, Any]:
         """Polls the run until it leaves queued/running/canary; returns its record. A timeout
         raises TransientInfraError (the run carries on; wait again or look it up later)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            record = self.run(run_id)
-            if record.get("status") not in IN_PROGRESS:
-                return record
-            if time.monotonic() >= deadline:
-                raise TransientInfraError(
-                    f"run {run_id} is still {record.get('status')} after {timeout_s:.0f} s; "
-                    f"follow it with `retrainer runs show {run_id}`"
-                )
-            time.sleep(poll_s)
+        last: dict[str, Any] = {}
+
+        def final_record() -> dict[str, Any] | None:
+            last.update(self.run(run_id))
+            return None if last.get("status") in IN_PROGRESS else dict(last)
+
+        def timed_out() -> TransientInfraError:
+            return TransientInfraError(
+                f"run {run_id} is still {last.get('status')} after {timeout_s:.0f} s; "
+                f"follow it with `retrainer runs show {run_id}`"
+            )
+
+        return poll_until(final_record, timeout_s=timeout_s, poll_s=poll_s, on_timeout=timed_out)

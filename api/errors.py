@@ -1,18 +1,14 @@
-"""The API's one mapping from error `code` to HTTP status, and the one error body.
+"""The API's one error body.
 
 Every refusal, whether raised by a route, by the domain below it or by the API's own middleware
 (auth, body size, rate limit), leaves as `{"error": {"code": ..., "message": ...}}` with the
-status from `ERROR_CODE_TO_HTTP_STATUS`. A subclass without its own entry inherits its parent's
-status (`status_for` walks the MRO), so a new domain error is never an accidental 500.
-
-The errors defined here exist only at the HTTP boundary; they subclass the domain hierarchy so
-that code and retryability stay in one place.
+status from the one table the model server uses too (`web/errors.py`). The refusals of the HTTP
+boundary (`UnauthorizedError`, `RateLimitedError`, …) are domain errors, re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,90 +17,39 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from domain.errors import (
-    ArtifactIntegrityError,
-    ConfigurationError,
-    ConflictError,
-    InfrastructureError,
-    InvalidInputError,
+    IdempotencyKeyReusedError,
     NotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
     RetrainerError,
-    TrainingError,
-    TransientInfraError,
+    UnauthorizedError,
 )
+from web.errors import (
+    ERROR_CODE_TO_HTTP_STATUS,
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    UNHEALTHY,
+    status_for,
+)
+
+__all__ = [
+    "ERROR_CODE_TO_HTTP_STATUS",
+    "UNHEALTHY",
+    "IdempotencyKeyReusedError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "UnauthorizedError",
+    "error_body",
+    "error_response",
+    "install_error_handlers",
+    "status_for",
+]
 
 log = logging.getLogger("retrainer.api")
 
 DEFAULT_RETRY_AFTER_SECONDS = 5
 """Retry-After for retryable errors (a backing service did not answer) that carry no better hint."""
-
-
-class UnauthorizedError(RetrainerError):
-    """The request carries no X-API-Key header, or a key that is unknown or revoked."""
-
-    code = "unauthorized"
-
-
-class PayloadTooLargeError(InvalidInputError):
-    """The request body is larger than the API accepts."""
-
-    code = "payload_too_large"
-
-
-class RateLimitedError(RetrainerError):
-    """The API key has used up its requests for now; `retry_after_seconds` says when to come back."""
-
-    code = "rate_limited"
-    retryable = True
-
-    def __init__(self, message: str, retry_after_seconds: int) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
-
-class IdempotencyKeyReusedError(ConflictError):
-    """An Idempotency-Key was sent again with a different request body (CONTRACT section 3: 422).
-
-    It is a ConflictError like any other state conflict, but the contract gives it 422 rather
-    than 409, so it has its own code; the trigger route is the one place that raises it.
-    """
-
-    code = "idempotency_key_reused"
-
-
-# Codes that have no exception class: FastAPI's own request validation and routing refusals.
-INVALID_REQUEST = "invalid_request"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-INTERNAL_ERROR = "internal_error"
-UNHEALTHY = "unhealthy"  # GET /healthz: a dependency does not answer
-
-ERROR_CODE_TO_HTTP_STATUS: Mapping[str, int] = {
-    RetrainerError.code: 500,
-    ConfigurationError.code: 500,
-    InvalidInputError.code: 400,
-    PayloadTooLargeError.code: 413,
-    INVALID_REQUEST: 422,
-    UnauthorizedError.code: 401,
-    NotFoundError.code: 404,
-    METHOD_NOT_ALLOWED: 405,
-    ConflictError.code: 409,
-    IdempotencyKeyReusedError.code: 422,
-    RateLimitedError.code: 429,
-    ArtifactIntegrityError.code: 500,
-    TrainingError.code: 500,
-    INTERNAL_ERROR: 500,
-    InfrastructureError.code: 502,
-    TransientInfraError.code: 503,
-    UNHEALTHY: 503,
-}
-
-
-def status_for(error: RetrainerError) -> int:
-    """The HTTP status of an error: its own code's, else the nearest ancestor's that has one."""
-    for cls in type(error).__mro__:
-        code = getattr(cls, "code", None)
-        if isinstance(code, str) and code in ERROR_CODE_TO_HTTP_STATUS:
-            return ERROR_CODE_TO_HTTP_STATUS[code]
-    return 500
 
 
 def retry_after(error: RetrainerError) -> int | None:

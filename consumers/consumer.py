@@ -8,30 +8,41 @@ nothing lost, nothing doubled. One bad record never blocks its partition (it is 
 passed). Run creation is not done here (the debouncer does it), so a batch stays short and
 `max_poll_interval_ms` is never at risk.
 
+The consumer is a loop service (`flows/loop.py`): `run_forever` runs `run_once` until stopped.
 SIGTERM/SIGINT: the current batch finishes and commits, then the consumer leaves the group.
 A broker restart is ridden out by kafka-python's reconnects; a database outage rewinds the batch
-(seek to its first offsets) and retries after a back-off.
+(seek to its first offsets) and the runner retries it after a back-off.
+
+Health (`probe`, on /healthz): failing, naming the topic, while the topic does not exist or no
+partition of it has been assigned for longer than the session timeout, or while the last batch
+failed.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.errors import RetrainerError
-from domain.events import DEFAULT_MAX_BYTES, DataChange, InvalidEvent, parse_data_change
+from consumers.binding import parse_data_change
+from consumers.metrics import (
+    CONSUMER_LAG,
+    EVENTS_CONSUMED,
+    EVENTS_DEAD_LETTERED,
+    EVENTS_DUPLICATE,
+    EVENTS_INVALID,
+    PARTITIONS_ASSIGNED,
+)
+from domain.errors import ConfigurationError, RetrainerError, TransientInfraError
+from domain.events import DEFAULT_MAX_BYTES, DataChange, InvalidEvent
 from domain.settings import Settings
-from flows.metrics import CONSUMER_LAG, EVENTS_CONSUMED, EVENTS_DEAD_LETTERED, EVENTS_DUPLICATE, EVENTS_INVALID
+from flows.loop import LoopHealth, run_loop, stop_on_signals
 from storage import repositories as repo
 from storage.db import transaction
 from storage.orm import SqlPipeline
@@ -47,7 +58,12 @@ class BatchResult:
     dead_lettered: int
 
 
+SESSION_TIMEOUT_MS = 10_000
+
+
 class DataChangeConsumer:
+    name = "kafka-consumer"
+
     def __init__(
         self,
         settings: Settings,
@@ -73,13 +89,15 @@ class DataChangeConsumer:
             auto_offset_reset="earliest",
             max_poll_records=max_records,
             max_poll_interval_ms=300_000,
-            session_timeout_ms=10_000,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=3_000,
         )
         self.producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, client_id=f"{client_id}-dlq")
         self._known: set[str] = set()
         self._known_at = 0.0
         self._known_ttl = known_datasets_ttl_s
+        self.health = LoopHealth(self.name)
+        self._unassigned_since: float | None = time.monotonic()
 
     # -- datasets the service knows (an unknown dataset is dead-lettered) --------------------
     def known_datasets(self) -> set[str]:
@@ -95,6 +113,7 @@ class DataChangeConsumer:
         records = [record for partition_records in batches.values() for record in partition_records]
         if not records:
             self._update_lag()
+            self._check_assignment()
             return BatchResult(0, 0, 0, 0)
         EVENTS_CONSUMED.labels(self.topic).inc(len(records))
         valid: list[tuple[Any, DataChange]] = []
@@ -171,32 +190,45 @@ class DataChangeConsumer:
             if high is not None and position is not None:
                 CONSUMER_LAG.labels(partition.topic, str(partition.partition)).set(max(0, high - position))
 
+    def _check_assignment(self) -> None:
+        """Raises, naming the topic, once no partition has been assigned for a session timeout."""
+        assigned = len(self.consumer.assignment())
+        PARTITIONS_ASSIGNED.labels(self.topic).set(assigned)
+        if assigned:
+            self._unassigned_since = None
+            return
+        now = time.monotonic()
+        self._unassigned_since = self._unassigned_since or now
+        waited = now - self._unassigned_since
+        if waited * 1000 < SESSION_TIMEOUT_MS:
+            return
+        servers = self.settings.kafka_bootstrap_servers
+        if not self.consumer.partitions_for_topic(self.topic):  # None or empty: the broker has no such topic
+            raise ConfigurationError(
+                f"topic {self.topic!r} does not exist on {servers}; create it (`make services` creates the "
+                "contract's topics) or set RETRAINER_KAFKA_TOPIC"
+            )
+        raise TransientInfraError(
+            f"no partition of topic {self.topic!r} assigned to group {self.settings.kafka_consumer_group!r} "
+            f"after {waited:.0f} s (more consumers than partitions, or the group coordinator on {servers} "
+            "does not answer)"
+        )
+
     # -- the loop -------------------------------------------------------------------------------
-    def run_forever(self, on_batch: Callable[[BatchResult], None] | None = None) -> None:
-        backoff = 0.5
+    def run_forever(self) -> None:
+        """Batches until `stop_requested` is set; a failed batch is retried after a back-off."""
         try:
-            while not self.stop_requested.is_set():
-                try:
-                    result = self.run_once()
-                    backoff = 0.5
-                    if on_batch is not None and result.records:
-                        on_batch(result)
-                except (KafkaError, RetrainerError, OSError) as error:
-                    log.warning("consumer batch failed, retrying in %.1f s: %s", backoff, error)
-                    self.stop_requested.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
+            run_loop(self, self.stop_requested, interval_s=0.0, health=self.health)
         finally:
             self.close()
 
+    def probe(self) -> None:
+        """For /healthz: raises while the topic is missing or unassigned, or the last batch failed."""
+        self.health.probe()
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop after the current batch (main thread only)."""
-
-        def stop(signum: int, _frame: Any) -> None:
-            log.info("signal %d: finishing the current batch, then leaving the group", signum)
-            self.stop_requested.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        stop_on_signals(self.stop_requested)
 
     def close(self) -> None:
         try:

@@ -21,11 +21,12 @@ _DATABASE_SCHEMES = ("sqlite", "postgresql")
 _ARTIFACT_SCHEMES = ("file", "s3")
 
 
-def _check_address(value: str) -> str:
+def split_address(value: str) -> tuple[str, int]:
+    """("HOST", PORT) from "HOST:PORT" ("[::1]:80" too); ValueError saying the expected form."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"must be HOST:PORT, e.g. 127.0.0.1:8080; port 0 takes a free one (got {value!r})")
-    return value
+    return host.strip("[]"), int(port)
 
 
 class Settings(BaseSettings):
@@ -64,6 +65,10 @@ class Settings(BaseSettings):
     )
     api_address: str = Field(default="127.0.0.1:8080", description="HOST:PORT of the HTTP API.")
     serving_address: str = Field(default="127.0.0.1:8081", description="HOST:PORT of the model server.")
+    health_address: str = Field(
+        default="127.0.0.1:8083",
+        description="HOST:PORT of /healthz and /metrics of `consume`, `triggers` and `rollout supervise`.",
+    )
     serving_url: str = Field(
         default="",
         description="Base URL the canary controller reads the model server at; empty: http://SERVING_ADDRESS.",
@@ -129,10 +134,11 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
         return value
 
-    @field_validator("api_address", "serving_address")
+    @field_validator("api_address", "serving_address", "health_address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_address(value)
+        split_address(value)
+        return value
 
     @model_validator(mode="after")
     def _cross_field(self) -> Settings:

@@ -19,13 +19,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from prometheus_client import Counter, Histogram
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.spec import EventTriggerSpec
-from flows.metrics import RUNS_CREATED, TRIGGER_LATENCY
 from storage import repositories as repo
 from storage.db import transaction
 from storage.orm import SqlEvent, SqlPipeline, SqlRun
@@ -37,6 +38,14 @@ RunSubmitter = Callable[[e.Run], str | None]
 
 IN_PROGRESS = (e.RunStatus.QUEUED.value, e.RunStatus.RUNNING.value)
 
+# Low-cardinality by design: no event ids, no run ids.
+RUNS_CREATED = Counter("retrainer_runs_created_total", "Runs created, by trigger kind", ["trigger"])
+TRIGGER_LATENCY = Histogram(
+    "retrainer_trigger_latency_seconds",
+    "From an event's arrival in the inbox to its run's creation",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TriggerRequest:
@@ -46,6 +55,13 @@ class TriggerRequest:
     request_sha256: str | None = None
     dedupe_key: str | None = None
     event_ids: tuple[str, ...] = ()
+
+    def row_fields(self) -> dict[str, Any]:
+        """What the Run row records of the request, besides its kind (`repo.create_run`'s keywords)."""
+        return {name: getattr(self, name) for name in _ROW_FIELDS}
+
+
+_ROW_FIELDS = ("reason", "idempotency_key", "request_sha256", "dedupe_key", "event_ids")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +74,7 @@ def request_run(
     sessions: sessionmaker[Session], pipeline: str, request: TriggerRequest, submit: RunSubmitter | None
 ) -> TriggerResult:
     with transaction(sessions) as session:
-        run, created = repo.create_run(
-            session,
-            pipeline,
-            request.kind,
-            reason=request.reason,
-            idempotency_key=request.idempotency_key,
-            request_sha256=request.request_sha256,
-            dedupe_key=request.dedupe_key,
-            event_ids=request.event_ids,
-        )
+        run, created = repo.create_run(session, pipeline, request.kind, **request.row_fields())
     if created:
         RUNS_CREATED.labels(request.kind.value).inc()
     # A run whose submission failed earlier (Prefect down) is submitted by the next identical

@@ -1,30 +1,27 @@
-"""The `retrainer` command line (CONTRACT section 5).
-
-Commands that later issues add (serve, pipelines validate, publish, trigger) are not registered
-until they really work; `retrainer --help` lists what exists now.
+"""The `retrainer` command line (CONTRACT section 5): the administrative commands, `serve` and
+`demo`; the long-running commands of a split deployment are in `retrainer/processes.py`.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from typer import exceptions as typer_exceptions
 from typer._click import exceptions as click_exceptions  # typer 0.29 bundles its own click
 
-from domain.errors import RetrainerError
-from domain.settings import Settings, load_settings
-from retrainer.logs import setup_logging
-
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from domain.entities import Rollout
+
+from domain.errors import RetrainerError
+from retrainer import processes
+from retrainer.console import err, out
+from retrainer.console import settings as _settings
+from retrainer.console import unit_of_work as _unit_of_work
 
 app = typer.Typer(
     help="Retrainer: event-driven retraining, gating and canary rollouts for PyTorch models.",
@@ -49,24 +46,12 @@ app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(pipelines_app, name="pipelines")
 
-out = Console()
-err = Console(stderr=True)
+processes.register(app, rollout_app)
 
-
-def _settings() -> Settings:
-    settings = load_settings()
-    setup_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-@contextmanager
-def _unit_of_work() -> Iterator[Session]:
-    """Settings, logging and one database transaction: what most commands need."""
-    from retrainer import wiring
-    from storage.db import transaction
-
-    with transaction(wiring.sessions(_settings())) as session:
-        yield session
+PipelineName = Annotated[str, typer.Argument(help="Pipeline name.")]
+Actor = Annotated[str, typer.Option(help="Who is doing this.")]
+AliasReason = Annotated[str, typer.Option(help="Required justification (recorded in alias_history).")]
+RolloutReason = Annotated[str, typer.Option(help="Required justification (stored on the rollout and alias_history).")]
 
 
 @db_app.command("upgrade")
@@ -161,7 +146,7 @@ def pipelines_list() -> None:
 
 @pipelines_app.command("freeze")
 def pipelines_freeze(
-    name: Annotated[str, typer.Argument(help="Pipeline name.")],
+    name: PipelineName,
     until: Annotated[str, typer.Option(help="ISO time with zone, e.g. 2026-12-24T00:00:00Z.")],
     reason: Annotated[str, typer.Option(help="Why promotions are held.")],
 ) -> None:
@@ -177,7 +162,7 @@ def pipelines_freeze(
 
 
 @pipelines_app.command("unfreeze")
-def pipelines_unfreeze(name: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
+def pipelines_unfreeze(name: PipelineName) -> None:
     """Lift a promotion freeze."""
     from flows import champion
 
@@ -202,7 +187,7 @@ def datasets_add(
 
 @app.command("run")
 def run_now(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    pipeline: PipelineName,
     reason: Annotated[str, typer.Option(help="Why this run.")] = "manual run from the CLI",
 ) -> None:
     """Run a pipeline here and now on its dataset's latest version (a manual trigger, in-process)."""
@@ -233,10 +218,10 @@ def runs_show(
     """A run's decision record: events, data, candidate vs champion, gate verdicts, outcome."""
     import json
 
-    from storage import repositories as repo
+    from flows.records import decision_record
 
     with _unit_of_work() as session:
-        record = repo.decision_record(session, run_id)
+        record = decision_record(session, run_id)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -276,7 +261,7 @@ def runs_list(
 
 
 @models_app.command("list")
-def models_list(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
+def models_list(pipeline: PipelineName) -> None:
     """A pipeline's model versions with their stage."""
     from storage import repositories as repo
 
@@ -296,10 +281,10 @@ def models_list(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")])
 
 @models_app.command("promote")
 def models_promote(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    pipeline: PipelineName,
     version: Annotated[int, typer.Argument(help="Model version number to make champion.")],
-    reason: Annotated[str, typer.Option(help="Required justification (recorded in alias_history).")],
-    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
+    reason: AliasReason,
+    actor: Actor = "cli",
 ) -> None:
     """Force-promote a version past the gate, with a justification."""
     from flows import champion
@@ -311,10 +296,10 @@ def models_promote(
 
 @models_app.command("rollback")
 def models_rollback(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
-    reason: Annotated[str, typer.Option(help="Required justification (recorded in alias_history).")],
+    pipeline: PipelineName,
+    reason: AliasReason,
     to: Annotated[int | None, typer.Option(help="Earlier champion version; default: the previous one.")] = None,
-    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
+    actor: Actor = "cli",
 ) -> None:
     """Roll the champion back to an earlier champion; the current one becomes rolled_back."""
     from flows import champion
@@ -327,7 +312,7 @@ def models_rollback(
 
 
 @rollout_app.command("show")
-def rollout_show(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")]) -> None:
+def rollout_show(pipeline: PipelineName) -> None:
     """The current or last rollout: each step's traffic, verdict and the reason of its last analysis."""
     from storage import repositories as repo
 
@@ -351,72 +336,25 @@ def rollout_show(pipeline: Annotated[str, typer.Argument(help="Pipeline name.")]
     out.print(f"candidate v{candidate}: {rollout.status.value} {rollout.reason or ''}", highlight=False)
 
 
-@rollout_app.command("run")
-def rollout_run(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
-    serving_url: Annotated[
-        str | None, typer.Option(help="Model server base URL; default RETRAINER_SERVING_URL or its address.")
-    ] = None,
-) -> None:
-    """Run the canary controller for the pipeline's active rollout until it is promoted or rolled
-    back (resumes at the stored step after a restart)."""
-    from flows.canary import canary_rollout
-
-    _settings()
-    result = canary_rollout(pipeline, serving_url=serving_url)
-    out.print(f"{pipeline}: rollout {result.get('status') or 'none'}: {result.get('reason')}", highlight=False)
-
-
-@rollout_app.command("supervise")
-def rollout_supervise(
-    serving_url: Annotated[
-        str | None, typer.Option(help="Model server base URL; default RETRAINER_SERVING_URL or its address.")
-    ] = None,
-) -> None:
-    """Run a canary controller for every active rollout, now and as they start, until SIGTERM or
-    Ctrl-C (what `retrainer serve` does in-process; one per deployment)."""
-    import threading
-
-    from flows.canary import supervise_rollouts
-    from retrainer import wiring
-    from retrainer.service import exit_cleanly_on_sigterm
-
-    exit_cleanly_on_sigterm()
-    settings = _settings()
-    stop = threading.Event()
-    err.print("supervising canary rollouts (Ctrl-C to stop)", highlight=False)
-    try:
-        supervise_rollouts(wiring.sessions(settings), serving_url, stop)
-    except KeyboardInterrupt:
-        stop.set()
-        err.print("stopped", highlight=False)
-
-
 @rollout_app.command("abort")
-def rollout_abort(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
-    reason: Annotated[str, typer.Option(help="Required justification (stored on the rollout).")],
-    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
-) -> None:
+def rollout_abort(pipeline: PipelineName, reason: RolloutReason, actor: Actor = "cli") -> None:
     """Abort the active rollout: canary traffic 0 now, candidate rolled_back, champion untouched."""
-    from flows import champion
+    from flows.champion import abort_rollout
 
-    with _unit_of_work() as session:
-        rollout = champion.abort_rollout(session, pipeline, actor=actor, reason=reason)
-    out.print(f"{pipeline}: rollout {rollout.id} {rollout.status.value}: {rollout.reason}", highlight=False)
+    _rollout_override(abort_rollout, pipeline, actor, reason)
 
 
 @rollout_app.command("promote")
-def rollout_promote(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
-    reason: Annotated[str, typer.Option(help="Required justification (stored on the rollout and alias_history).")],
-    actor: Annotated[str, typer.Option(help="Who is doing this.")] = "cli",
-) -> None:
+def rollout_promote(pipeline: PipelineName, reason: RolloutReason, actor: Actor = "cli") -> None:
     """Promote the active rollout's candidate now, without waiting for the remaining steps."""
-    from flows import champion
+    from flows.champion import promote_rollout
 
+    _rollout_override(promote_rollout, pipeline, actor, reason)
+
+
+def _rollout_override(action: Callable[..., Rollout], pipeline: str, actor: str, reason: str) -> None:
     with _unit_of_work() as session:
-        rollout = champion.promote_rollout(session, pipeline, actor=actor, reason=reason)
+        rollout = action(session, pipeline, actor=actor, reason=reason)
     out.print(f"{pipeline}: rollout {rollout.id} {rollout.status.value}: {rollout.reason}", highlight=False)
 
 
@@ -438,50 +376,9 @@ def publish_data_changed(
     out.print(f"published {published} to {settings.kafka_topic}", highlight=False)
 
 
-@app.command("consume")
-def consume(
-    max_records: Annotated[int, typer.Option(help="Records per poll batch.")] = 500,
-) -> None:
-    """Run the Kafka consumer: data-change events into the inbox, invalid ones to the DLQ."""
-    from consumers.consumer import DataChangeConsumer
-    from retrainer import wiring
-
-    settings = _settings()
-    consumer = DataChangeConsumer(settings, wiring.sessions(settings), max_records=max_records)
-    consumer.install_signal_handlers()
-    err.print(f"consuming {settings.kafka_topic} as group {settings.kafka_consumer_group}")
-    consumer.run_forever()
-
-
-@app.command("triggers")
-def triggers(
-    interval: Annotated[float, typer.Option(help="Seconds between debouncer passes.")] = 1.0,
-    once: Annotated[bool, typer.Option(help="One pass, then exit.")] = False,
-    submit: Annotated[bool, typer.Option(help="Submit flow runs to the pipelines' Prefect deployments.")] = True,
-) -> None:
-    """Run the debouncer: pending events become one run per pipeline per window."""
-    import signal
-    import threading
-
-    from flows.triggers import prefect_submitter, process_pending_events
-    from retrainer import wiring
-
-    settings = _settings()
-    sessions = wiring.sessions(settings)
-    submitter = prefect_submitter() if submit else None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while True:
-        for result in process_pending_events(sessions, submitter):
-            if result.created:
-                err.print(f"run {result.run.id} for {result.run.pipeline} ({len(result.run.event_ids)} events)")
-        if once or stop.wait(interval):
-            return
-
-
 @app.command("trigger")
 def trigger(
-    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    pipeline: PipelineName,
     reason: Annotated[str | None, typer.Option(help="Why this run (recorded with it).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the run has a final status.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 3600,
@@ -504,19 +401,6 @@ def trigger(
         out.print(f"run {final['run_id']}: {final['status']}", highlight=False)
 
 
-@app.command("api")
-def api() -> None:
-    """Run the HTTP API on RETRAINER_API_ADDRESS (submits runs to the pipelines' Prefect deployments)."""
-    from api.app import create_app
-    from api.server import serve_api
-    from flows.triggers import prefect_submitter
-    from retrainer import wiring
-
-    settings = _settings()
-    app_ = create_app(sessions=wiring.sessions(settings), settings=settings, submit=prefect_submitter())
-    serve_api(app_, settings.api_address)
-
-
 @app.command("serve")
 def serve() -> None:
     """Run the whole service: HTTP API, Kafka consumer, trigger service, Prefect (a local server
@@ -534,30 +418,6 @@ def serve() -> None:
         )
 
     serve_forever(settings, on_ready=ready)
-
-
-@app.command("serve-models")
-def serve_models_command(
-    refresh: Annotated[float, typer.Option(help="Seconds between reloads of champions from the database.")] = 10.0,
-) -> None:
-    """Run the model server (Open Inference Protocol v2) on RETRAINER_SERVING_ADDRESS with each
-    pipeline's champion from the metadata database, reloading when the champion moves."""
-    from retrainer import wiring
-    from serving.app import create_serving_app
-    from serving.loader import MetadataFollower
-    from serving.registry import ModelRegistry
-    from serving.server import serve_models, tune_process
-
-    settings = _settings()
-    tune_process(settings.serving_torch_threads)
-    follower = MetadataFollower(ModelRegistry(), wiring.sessions(settings), wiring.artifact_store(settings))
-    for pipeline, what in follower.sync().items():
-        err.print(f"{pipeline}: {what}", highlight=False)
-    follower.start(refresh)
-    try:
-        serve_models(create_serving_app(follower.registry, reload=follower.sync), settings.serving_address)
-    finally:
-        follower.stop()
 
 
 @app.command("check")
@@ -583,83 +443,16 @@ def demo() -> None:
     """The whole story on embedded defaults through the running service: events on Kafka, the gate,
     a canary under live traffic promoted, a poisoned dataset rejected, a slow candidate rolled back;
     ends with a table and a self-contained HTML report."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from retrainer.demo import run_demo
 
-    from retrainer import demo as story
-    from retrainer import wiring
-    from retrainer.report import write_report
-    from retrainer.service import exit_cleanly_on_sigterm, running_service
-
-    exit_cleanly_on_sigterm()
-    started = time.perf_counter()
-    home = story.fresh_home(Path(load_settings().home_dir).resolve() / "demo")
-    story.apply_environment(story.demo_environment(home))
-    settings = _settings()
-    with out.status("preparing: digits data, Kafka…"):
-        from ml.demo_data import digits_versions
-
-        data = digits_versions(home / "data")
-        story.write_spec(settings.pipelines_dir, story.spec_for(story.ACTS[0]))
-        out.print(story.ensure_kafka(settings), highlight=False)
-        story.create_topics(settings)
-    with out.status("starting the service: Prefect server and runner, model server, API, consumer…"):
-        service = running_service(settings)
-        running = service.__enter__()
-    try:
-        out.print(
-            f"service up: API {running.api_url}, models {running.serving_url}, Prefect {running.prefect_api_url}",
-            highlight=False,
-        )
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-        with Progress(*columns, console=out) as bar:
-            tasks = {act.key: bar.add_task(f"{act.key}: {act.story}", start=False) for act in story.ACTS}
-
-            def progress(key: str, text: str) -> None:
-                bar.start_task(tasks[key])
-                act = next(a for a in story.ACTS if a.key == key)
-                bar.update(tasks[key], description=f"[bold]{key}[/bold] {act.story}: {text}")
-
-            results = story.run_story(
-                settings,
-                wiring.sessions(settings),
-                serving_url=running.serving_url,
-                data={key: path.resolve().as_uri() for key, path in data.items()},
-                traffic_rows=data["v2"],
-                progress=progress,
-            )
-            for task in tasks.values():
-                bar.stop_task(task)
-    finally:
-        service.__exit__(None, None, None)
-        story.delete_topics(settings)
-    report = write_report(wiring.sessions(settings), home / "report.html")
-    table = Table(title="Runs and decisions")
-    for column in ("act", "expected", "status", "model", "seconds", "served (version: requests)", "reason"):
-        table.add_column(column, overflow="fold")
-    unexpected = []
-    for result in results:
-        ok = result.status == result.act.expect
-        if not ok:
-            unexpected.append(result.act.key)
-        table.add_row(
-            f"{result.act.key}: {result.act.story}",
-            result.act.expect,
-            f"[green]{result.status}[/green]" if ok else f"[red]{result.status}[/red]",
-            f"v{result.model_version}" if result.model_version else "-",
-            f"{result.seconds:.0f}",
-            ", ".join(f"v{v}: {n}" for v, n in sorted(result.traffic.items())) or "-",
-            result.reason,
-        )
-    out.print(table)
-    out.print(f"decision records: retrainer runs show RUN_ID --json  (e.g. {results[-1].run_id})", highlight=False)
-    out.print(f"report: {report}", highlight=False)
-    out.print(f"demo finished in {time.perf_counter() - started:.1f} s; state under {home}", highlight=False)
-    if unexpected:
-        raise RetrainerError(f"the story did not go as expected for {', '.join(unexpected)}; see the report")
+    run_demo(out)
 
 
 def main() -> None:
     """Entry point: RetrainerErrors become one line on stderr and exit 1, never a traceback."""
+    from retrainer.wiring import quiet_prefect
+
+    quiet_prefect()
     try:
         # standalone_mode=False: click returns the exit code of typer.Exit instead of exiting.
         code = app(standalone_mode=False)

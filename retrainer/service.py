@@ -8,8 +8,13 @@ stopped in reverse.
     model server      OIP v2 on RETRAINER_SERVING_ADDRESS, following champions and rollouts in SQL
     HTTP API          on RETRAINER_API_ADDRESS; /healthz probes every part listed here
     Kafka consumer    data-change events → inbox (invalid ones → dead-letter topic)
-    trigger service   debounced inbox events → one run per pipeline per window → Prefect
+    trigger service   debounced inbox events → one run per pipeline per window → Prefect, and
+                      re-submission of runs whose submission failed (`flows/trigger_service.py`)
     canary supervisor runs the canary controller flow for each active rollout (resumes after restart)
+
+The consumer, the trigger service and the supervisor are loop services run by `flows.loop.run_loop`,
+the same runner `retrainer consume`, `triggers` and `rollout supervise` use: an error is logged and
+retried after a back-off, never the end of the thread. Prefect telemetry is off (`wiring.quiet_prefect`).
 
 SIGTERM or SIGINT stops everything cleanly: threads finish their current pass, the consumer leaves
 its group without committing anything new, subprocesses get SIGTERM (then SIGKILL after 10 s).
@@ -24,7 +29,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ import httpx
 
 from domain.errors import InfrastructureError, RetrainerError, TransientInfraError
 from domain.settings import Settings
+from flows.retry import poll_until
 
 log = logging.getLogger("retrainer.service")
 
@@ -45,13 +50,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def prefect_healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        return httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @dataclass
@@ -99,20 +97,23 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Worker:
-    """A named loop in a daemon thread; its exception (if any) makes it unhealthy."""
+    """A named loop in a daemon thread; its exception (if any), or its own probe, makes it unhealthy."""
 
     name: str
     thread: threading.Thread
     error: list[BaseException] = field(default_factory=list)
+    check: Callable[[], None] | None = None
 
     def probe(self) -> None:
         if self.error:
             raise TransientInfraError(f"{self.name} stopped: {type(self.error[0]).__name__}: {self.error[0]}")
         if not self.thread.is_alive():
             raise TransientInfraError(f"{self.name} is not running")
+        if self.check is not None:
+            self.check()
 
 
-def start_worker(name: str, target: Callable[[], None]) -> Worker:
+def start_worker(name: str, target: Callable[[], None], check: Callable[[], None] | None = None) -> Worker:
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -123,7 +124,7 @@ def start_worker(name: str, target: Callable[[], None]) -> Worker:
             errors.append(err)
 
     thread = threading.Thread(target=run, name=f"retrainer-{name}", daemon=True)
-    worker = Worker(name, thread, errors)
+    worker = Worker(name, thread, errors, check)
     thread.start()
     return worker
 
@@ -151,6 +152,8 @@ class Running:
 
 def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> str:
     """The Prefect API URL: PREFECT_API_URL if it answers, else a local server started here."""
+    from retrainer.wiring import prefect_healthy
+
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
         if not prefect_healthy(configured):
@@ -160,32 +163,25 @@ def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> str:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    server_env = {
-        **env,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-    }
+    server_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false"}
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     server = spawn("prefect-server", command, settings.home_dir / "logs", server_env)
     stack.callback(server.stop)
-    deadline = time.monotonic() + PREFECT_START_TIMEOUT_S
-    while not prefect_healthy(url):
-        server.probe()
-        if time.monotonic() > deadline:
-            raise InfrastructureError(f"the Prefect server did not answer within {PREFECT_START_TIMEOUT_S:.0f} s")
-        time.sleep(0.5)
+
+    def answers() -> bool:
+        server.probe()  # a crashed server ends the wait at once, naming its log
+        return prefect_healthy(url)
+
+    poll_until(answers, timeout_s=PREFECT_START_TIMEOUT_S, what="the Prefect server answering")
     return url
 
 
 def _wait_for_deployments(prefect_url: str, pipelines: list[str], runner: Subprocess) -> None:
     """Until the runner has registered every pipeline's deployment (runs submitted before would fail)."""
-    deadline = time.monotonic() + PREFECT_START_TIMEOUT_S
     missing = set(pipelines)
-    while missing:
+
+    def registered() -> bool:
         runner.probe()
-        if time.monotonic() > deadline:
-            raise InfrastructureError(f"the Prefect runner did not register {sorted(missing)}; see {runner.log_path}")
         for name in sorted(missing):
             try:
                 found = httpx.get(f"{prefect_url}/deployments/name/retrainer-pipeline/{name}", timeout=2.0)
@@ -193,7 +189,12 @@ def _wait_for_deployments(prefect_url: str, pipelines: list[str], runner: Subpro
                 continue
             if found.status_code == 200:
                 missing.discard(name)
-        time.sleep(0.5)
+        return not missing
+
+    def timed_out() -> InfrastructureError:
+        return InfrastructureError(f"the Prefect runner did not register {sorted(missing)}; see {runner.log_path}")
+
+    poll_until(registered, timeout_s=PREFECT_START_TIMEOUT_S, on_timeout=timed_out)
 
 
 @contextmanager
@@ -202,9 +203,12 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from api.app import create_app, database_probe
     from api.server import running_api
     from consumers.consumer import DataChangeConsumer
+    from flows.loop import LoopHealth, run_loop
     from flows.registry import load_specs, sync_pipelines
-    from flows.triggers import prefect_submitter, process_pending_events, submit_unsubmitted_runs
+    from flows.trigger_service import TriggerService
+    from flows.triggers import prefect_submitter
     from retrainer import wiring
+    from retrainer.processes import SupervisorLoop
     from serving.app import create_serving_app
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
@@ -212,6 +216,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from storage.db import transaction
 
     stop = threading.Event()
+    wiring.quiet_prefect()
     sessions = wiring.sessions(settings)
     wiring.upgrade_database(settings)
     specs = load_specs(settings.pipelines_dir)
@@ -241,60 +246,33 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
 
         submitter = prefect_submitter()
         consumer = DataChangeConsumer(settings, sessions)
+        trigger_health = LoopHealth(TriggerService.name)
 
         def consume() -> None:
             consumer.stop_requested.clear()
             consumer.run_forever()
 
         def triggers() -> None:
-            while not stop.wait(1.0):
-                try:
-                    results = process_pending_events(sessions, submitter)
-                    submit_unsubmitted_runs(sessions, submitter)
-                except Exception:  # Prefect or the database hiccupped: the runs stay queued, retried next pass
-                    log.exception("trigger pass failed; retrying")
-                    continue
-                for result in results:
-                    if result.created:
-                        log.info(
-                            "run %s for %s from %d events",
-                            result.run.id,
-                            result.run.pipeline,
-                            len(result.run.event_ids),
-                        )
+            run_loop(TriggerService(sessions, submitter), stop, health=trigger_health)
 
         def supervise() -> None:
-            from flows.canary import supervise_rollouts
-
-            supervise_rollouts(sessions, serving_url, stop)
+            run_loop(SupervisorLoop(settings, serving_url, stop), stop)
 
         workers = [
-            start_worker("kafka-consumer", consume),
-            start_worker("trigger-service", triggers),
-            start_worker("canary-supervisor", supervise),
+            start_worker(consumer.name, consume, consumer.probe),
+            start_worker(TriggerService.name, triggers, trigger_health.probe),
+            start_worker(SupervisorLoop.name, supervise),
         ]
         for worker in workers:
             stack.callback(worker.thread.join, 15)
         stack.callback(consumer.stop_requested.set)
         stack.callback(stop.set)
 
-        def serving_probe() -> None:
-            try:
-                response = httpx.get(f"{serving_url}/v2/health/live", timeout=2.0)
-            except httpx.HTTPError as err:
-                raise TransientInfraError(f"model server at {serving_url} does not answer ({err})") from err
-            if response.status_code != 200:
-                raise TransientInfraError(f"model server at {serving_url}: HTTP {response.status_code}")
-
-        def prefect_probe() -> None:
-            if not prefect_healthy(prefect_url):
-                raise TransientInfraError(f"Prefect API at {prefect_url} does not answer")
-
         probes: dict[str, Callable[[], None]] = {
             "database": database_probe(sessions),
-            "prefect-server": prefect_probe,
+            "prefect-server": wiring.prefect_probe(prefect_url),
             "prefect-runner": runner.probe,
-            "model-server": serving_probe,
+            "model-server": wiring.model_server_probe(serving_url),
             **{w.name: w.probe for w in workers},
         }
         api_app = create_app(sessions=sessions, settings=settings, submit=submitter, health_probes=probes)

@@ -7,14 +7,16 @@ The one place that knows which concrete classes serve which setting; commands an
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
+import httpx
 from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from domain.errors import ArtifactIntegrityError, RetrainerError
+from domain.errors import ArtifactIntegrityError, RetrainerError, TransientInfraError
 from domain.settings import Settings
 from storage.artifacts import ArtifactStore, open_artifact_store
 from storage.db import check_database, create_db_engine, make_sessions, redacted, translate_db_error
@@ -31,6 +33,58 @@ def sessions(settings: Settings) -> sessionmaker[Session]:
 
 def artifact_store(settings: Settings) -> ArtifactStore:
     return open_artifact_store(settings.artifact_root, settings)
+
+
+PREFECT_QUIET_ENV = {
+    # The server's telemetry heartbeat writes to its SQLite database and, under load, fails with
+    # "database is locked" tracebacks in `retrainer run`; analytics leave the machine. Off for every
+    # Prefect process Retrainer starts (they inherit this environment) unless set explicitly.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def quiet_prefect() -> None:
+    """Prefect telemetry and analytics off in this process and its children; call before importing prefect."""
+    for name, value in PREFECT_QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def prefect_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def prefect_probe(api_url: str) -> Callable[[], None]:
+    """A /healthz probe: the Prefect API at `api_url` answers."""
+
+    def probe() -> None:
+        if not prefect_healthy(api_url):
+            raise TransientInfraError(f"Prefect API at {api_url} does not answer (PREFECT_API_URL)")
+
+    return probe
+
+
+def model_server_probe(serving_url: str) -> Callable[[], None]:
+    """A /healthz probe: the model server at `serving_url` is live."""
+
+    def probe() -> None:
+        try:
+            response = httpx.get(f"{serving_url}/v2/health/live", timeout=2.0)
+        except httpx.HTTPError as err:
+            raise TransientInfraError(f"model server at {serving_url} does not answer ({err})") from err
+        if response.status_code != 200:
+            raise TransientInfraError(f"model server at {serving_url}: HTTP {response.status_code}")
+
+    return probe
+
+
+def database_probe(settings: Settings) -> Callable[[], None]:
+    """A /healthz probe: the metadata database answers."""
+    return lambda: check_database(engine(settings))
 
 
 def redacted_db(settings: Settings) -> str:

@@ -9,12 +9,19 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from retrainer.wiring import quiet_prefect
+
 POSTGRES_URL = os.environ.get(
     "RETRAINER_TEST_POSTGRES_URL", "postgresql+psycopg://retrainer:retrainer@127.0.0.1:5432/retrainer_test"
 )
 S3_ENDPOINT_URL = os.environ.get("RETRAINER_TEST_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
 KAFKA_BOOTSTRAP = os.environ.get("RETRAINER_TEST_KAFKA", "127.0.0.1:9092")
 REQUIRE_SERVICES = os.environ.get("RETRAINER_REQUIRE_SERVICES") == "1"
+# The health/metrics port of `retrainer consume`, `triggers` and `rollout supervise` run as
+# subprocesses: a free one, so tests never collide with each other or a running service.
+os.environ.setdefault("RETRAINER_HEALTH_ADDRESS", "127.0.0.1:0")
+# Prefect telemetry off in the test harness's server too, as in everything Retrainer starts.
+quiet_prefect()
 
 
 def _reachable(host: str, port: int) -> bool:

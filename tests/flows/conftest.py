@@ -65,8 +65,9 @@ def spec(**hyperparameters: Any) -> dict[str, Any]:
     return document
 
 
-def event_run(sessions: sessionmaker[Session], document: dict[str, Any], version: str, uri: Path) -> str:
-    """What the trigger service will do: register the spec, store the event, create the run."""
+def event_run(sessions: sessionmaker[Session], document: dict[str, Any], version: str, uri: Path | str) -> str:
+    """What the trigger service will do: register the spec, store the event, create the run.
+    `uri`: a local file, or the dataset's s3:// URI."""
     with transaction(sessions) as session:
         repo.upsert_pipeline(session, document["name"], document["dataset"], document)
         event_id = f"evt-{uuid.uuid4()}"
@@ -76,7 +77,13 @@ def event_run(sessions: sessionmaker[Session], document: dict[str, Any], version
             source="//tests",
             type="retrainer.data.changed",
             dataset="digits",
-            payload={"data": {"dataset": "digits", "version": version, "uri": f"file://{uri}"}},
+            payload={
+                "data": {
+                    "dataset": "digits",
+                    "version": version,
+                    "uri": f"file://{uri}" if isinstance(uri, Path) else uri,
+                }
+            },
         )
         run, _ = repo.create_run(session, document["name"], e.TriggerKind.EVENT, event_ids=[event_id])
     return run.id

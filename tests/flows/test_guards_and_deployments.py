@@ -166,21 +166,8 @@ def test_the_flow_on_postgresql_and_minio(
     document["name"] = f"digits-{prefix[:8]}"  # the PostgreSQL database is shared by the suite
     parse_spec(document, source="test")
     sessions = make_sessions(create_db_engine(postgres_url))
-    with transaction(sessions) as session:
-        repo.upsert_pipeline(session, document["name"], "digits", document)
-        event_id = f"evt-{uuid.uuid4()}"
-        repo.add_to_inbox(
-            session,
-            event_id=event_id,
-            source="//tests",
-            type="retrainer.data.changed",
-            dataset="digits",
-            payload={
-                "data": {"dataset": "digits", "version": f"s3-{prefix}", "uri": f"s3://datasets/{prefix}/digits_v1.csv"}
-            },
-        )
-        created, _ = repo.create_run(session, document["name"], e.TriggerKind.EVENT, event_ids=[event_id])
-    outcome = run_pipeline(document["name"], created.id)
+    run_id = event_run(sessions, document, f"s3-{prefix}", f"s3://datasets/{prefix}/digits_v1.csv")
+    outcome = run_pipeline(document["name"], run_id)
     assert outcome["status"] == "promoted"
     with transaction(sessions) as session:
         version = repo.get_model_version(session, document["name"], 1)

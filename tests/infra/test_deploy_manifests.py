@@ -645,3 +645,67 @@ def test_kustomization_lists_exactly_the_manifests(k8s_objects: list[tuple[str, 
     assert set(listed) == files, f"not listed: {sorted(files - set(listed))}; missing: {sorted(set(listed) - files)}"
     assert [image["name"] for image in kustomization.get("images", [])] == [K8S_IMAGE]
     assert _k8s_processes(k8s_objects), f"no container uses image {K8S_IMAGE!r}"
+
+
+# ----------------------------------------------------------------------------- health and metrics
+
+HEALTH_SETTING = "RETRAINER_HEALTH_ADDRESS"
+PROMETHEUS_CONFIG = COMPOSE_DIR / "prometheus.yml"
+LONG_RUNNING = {
+    ("api",): "RETRAINER_API_ADDRESS", ("serve-models",): "RETRAINER_SERVING_ADDRESS",
+    ("consume",): HEALTH_SETTING, ("triggers",): HEALTH_SETTING, ("rollout", "supervise"): HEALTH_SETTING,
+}  # fmt: skip
+"""Every long-running process and the setting of the address its /healthz and /metrics are on."""
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def _k8s_deployment_of(objects: list[tuple[str, dict[str, Any]]], words: tuple[str, ...]) -> dict[str, Any]:
+    (deployment,) = [
+        d
+        for d in _of_kind(objects, "Deployment")
+        if any(tuple((c.get("args") or [])[: len(words)]) == words for c in _containers(d))
+    ]
+    return deployment
+
+
+def test_every_long_running_k8s_process_serves_health_and_is_scraped(
+    k8s_objects: list[tuple[str, dict[str, Any]]],
+) -> None:
+    for words, setting in LONG_RUNNING.items():
+        deployment = _k8s_deployment_of(k8s_objects, words)
+        where = f"Deployment {deployment['metadata']['name']} (retrainer {' '.join(words)})"
+        port = _port(_configmap_data(k8s_objects, deployment)[setting])
+        ports = _container_ports(deployment)
+        assert port in ports.values(), f"{where}: {setting} port {port} is not a containerPort"
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        assert annotations.get("prometheus.io/scrape") == "true", f"{where}: not scraped"
+        assert annotations.get("prometheus.io/port") == str(port), f"{where}: scraped on another port than {port}"
+        assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+        if setting == HEALTH_SETTING:
+            (container,) = [c for c in _containers(deployment) if tuple(c["args"][: len(words)]) == words]
+            probe = container["readinessProbe"]["httpGet"]
+            assert probe["path"] == "/healthz" and ports[probe["port"]] == port, f"{where}: readiness is not /healthz"
+
+
+def test_every_long_running_compose_process_is_scraped_and_health_checked(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    targets = {
+        target
+        for job in scrape["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    (prometheus,) = [s for s in services.values() if str(s.get("image", "")).startswith("prom/prometheus")]
+    assert any(volume.startswith("./prometheus.yml:") for volume in prometheus["volumes"])
+    for words, setting in LONG_RUNNING.items():
+        (name,) = [n for n, s in services.items() if tuple((s.get("command") or [])[: len(words)]) == words]
+        port = _port(_compose_environment(services[name])[setting])
+        assert f"{name}:{port}" in targets, f"{PROMETHEUS_CONFIG.name} does not scrape compose service {name}"
+        if setting == HEALTH_SETTING:
+            check = " ".join(services[name]["healthcheck"]["test"])
+            assert f"127.0.0.1:{port}/healthz" in check, f"compose service {name}: no healthcheck on /healthz"

@@ -1,0 +1,175 @@
+"""The long-running `retrainer` commands of a split deployment (compose, Kubernetes): `consume`,
+`triggers`, `api`, `serve-models`, `rollout supervise` (`retrainer serve` runs them all in one
+process, `retrainer/service.py`). Each serves /healthz and /metrics: the API and the model server
+on their own address, the others on RETRAINER_HEALTH_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from domain.settings import Settings
+from retrainer.console import err
+from retrainer.console import settings as load
+from web.health import HealthProbe
+
+HEALTH_SETTING = "RETRAINER_HEALTH_ADDRESS"
+ServingUrl = Annotated[
+    str | None, typer.Option(help="Model server base URL; default RETRAINER_SERVING_URL or its address.")
+]
+
+
+@contextmanager
+def health_endpoint(settings: Settings, probes: Mapping[str, HealthProbe]) -> Iterator[str]:
+    """/healthz (the probes) and /metrics (this process's registry) on RETRAINER_HEALTH_ADDRESS."""
+    from web.health import health_app
+    from web.server import running
+
+    app = health_app(probes)
+    with running(app, settings.health_address, HEALTH_SETTING, name="the health endpoint") as url:
+        err.print(f"/healthz and /metrics on {url}", highlight=False)
+        yield url
+
+
+class SupervisorLoop:
+    """`supervise_rollouts` as a loop service: it returns only when stopped, so a pass that raises
+    (the database hiccupped) is started again by the runner after a back-off."""
+
+    name = "canary-supervisor"
+
+    def __init__(self, settings: Settings, serving_url: str | None, stop: threading.Event) -> None:
+        self.settings, self.serving_url, self.stop = settings, serving_url, stop
+
+    def run_once(self) -> None:
+        from flows.canary import supervise_rollouts
+        from retrainer import wiring
+
+        supervise_rollouts(wiring.sessions(self.settings), self.serving_url, self.stop)
+
+
+def consume(max_records: Annotated[int, typer.Option(help="Records per poll batch.")] = 500) -> None:
+    """Run the Kafka consumer: data-change events into the inbox, invalid ones to the DLQ."""
+    from consumers.consumer import DataChangeConsumer
+    from retrainer import wiring
+
+    settings = load()
+    consumer = DataChangeConsumer(settings, wiring.sessions(settings), max_records=max_records)
+    consumer.install_signal_handlers()
+    with health_endpoint(settings, {"database": wiring.database_probe(settings), consumer.name: consumer.probe}):
+        err.print(f"consuming {settings.kafka_topic} as group {settings.kafka_consumer_group}")
+        consumer.run_forever()
+
+
+def triggers(
+    interval: Annotated[float, typer.Option(help="Seconds between passes.")] = 1.0,
+    once: Annotated[bool, typer.Option(help="One pass, then exit (its error fails the command).")] = False,
+    submit: Annotated[bool, typer.Option(help="Submit flow runs to the pipelines' Prefect deployments.")] = True,
+) -> None:
+    """Run the trigger service: pending events become one run per pipeline per window, and runs
+    whose submission to Prefect failed are submitted again; errors are logged and retried."""
+    import os
+
+    from flows.loop import LoopHealth, run_loop, stop_on_signals
+    from flows.trigger_service import TriggerService
+    from flows.triggers import prefect_submitter
+    from retrainer import wiring
+
+    settings = load()
+    service = TriggerService(wiring.sessions(settings), prefect_submitter() if submit else None)
+    stop = threading.Event()
+    if once:
+        run_loop(service, stop, once=True)
+        return
+    stop_on_signals(stop)
+    health = LoopHealth(service.name)
+    probes = {"database": wiring.database_probe(settings), service.name: health.probe}
+    prefect_url = os.environ.get("PREFECT_API_URL")
+    if submit and prefect_url:
+        probes["prefect"] = wiring.prefect_probe(prefect_url)
+    with health_endpoint(settings, probes):
+        run_loop(service, stop, interval_s=interval, health=health)
+
+
+def api() -> None:
+    """Run the HTTP API on RETRAINER_API_ADDRESS (submits runs to the pipelines' Prefect deployments)."""
+    from api.app import create_app
+    from api.server import serve_api
+    from flows.triggers import prefect_submitter
+    from retrainer import wiring
+
+    settings = load()
+    app_ = create_app(sessions=wiring.sessions(settings), settings=settings, submit=prefect_submitter())
+    serve_api(app_, settings.api_address)
+
+
+def serve_models(
+    refresh: Annotated[float, typer.Option(help="Seconds between reloads of champions from the database.")] = 10.0,
+) -> None:
+    """Run the model server (Open Inference Protocol v2) on RETRAINER_SERVING_ADDRESS with each
+    pipeline's champion from the metadata database, reloading when the champion moves; /healthz
+    and /metrics on the same address."""
+    from retrainer import wiring
+    from serving.app import create_serving_app
+    from serving.loader import MetadataFollower
+    from serving.registry import ModelRegistry
+    from serving.server import serve_models as serve
+    from serving.server import tune_process
+    from web.health import add_health_route
+
+    settings = load()
+    tune_process(settings.serving_torch_threads)
+    follower = MetadataFollower(ModelRegistry(), wiring.sessions(settings), wiring.artifact_store(settings))
+    for pipeline, what in follower.sync().items():
+        err.print(f"{pipeline}: {what}", highlight=False)
+    follower.start(refresh)
+    app = create_serving_app(follower.registry, reload=follower.sync)
+    add_health_route(app, {"database": wiring.database_probe(settings)})
+    try:
+        serve(app, settings.serving_address)
+    finally:
+        follower.stop()
+
+
+def rollout_supervise(serving_url: ServingUrl = None) -> None:
+    """Run a canary controller for every active rollout, now and as they start, until SIGTERM or
+    Ctrl-C (what `retrainer serve` does in-process; one per deployment)."""
+    from flows.loop import run_loop, stop_on_signals
+    from retrainer import wiring
+
+    settings = load()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    url = serving_url or settings.model_server_url
+    probes = {"database": wiring.database_probe(settings), "model-server": wiring.model_server_probe(url)}
+    with health_endpoint(settings, probes):
+        err.print("supervising canary rollouts (Ctrl-C to stop)", highlight=False)
+        run_loop(SupervisorLoop(settings, serving_url, stop), stop)
+    err.print("stopped", highlight=False)
+
+
+def rollout_run(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")], serving_url: ServingUrl = None
+) -> None:
+    """Run the canary controller for the pipeline's active rollout until it is promoted or rolled
+    back (resumes at the stored step after a restart)."""
+    from flows.canary import canary_rollout
+    from retrainer.console import out
+
+    load()
+    result = canary_rollout(pipeline, serving_url=serving_url)
+    out.print(f"{pipeline}: rollout {result.get('status') or 'none'}: {result.get('reason')}", highlight=False)
+
+
+def register(app: typer.Typer, rollout_app: typer.Typer) -> None:
+    """Adds these commands to the `retrainer` CLI."""
+    app.command("consume")(consume)
+    app.command("triggers")(triggers)
+    app.command("api")(api)
+    app.command("serve-models")(serve_models)
+    rollout_app.command("run")(rollout_run)
+    rollout_app.command("supervise")(rollout_supervise)
