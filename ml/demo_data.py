@@ -18,7 +18,6 @@ a missing install is reported as an `InvalidInputError` that says how to get it.
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from domain.errors import InvalidInputError
 from ml.data import Table, split
@@ -143,16 +144,14 @@ def digits_versions(out_dir: Path, seed: int = DEFAULT_SEED) -> dict[str, Path]:
 
 
 def _write_csv(table: Table, path: Path) -> None:
+    # Pixels are integral 0..16: written as integers the files stay small and exact.
+    columns = {name: table.features[:, i].astype(np.int64) for i, name in enumerate(table.feature_names)}
+    columns[table.target] = table.labels.astype(np.int64)
+    options = pacsv.WriteOptions(quoting_style="needed", quoting_header="none")
     # Written beside the target, then renamed: the rename is atomic on one filesystem.
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with partial.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow([*table.feature_names, table.target])
-            # Pixels are integral 0..16: writing them as integers keeps the files small and exact.
-            pixels = table.features.astype(np.int64)
-            for row, label in zip(pixels.tolist(), table.labels.tolist(), strict=True):
-                writer.writerow([*row, label])
+        pacsv.write_csv(pa.table(columns), partial, write_options=options)
         partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)

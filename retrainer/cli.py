@@ -17,7 +17,7 @@ from typer._click import exceptions as click_exceptions  # typer 0.29 bundles it
 if TYPE_CHECKING:
     from domain.entities import Rollout
 
-from domain.errors import RetrainerError
+from domain.errors import InvalidInputError, RetrainerError
 from retrainer import processes
 from retrainer.console import err, out
 from retrainer.console import settings as _settings
@@ -467,4 +467,5 @@ def main() -> None:
         sys.exit(e.exit_code)
     except RetrainerError as e:
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
-        sys.exit(2 if e.code in ("invalid_input", "unsafe_artifact_key") else 1)
+        # Input the user can fix (a spec, an event, an argument) exits 2; a failing service exits 1.
+        sys.exit(2 if isinstance(e, InvalidInputError) else 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -44,8 +45,12 @@ from domain import entities as e
 from domain.errors import InfrastructureError, RetrainerError
 from domain.settings import Settings, load_settings
 from flows.records import decision_record
+from flows.retry import poll_until
 from storage import repositories as repo
 from storage.db import transaction
+
+if TYPE_CHECKING:
+    from retrainer.traffic import Traffic
 
 PIPELINE = "digits-classifier"
 DEMO_SPEC: dict[str, Any] = {
@@ -166,6 +171,44 @@ def _run_for_event(session: Session, pipeline: str, event_id: str) -> e.Run | No
     return None
 
 
+@dataclass
+class _ActWatch:
+    """Follows one act's run: says where it is and starts live traffic once it is a canary."""
+
+    sessions: sessionmaker[Session]
+    pipeline: str
+    event_id: str
+    act: str
+    say: Progress
+    run: e.Run | None = None
+    traffic: Traffic | None = None
+
+    def look(self, new_traffic: Callable[[], Traffic]) -> e.Run | None:
+        """One look: the run once its status is final, else None (shown as progress)."""
+        with transaction(self.sessions) as session:
+            self.run = run = _run_for_event(session, self.pipeline, self.event_id)
+            rollout = repo.active_rollout(session, self.pipeline) if run else None
+        if run is None:
+            self.say(self.act, "waiting for the consumer and the trigger service")
+        elif run.status is e.RunStatus.CANARY and rollout is not None:
+            self.traffic = self.traffic or new_traffic().start()
+            steps = len(rollout.policy.get("steps", []))
+            step = min(rollout.current_step + 1, steps)
+            sent = self.traffic.stats.sent
+            self.say(self.act, f"canary step {step}/{steps} at {rollout.traffic_percent:g} % · {sent} requests")
+        elif run.status.is_final:
+            return run
+        else:
+            self.say(self.act, f"run {run.id[:8]} {run.status.value}")
+        return None
+
+    def too_late(self, timeout_s: float, logs: Path) -> InfrastructureError:
+        run = self.run.id if self.run else "not created"
+        return InfrastructureError(
+            f"demo act {self.act}: no final decision within {timeout_s:.0f} s (run {run}); see {logs}"
+        )
+
+
 def run_story(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -197,39 +240,19 @@ def run_story(
         )  # fmt: skip
         event_id = publish_data_changed(settings.kafka_bootstrap_servers, settings.kafka_topic, event)
         say(act.key, f"event {event_id} published to {settings.kafka_topic}")
-        traffic: Traffic | None = None
-        run: e.Run | None = None
+        watch = _ActWatch(sessions, document["name"], event_id, act.key, say)
+        new_traffic = functools.partial(
+            Traffic, serving_url, document["name"], rows, labels=labels, feedback_fraction=0.3, clients=3,
+            rate_per_second=100, rows_per_request=8, seed=len(results),
+        )  # fmt: skip
         try:
-            while True:
-                if time.monotonic() - started > act_timeout_s:
-                    raise InfrastructureError(
-                        f"demo act {act.key}: no final decision within {act_timeout_s:.0f} s "
-                        f"(run {run.id if run else 'not created'}); see {settings.home_dir}/logs"
-                    )
-                with transaction(sessions) as session:
-                    run = _run_for_event(session, document["name"], event_id)
-                    rollout = repo.active_rollout(session, document["name"]) if run else None
-                if run is None:
-                    say(act.key, "waiting for the consumer and the trigger service")
-                elif run.status is e.RunStatus.CANARY and rollout is not None:
-                    if traffic is None:
-                        traffic = Traffic(
-                            serving_url, document["name"], rows, labels=labels, feedback_fraction=0.3, clients=3,
-                            rate_per_second=100, rows_per_request=8, seed=len(results),
-                        ).start()  # fmt: skip
-                    steps = len(rollout.policy.get("steps", []))
-                    step = min(rollout.current_step + 1, steps)
-                    say(
-                        act.key,
-                        f"canary step {step}/{steps} at {rollout.traffic_percent:g} % · {traffic.stats.sent} requests",
-                    )
-                elif run.status.is_final:
-                    break
-                else:
-                    say(act.key, f"run {run.id[:8]} {run.status.value}")
-                time.sleep(0.5)
+            run = poll_until(
+                functools.partial(watch.look, new_traffic),
+                timeout_s=act_timeout_s - (time.monotonic() - started),
+                on_timeout=functools.partial(watch.too_late, act_timeout_s, settings.home_dir / "logs"),
+            )
         finally:
-            served = dict(traffic.stop().by_version) if traffic is not None else {}
+            served = dict(watch.traffic.stop().by_version) if watch.traffic is not None else {}
         with transaction(sessions) as session:
             record = decision_record(session, run.id)
         outcome = record["decision"].get("outcome") or {}

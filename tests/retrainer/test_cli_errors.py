@@ -69,3 +69,16 @@ def test_apikey_create_prints_the_key_once(tmp_path: Path) -> None:
     assert created.stdout.strip().startswith("rt_")
     again = run_cli("apikey", "create", "ci-bot", tmp_path=tmp_path)
     assert_one_clear_line(again, "ci-bot", "already exists")
+
+
+def test_input_the_user_can_fix_exits_2_and_a_failing_service_exits_1(tmp_path: Path) -> None:
+    bad_uri = run_cli(
+        "publish", "data-changed", "--dataset", "digits", "--uri", "ftp://x/y.csv", tmp_path=tmp_path,
+        RETRAINER_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+    )  # fmt: skip
+    assert_one_clear_line(bad_uri, "ftp://x/y.csv")
+    assert bad_uri.returncode == 2
+    unreachable = run_cli(
+        "db", "upgrade", tmp_path=tmp_path, RETRAINER_DATABASE_URL="postgresql+psycopg://u:p@127.0.0.1:1/x"
+    )
+    assert unreachable.returncode == 1
