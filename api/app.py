@@ -19,16 +19,14 @@ from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import install_error_handlers
 from api.middleware import PUBLIC_PATHS, ApiKeyMiddleware, BodySizeLimitMiddleware, TokenBucketLimiter
 from api.routes import ApiState, HealthProbe, add_routes
-from domain.errors import ConfigurationError
 from domain.settings import Settings
 from flows.triggers import RunSubmitter
-from storage.db import check_database
+from storage.db import database_probe
 
 DEFAULT_RATE_LIMIT_PER_MINUTE = 120
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
@@ -39,18 +37,6 @@ def _package_version() -> str:
         return version("retrainer")
     except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
         return "0.0.0"
-
-
-def database_probe(sessions: sessionmaker[Session]) -> HealthProbe:
-    """The default health probe: the sessions' database answers `SELECT 1`."""
-    engine = sessions.kw.get("bind")
-    if not isinstance(engine, Engine):
-        raise ConfigurationError("the API's sessionmaker has no engine bound; build it with storage.db.make_sessions")
-
-    def probe() -> None:
-        check_database(engine)
-
-    return probe
 
 
 def create_app(

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from domain.errors import ArtifactIntegrityError, RetrainerError, TransientInfraError
 from domain.settings import Settings
+from storage import db
 from storage.artifacts import ArtifactStore, open_artifact_store
 from storage.db import check_database, create_db_engine, make_sessions, redacted, translate_db_error
 
@@ -83,8 +84,8 @@ def model_server_probe(serving_url: str) -> Callable[[], None]:
 
 
 def database_probe(settings: Settings) -> Callable[[], None]:
-    """A /healthz probe: the metadata database answers."""
-    return lambda: check_database(engine(settings))
+    """A /healthz probe: the metadata database of RETRAINER_DATABASE_URL answers (`storage.db.database_probe`)."""
+    return db.database_probe(sessions(settings))
 
 
 def redacted_db(settings: Settings) -> str:

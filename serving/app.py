@@ -41,12 +41,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from domain.errors import ConflictError, InvalidInputError, PayloadTooLargeError, RetrainerError
+from domain.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError, RetrainerError
 from domain.evidence import ModelStats, ServedVersion
 from serving.metrics import FeedbackStore, Prediction, ServingMetrics
 from serving.protocol import infer_response, model_metadata, parse_infer_request, parse_json
 from serving.registry import ModelRegistry
-from web.errors import status_for
+from web.errors import MODEL_FAILED, InternalServerError, MethodNotAllowedError, status_for
 
 log = logging.getLogger("retrainer.serving")
 
@@ -55,23 +55,27 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 SERVER_NAME = "retrainer"
 
 
-class ModelFailedError(RetrainerError):
+class ModelFailedError(RetrainerError, code=MODEL_FAILED):
     """The model raised or produced non-finite output for a valid request."""
 
-    code = "model_failed"
 
-
-def _error_body(error: RetrainerError) -> tuple[int, bytes]:
+def _refusal(error: Exception) -> tuple[int, bytes, dict[str, str]]:
+    """Status, OIP error body and extra headers for any exception: a RetrainerError by its code's
+    status in `web.errors`, anything else (a bug) as an InternalServerError logged with its traceback."""
+    if not isinstance(error, RetrainerError):
+        log.error("unexpected error in the model server", exc_info=error)
+        error = InternalServerError(f"internal error ({type(error).__name__}); see the server log")
     status = status_for(error)
-    if status >= 500:
+    if status >= 500 and not isinstance(error, InternalServerError):
         log.warning("inference request failed: %s: %s", error.code, error.message)
+    headers = error.headers if isinstance(error, MethodNotAllowedError) else {}
     # the standard library with ASCII escapes: an error message can quote any input, and must always encode
-    return status, json.dumps({"error": error.message}).encode()
+    return status, json.dumps({"error": error.message}).encode(), headers
 
 
-def error_response(error: RetrainerError) -> Response:
-    status, body = _error_body(error)
-    return Response(body, status_code=status, media_type="application/json")
+def error_response(error: Exception) -> Response:
+    status, body, headers = _refusal(error)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 class _ForwardPassCollector(Collector):
@@ -145,7 +149,7 @@ class ModelServerApp(FastAPI):
                 if scope["method"] == "POST":
                     await self._infer(scope, receive, send, match["pipeline"], match["version"])
                 else:
-                    await _send_json(send, 405, b'{"error":"infer takes POST"}', [(b"allow", b"POST")])
+                    await _send_refusal(send, MethodNotAllowedError("infer takes POST", allow=("POST",)))
                 return
         await super().__call__(scope, receive, send)
 
@@ -164,12 +168,16 @@ class ModelServerApp(FastAPI):
             extra.append((b"x-retrainer-variant", variant.encode()))
         except ClientDisconnect:
             return
-        except RetrainerError as e:
-            status, payload = _error_body(e)
         except Exception as e:
-            log.exception("unexpected error in the model server", exc_info=e)
-            status, payload = 500, orjson.dumps({"error": f"internal error ({type(e).__name__}); see the server log"})
+            await _send_refusal(send, e)
+            return
         await _send_json(send, status, payload, extra)
+
+
+async def _send_refusal(send: Send, error: Exception) -> None:
+    status, payload, headers = _refusal(error)
+    extra = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    await _send_json(send, status, payload, extra)
 
 
 async def _send_json(send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]]) -> None:
@@ -196,26 +204,24 @@ def create_serving_app(
     app = ModelServerApp(title="Retrainer model server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.metrics, app.state.feedback = registry, metrics, feedback
 
-    async def retrainer_error(_request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RetrainerError)
+    async def any_error(_request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
-    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        message = (
-            "no such endpoint; see /v2/models/{model}/infer (Open Inference Protocol v2)"
-            if exc.status_code == 404
-            else str(exc.detail)
-        )
-        return JSONResponse({"error": message}, status_code=exc.status_code)
+        if exc.status_code == 404:
+            return error_response(
+                NotFoundError("no such endpoint; see /v2/models/{model}/infer (Open Inference Protocol v2)")
+            )
+        if exc.status_code == 405:
+            allow = tuple(method for method in (exc.headers or {}).get("Allow", "").split(", ") if method)
+            message = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allow)}"
+            return error_response(MethodNotAllowedError(message, allow))
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in the model server", exc_info=exc)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
-
-    app.add_exception_handler(RetrainerError, retrainer_error)
+    app.add_exception_handler(RetrainerError, any_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected_error)
+    app.add_exception_handler(Exception, any_error)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:

@@ -6,16 +6,21 @@ verified on the way in (`load_version`). A version that cannot be loaded is repo
 model already serving stays (fail closed: never swap in something unverified). The canary's
 traffic share is the rollout's stored step, so the controller moves traffic by writing SQL and
 a restarted server comes back at the same weight.
+
+`MetadataFollower` keeps the problem of its last pass (the database did not answer, a version
+could not be loaded) until a pass succeeds, and `probe` reports it on /healthz: a server that
+serves a stale champion is up (/v2/health/ready) but not healthy.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.errors import RetrainerError
+from domain.errors import RetrainerError, TransientInfraError
 from serving.batching import BatchingConfig
 from serving.registry import ModelRegistry, load_version
 from storage import repositories as repo
@@ -23,6 +28,11 @@ from storage.artifacts.base import ArtifactStore
 from storage.db import transaction
 
 log = logging.getLogger("retrainer.serving.loader")
+
+
+class StaleModelsError(TransientInfraError, code="models_stale"):
+    """The model server could not follow the metadata database (it did not answer, or a champion
+    or canary could not be loaded), so what it serves may no longer be what SQL says."""
 
 
 def sync_from_metadata(
@@ -33,6 +43,16 @@ def sync_from_metadata(
     batching: BatchingConfig | None = None,
 ) -> dict[str, str]:
     """One pass; returns what happened per pipeline ("loaded v3", "unchanged v3", "no champion", an error)."""
+    return _sync(registry, sessions, store, batching)[0]
+
+
+def _sync(
+    registry: ModelRegistry,
+    sessions: sessionmaker[Session],
+    store: ArtifactStore,
+    batching: BatchingConfig | None,
+) -> tuple[dict[str, str], list[str]]:
+    """`sync_from_metadata`'s report, and one line per pipeline whose wanted version was not loaded."""
     with transaction(sessions) as session:
         wanted = []
         for pipeline in repo.list_pipelines(session):
@@ -42,6 +62,7 @@ def sync_from_metadata(
             weight = rollout.traffic_percent if rollout else 0.0
             wanted.append((pipeline.name, champion, candidate, weight))
     report: dict[str, str] = {}
+    not_loaded: list[str] = []
     for name, champion, candidate, weight in wanted:
         registry.expect(name)
         state = registry.state(name)
@@ -66,12 +87,16 @@ def sync_from_metadata(
         except RetrainerError as error:
             log.error("not loading %s: %s", name, error)
             report[name] = f"kept what was serving: {error}"
-    return report
+            not_loaded.append(f"{name}: {error}")
+    return report, not_loaded
 
 
 class MetadataFollower:
     """Runs `sync_from_metadata` for one registry, one pass at a time: every `refresh_seconds` in a
-    background thread, and on demand (`sync`, which the model server's load endpoint calls)."""
+    background thread, and on demand (`sync`, which the model server's load endpoint calls).
+    `probe` is its /healthz check, named `name`."""
+
+    name = "model-follower"
 
     def __init__(
         self,
@@ -85,10 +110,30 @@ class MetadataFollower:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._problem: tuple[float, str] | None = None  # (monotonic time, what) of the last failed pass
 
     def sync(self) -> dict[str, str]:
         with self._lock:
-            return sync_from_metadata(self.registry, self._sessions, self._store, batching=self._batching)
+            try:
+                report, not_loaded = _sync(self.registry, self._sessions, self._store, self._batching)
+            except Exception as error:
+                self._problem = (time.monotonic(), f"the metadata database could not be read ({error})")
+                raise
+            if not_loaded:
+                self._problem = (time.monotonic(), "kept what was serving for " + "; ".join(not_loaded))
+            else:
+                self._problem = None
+            return report
+
+    def probe(self) -> None:
+        """Raises StaleModelsError naming the last pass's problem, until a pass succeeds."""
+        problem = self._problem
+        if problem is not None:
+            since, what = problem
+            raise StaleModelsError(
+                f"models may be stale: {what} ({time.monotonic() - since:.0f} s ago); "
+                "the follower retries on every refresh"
+            )
 
     def start(self, refresh_seconds: float) -> None:
         def loop() -> None:

@@ -7,7 +7,8 @@ and the (password-free) address.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,11 @@ def check_database(engine: Engine) -> None:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as e:
         raise translate_db_error(e, engine.url) from e
+
+
+def database_probe(sessions: sessionmaker[Session]) -> Callable[[], None]:
+    """A /healthz probe (`web.health`) of the database `sessions` is bound to: `check_database`."""
+    engine = sessions.kw.get("bind")
+    if not isinstance(engine, Engine):
+        raise ConfigurationError("the sessionmaker has no engine bound; build it with storage.db.make_sessions")
+    return functools.partial(check_database, engine)

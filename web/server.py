@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from domain.errors import ConfigurationError, InfrastructureError
 from domain.settings import split_address
@@ -64,6 +64,23 @@ def serve(app: Any, address: str, setting: str, *, log_level: str = "info", **op
         sock.close()
 
 
+def _wait_started(server: uvicorn.Server, thread: threading.Thread, failure: str, timeout: float) -> None:
+    """Until `server` accepts connections; InfrastructureError(`failure`) after `timeout` s, or at
+    once if its thread ended (uvicorn logged why)."""
+
+    deadline = stop_after_delay(timeout)
+
+    def give_up(_state: RetryCallState) -> None:
+        raise InfrastructureError(failure)
+
+    Retrying(
+        stop=lambda state: not thread.is_alive() or deadline(state),
+        wait=wait_fixed(0.01),
+        retry=retry_if_result(lambda started: not started),
+        retry_error_callback=give_up,
+    )(lambda: server.started)
+
+
 @contextmanager
 def running(
     app: Any,
@@ -84,11 +101,7 @@ def running(
     thread.start()
     url = base_url(sock)
     try:
-        deadline = time.monotonic() + start_timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise InfrastructureError(f"{name} did not start on {url} within {start_timeout} s")
-            time.sleep(0.01)
+        _wait_started(server, thread, f"{name} did not start on {url} within {start_timeout} s", start_timeout)
         yield url
     finally:
         server.should_exit = True

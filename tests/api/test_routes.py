@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.app import create_app
 from api.errors import ERROR_CODE_TO_HTTP_STATUS, IdempotencyKeyReusedError, status_for
 from domain import entities as e
 from domain import errors
 from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
+from domain.settings import Settings
 from storage import repositories as repo
-from storage.db import transaction
+from storage.db import create_db_engine, make_sessions, transaction
 from tests.api.conftest import PIPELINE, FakeSubmitter, error_code
 
 TRIGGER = "/api/v1/trigger/train"
@@ -216,9 +219,7 @@ def test_rollout_404_then_current_then_outcome(client: TestClient, sessions: ses
     )
     with transaction(sessions) as session:
         repo.begin_rollout_step(session, rollout.id, traffic_percent=10)
-        repo.record_step_attempt(
-            session, rollout.id, 0, attempt.model_dump(mode="json"), verdict=e.Verdict.PASS, next_step=1
-        )
+        repo.record_step_attempt(session, rollout.id, 0, attempt, verdict=e.Verdict.PASS, next_step=1)
     active = client.get(url).json()
     assert (active["candidate_version"], active["champion_version"], active["current_step"]) == (2, 1, 1)
     assert active["traffic_percent"] == 50
@@ -328,6 +329,25 @@ def test_healthz_ok_then_503_naming_the_failing_probe(
     assert body["checks"]["artifacts"]["status"] == "failing"
     assert error_code(failing) == "unhealthy"
     assert "kafka: RETRAINER_KAFKA_BOOTSTRAP_SERVERS" in body["error"]["message"]
+
+
+def test_the_default_probe_is_the_database_of_the_sessions(
+    make_app: Callable[..., FastAPI], tmp_path: Path, settings: Settings
+) -> None:
+    unreadable = tmp_path / "a-directory.db"  # SQLite cannot open a directory: the database does not answer
+    unreadable.mkdir()
+    engine = create_db_engine(f"sqlite:///{unreadable}")
+    with TestClient(make_app(sessions=make_sessions(engine))) as anonymous:
+        failing = anonymous.get("/healthz")
+    engine.dispose()
+    assert failing.status_code == 503 and error_code(failing) == "unhealthy"
+    assert failing.json()["checks"]["database"]["code"] == "infrastructure_unavailable"
+    assert "database: RETRAINER_DATABASE_URL=" in failing.json()["error"]["message"]
+
+    with pytest.raises(errors.ConfigurationError) as unbound:
+        create_app(sessions=sessionmaker(), settings=settings, submit=None)
+    assert unbound.value.code == "configuration_error"
+    assert "build it with storage.db.make_sessions" in unbound.value.message
 
 
 def test_metrics_are_public_prometheus_text(client: TestClient, app: FastAPI) -> None:

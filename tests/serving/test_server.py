@@ -139,6 +139,10 @@ def test_other_refusals(registry: ModelRegistry, http: httpx.Client) -> None:
     assert http.get("/v2/nothing").status_code == 404 and "error" in http.get("/v2/nothing").json()
     wrong_method = http.get(INFER)
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "infer takes POST"}
+    routed = http.get("/v2/models/digits/feedback")  # refused by FastAPI's routing: the same table and shape
+    assert routed.status_code == 405 and routed.headers["allow"] == "POST"
+    assert routed.json() == {"error": "GET is not allowed on /v2/models/digits/feedback; use POST"}
     # a lone UTF-16 surrogate parses with Python's json but cannot be written back: refused, never a 500
     for raw in (
         b'{"id": "\\ud800", "inputs": []}',
@@ -165,6 +169,28 @@ def test_a_model_answering_the_wrong_number_of_rows_fails_loudly(
     )  # fmt: skip
     answer = http.post(INFER, json=body(rows_of(3)))
     assert answer.status_code == 500 and "returned shape [2, 3] for 3 rows" in answer.json()["error"], answer.text
+
+
+def test_an_unexpected_exception_is_a_500_that_points_at_the_log(
+    registry: ModelRegistry, app: FastAPI, http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken_infer(*_args: object) -> tuple[dict[str, object], str]:
+        raise KeyError("a bug, not a refusal")
+
+    app.infer_handler = broken_infer  # type: ignore[attr-defined]
+    answer = http.post(INFER, json=body(rows_of(1)))
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error (KeyError); see the server log"}
+    assert answer.headers["content-type"] == "application/json"
+    logged = [r for r in caplog.records if r.name == "retrainer.serving" and r.exc_info]
+    assert logged and logged[-1].exc_info is not None and logged[-1].exc_info[0] is KeyError
+
+    def broken_route() -> None:
+        raise ValueError("a bug behind FastAPI's routing")
+
+    app.add_api_route("/v2/broken", broken_route)
+    routed = http.get("/v2/broken")
+    assert routed.status_code == 500 and routed.json() == {"error": "internal error (ValueError); see the server log"}
 
 
 def test_feedback_and_metrics(registry: ModelRegistry, http: httpx.Client) -> None:

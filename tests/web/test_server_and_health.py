@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from starlette.applications import Starlette
 
 from domain.errors import (
     ConfigurationError,
@@ -14,7 +20,7 @@ from domain.errors import (
     RetrainerError,
     TransientInfraError,
 )
-from web.errors import MODEL_NOT_READY, status_for
+from web.errors import MODEL_NOT_READY, InternalServerError, MethodNotAllowedError, status_for
 from web.health import health_app
 from web.server import parse_address, running
 
@@ -39,6 +45,49 @@ def test_a_taken_port_is_refused_naming_the_setting() -> None:
             pass
     assert refused.value.code == "infrastructure_error"
     assert refused.value.message.startswith(f"RETRAINER_SERVING_ADDRESS: cannot listen on {taken}")
+
+
+def _starting(startup_s: float | None) -> Starlette:
+    """An app whose start-up (lifespan) takes `startup_s` seconds, or fails when None."""
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if startup_s is None:
+            raise RuntimeError("start-up failed")
+        await asyncio.sleep(startup_s)
+        yield
+
+    return Starlette(lifespan=lifespan)
+
+
+# uvicorn ends its thread with SystemExit(3) when start-up fails, which is the case provoked here
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_server_that_cannot_start_is_refused_at_once() -> None:
+    began = time.monotonic()
+    with (
+        pytest.raises(InfrastructureError) as failed,
+        running(_starting(None), "127.0.0.1:0", "RETRAINER_API_ADDRESS", name="the API", lifespan="on"),
+    ):
+        pass
+    assert time.monotonic() - began < 5  # its thread ended: no waiting out the 10 s
+    assert failed.value.code == "infrastructure_error"
+    assert failed.value.message.startswith("the API did not start on http://127.0.0.1:")
+    assert failed.value.message.endswith(" within 10.0 s")
+
+
+def test_a_slow_server_is_refused_after_the_timeout_and_a_started_one_answers() -> None:
+    # starts after 0.6 s, given 0.5 s: refused, then stopped while `running` waits for its thread
+    began = time.monotonic()
+    with (
+        pytest.raises(InfrastructureError) as slow,
+        running(_starting(0.6), "127.0.0.1:0", "RETRAINER_API_ADDRESS", name="the API", start_timeout=0.5),
+    ):
+        pass
+    assert time.monotonic() - began >= 0.5
+    assert slow.value.message.endswith(" within 0.5 s")
+
+    with running(_starting(0.3), "127.0.0.1:0", "RETRAINER_API_ADDRESS", name="the API") as url:
+        assert httpx.get(f"{url}/nothing").status_code == 404  # waited until it accepted connections
 
 
 def test_healthz_names_each_failing_probe_and_metrics_serve_the_registry() -> None:
@@ -99,7 +148,15 @@ class _MissingThing(NotFoundError):
         (_MissingThing("gone"), 404),  # inherits its parent's status
         (TransientInfraError("down"), 503),
         (RetrainerError("odd"), 500),
+        (MethodNotAllowedError("infer takes POST", allow=("POST",)), 405),
+        (InternalServerError("internal error (KeyError); see the server log"), 500),
     ],
 )
 def test_one_status_table_serves_the_api_and_the_model_server(error: RetrainerError, status: int) -> None:
     assert status_for(error) == status
+
+
+def test_a_wrong_method_carries_the_allow_header_to_send() -> None:
+    refused = MethodNotAllowedError("GET is not allowed on /x; use POST or PUT", allow=("POST", "PUT"))
+    assert refused.code == "method_not_allowed"
+    assert refused.headers == {"Allow": "POST, PUT"}
