@@ -47,7 +47,6 @@ from api.schemas import (
 )
 from domain import entities as e
 from domain.errors import ConflictError, NotFoundError
-from domain.evidence import StepAnalysis
 from domain.settings import Settings
 from flows import champion, records
 from flows.triggers import RunSubmitter, TriggerRequest, request_run
@@ -357,7 +356,7 @@ def _rollout_out(session: Session, rollout: e.Rollout) -> RolloutOut:
                 step_index=step.step_index,
                 traffic_percent=step.traffic_percent,
                 verdict=step.verdict.value if step.verdict else None,
-                analysis=StepAnalysis.model_validate(step.analysis),
+                analysis=step.analysis,
                 started_at=step.started_at.isoformat(),
                 finished_at=_iso(step.finished_at),
             )

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from domain.entities import GateCheck, Verdict
 from domain.evidence import CanaryAction, VariantWindow
+from domain.outcomes import GateCheck, RolloutStatus, Verdict
 from domain.spec import CanarySpec
 
 __all__ = [
@@ -54,7 +54,7 @@ class RolloutProgress:
 class CanaryStep:
     action: CanaryAction
     step_index: int  # the step to be at after this decision
-    traffic_percent: float  # the canary's weight after this decision (0 on rollback)
+    traffic_percent: float  # the canary's weight after this decision (`CanarySpec.traffic_percent`)
     failures: int
     reason: str
     checks: tuple[GateCheck, ...] = ()
@@ -75,8 +75,7 @@ def population_stability_index(expected: dict[str, int], actual: dict[str, int],
 
 
 def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: CanarySpec) -> CanaryStep:
-    steps = policy.steps
-    current = steps[state.step_index]
+    current = policy.traffic_percent(state.step_index)
     canary = window.canary
 
     def stay(
@@ -86,6 +85,7 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
             action, state.step_index, current, state.failures if failures is None else failures, reason, checks
         )
 
+    rolled_back = policy.traffic_percent(state.step_index, RolloutStatus.ROLLED_BACK)
     if window.elapsed_seconds < policy.interval_seconds:
         return stay(CanaryAction.WAIT, f"step {state.step_index + 1} at {current:g} %: interval not over yet")
     # Below 100 % the champion still serves its share, and the comparisons need it: the window must
@@ -105,7 +105,7 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
             f"no evidence: {' and '.join(short)} requests by the {deadline:g} s deadline; "
             "rolled back (never pass on no data)"
         )
-        return CanaryStep(CanaryAction.ROLLBACK, state.step_index, 0.0, state.failures + 1, reason)
+        return CanaryStep(CanaryAction.ROLLBACK, state.step_index, rolled_back, state.failures + 1, reason)
 
     checks = _checks(window, policy, compares)
     failed = [c for c in checks if c.verdict is Verdict.FAIL]
@@ -116,17 +116,17 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
             return CanaryStep(
                 CanaryAction.ROLLBACK,
                 state.step_index,
-                0.0,
+                rolled_back,
                 failures,
                 f"rolled back at {current:g} % ({failures}/{policy.failure_limit} failures): {why}",
                 tuple(checks),
             )
         return stay(CanaryAction.REPEAT, f"failure {failures}/{policy.failure_limit}: {why}", tuple(checks), failures)
-    if state.step_index == len(steps) - 1:
+    if policy.is_last_step(state.step_index):
         return CanaryStep(
             CanaryAction.PROMOTE,
             state.step_index,
-            100.0,
+            policy.traffic_percent(state.step_index, RolloutStatus.PROMOTED),
             state.failures,
             f"every step passed up to {current:g} %: promote",
             tuple(checks),
@@ -135,9 +135,9 @@ def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: Canar
     return CanaryStep(
         CanaryAction.ADVANCE,
         nxt,
-        steps[nxt],
+        policy.traffic_percent(nxt),
         state.failures,
-        f"step {state.step_index + 1} at {current:g} % passed: on to {steps[nxt]:g} %",
+        f"step {state.step_index + 1} at {current:g} % passed: on to {policy.traffic_percent(nxt):g} %",
         tuple(checks),
     )
 

@@ -11,6 +11,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from domain.evidence import StepAnalysis
+from domain.outcomes import GateCheck as GateCheck
+from domain.outcomes import RolloutStatus as RolloutStatus
+from domain.outcomes import Verdict as Verdict
+from domain.spec import CanarySpec
+
 
 class TriggerKind(StrEnum):
     EVENT = "event"
@@ -50,20 +56,6 @@ class EventStatus(StrEnum):
     RECEIVED = "received"  # durably stored, no run yet
     LINKED = "linked"  # attached to a run
     IGNORED = "ignored"  # valid but triggers nothing (e.g. while_running=skip)
-
-
-class Verdict(StrEnum):
-    PASS = "pass"  # noqa: S105 - a verdict, not a password
-    FAIL = "fail"
-    SKIPPED = "skipped"
-
-
-class RolloutStatus(StrEnum):
-    ACTIVE = "active"
-    PROMOTED = "promoted"
-    ROLLED_BACK = "rolled_back"
-    ABORTED = "aborted"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +162,7 @@ class RolloutStep:
     step_index: int
     traffic_percent: float
     verdict: Verdict | None
-    analysis: dict[str, Any]
+    analysis: StepAnalysis
     started_at: datetime
     finished_at: datetime | None
 
@@ -191,16 +183,15 @@ class Rollout:
     steps: tuple[RolloutStep, ...] = field(default_factory=tuple)
 
     @property
+    def canary_policy(self) -> CanarySpec:
+        """The stored policy, validated when the rollout started (`CanarySpec`)."""
+        return CanarySpec.model_validate(self.policy)
+
+    @property
     def traffic_percent(self) -> float:
-        """The candidate's share of traffic now, the one source for the model server, the controller
-        and the API: the planned percent of the stored step while active, 100 once promoted, 0 after
-        any other end. The policy was validated when the rollout started (`CanarySpec.steps`)."""
-        if self.status is not RolloutStatus.ACTIVE:
-            return 100.0 if self.status is RolloutStatus.PROMOTED else 0.0
-        steps = self.policy.get("steps")
-        if not isinstance(steps, list) or not steps:
-            return 0.0
-        return float(steps[min(self.current_step, len(steps) - 1)])
+        """The candidate's share of traffic now: what the model server serves, the controller
+        judges and the API shows (`CanarySpec.traffic_percent` is the rule)."""
+        return self.canary_policy.traffic_percent(self.current_step, self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,18 +217,3 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class GateCheck:
-    """One check's outcome, as the gate produces it and before it is stored as a GateVerdict."""
-
-    metric: str
-    check: str
-    verdict: Verdict
-    reason: str
-    candidate_value: float | None = None
-    champion_value: float | None = None
-    threshold: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None

@@ -7,9 +7,11 @@
   stores it: both variants' windows, the decision, its checks and reasons.
 - `StepAnalysis`: a rollout step's stored `analysis`: its attempts in order, and what closed it.
 
-The API's rollout schema and the report read these models back. Rows stored before this shape
-existed are rewritten by the migration `migrations/versions/0003_typed_canary_attempts.py`, so
-a reader never has to guess at a missing or mistyped key.
+Storage converts them to and from JSON at the row (`storage/orm.py`, `storage/repositories/rollouts.py`),
+so `RolloutStep.analysis` is a `StepAnalysis` everywhere above it: the API's rollout schema, the
+report and the CLI read the typed fields. Rows stored before this shape existed are rewritten by
+the migration `migrations/versions/0003_typed_canary_attempts.py`, so a reader never has to guess
+at a missing or mistyped key.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from domain.entities import GateCheck, RolloutStatus
+from domain.outcomes import GateCheck, RolloutStatus
 
 
 class CanaryAction(StrEnum):

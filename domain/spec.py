@@ -30,6 +30,7 @@ from croniter import CroniterError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from domain.errors import SpecError
+from domain.outcomes import RolloutStatus
 
 ParamChecker = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
 """(architecture, params) → [(param key, problem)]; ml.zoo.constructor_problems is one."""
@@ -242,6 +243,18 @@ class CanarySpec(_Strict):
         if steps[-1] != 100:
             raise ValueError(f"steps must end at 100 (got {steps})")
         return steps
+
+    def traffic_percent(self, step_index: int, status: RolloutStatus = RolloutStatus.ACTIVE) -> float:
+        """The candidate's share of traffic at that step (0-based) of a rollout in that state: the
+        step's planned percent while active (past the last step, the last: 100), 100 once promoted,
+        0 after any other end. The one place the share is computed: the controller's decisions, the
+        model server's weight and the API's answer all come from here."""
+        if status is not RolloutStatus.ACTIVE:
+            return 100.0 if status is RolloutStatus.PROMOTED else 0.0
+        return float(self.steps[min(max(step_index, 0), len(self.steps) - 1)])
+
+    def is_last_step(self, step_index: int) -> bool:
+        return step_index >= len(self.steps) - 1
 
 
 class EventTriggerSpec(_Strict):

@@ -40,11 +40,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import entities as e
 from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgress, next_canary_step
 from domain.errors import ConflictError, InfrastructureError, TransientInfraError
-from domain.evidence import CanaryAttempt, ModelStats, StepAnalysis
+from domain.evidence import CanaryAttempt, ModelStats
 from domain.logcontext import log_context
-from domain.spec import CanarySpec
 from flows.champion import end_rollout, promote_candidate
 from flows.context import FlowContext
+from flows.loop import PassIncomplete
 from storage import repositories as repo
 from storage.db import transaction
 
@@ -117,13 +117,12 @@ def _attempt(decision: CanaryStep, window: CanaryWindow, server_error: str | Non
 
 def _failures(rollout: e.Rollout) -> int:
     """Failed analyses so far (each repeated window counts one), from what is stored."""
-    return sum(StepAnalysis.model_validate(step.analysis).repeats for step in rollout.steps)
+    return sum(step.analysis.repeats for step in rollout.steps)
 
 
-def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, analysed: CanaryAttempt) -> None:
+def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, attempt: CanaryAttempt) -> None:
     """Stores the decision in one transaction (the model server follows what is stored)."""
     step = rollout.current_step
-    attempt = analysed.model_dump(mode="json")
     with ctx.tx() as session:
         if decision.action is CanaryAction.REPEAT:
             repo.record_step_attempt(session, rollout.id, step, attempt)
@@ -160,8 +159,6 @@ def drive_rollout(
             # (a new step's window never includes the model load; a resumed step keeps its window)
             applied = _tell_server(client, pipeline, rollout.id, rollout.current_step)
         with ctx.tx() as session:
-            policy = CanarySpec.model_validate(rollout.policy)
-            index = min(rollout.current_step, len(policy.steps) - 1)
             try:
                 step = repo.begin_rollout_step(session, rollout.id, traffic_percent=rollout.traffic_percent)
             except ConflictError:  # ended or moved on meanwhile: read it again
@@ -183,7 +180,8 @@ def drive_rollout(
                 server_error = err.message
                 applied = None  # tell the server again once it answers
             window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
-            decision = next_canary_step(RolloutProgress(index, _failures(rollout)), window, policy)
+            progress = RolloutProgress(rollout.current_step, _failures(rollout))
+            decision = next_canary_step(progress, window, rollout.canary_policy)
             attempt = _attempt(decision, window, server_error)
             if decision.action is not CanaryAction.WAIT:
                 try:
@@ -191,7 +189,7 @@ def drive_rollout(
                 except ConflictError as conflict:  # ended meanwhile (manual abort/promote): re-read and stop
                     log.info("rollout %s changed under the controller: %s", rollout.id, conflict)
                     continue
-                log.info("rollout %s step %s: %s", rollout.id, index + 1, decision.reason)
+                log.info("rollout %s step %s: %s", rollout.id, rollout.current_step + 1, decision.reason)
                 applied = _tell_server(
                     client, pipeline, rollout.id, decision.step_index
                 )  # new weight, or no canary, now
@@ -228,7 +226,7 @@ def canary_rollout(pipeline: str, serving_url: str | None = None, poll_seconds: 
     progress: dict[int, Any] = {}
 
     def report(rollout: e.Rollout, decision: CanaryStep, attempt: CanaryAttempt) -> None:
-        steps = len(rollout.policy.get("steps", [])) or 1
+        steps = len(rollout.canary_policy.steps)
         done = decision.step_index + (1 if decision.action is CanaryAction.PROMOTE else 0)
         percent = 100.0 * done / steps if decision.action is not CanaryAction.ROLLBACK else 100.0
         if rollout.id not in progress:
@@ -257,24 +255,49 @@ def canary_rollout(pipeline: str, serving_url: str | None = None, poll_seconds: 
     }
 
 
-def supervise_rollouts(
-    sessions: sessionmaker[Session], serving_url: str | None, stop: threading.Event, poll_seconds: float = 1.0
-) -> None:
-    """Until `stop` is set: for each pipeline with an active rollout, runs the controller flow
-    (`canary_rollout`) in a thread of its own, and starts it again should it end while the rollout
-    is still active; it resumes at the stored step. One supervisor per deployment: `retrainer
-    serve` runs it in-process, `retrainer rollout supervise` on its own."""
-    controllers: dict[str, threading.Thread] = {}
-    while not stop.wait(poll_seconds):
-        with transaction(sessions) as session:
+class RolloutSupervisor:
+    """A canary controller (`canary_rollout`) for every active rollout, each in a thread of its own;
+    one per deployment (`retrainer serve` in-process, `retrainer rollout supervise` on its own).
+
+    A loop service (`flows/loop.py`): each pass is one scan that reaps the controllers that ended,
+    starts one for each active rollout that has none (a controller resumes at the stored step, so
+    one that ended while its rollout is still active is simply started again), and raises
+    PassIncomplete naming every controller that died with an error since the last pass."""
+
+    name = "canary-supervisor"
+
+    def __init__(self, sessions: sessionmaker[Session], serving_url: str | None) -> None:
+        self.sessions, self.serving_url = sessions, serving_url
+        self.controllers: dict[str, threading.Thread] = {}
+        self._died: dict[str, BaseException] = {}
+        self._lock = threading.Lock()
+
+    def run_once(self) -> list[str]:
+        """One scan; returns the pipelines whose controller it started."""
+        for name in [name for name, thread in self.controllers.items() if not thread.is_alive()]:
+            del self.controllers[name]
+        with self._lock:
+            died, self._died = self._died, {}
+        with transaction(self.sessions) as session:
             active = [p.name for p in repo.list_pipelines(session) if repo.active_rollout(session, p.name)]
-        for name in active:
-            if name not in controllers or not controllers[name].is_alive():
-                log.info("canary controller for %s starting", name)
-                controllers[name] = threading.Thread(
-                    target=canary_rollout, args=(name, serving_url), name=f"canary-{name}", daemon=True
-                )
-                controllers[name].start()
+        started = [name for name in active if name not in self.controllers]
+        for name in started:
+            log.info("canary controller for %s starting", name)
+            self.controllers[name] = threading.Thread(
+                target=self._control, args=(name,), name=f"canary-{name}", daemon=True
+            )
+            self.controllers[name].start()
+        if died:
+            raise PassIncomplete("canary controller(s)", [(f"controller of {name}", err) for name, err in died.items()])
+        return started
+
+    def _control(self, pipeline: str) -> None:
+        try:
+            canary_rollout(pipeline, self.serving_url)
+        except Exception as err:  # reported by the next pass (and /healthz), then started again
+            log.exception("canary controller for %s died", pipeline)
+            with self._lock:
+                self._died[pipeline] = err
 
 
 def _attempt_markdown(rollout: e.Rollout, attempt: CanaryAttempt) -> str:

@@ -323,14 +323,13 @@ def rollout_show(pipeline: PipelineName) -> None:
         candidate = repo.get_model_version_by_id(session, rollout.candidate_version_id).version
     table = Table("step", "traffic %", "verdict", "windows", "reason", title=f"{pipeline} rollout {rollout.id}")
     for step in rollout.steps:
-        attempts = step.analysis.get("attempts", [])
         verdict = step.verdict.value if step.verdict else ("open" if step.finished_at is None else "-")
         table.add_row(
             str(step.step_index + 1),
             f"{step.traffic_percent:g}",
             verdict,
-            str(len(attempts)),
-            str(step.analysis.get("reason") or "-"),
+            str(len(step.analysis.attempts)),
+            step.analysis.reason or "-",
         )
     out.print(table)
     out.print(f"candidate v{candidate}: {rollout.status.value} {rollout.reason or ''}", highlight=False)

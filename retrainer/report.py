@@ -2,10 +2,11 @@
 by `web.render` (Jinja2 templates in `web/templates/`, shared with the dashboard).
 
 `collect_report(session)` reads everything from SQL into the frozen views of `web/views.py`;
-`write_report` renders them and writes the file atomically. Canary evidence is read with its own
-typed model (`domain.evidence.StepAnalysis`; older rows were migrated by revision 0003). Run
-evidence (`runs.evidence`, written by `flows/pipeline.py`) is still free-form JSON, so its few
-keys are read with the small helpers below: a missing or mistyped value shows as a dash.
+`write_report` renders them and writes the file atomically. Rows with a typed entity are read as
+such: a step's canary analysis is a `domain.evidence.StepAnalysis` (older rows were migrated by
+revision 0003), the gate is the run's `GateVerdict`s, the dataset and model versions their
+entities. Run evidence (`runs.evidence`, written by `flows/pipeline.py`) is still free-form JSON,
+so its few keys are read with the small helpers below: a missing or mistyped value shows as a dash.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.errors import NotFoundError
-from domain.evidence import StepAnalysis
-from flows.records import decision_record
 from storage import repositories as repo
 from storage.db import transaction
 from web.render import DASH, render_report, version
@@ -45,6 +44,7 @@ MAX_RUNS = 1000  # list_runs' upper limit; a demo has a handful
 MAX_ROLLOUTS = 1000
 
 # ------------------------------------------------------------------------------ run evidence
+# Needed only for `runs.evidence`, the one untyped JSON the report reads.
 
 
 def _dict(value: object) -> dict[str, Any]:
@@ -126,14 +126,16 @@ def _collect_pipeline(session: Session, pipeline: e.Pipeline) -> PipelineReport:
 
 
 def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None) -> RunReport:
-    record = decision_record(session, run.id)
-    decision = _dict(record.get("decision"))
-    dataset = _dict(decision.get("dataset"))
-    candidate = _dict(decision.get("candidate"))
-    champion = _dict(decision.get("champion"))
+    # Typed rows (dataset version, model version, gate verdicts) are read as entities; only the run's
+    # free-form evidence goes through the defensive readers above.
+    evidence = run.evidence or {}
+    dataset = repo.get_dataset_version(session, run.dataset_version_id) if run.dataset_version_id else None
+    candidate_version = repo.get_model_version_by_id(session, run.model_version_id) if run.model_version_id else None
+    candidate = _dict(evidence.get("candidate"))
+    champion = _dict(evidence.get("champion"))
     candidate_metrics = _dict(candidate.get("metrics"))
     champion_metrics = _dict(_dict(champion.get("report")).get("metrics"))
-    outcome = _dict(decision.get("outcome"))
+    outcome = _dict(evidence.get("outcome"))
     reason = _str(outcome.get("reason")) or run.error
     # The gate's outcome says "awaiting the canary"; once the rollout has ended, its reason is what
     # decided the run's final status.
@@ -150,9 +152,9 @@ def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None) -> Run
         trigger_reason=run.reason,
         event_count=len(run.event_ids),
         status=run.status.value,
-        dataset=_str(dataset.get("dataset")),
-        dataset_version=_str(dataset.get("version")),
-        candidate_version=_int(record.get("model_version")),
+        dataset=dataset.dataset if dataset else None,
+        dataset_version=dataset.version if dataset else None,
+        candidate_version=candidate_version.version if candidate_version else None,
         evaluated=bool(candidate),
         champion_recorded=bool(champion),
         champion_version=_int(champion.get("version")),
@@ -167,18 +169,10 @@ def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None) -> Run
             for name, higher in COMPARED_METRICS
         ),
         gate=tuple(
-            GateRow(
-                metric=_str(g.get("metric")) or DASH,
-                check=_str(g.get("check")) or DASH,
-                verdict=_str(g.get("verdict")) or DASH,
-                reason=_str(g.get("reason")) or DASH,
-                candidate=_float(g.get("candidate")),
-                champion=_float(g.get("champion")),
-                threshold=_float(g.get("threshold")),
-            )
-            for g in map(_dict, _list(decision.get("gate")))
+            GateRow(g.metric, g.check, g.verdict.value, g.reason, g.candidate_value, g.champion_value, g.threshold)
+            for g in repo.gate_verdicts(session, run.id)
         ),
-        quantization=_collect_quantization(decision.get("quantization")),
+        quantization=_collect_quantization(evidence.get("quantization")),
     )
 
 
@@ -210,7 +204,7 @@ def _collect_quantization(value: object) -> Quantization | None:
 
 def _collect_rollout(rollout: e.Rollout, version_of: Callable[[int | None], int | None]) -> RolloutReport:
     policy = tuple(
-        (str(key), _policy_value(value)) for key, value in sorted(_dict(rollout.policy).items(), key=lambda kv: kv[0])
+        (str(key), _policy_value(value)) for key, value in sorted(rollout.policy.items(), key=lambda kv: kv[0])
     )
     return RolloutReport(
         id=rollout.id,
@@ -237,7 +231,7 @@ def _collect_step(step: e.RolloutStep) -> StepReport:
         step_index=step.step_index,
         traffic_percent=step.traffic_percent,
         verdict=step.verdict.value if step.verdict else None,
-        analysis=StepAnalysis.model_validate(step.analysis),
+        analysis=step.analysis,
         started_at=step.started_at,
         finished_at=step.finished_at,
     )

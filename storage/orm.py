@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -30,6 +31,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from domain import entities as e
+from domain.errors import InfrastructureError
+from domain.evidence import StepAnalysis
 
 
 def utcnow() -> datetime:
@@ -188,6 +191,9 @@ class SqlRun(Base):
     # One run per (pipeline, debounce window / schedule slot): the database decides, not memory.
     dedupe_key: Mapped[str | None] = mapped_column(String(300))
     prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # When the submission in flight (prefect_flow_run_id = "submitting") was claimed: a claim whose
+    # process died before recording the flow run expires, so the run is not queued for ever (0004).
+    submission_claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     dataset_version_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", use_alter=True, ondelete="SET NULL")
@@ -363,10 +369,26 @@ class SqlRolloutStep(Base):
             step_index=self.step_index,
             traffic_percent=self.traffic_percent,
             verdict=e.Verdict(self.verdict) if self.verdict else None,
-            analysis=dict(self.analysis),
+            analysis=self.typed_analysis(),
             started_at=self.started_at,
             finished_at=self.finished_at,
         )
+
+    def typed_analysis(self) -> StepAnalysis:
+        """The stored JSON as the domain's model: the one place a step's analysis is parsed."""
+        try:
+            return StepAnalysis.model_validate(self.analysis)
+        except ValidationError as err:
+            raise InfrastructureError(
+                f"rollout {self.rollout_id} step {self.step_index}: the stored analysis is not a "
+                f"domain.evidence.StepAnalysis ({err.errors()[0]['loc']}: {err.errors()[0]['msg']}); "
+                "run `retrainer db upgrade` (revision 0003 rewrites older rows)"
+            ) from err
+
+    def store_analysis(self, analysis: StepAnalysis) -> None:
+        """Writes the model as JSON. Keys it does not know stay (revision 0003 keeps what it could not
+        parse under `unparsed`, for its downgrade)."""
+        self.analysis = {**(self.analysis or {}), **analysis.model_dump(mode="json")}
 
 
 class SqlAliasMove(Base):

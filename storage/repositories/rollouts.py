@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
+from domain.evidence import CanaryAttempt, StepAnalysis
 from storage.orm import SqlRollout, SqlRolloutStep, utcnow
 from storage.repositories.pipelines import find_pipeline_row
 
@@ -87,7 +88,7 @@ def record_rollout_step(
     step_index: int,
     traffic_percent: float,
     verdict: e.Verdict | None,
-    analysis: dict[str, Any],
+    analysis: StepAnalysis | None = None,
     finished: bool = True,
 ) -> e.RolloutStep:
     """Stores one analysed step and advances the rollout; a step is never recorded twice."""
@@ -101,9 +102,9 @@ def record_rollout_step(
         step_index=step_index,
         traffic_percent=traffic_percent,
         verdict=verdict.value if verdict else None,
-        analysis=analysis,
         finished_at=utcnow() if finished else None,
     )
+    step.store_analysis(analysis or StepAnalysis())
     try:
         with session.begin_nested():
             session.add(step)
@@ -144,8 +145,8 @@ def begin_rollout_step(session: Session, rollout_id: int, *, traffic_percent: fl
             step_index=rollout.current_step,
             traffic_percent=traffic_percent,
             verdict=None,
-            analysis={"attempts": []},
         )
+        step.store_analysis(StepAnalysis())
         try:
             with session.begin_nested():
                 session.add(step)
@@ -160,7 +161,7 @@ def record_step_attempt(
     session: Session,
     rollout_id: int,
     step_index: int,
-    attempt: dict[str, Any],
+    attempt: CanaryAttempt,
     *,
     verdict: e.Verdict | None = None,
     next_step: int | None = None,
@@ -175,8 +176,12 @@ def record_step_attempt(
     step = _step_row(session, rollout_id, step_index)
     if step is None or step.finished_at is not None or rollout.current_step != step_index:
         raise ConflictError(f"rollout {rollout_id} step {step_index} is not the step in progress")
-    attempts = [*step.analysis.get("attempts", []), attempt]
-    step.analysis = {"attempts": attempts, "action": attempt.get("action"), "reason": attempt.get("reason")}
+    analysis = step.typed_analysis()
+    step.store_analysis(
+        analysis.model_copy(
+            update={"attempts": (*analysis.attempts, attempt), "action": attempt.action, "reason": attempt.reason}
+        )
+    )
     if verdict is None:
         step.started_at = utcnow()
     else:
@@ -200,7 +205,7 @@ def finish_rollout(session: Session, rollout_id: int, status: e.RolloutStatus, r
     open_step = _step_row(session, rollout_id, row.current_step)
     if open_step is not None and open_step.finished_at is None:  # e.g. aborted mid-step: close it, saying why
         open_step.finished_at = row.finished_at
-        open_step.analysis = {**open_step.analysis, "action": status.value, "reason": reason}
+        open_step.store_analysis(open_step.typed_analysis().model_copy(update={"action": status, "reason": reason}))
     session.flush()
     session.refresh(row)
     return row.to_entity()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
+from domain import entities as e
 from domain.canary import (
     CanaryAction,
     CanaryWindow,
@@ -95,6 +98,30 @@ def test_failures_below_the_limit_repeat_the_step() -> None:
     assert (first.action, first.failures, first.step_index) == (CanaryAction.REPEAT, 1, 0)
     second = next_canary_step(RolloutProgress(0, first.failures), window(errors=30), lenient)
     assert second.action is CanaryAction.ROLLBACK
+
+
+_STATUS_AFTER = {CanaryAction.PROMOTE: e.RolloutStatus.PROMOTED, CanaryAction.ROLLBACK: e.RolloutStatus.ROLLED_BACK}
+
+
+@pytest.mark.parametrize(
+    ("state", "observed"),
+    [
+        (RolloutProgress(0), window()),  # advance
+        (RolloutProgress(1), window()),  # advance to the last step
+        (RolloutProgress(2), window()),  # promote
+        (RolloutProgress(5), window()),  # a stored step past the plan is the last one: promote
+        (RolloutProgress(1), window(errors=30)),  # rollback
+        (RolloutProgress(1), window(elapsed=10)),  # wait
+    ],
+)
+def test_each_decision_stores_the_share_the_rollout_then_serves(state: RolloutProgress, observed: CanaryWindow) -> None:
+    """The attempt's stored traffic_percent and the model server's weight after the decision are one value."""
+    decision = next_canary_step(state, observed, POLICY)
+    status = _STATUS_AFTER.get(decision.action, e.RolloutStatus.ACTIVE)
+    after = e.Rollout(
+        1, "p", None, 2, 1, status, decision.step_index, POLICY.model_dump(), None, datetime.now(UTC), None
+    )
+    assert decision.traffic_percent == after.traffic_percent == POLICY.traffic_percent(decision.step_index, status)
 
 
 def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from domain import entities as e
 from domain.evidence import CanaryAction, CanaryAttempt, ModelStats, StepAnalysis, VariantWindow
+from domain.spec import CanarySpec
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -33,8 +34,9 @@ def test_traffic_percent_comes_from_the_stored_step(status: e.RolloutStatus, ste
     assert rollout(status, step, {"steps": [10, 50, 100]}).traffic_percent == percent
 
 
-def test_traffic_percent_without_planned_steps_is_zero() -> None:
-    assert rollout(e.RolloutStatus.ACTIVE, 0, {}).traffic_percent == 0.0
+def test_an_empty_stored_policy_is_the_default_plan_as_the_controller_reads_it() -> None:
+    # the model server and the controller read the same policy, so they can never disagree on the share
+    assert rollout(e.RolloutStatus.ACTIVE, 0, {}).traffic_percent == CanarySpec().steps[0] == 10.0
 
 
 def test_stats_answer_parses_and_gives_each_variant_its_window() -> None:

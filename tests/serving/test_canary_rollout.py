@@ -169,12 +169,12 @@ def test_a_good_candidate_walks_every_step_under_load_and_is_promoted(stack: Sta
     assert [s.traffic_percent for s in rollout.steps] == [25.0, 50.0, 100.0]
     assert all(s.verdict is e.Verdict.PASS and s.finished_at for s in rollout.steps)
     for step in rollout.steps:
-        last = step.analysis["attempts"][-1]
-        assert last["canary"]["requests"] >= POLICY["min_requests"]
-        assert {c["metric"] for c in last["checks"]} >= {"error_rate", "latency_p99_ratio", "accuracy"}
+        last = step.analysis.attempts[-1]
+        assert last.canary.requests >= POLICY["min_requests"]
+        assert {c.metric for c in last.checks} >= {"error_rate", "latency_p99_ratio", "accuracy"}
     # traffic really was split: the candidate's share grew with the steps
-    first = rollout.steps[0].analysis["attempts"][-1]
-    share = first["canary"]["requests"] / (first["canary"]["requests"] + first["champion"]["requests"])
+    first = rollout.steps[0].analysis.attempts[-1]
+    share = first.canary.requests / (first.canary.requests + first.champion.requests)
     assert 0.1 < share < 0.45
     assert _state(stack, candidate, run_id) == (e.ModelStage.CHAMPION, e.RunStatus.PROMOTED, candidate)
     with transaction(stack.sessions) as session:
@@ -208,9 +208,9 @@ def test_a_bad_candidate_is_rolled_back_at_the_first_analysed_step(
     assert result.status is e.RolloutStatus.ROLLED_BACK
     rollout = _rollout(stack, rollout_id)
     assert len(rollout.steps) == 1 and rollout.steps[0].verdict is e.Verdict.FAIL
-    attempt = rollout.steps[0].analysis["attempts"][-1]
-    failed = {c["metric"] for c in attempt["checks"] if c["verdict"] == "fail"}
-    assert failed_check in failed, attempt["checks"]
+    attempt = rollout.steps[0].analysis.attempts[-1]
+    failed = {c.metric for c in attempt.checks if c.verdict is e.Verdict.FAIL}
+    assert failed_check in failed, attempt.checks
     assert failed_check in (rollout.reason or "")
     assert _state(stack, candidate, run_id) == (e.ModelStage.ROLLED_BACK, e.RunStatus.ROLLED_BACK, champion)
     # weight 0 at once: the server no longer routes to the candidate
@@ -259,9 +259,9 @@ def test_delayed_labels_roll_back_a_less_accurate_candidate(stack: Stack) -> Non
     assert result.status is e.RolloutStatus.ROLLED_BACK, result.reason
     rollout = _rollout(stack, rollout_id)
     assert "accuracy" in (rollout.reason or ""), rollout.reason
-    attempt = rollout.steps[-1].analysis["attempts"][-1]
-    accuracy = next(c for c in attempt["checks"] if c["metric"] == "accuracy")
-    assert accuracy["verdict"] == "fail" and accuracy["champion_value"] >= 0.99
+    attempt = rollout.steps[-1].analysis.attempts[-1]
+    accuracy = next(c for c in attempt.checks if c.metric == "accuracy")
+    assert accuracy.verdict is e.Verdict.FAIL and (accuracy.champion_value or 0.0) >= 0.99
 
 
 def test_a_controller_killed_between_steps_resumes_at_the_stored_step(stack: Stack, prefect_server: str) -> None:
@@ -295,7 +295,7 @@ def test_a_controller_killed_between_steps_resumes_at_the_stored_step(stack: Sta
     assert result.status is e.RolloutStatus.PROMOTED, result.reason
     rollout = _rollout(stack, rollout_id)
     assert [s.step_index for s in rollout.steps] == [0, 1, 2]  # none skipped, none twice
-    assert all(len(s.analysis["attempts"]) == 1 and s.verdict is e.Verdict.PASS for s in rollout.steps)
+    assert all(len(s.analysis.attempts) == 1 and s.verdict is e.Verdict.PASS for s in rollout.steps)
     if len(killed_at.steps) == 2:  # the killed controller had opened step 2: its window was kept
         assert rollout.steps[1].started_at == killed_at.steps[1].started_at
     assert _state(stack, candidate, run_id)[1] is e.RunStatus.PROMOTED

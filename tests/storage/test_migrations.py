@@ -115,11 +115,25 @@ OLD_ATTEMPT = {
     "checks": [OLD_CHECK],
     "server_error": "stats endpoint timed out",
 }
-OLD_ANALYSES = {
+ODD_ATTEMPT = {  # written by hand: values the typed model cannot take, keys missing
+    "action": "rollback",
+    "reason": 7,
+    "at": "2026-11-23T10:01:00",  # no time zone
+    "traffic_percent": 0.0,  # a rollback's share: 0 is a value, not a missing one
+    "canary": {"version": 2, "requests": -3, "errors": 1.6, "latency_p99_ms": "slow", "note": "kept"},
+    "champion": None,
+    "checks": [OLD_CHECK, {"metric": "psi"}, OLD_CHECK | {"threshold": "NaN"}],
+    "extra": {"kept": True},
+}
+OLD_ANALYSES: dict[int, Any] = {
     0: {"attempts": [OLD_ATTEMPT, OLD_ATTEMPT | {"action": "advance"}], "action": "advance", "reason": "passed"},
     1: {"attempts": [OLD_ATTEMPT], "action": "aborted", "reason": "aborted by alice: incident 7"},
     2: {},  # a step recorded without analysis
     3: {"attempts": [{"canary": None, "checks": [1]}, {"action": "rollback", "canary": {"requests": "many"}}]},
+    4: {"attempts": []},  # a step opened, not yet analysed
+    5: {"attempts": [ODD_ATTEMPT, "garbage"], "action": "exploded", "reason": {"x": 1}, "note": "kept"},
+    6: {"attempts": "lost", "note": "kept"},
+    7: ["not", "an", "object"],
 }
 
 
@@ -179,6 +193,7 @@ def _analyses(url: str) -> dict[int, dict[str, Any]]:
 def test_0003_rewrites_stored_canary_attempts_into_the_typed_shape(empty_database_url: str) -> None:
     migrations.upgrade(empty_database_url, "0002")
     _insert_old_rollout(empty_database_url)
+    stored = _analyses(empty_database_url)
     migrations.upgrade(empty_database_url, "0003")
 
     typed = {index: StepAnalysis.model_validate(raw) for index, raw in _analyses(empty_database_url).items()}
@@ -195,15 +210,28 @@ def test_0003_rewrites_stored_canary_attempts_into_the_typed_shape(empty_databas
         0.004,
     )
     assert typed[1].action is RolloutStatus.ABORTED and typed[1].reason == "aborted by alice: incident 7"
-    assert typed[2] == StepAnalysis()
-    # not an analysed window (no action) is dropped; a mistyped count becomes 0; the step's own time and share fill in
+    assert typed[2] == typed[4] == StepAnalysis()
+    # not an analysed window (no action) is left out; a mistyped count becomes 0; the step's own time and share fill in
     (rollback,) = typed[3].attempts
     assert (rollback.canary.requests, rollback.reason, rollback.traffic_percent) == (0, "", 40.0)
     assert rollback.at == STARTED.replace(tzinfo=UTC) and typed[3].action is CanaryAction.ROLLBACK
+    (odd,) = typed[5].attempts
+    assert (odd.reason, odd.traffic_percent, odd.at) == ("", 0.0, datetime(2026, 11, 23, 10, 1, tzinfo=UTC))
+    assert (odd.canary.version, odd.canary.requests, odd.canary.errors, odd.canary.latency_p99_ms) == ("2", 0, 2, None)
+    assert odd.champion == VariantWindow() and [c.threshold for c in odd.checks] == [0.01, None]
+    assert (typed[5].action, typed[5].reason) == (CanaryAction.ROLLBACK, None)
+    assert typed[6] == typed[7] == StepAnalysis()
+    # what could not be carried over is kept, with where it was
+    unparsed = _analyses(empty_database_url)
+    assert {"at": ["attempts", 0], "entry": {"canary": None, "checks": [1]}} in unparsed[3]["unparsed"]
+    assert {"at": ["attempts", 1], "entry": "garbage"} in unparsed[5]["unparsed"]
+    assert {"at": ["attempts", 0, "checks", 1], "entry": {"metric": "psi"}} in unparsed[5]["unparsed"]
+    assert unparsed[7] == {"unparsed": [{"at": [], "entry": ["not", "an", "object"]}]}
+    assert "unparsed" not in unparsed[0] and unparsed[2] == {} and unparsed[4] == {"attempts": []}
 
     migrations.downgrade(empty_database_url, "0002")
     restored = _analyses(empty_database_url)
-    assert restored[0]["attempts"][0]["canary"] == OLD_WINDOW
-    assert restored[0]["attempts"][0]["checks"] == [OLD_CHECK]
+    for index in OLD_ANALYSES:  # every shape comes back as revision 0002 stored it
+        assert restored[index] == stored[index], index
     migrations.upgrade(empty_database_url)
     assert StepAnalysis.model_validate(_analyses(empty_database_url)[0]).attempts[0] == repeated
