@@ -134,6 +134,11 @@ def _route(method: str, path: str, *, public: bool = False, **options: Any) -> C
     return record
 
 
+def _override(path: str, summary: str, description: str) -> Callable[[Endpoint], Endpoint]:
+    """An operator's override (POST under the API prefix): answers the override refusals too."""
+    return _route("POST", API_PREFIX + path, summary=summary, description=description, responses=_OVERRIDE_ERRORS)
+
+
 def add_routes(app: FastAPI) -> None:
     """Adds every route to `app` directly (not through an included router), so `app.routes` lists
     each one with its full path and methods: what the auth test walks."""
@@ -372,25 +377,21 @@ def _rollout_out(session: Session, rollout: e.Rollout) -> RolloutOut:
     )
 
 
-@_route(
-    "POST",
-    API_PREFIX + "/pipelines/{name}/rollout/abort",
-    summary="Abort the active canary rollout",
-    description="Canary traffic goes to 0 at once, the candidate becomes rolled_back, the champion is untouched. "
+@_override(
+    "/pipelines/{name}/rollout/abort",
+    "Abort the active canary rollout",
+    "Canary traffic goes to 0 at once, the candidate becomes rolled_back, the champion is untouched. "
     "409 if no rollout is active.",
-    responses=_OVERRIDE_ERRORS,
 )
 def abort_rollout(name: str, body: RolloutActionBody, state: State, key: Key) -> RolloutOut:
     return _end_rollout(champion.abort_rollout, "aborted", name, body, state, key)
 
 
-@_route(
-    "POST",
-    API_PREFIX + "/pipelines/{name}/rollout/promote",
-    summary="Promote the active canary rollout's candidate now",
-    description="The champion alias moves to the candidate without waiting for the remaining steps "
+@_override(
+    "/pipelines/{name}/rollout/promote",
+    "Promote the active canary rollout's candidate now",
+    "The champion alias moves to the candidate without waiting for the remaining steps "
     "(compare-and-set; 409 if no rollout is active or the champion moved since it started).",
-    responses=_OVERRIDE_ERRORS,
 )
 def promote_rollout(name: str, body: RolloutActionBody, state: State, key: Key) -> RolloutOut:
     return _end_rollout(champion.promote_rollout, "promoted", name, body, state, key)
@@ -415,58 +416,45 @@ def _end_rollout(
 # --------------------------------------------------------------------------------- overrides
 
 
-@_route(
-    "POST",
-    API_PREFIX + "/pipelines/{name}/promote",
-    summary="Force-promote a model version to champion",
-    description="Skips the gate (after a human review); recorded in the alias history with actor and reason.",
-    responses=_OVERRIDE_ERRORS,
+@_override(
+    "/pipelines/{name}/promote",
+    "Force-promote a model version to champion",
+    "Skips the gate (after a human review); recorded in the alias history with actor and reason.",
 )
 def promote(name: str, body: PromoteBody, state: State, key: Key) -> AliasMoveOut:
-    actor, out = _move_alias(
-        state,
-        key,
-        body.actor,
-        lambda s, actor: champion.force_promote(s, name, body.version, actor=actor, reason=body.reason),
-    )
-    log.info("%s force-promoted %s v%s: %s", actor, name, body.version, body.reason)
-    return out
+    def move(session: Session, actor: str) -> e.AliasMove:
+        return champion.force_promote(session, name, body.version, actor=actor, reason=body.reason)
+
+    return _move_alias(state, key, body.actor, move, f"force-promoted {name} v{body.version}: {body.reason}")
 
 
-@_route(
-    "POST",
-    API_PREFIX + "/pipelines/{name}/rollback",
-    summary="Roll the champion back to an earlier champion",
-    description="to_version null: the previous champion. The current champion becomes rolled_back.",
-    responses=_OVERRIDE_ERRORS,
+@_override(
+    "/pipelines/{name}/rollback",
+    "Roll the champion back to an earlier champion",
+    "to_version null: the previous champion. The current champion becomes rolled_back.",
 )
 def rollback(name: str, body: RollbackBody, state: State, key: Key) -> AliasMoveOut:
-    actor, out = _move_alias(
-        state,
-        key,
-        body.actor,
-        lambda s, actor: champion.rollback(s, name, to_version=body.to_version, actor=actor, reason=body.reason),
-    )
-    log.info("%s rolled %s back to v%s: %s", actor, name, out.champion_version, body.reason)
-    return out
+    def move(session: Session, actor: str) -> e.AliasMove:
+        return champion.rollback(session, name, to_version=body.to_version, actor=actor, reason=body.reason)
+
+    return _move_alias(state, key, body.actor, move, f"rolled {name} back: {body.reason}")
 
 
 def _move_alias(
-    state: ApiState, key: e.ApiKey, claimed: str | None, move: Callable[[Session, str], e.AliasMove]
-) -> tuple[str, AliasMoveOut]:
-    """An operator's champion move (`move(session, actor)`) in one transaction; returns (actor, answer)."""
+    state: ApiState, key: e.ApiKey, claimed: str | None, move: Callable[[Session, str], e.AliasMove], what: str
+) -> AliasMoveOut:
+    """An operator's champion move (`move(session, actor)`) in one transaction, logged as `actor what`."""
     actor = _actor(key, claimed)
     with transaction(state.sessions) as session:
         out = _alias_move(move(session, actor), _VersionNumbers(session))
-    return actor, out
+    log.info("%s %s (champion now v%s)", actor, what, out.champion_version)
+    return out
 
 
-@_route(
-    "POST",
-    API_PREFIX + "/pipelines/{name}/freeze",
-    summary="Freeze or unfreeze automatic promotions",
-    description="until: an ISO 8601 time with a zone; null lifts the freeze. Gates still run while frozen.",
-    responses=_OVERRIDE_ERRORS,
+@_override(
+    "/pipelines/{name}/freeze",
+    "Freeze or unfreeze automatic promotions",
+    "until: an ISO 8601 time with a zone; null lifts the freeze. Gates still run while frozen.",
 )
 def freeze(name: str, body: FreezeBody, state: State, key: Key) -> FreezeOut:
     with transaction(state.sessions) as session:
