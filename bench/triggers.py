@@ -117,6 +117,7 @@ def inbox_loop(topic: str, sessions: Any, count: int, settings: Any) -> float:
     from storage.orm import SqlEvent
 
     consumer = DataChangeConsumer(settings, sessions, max_records=500)
+    consumer.connect()  # as the raw loop's client, connected before timing
     stored, started = 0, time.perf_counter()
     while stored < count:
         stored += consumer.run_once().stored
@@ -137,7 +138,7 @@ def our_latency(events: int, workdir: Path) -> tuple[list[float], list[float]]:
     from consumers.consumer import DataChangeConsumer
     from domain.settings import load_settings
     from flows.registry import deployments
-    from flows.triggers import prefect_submitter, process_pending_events
+    from flows.triggers import prefect_submitter, process_pending_events, submit_unsubmitted_runs
     from storage import repositories as repo
     from storage.db import transaction
 
@@ -169,7 +170,8 @@ def our_latency(events: int, workdir: Path) -> tuple[list[float], list[float]]:
 
         def debounce() -> None:
             while not stop.is_set():
-                process_pending_events(sessions, submit, datasets=[dataset])
+                process_pending_events(sessions, datasets=[dataset])
+                submit_unsubmitted_runs(sessions, submit)
                 stop.wait(0.005)
 
         from kafka import KafkaProducer

@@ -1,16 +1,23 @@
-"""One door for every trigger: `request_run(sessions, pipeline, request, submit)`.
-
-Events, schedules and people all end here. The Run row is written idempotently (the database
-decides: a unique Idempotency-Key, a unique (pipeline, dedupe key) per debounce window or
-schedule slot), and only the request that created the row submits the Prefect flow run, with the
-run id as Prefect's idempotency key, so a retry can never start a second flow run.
+"""Every trigger becomes a Run row the same way: `TriggerRequest` → `repo.create_run`, written
+idempotently (the database decides: a unique Idempotency-Key, a unique (pipeline, dedupe key) per
+debounce window or schedule slot). `request_run(sessions, pipeline, request, submit)` is the door of
+single requests (the API): it also submits the flow run at once. Submission is claimed in the
+database, so one caller submits a run, with the run id as Prefect's idempotency key, so a retry
+can never start a second flow run.
 
 `process_pending_events` is the debouncer: per dataset it waits for a quiet period of
 `debounce_seconds` after the newest pending event, bounded by `max_wait_seconds` after the
 oldest, then creates one run per pipeline of that dataset for the whole window, linked to every
 event in it. `while_running` decides what happens when that pipeline already has a run in progress:
 `queue` waits for it to finish and then starts one follow-up with everything that arrived,
-`skip` marks the window's events ignored, `supersede` starts the new run at once.
+`skip` marks the window's events ignored, `supersede` starts the new run at once. It only creates
+runs: `submit_unsubmitted_runs`, in the same pass of the trigger service, submits them, so a
+Prefect outage can never stop the runs of a dataset's other pipelines from being created.
+
+Both go through every dataset or run they have, and end with `PassIncomplete` naming those that
+failed. A submission that Prefect refuses for good (the pipeline's deployment does not exist)
+fails its run with the reason and the fix; any other submission error leaves the run queued for
+the next pass.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
+from domain.errors import ConfigurationError
 from domain.spec import EventTriggerSpec
+from flows.loop import PassIncomplete, describe
 from storage import repositories as repo
 from storage.db import transaction
 from storage.orm import SqlEvent, SqlPipeline, SqlRun
@@ -34,7 +43,13 @@ from storage.orm import SqlEvent, SqlPipeline, SqlRun
 log = logging.getLogger("retrainer.flows.triggers")
 
 RunSubmitter = Callable[[e.Run], str | None]
-"""Starts the flow run for a new Run row; returns the Prefect flow-run id (None if not submitted)."""
+"""Starts the flow run for a new Run row; returns the Prefect flow-run id (None if not submitted).
+Raises DeploymentNotFoundError when the run can never be submitted; any other error is passing."""
+
+
+class DeploymentNotFoundError(ConfigurationError, code="deployment_not_found"):
+    """Prefect has no deployment for the pipeline: its runs cannot be submitted until one is made."""
+
 
 IN_PROGRESS = (e.RunStatus.QUEUED.value, e.RunStatus.RUNNING.value)
 
@@ -88,12 +103,18 @@ def request_run(
 def _submit_claimed(sessions: sessionmaker[Session], run: e.Run, submit: RunSubmitter) -> e.Run | None:
     """Claims the run's submission, submits it and records the flow run id: the run as updated, or
     None when another caller holds the claim or the submitter returned no id (claim released). A
-    submitter that raises releases the claim too, so a later pass retries."""
+    submitter that raises releases the claim too, so a later pass retries; one that finds no
+    deployment fails the run, naming the deployment and the fix, and raises."""
     with transaction(sessions) as session:
         if not repo.claim_submission(session, run.id):
             return None
     try:
         flow_run_id = submit(run)
+    except DeploymentNotFoundError as missing:
+        with transaction(sessions) as session:
+            repo.release_submission(session, run.id)
+            repo.update_run(session, run.id, status=e.RunStatus.FAILED, error=missing.message)
+        raise
     except BaseException:
         with transaction(sessions) as session:
             repo.release_submission(session, run.id)
@@ -111,49 +132,82 @@ def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
 
     def submit(run: e.Run) -> str | None:
         from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
 
-        flow_run = run_deployment(
-            name=f"{flow_name}/{run.pipeline}",
-            parameters={"pipeline": run.pipeline, "run_id": run.id},
-            timeout=0,
-            idempotency_key=run.id,
-            tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
-        )
+        name = f"{flow_name}/{run.pipeline}"
+        try:
+            flow_run = run_deployment(
+                name=name,
+                parameters={"pipeline": run.pipeline, "run_id": run.id},
+                timeout=0,
+                idempotency_key=run.id,
+                tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
+            )
+        except ObjectNotFound as err:
+            raise DeploymentNotFoundError(
+                f"Prefect has no deployment {name!r}, so run {run.id} cannot start; create it with "
+                "`retrainer pipelines deploy` (work pools) or start the runner (`retrainer serve`, "
+                "`python -m retrainer.runner`), then trigger the pipeline again"
+            ) from err
         return str(flow_run.id)  # type: ignore[union-attr]
 
     return submit
 
 
 def submit_unsubmitted_runs(sessions: sessionmaker[Session], submit: RunSubmitter) -> list[str]:
-    """Retries the submission of queued runs that have no flow run yet (their first submission
-    failed); each is claimed first, so two trigger services never submit one run twice."""
+    """Submits the queued runs that have no flow run yet (new ones, and those whose submission
+    failed), oldest first; each is claimed first, so two trigger services never submit one run
+    twice. Returns the ids submitted; raises PassIncomplete after trying all if any stays queued."""
     with transaction(sessions) as session:
         waiting = repo.unsubmitted_runs(session)
-    return [run.id for run in waiting if _submit_claimed(sessions, run, submit) is not None]
+    submitted: list[str] = []
+    failures: list[tuple[str, BaseException]] = []
+    for run in waiting:
+        try:
+            if (updated := _submit_claimed(sessions, run, submit)) is not None:
+                submitted.append(run.id)
+                log.info("run %s of %s submitted: flow run %s", run.id, run.pipeline, updated.prefect_flow_run_id)
+        except DeploymentNotFoundError as missing:
+            log.error("run %s of %s failed: %s", run.id, run.pipeline, missing.message)
+        except Exception as error:
+            log.warning("run %s of %s stays queued: submission failed: %s", run.id, run.pipeline, describe(error))
+            failures.append((f"run {run.id} ({run.pipeline})", error))
+    if failures:
+        raise PassIncomplete(f"of {len(waiting)} run submissions", failures)
+    return submitted
 
 
 def process_pending_events(
     sessions: sessionmaker[Session],
-    submit: RunSubmitter | None,
     now: datetime | None = None,
     datasets: Sequence[str] | None = None,
 ) -> list[TriggerResult]:
-    """One pass of the debouncer over every dataset with pending events (or only `datasets`)."""
+    """One pass of the debouncer over every dataset with pending events (or only `datasets`); it
+    creates runs and never submits them. A dataset that fails is logged and left pending; the
+    others are done, then PassIncomplete names the failed ones."""
     now = now or datetime.now(UTC)
     if datasets is None:
         with transaction(sessions) as session:
             pending = select(SqlEvent.dataset).where(SqlEvent.status == e.EventStatus.RECEIVED.value).distinct()
             datasets = sorted(set(session.scalars(pending)))
     results: list[TriggerResult] = []
+    failures: list[tuple[str, BaseException]] = []
     for dataset in datasets:
-        results += _process_dataset(sessions, dataset, submit, now)
+        try:
+            results += _process_dataset(sessions, dataset, now)
+        except Exception as error:
+            log.warning("events of dataset %s stay pending: %s", dataset, describe(error))
+            failures.append((f"dataset {dataset}", error))
+    if failures:
+        raise PassIncomplete(f"of {len(datasets)} datasets", failures)
     return results
 
 
-def _process_dataset(
-    sessions: sessionmaker[Session], dataset: str, submit: RunSubmitter | None, now: datetime
-) -> list[TriggerResult]:
+def _process_dataset(sessions: sessionmaker[Session], dataset: str, now: datetime) -> list[TriggerResult]:
+    """Creates the window's runs of every pipeline in the transaction that locks its events: all of
+    them or none (linking marks the events, so a run created alone would strand the others)."""
     requests: list[tuple[str, TriggerRequest]] = []
+    results: list[TriggerResult] = []
     with transaction(sessions) as session:
         # Lock this dataset's pending events: a second trigger process skips them (PostgreSQL).
         rows = session.scalars(
@@ -200,8 +254,12 @@ def _process_dataset(
             )
         if not waiting and not requests:  # every pipeline skipped the window
             repo.set_event_status(session, event_ids, e.EventStatus.IGNORED)
-    results = [request_run(sessions, name, request, submit) for name, request in requests]
+        for name, request in requests:
+            results.append(TriggerResult(*repo.create_run(session, name, request.kind, **request.row_fields())))
+        received_at = first.received_at
     for result in results:
         if result.created:
-            TRIGGER_LATENCY.observe(max(0.0, (datetime.now(UTC) - first.received_at).total_seconds()))
+            RUNS_CREATED.labels(e.TriggerKind.EVENT.value).inc()
+            TRIGGER_LATENCY.observe(max(0.0, (datetime.now(UTC) - received_at).total_seconds()))
+            log.info("run %s for %s from %d events", result.run.id, result.run.pipeline, len(event_ids))
     return results

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from domain.errors import ConfigurationError
 from domain.settings import Settings
 from retrainer.console import err
 from retrainer.console import settings as load
@@ -36,20 +37,22 @@ def health_endpoint(settings: Settings, probes: Mapping[str, HealthProbe]) -> It
         yield url
 
 
-class SupervisorLoop:
-    """`supervise_rollouts` as a loop service: it returns only when stopped, so a pass that raises
-    (the database hiccupped) is started again by the runner after a back-off."""
+SUPERVISE_INTERVAL_S = 1.0
 
-    name = "canary-supervisor"
 
-    def __init__(self, settings: Settings, serving_url: str | None, stop: threading.Event) -> None:
-        self.settings, self.serving_url, self.stop = settings, serving_url, stop
+def require_prefect_api() -> str:
+    """The Prefect API URL runs are submitted to. Without one, Prefect would start an ephemeral
+    server with no deployments, where every submission fails for ever: ConfigurationError instead."""
+    from prefect.settings import get_current_settings
 
-    def run_once(self) -> None:
-        from flows.canary import supervise_rollouts
-        from retrainer import wiring
-
-        supervise_rollouts(wiring.sessions(self.settings), self.serving_url, self.stop)
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigurationError(
+            "PREFECT_API_URL is not set, so no run could be submitted (an ephemeral Prefect has no "
+            "deployments); set it to the Prefect server that has the pipelines' deployments "
+            "(`retrainer pipelines deploy`), or pass --no-submit to only create runs"
+        )
+    return url
 
 
 def consume(max_records: Annotated[int, typer.Option(help="Records per poll batch.")] = 500) -> None:
@@ -72,24 +75,26 @@ def triggers(
 ) -> None:
     """Run the trigger service: pending events become one run per pipeline per window, and runs
     whose submission to Prefect failed are submitted again; errors are logged and retried."""
-    import os
-
     from flows.loop import LoopHealth, run_loop, stop_on_signals
     from flows.trigger_service import TriggerService
     from flows.triggers import prefect_submitter
     from retrainer import wiring
 
     settings = load()
+    try:
+        prefect_url = require_prefect_api() if submit else None
+    except ConfigurationError as refusal:  # a usage error: one line and exit 2, before anything starts
+        err.print(f"error: {refusal}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from refusal
     service = TriggerService(wiring.sessions(settings), prefect_submitter() if submit else None)
     stop = threading.Event()
     if once:
         run_loop(service, stop, once=True)
         return
     stop_on_signals(stop)
-    health = LoopHealth(service.name)
+    health = LoopHealth.for_interval(service.name, interval)
     probes = {"database": wiring.database_probe(settings), service.name: health.probe}
-    prefect_url = os.environ.get("PREFECT_API_URL")
-    if submit and prefect_url:
+    if prefect_url:
         probes["prefect"] = wiring.prefect_probe(prefect_url)
     with health_endpoint(settings, probes):
         run_loop(service, stop, interval_s=interval, health=health)
@@ -128,7 +133,7 @@ def serve_models(
         err.print(f"{pipeline}: {what}", highlight=False)
     follower.start(refresh)
     app = create_serving_app(follower.registry, reload=follower.sync)
-    add_health_route(app, {"database": wiring.database_probe(settings)})
+    add_health_route(app, {"database": wiring.database_probe(settings), follower.name: follower.probe})
     try:
         serve(app, settings.serving_address)
     finally:
@@ -138,17 +143,24 @@ def serve_models(
 def rollout_supervise(serving_url: ServingUrl = None) -> None:
     """Run a canary controller for every active rollout, now and as they start, until SIGTERM or
     Ctrl-C (what `retrainer serve` does in-process; one per deployment)."""
-    from flows.loop import run_loop, stop_on_signals
+    from flows.canary import RolloutSupervisor
+    from flows.loop import LoopHealth, run_loop, stop_on_signals
     from retrainer import wiring
 
     settings = load()
     stop = threading.Event()
     stop_on_signals(stop)
     url = serving_url or settings.model_server_url
-    probes = {"database": wiring.database_probe(settings), "model-server": wiring.model_server_probe(url)}
+    supervisor = RolloutSupervisor(wiring.sessions(settings), serving_url)
+    health = LoopHealth.for_interval(supervisor.name, SUPERVISE_INTERVAL_S)
+    probes = {
+        "database": wiring.database_probe(settings),
+        "model-server": wiring.model_server_probe(url),
+        supervisor.name: health.probe,
+    }
     with health_endpoint(settings, probes):
         err.print("supervising canary rollouts (Ctrl-C to stop)", highlight=False)
-        run_loop(SupervisorLoop(settings, serving_url, stop), stop)
+        run_loop(supervisor, stop, interval_s=SUPERVISE_INTERVAL_S, health=health)
     err.print("stopped", highlight=False)
 
 

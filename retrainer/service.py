@@ -200,20 +200,21 @@ def _wait_for_deployments(prefect_url: str, pipelines: list[str], runner: Subpro
 @contextmanager
 def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> Iterator[Running]:
     """Starts every part (see the module docstring); yields once all answer; stops them on exit."""
-    from api.app import create_app, database_probe
+    from api.app import create_app
     from api.server import running_api
     from consumers.consumer import DataChangeConsumer
+    from flows.canary import RolloutSupervisor
     from flows.loop import LoopHealth, run_loop
     from flows.registry import load_specs, sync_pipelines
     from flows.trigger_service import TriggerService
     from flows.triggers import prefect_submitter
     from retrainer import wiring
-    from retrainer.processes import SupervisorLoop
+    from retrainer.processes import SUPERVISE_INTERVAL_S
     from serving.app import create_serving_app
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import running_server, tune_process
-    from storage.db import transaction
+    from storage.db import database_probe, transaction
 
     stop = threading.Event()
     wiring.quiet_prefect()
@@ -255,13 +256,16 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         def triggers() -> None:
             run_loop(TriggerService(sessions, submitter), stop, health=trigger_health)
 
+        supervisor = RolloutSupervisor(sessions, serving_url)
+        supervisor_health = LoopHealth.for_interval(supervisor.name, SUPERVISE_INTERVAL_S)
+
         def supervise() -> None:
-            run_loop(SupervisorLoop(settings, serving_url, stop), stop)
+            run_loop(supervisor, stop, interval_s=SUPERVISE_INTERVAL_S, health=supervisor_health)
 
         workers = [
             start_worker(consumer.name, consume, consumer.probe),
             start_worker(TriggerService.name, triggers, trigger_health.probe),
-            start_worker(SupervisorLoop.name, supervise),
+            start_worker(supervisor.name, supervise, supervisor_health.probe),
         ]
         for worker in workers:
             stack.callback(worker.thread.join, 15)
@@ -273,6 +277,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
             "prefect-server": wiring.prefect_probe(prefect_url),
             "prefect-runner": runner.probe,
             "model-server": wiring.model_server_probe(serving_url),
+            follower.name: follower.probe,
             **{w.name: w.probe for w in workers},
         }
         api_app = create_app(sessions=sessions, settings=settings, submit=submitter, health_probes=probes)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -165,27 +166,43 @@ def update_run(
     return row.to_entity()
 
 
-# Stands in the flow-run id while a submission is in flight, so a claim needs no lock or extra column.
+# Stands in the flow-run id while a submission is in flight; `submission_claimed_at` says since when.
 SUBMITTING = "submitting"
+# A claim older than this belongs to a process that died between claiming and recording the flow
+# run: the run may be claimed again. Submitting twice is harmless (Prefect's idempotency key is
+# the run id), so the timeout only needs to exceed one submission's time, not be exact.
+SUBMISSION_CLAIM_TIMEOUT = timedelta(minutes=5)
 
 
-def claim_submission(session: Session, run_id: str) -> bool:
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    """Queued, and no flow run yet: never claimed, or claimed before the timeout (or before 0004)."""
+    expired = and_(
+        SqlRun.prefect_flow_run_id == SUBMITTING,
+        or_(SqlRun.submission_claimed_at.is_(None), SqlRun.submission_claimed_at < now - SUBMISSION_CLAIM_TIMEOUT),
+    )
+    return and_(SqlRun.status == e.RunStatus.QUEUED.value, or_(SqlRun.prefect_flow_run_id.is_(None), expired))
+
+
+def claim_submission(session: Session, run_id: str, now: datetime | None = None) -> bool:
     """Compare-and-set: only one caller gets to submit a queued run's flow run (the others see
-    it claimed). Released with `release_submission` if the submission fails."""
+    it claimed, until the claim expires). Released with `release_submission` if the submission fails."""
+    now = now or utcnow()
     result = session.execute(
         update(SqlRun)
-        .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id.is_(None), SqlRun.status == e.RunStatus.QUEUED.value)
-        .values(prefect_flow_run_id=SUBMITTING)
+        .where(SqlRun.id == run_id, _claimable(now))
+        .values(prefect_flow_run_id=SUBMITTING, submission_claimed_at=now)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def unsubmitted_runs(session: Session, limit: int = 100) -> list[e.Run]:
-    """Queued runs that no flow run was submitted for (a submission failed, e.g. Prefect was down)."""
+def unsubmitted_runs(session: Session, limit: int = 100, now: datetime | None = None) -> list[e.Run]:
+    """Queued runs with no flow run, oldest first: new ones, those whose submission failed (e.g.
+    Prefect was down) and those whose claim expired (`SUBMISSION_CLAIM_TIMEOUT`). Never a schedule
+    run: its own flow run creates it, then records itself on it (submitting it would start a second)."""
     query = (
         select(SqlRun)
-        .where(SqlRun.status == e.RunStatus.QUEUED.value, SqlRun.prefect_flow_run_id.is_(None))
+        .where(_claimable(now or utcnow()), SqlRun.trigger_kind != e.TriggerKind.SCHEDULE.value)
         .order_by(SqlRun.created_at)
         .limit(limit)
     )
@@ -196,6 +213,6 @@ def release_submission(session: Session, run_id: str) -> None:
     session.execute(
         update(SqlRun)
         .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id == SUBMITTING)
-        .values(prefect_flow_run_id=None)
+        .values(prefect_flow_run_id=None, submission_claimed_at=None)
         .execution_options(synchronize_session=False)
     )

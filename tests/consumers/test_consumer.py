@@ -19,9 +19,10 @@ from sqlalchemy import func, select
 
 from consumers.consumer import DataChangeConsumer
 from domain import entities as e
+from domain.errors import TransientInfraError
 from flows.triggers import process_pending_events
 from storage import repositories as repo
-from storage.db import transaction
+from storage.db import create_db_engine, make_sessions, transaction
 from storage.orm import SqlEvent
 from tests.consumers.conftest import Stage
 
@@ -78,7 +79,7 @@ def test_kcat_structured_and_binary_events_each_trigger_a_run(stage: Stage) -> N
         timeout=30,
     )
     drain(stage, 1)
-    (first,) = process_pending_events(stage.sessions, None, datasets=[stage.dataset])
+    (first,) = process_pending_events(stage.sessions, datasets=[stage.dataset])
     assert first.created and first.run.event_ids == (f"{stage.dataset}-structured",)
     with transaction(stage.sessions) as session:  # that run has finished (while_running: queue waits otherwise)
         repo.update_run(session, first.run.id, status=e.RunStatus.REJECTED)
@@ -97,17 +98,17 @@ def test_kcat_structured_and_binary_events_each_trigger_a_run(stage: Stage) -> N
         timeout=30,
     )
     drain(stage, 1)
-    (second,) = process_pending_events(stage.sessions, None, datasets=[stage.dataset])
+    (second,) = process_pending_events(stage.sessions, datasets=[stage.dataset])
     assert second.created and second.run.event_ids == (f"{stage.dataset}-binary",)
 
 
 def test_500_events_in_one_window_make_one_run_linked_to_all(stage: Stage) -> None:
     stage.produce([stage.valid(f"e{i:04d}") for i in range(500)])
     drain(stage, 500)
-    results = process_pending_events(stage.sessions, None, datasets=[stage.dataset])
+    results = process_pending_events(stage.sessions, datasets=[stage.dataset])
     assert [r.created for r in results] == [True]
     assert len(results[0].run.event_ids) == 500
-    assert process_pending_events(stage.sessions, None, datasets=[stage.dataset]) == []  # nothing left pending
+    assert process_pending_events(stage.sessions, datasets=[stage.dataset]) == []  # nothing left pending
     assert len(runs_of(stage)) == 1
 
 
@@ -118,9 +119,9 @@ def test_debounce_waits_for_a_quiet_period(stage: Stage) -> None:
         repo.upsert_pipeline(session, stage.pipeline, stage.dataset, spec)
     stage.produce([stage.valid(f"w{i}") for i in range(3)])
     drain(stage, 3)
-    assert process_pending_events(stage.sessions, None, datasets=[stage.dataset]) == []  # still inside the quiet period
+    assert process_pending_events(stage.sessions, datasets=[stage.dataset]) == []  # still inside the quiet period
     later = datetime.now(UTC) + timedelta(seconds=61)
-    (result,) = process_pending_events(stage.sessions, None, now=later, datasets=[stage.dataset])
+    (result,) = process_pending_events(stage.sessions, now=later, datasets=[stage.dataset])
     assert result.created and len(result.run.event_ids) == 3
 
 
@@ -143,7 +144,7 @@ def test_malformed_records_go_to_the_dlq_and_valid_ones_still_trigger(stage: Sta
     assert {"retrainer-original-partition", "retrainer-original-offset"} <= set(headers)
     reasons = {dict(r.headers)["retrainer-error"].split(b":")[0] for r in dead}  # type: ignore[attr-defined]
     assert reasons == {b"not_json", b"wrong_type"}
-    (result,) = process_pending_events(stage.sessions, None, datasets=[stage.dataset])
+    (result,) = process_pending_events(stage.sessions, datasets=[stage.dataset])
     assert len(result.run.event_ids) == 5
 
 
@@ -171,7 +172,36 @@ def test_a_sigkilled_consumer_loses_nothing_and_doubles_nothing(stage: Stage) ->
     with transaction(stage.sessions) as session:
         count = session.scalar(select(func.count()).select_from(SqlEvent).where(SqlEvent.dataset == stage.dataset))
     assert count == 2000  # none lost, none doubled (the inbox is unique on the event id)
-    assert len(process_pending_events(stage.sessions, None, datasets=[stage.dataset])) == 1 and len(runs_of(stage)) == 1
+    assert len(process_pending_events(stage.sessions, datasets=[stage.dataset])) == 1 and len(runs_of(stage)) == 1
+
+
+def test_a_batch_whose_pass_fails_after_the_poll_is_delivered_again(stage: Stage) -> None:
+    """The database goes away between the poll and the insert (here: reading the known datasets);
+    the batch is rewound, so the pass after the outage stores it rather than polling past it."""
+    stage.produce([stage.valid(f"r{i}") for i in range(5)])
+    consumer = DataChangeConsumer(stage.settings, stage.sessions)
+    database = consumer.sessions
+    consumer.sessions = make_sessions(create_db_engine("postgresql+psycopg://retrainer:retrainer@127.0.0.1:1/down"))
+    try:
+        failure = _first_failed_pass(consumer)
+        assert isinstance(failure, TransientInfraError) and "127.0.0.1:1" in failure.message
+        consumer.sessions = database  # the database is back
+        deadline = time.monotonic() + 30
+        while stage.inbox_count() < 5:
+            assert time.monotonic() < deadline, f"only {stage.inbox_count()} of 5 events after the outage"
+            consumer.run_once()
+    finally:
+        consumer.close()
+
+
+def _first_failed_pass(consumer: DataChangeConsumer) -> BaseException:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            consumer.run_once()  # empty polls until the group is joined and the records come
+        except Exception as failure:
+            return failure
+    raise AssertionError("no batch reached the consumer")
 
 
 def test_consumption_resumes_by_itself_after_a_broker_restart(stage: Stage) -> None:

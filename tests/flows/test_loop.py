@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from domain.errors import TransientInfraError
-from flows.loop import LoopHealth, run_loop
+from domain.errors import ConfigurationError, TransientInfraError
+from flows.loop import LoopHealth, LoopPassFailed, PassIncomplete, run_loop
 
 
 class Flaky:
@@ -42,7 +42,7 @@ def test_a_failing_pass_is_logged_retried_and_the_loop_carries_on(caplog: pytest
 def test_health_fails_while_the_last_pass_failed_and_when_passes_stop() -> None:
     health = LoopHealth("trigger-service", stale_after_s=0.05)
     health.failed(ConnectionError("Prefect API unavailable"))
-    with pytest.raises(TransientInfraError) as failing:
+    with pytest.raises(LoopPassFailed) as failing:
         health.probe()
     assert failing.value.code == "infrastructure_unavailable"
     assert "trigger-service: last pass failed (ConnectionError: Prefect API unavailable)" in failing.value.message
@@ -68,3 +68,26 @@ def test_once_runs_one_pass_and_lets_its_error_through() -> None:
     stop = threading.Event()
     with pytest.raises(ConnectionError, match="outage 1"):
         run_loop(Flaky(failures=1, stop=stop, passes=1), stop, once=True)
+
+
+def test_health_keeps_the_code_of_the_error_that_failed_the_pass() -> None:
+    health = LoopHealth("kafka-consumer")
+    health.failed(ConfigurationError("topic 'retrainer.data-changes' does not exist"))
+    with pytest.raises(LoopPassFailed) as failing:
+        health.probe()
+    assert failing.value.code == "configuration_error"
+    assert "kafka-consumer: last pass failed (ConfigurationError: topic" in failing.value.message
+    # a partly failed pass reports its first failure's code
+    health.failed(PassIncomplete("datasets", [("dataset a", ConfigurationError("no deployment")), ("b", OSError())]))
+    with pytest.raises(LoopPassFailed) as partial:
+        health.probe()
+    assert partial.value.code == "configuration_error" and "2 datasets failed" in partial.value.message
+
+
+def test_a_loop_is_stale_after_three_intervals_and_never_sooner_than_two_minutes() -> None:
+    assert LoopHealth.for_interval("triggers", 150).stale_after_s == 450
+    assert LoopHealth.for_interval("triggers", 1).stale_after_s == 120
+    slow = LoopHealth.for_interval("triggers", 150)
+    slow.passed()
+    slow.last_ok = time.monotonic() - 200  # past the old fixed 120 s, within three intervals
+    slow.probe()

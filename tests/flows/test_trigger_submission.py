@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from flows.registry import deployments, load_specs, sync_pipelines
-from flows.triggers import TriggerRequest, prefect_submitter, request_run
+from flows.triggers import (
+    DeploymentNotFoundError,
+    TriggerRequest,
+    prefect_submitter,
+    request_run,
+    submit_unsubmitted_runs,
+)
 from storage import repositories as repo
 from storage.db import transaction
 from tests.flows.conftest import spec
@@ -66,3 +72,24 @@ def test_a_failed_submission_is_retried_by_the_next_identical_request(env: sessi
     assert calls == [retried.run.id, retried.run.id]
     request_run(env, "digits-classifier", request, flaky)
     assert len(calls) == 2  # once submitted, never again
+
+
+def test_a_pipeline_without_a_deployment_fails_its_run_naming_the_deployment_and_the_fix(
+    env: sessionmaker[Session],
+) -> None:
+    name = "never-deployed"  # the session's Prefect server has the other tests' deployments
+    with transaction(env) as session:
+        repo.upsert_pipeline(session, name, "digits", {**spec(), "name": name})  # registered, never deployed
+        run, _ = repo.create_run(session, name, e.TriggerKind.MANUAL)
+    assert submit_unsubmitted_runs(env, prefect_submitter()) == []  # a permanent refusal: no retry, no error
+    with transaction(env) as session:
+        failed = repo.get_run(session, run.id)
+    assert failed.status is e.RunStatus.FAILED and failed.prefect_flow_run_id is None
+    assert failed.error is not None
+    assert f"no deployment 'retrainer-pipeline/{name}'" in failed.error
+    assert "retrainer pipelines deploy" in failed.error
+
+    request = TriggerRequest(e.TriggerKind.MANUAL, idempotency_key="k-none", request_sha256="c" * 64)
+    with pytest.raises(DeploymentNotFoundError) as refused:  # the API's door says it too
+        request_run(env, name, request, prefect_submitter())
+    assert refused.value.code == "deployment_not_found"

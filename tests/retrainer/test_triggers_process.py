@@ -186,3 +186,21 @@ def _wait_for(
         assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}: {log_path.read_text()[-3000:]}"
         time.sleep(0.25)
     return found  # type: ignore[return-value]
+
+
+def test_triggers_refuse_to_submit_without_a_prefect_api_url(tmp_path: Path) -> None:
+    """An ephemeral Prefect has no deployments, so every submission would fail for ever: refused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RETRAINER_"))}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "RETRAINER_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}
+    retrainer = str(Path(sys.executable).parent / "retrainer")
+    refused = subprocess.run([retrainer, "triggers"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr + refused.stdout
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "PREFECT_API_URL is not set" in line and "--no-submit" in line
+    # creating runs only needs no Prefect: --no-submit --once makes one pass and exits 0
+    migrations.upgrade(env["RETRAINER_DATABASE_URL"])
+    once = subprocess.run(
+        [retrainer, "triggers", "--no-submit", "--once"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert once.returncode == 0, once.stderr

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
 from storage import repositories as repo
+from storage.repositories.runs import SUBMISSION_CLAIM_TIMEOUT
 from tests.storage.repositories.conftest import SHA_A, SHA_B, race, store_event, tx
 
 
@@ -102,3 +105,49 @@ def test_run_events_are_the_linked_events_in_receive_order(
     with pytest.raises(NotFoundError) as missing:
         tx(sessions, lambda s: repo.run_events(s, "no-such-run"))
     assert missing.value.code == "not_found"
+
+
+def test_a_submission_claim_is_exclusive_and_expires_after_the_timeout(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    run, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
+    claimed_at = datetime.now(UTC)
+    assert tx(sessions, lambda s: repo.claim_submission(s, run.id, now=claimed_at))
+    assert not tx(sessions, lambda s: repo.claim_submission(s, run.id))  # held: nobody else submits
+    assert tx(sessions, lambda s: repo.unsubmitted_runs(s)) == []
+    assert tx(sessions, lambda s: repo.get_run(s, run.id)).prefect_flow_run_id == repo.SUBMITTING
+
+    # the claimer died before recording the flow run: once the claim is old, the run is offered again
+    later = claimed_at + SUBMISSION_CLAIM_TIMEOUT + timedelta(seconds=1)
+    assert [r.id for r in tx(sessions, lambda s: repo.unsubmitted_runs(s, now=later))] == [run.id]
+    assert tx(sessions, lambda s: repo.claim_submission(s, run.id, now=later))
+    assert not tx(sessions, lambda s: repo.claim_submission(s, run.id, now=later))  # the new claim is fresh
+    tx(sessions, lambda s: repo.update_run(s, run.id, prefect_flow_run_id="flow-run-1"))
+    much_later = later + 10 * SUBMISSION_CLAIM_TIMEOUT
+    assert tx(sessions, lambda s: repo.unsubmitted_runs(s, now=much_later)) == []  # submitted: never again
+
+
+def test_a_released_claim_makes_the_run_unsubmitted_again(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    run, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
+    assert tx(sessions, lambda s: repo.claim_submission(s, run.id))
+    tx(sessions, lambda s: repo.release_submission(s, run.id))
+    assert [r.id for r in tx(sessions, lambda s: repo.unsubmitted_runs(s))] == [run.id]
+    assert tx(sessions, lambda s: repo.claim_submission(s, run.id))
+
+
+def test_a_claim_taken_before_revision_0004_has_no_time_and_counts_as_expired(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    run, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
+    tx(sessions, lambda s: repo.update_run(s, run.id, prefect_flow_run_id=repo.SUBMITTING))  # as 0003's code claimed
+    assert [r.id for r in tx(sessions, lambda s: repo.unsubmitted_runs(s))] == [run.id]
+    assert tx(sessions, lambda s: repo.claim_submission(s, run.id))
+
+
+def test_a_schedule_run_is_never_offered_for_submission(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
+    # its own flow run created it and records itself on it a moment later
+    tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.SCHEDULE, dedupe_key="schedule:t"))
+    manual, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
+    assert [r.id for r in tx(sessions, lambda s: repo.unsubmitted_runs(s))] == [manual.id]
