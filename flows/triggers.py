@@ -96,7 +96,14 @@ def request_run(
     # request. The database hands the submission to exactly one caller (claim_submission), and
     # Prefect's idempotency key (the run id) would turn a second one into the same flow run anyway.
     if submit is not None and run.prefect_flow_run_id is None and run.status is e.RunStatus.QUEUED:
-        run = _submit_claimed(sessions, run, submit) or run
+        try:
+            run = _submit_claimed(sessions, run, submit) or run
+        except DeploymentNotFoundError:
+            raise  # the run is failed, naming the fix: the caller must hear it
+        except Exception as error:
+            # Prefect did not answer: the run stays queued and the trigger service submits it
+            # once Prefect is back. The request itself succeeded.
+            log.warning("run %s queued, submission deferred to the trigger service: %s", run.id, error)
     return TriggerResult(run, created)
 
 

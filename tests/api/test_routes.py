@@ -435,3 +435,19 @@ def test_rollout_abort_and_manual_promote(client: TestClient, sessions: sessionm
     again = client.post(f"{url}/promote", json={"reason": "looked right on the dashboards"})
     assert again.status_code == 409
     assert client.post("/api/v1/pipelines/nope/rollout/abort", json={"reason": reason}).status_code == 404
+
+
+def test_a_prefect_outage_during_a_trigger_still_answers_queued(
+    make_app: Callable[..., FastAPI], api_key: str, pipeline: e.Pipeline, sessions: sessionmaker[Session]
+) -> None:
+    def prefect_down(_run: e.Run) -> str:
+        raise ConnectionRefusedError("Prefect API at http://127.0.0.1:1/api does not answer")
+
+    with TestClient(make_app(submit=prefect_down), headers={"X-API-Key": api_key}) as client:
+        response = client.post(TRIGGER, json={"pipeline": PIPELINE, "reason": "new labels"})
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
+    with transaction(sessions) as session:
+        waiting = repo.unsubmitted_runs(session)
+    # The claim was released: the trigger service's next pass submits it.
+    assert [run.id for run in waiting] == [response.json()["run_id"]]
