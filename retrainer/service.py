@@ -22,6 +22,7 @@ its group without committing anything new, subprocesses get SIGTERM (then SIGKIL
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from domain.errors import InfrastructureError, RetrainerError, TransientInfraError
+from domain.errors import ConfigurationError, InfrastructureError, RetrainerError, TransientInfraError
 from domain.settings import Settings
 from flows.retry import poll_until
 
@@ -197,13 +198,41 @@ def _wait_for_deployments(prefect_url: str, pipelines: list[str], runner: Subpro
     poll_until(registered, timeout_s=PREFECT_START_TIMEOUT_S, on_timeout=timed_out)
 
 
+def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
+    """Sends what Prefect's log and event workers still hold while the Prefect server is up.
+    Left to the interpreter's exit, they would retry against a server already stopped, and the
+    process would hang in its exit (Prefect's own test harness drains them before stopping its
+    server for the same reason)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception:  # never let a flush stop the rest of the shutdown
+            log.warning("could not flush Prefect's %s before stopping", worker.__name__, exc_info=True)
+
+
+def _check_prefect_sees(api_url: str) -> None:
+    """Fails loudly if prefect was imported before PREFECT_API_URL was set (see running_service)."""
+    from prefect.settings import get_current_settings
+
+    seen = get_current_settings().api.url
+    if seen != api_url:
+        raise ConfigurationError(
+            f"Prefect in this process uses {seen or 'a temporary server'}, not {api_url}: prefect was "
+            "imported before PREFECT_API_URL was set; import it later (retrainer/service.py)"
+        )
+
+
 @contextmanager
 def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> Iterator[Running]:
     """Starts every part (see the module docstring); yields once all answer; stops them on exit."""
     from api.app import create_app
     from api.server import running_api
     from consumers.consumer import DataChangeConsumer
-    from flows.canary import RolloutSupervisor
     from flows.loop import LoopHealth, run_loop
     from flows.registry import load_specs, sync_pipelines
     from flows.trigger_service import TriggerService
@@ -227,7 +256,14 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     with ExitStack() as stack:
         env = {**os.environ}
         prefect_url = _prefect(settings, env, stack)
+        stack.callback(_drain_prefect_workers)  # runs after every in-process flow ended, before the server stops
         os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"] = prefect_url
+        # Prefect reads its settings once, when it is first imported: every module that imports
+        # prefect (the canary controller's flow) is imported only now, or the in-process
+        # submitter and controller would talk to a temporary server of their own.
+        from flows.canary import RolloutSupervisor
+
+        _check_prefect_sees(prefect_url)
 
         tune_process(settings.serving_torch_threads)  # before the first model loads
         follower = MetadataFollower(ModelRegistry(), sessions, wiring.artifact_store(settings))
@@ -298,6 +334,8 @@ def exit_cleanly_on_sigterm() -> None:
 def serve_forever(settings: Settings, on_ready: Callable[[Running], None] | None = None) -> None:
     """`retrainer serve`: runs until SIGTERM/SIGINT, then stops every part (also if signalled while starting)."""
     exit_cleanly_on_sigterm()
+    # `kill -USR1 PID` writes every thread's stack to stderr: what a stop that hangs is waiting for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stopping = threading.Event()
     try:
         with running_service(settings) as running:

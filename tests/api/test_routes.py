@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,11 +109,12 @@ def test_trigger_refusals(client: TestClient, submitter: FakeSubmitter) -> None:
 def test_a_backing_service_that_does_not_answer_is_503_with_retry_after(
     make_app: Callable[..., FastAPI], api_key: str, pipeline: e.Pipeline
 ) -> None:
-    def submit(run: e.Run) -> str:
-        raise errors.TransientInfraError("Prefect API at http://127.0.0.1:4200 does not answer")
-
-    with TestClient(make_app(submit=submit), headers={"X-API-Key": api_key}) as client:
-        response = client.post(TRIGGER, json={"pipeline": PIPELINE})
+    # The API key is checked against the working database; the route's own reads go to one that is down.
+    down = make_sessions(create_db_engine("postgresql+psycopg://u:p@127.0.0.1:1/retrainer"))
+    app = make_app()
+    with TestClient(app, headers={"X-API-Key": api_key}) as client:
+        app.state.retrainer = dataclasses.replace(app.state.retrainer, sessions=down)
+        response = client.get("/api/v1/runs/some-run")
     assert response.status_code == 503
     assert error_code(response) == "infrastructure_unavailable"
     assert response.headers["Retry-After"] == "5"

@@ -29,9 +29,14 @@ def retrainer_serve(api_address: str, log_path: Path) -> Iterator[dict[str, dict
             service.send_signal(signal.SIGTERM)
             try:
                 code = service.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as hung:
+                service.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack into the log
+                time.sleep(1)
                 service.kill()
-                raise
+                service.wait(timeout=10)
+                raise AssertionError(
+                    f"retrainer serve did not stop within 60 s:\n{log_path.read_text()[-6000:]}"
+                ) from hung
     assert code == 0, log_path.read_text()[-3000:]
 
 
