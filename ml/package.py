@@ -17,8 +17,8 @@ from torch import nn
 
 from domain.errors import InvalidInputError
 from domain.spec import PipelineSpec
-from ml.data import Standardizer
 from ml.quantization import SavedVariant, Variant, load_quantized, save_quantized
+from ml.standardizer import Standardizer
 from ml.zoo import build_model
 
 MANIFEST_FORMAT = "retrainer.model/1"

@@ -31,8 +31,8 @@ from torch import nn
 
 from domain.entities import ModelVersion
 from domain.errors import InvalidInputError, NotFoundError, RetrainerError
-from ml.data import Standardizer
 from ml.package import load_package
+from ml.standardizer import Standardizer
 from serving.batching import BatchingConfig, DynamicBatcher
 from storage.artifacts.base import ArtifactStore
 
