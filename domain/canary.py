@@ -19,9 +19,9 @@ checks passing advances to the next step, and passing the last (100 %) step prom
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from domain.canary_stats import population_stability
 from domain.evidence import CanaryAction, VariantWindow
 from domain.outcomes import GateCheck, RolloutStatus, Verdict
 from domain.spec import CanarySpec
@@ -60,18 +60,10 @@ class CanaryStep:
     checks: tuple[GateCheck, ...] = ()
 
 
-def population_stability_index(expected: dict[str, int], actual: dict[str, int], epsilon: float = 1e-4) -> float:
-    """PSI between two categorical distributions (0: identical; > 0.2 is commonly read as a shift)."""
-    classes = set(expected) | set(actual)
-    total_e, total_a = sum(expected.values()), sum(actual.values())
-    if not classes or total_e == 0 or total_a == 0:
-        return 0.0
-    psi = 0.0
-    for cls in classes:
-        e = max(expected.get(cls, 0) / total_e, epsilon)
-        a = max(actual.get(cls, 0) / total_a, epsilon)
-        psi += (a - e) * math.log(a / e)
-    return psi
+def population_stability_index(expected: dict[str, int], actual: dict[str, int]) -> float:
+    """PSI between two categorical distributions (0: identical; > 0.2 is commonly read as a shift);
+    the one formula lives in `domain.canary_stats`."""
+    return population_stability(expected, actual)
 
 
 def next_canary_step(state: RolloutProgress, window: CanaryWindow, policy: CanarySpec) -> CanaryStep:

@@ -82,7 +82,7 @@ LATENCY_QUANTILE = 0.99  # the policy's thresholds are named p99
 # The ratio is tested in the body and in the tail: at p99 alone, 200 requests see two tail samples
 # and a model twice as slow hides behind shared scheduler jitter (see the module docstring).
 LATENCY_QUANTILES = (0.5, LATENCY_QUANTILE)
-PSI_FLOOR = 1e-4  # a class one side never predicted counts as this share (as domain/canary.py does)
+PSI_FLOOR = 1e-4  # a class one side never predicted counts as this share
 
 
 class CheckOutcome(StrEnum):
