@@ -32,7 +32,8 @@ from domain.canary_simulation import (
     simulate_rollout,
     statistical_judge,
 )
-from domain.canary_stats import CheckOutcome, VariantSample
+from domain.canary_stats import VariantSample
+from domain.evidence import CheckOutcome
 from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec
 

@@ -47,7 +47,7 @@ from domain.distributions import (
     smallest_count,
 )
 from domain.sequential import CheckName, SpendingPlan, alpha_for
-from domain.spec import CanarySpec
+from domain.spec import CanarySpec, PipelineSpec
 
 POWERED_CHECKS: tuple[CheckName, ...] = ("error_rate", "latency", "prediction_drift", "accuracy")
 _TAIL = 0.01  # 1 - the p99's quantile
@@ -291,3 +291,10 @@ def power_problems(
             if known is None or result.min_samples > known.min_samples:
                 worst[result.check] = result
     return [worst[c].message for c in checks if c in worst]
+
+
+def spec_power_problems(spec: PipelineSpec) -> list[str]:
+    """`power_problems` of a pipeline's canary policy at its confidence, over its model's classes."""
+    if spec.canary is None:
+        return []
+    return power_problems(spec.canary, confidence=spec.canary.confidence, classes=spec.model.output_classes)

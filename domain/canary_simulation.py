@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from domain.canary_power import window_sizes
-from domain.canary_stats import CheckOutcome, VariantSample, judge_window
+from domain.canary_stats import VariantSample, judge_window
+from domain.evidence import CheckOutcome
 from domain.histogram import LatencyHistogram, bucket_index
 from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec

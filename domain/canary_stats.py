@@ -58,10 +58,9 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from domain.distributions import (
     binomial_cdf,
@@ -73,8 +72,8 @@ from domain.distributions import (
     normal_quantile,
     wilson_interval,
 )
+from domain.evidence import CheckEvidence, CheckOutcome
 from domain.histogram import LatencyHistogram
-from domain.outcomes import GateCheck, Verdict
 from domain.sequential import CheckName, SpendingPlan, alpha_for
 from domain.spec import CanarySpec
 
@@ -83,36 +82,6 @@ LATENCY_QUANTILE = 0.99  # the policy's thresholds are named p99
 # and a model twice as slow hides behind shared scheduler jitter (see the module docstring).
 LATENCY_QUANTILES = (0.5, LATENCY_QUANTILE)
 PSI_FLOOR = 1e-4  # a class one side never predicted counts as this share
-
-
-class CheckOutcome(StrEnum):
-    PASS = "pass"  # noqa: S105 - an outcome, not a password
-    FAIL = "fail"
-    NOT_YET = "not_yet"
-
-
-class CheckEvidence(BaseModel):
-    """One check on one window: its outcome and the numbers it rests on."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    check: CheckName
-    outcome: CheckOutcome
-    reason: str = Field(description="One line: the outcome and the numbers behind it.")
-    alpha: float = Field(ge=0, le=1, description="Significance level this look spent (0: not tested).")
-    threshold: float | None = Field(default=None, description="The policy's limit this check tests against.")
-    statistic: float | None = Field(default=None, description="The measured effect, in the threshold's units.")
-    interval: tuple[float, float] | None = Field(default=None, description="Confidence bounds at 1 - alpha each.")
-    p_value: float | None = None
-    canary_n: int = Field(ge=0, description="Canary samples used (requests, or labels for accuracy).")
-    champion_n: int | None = Field(default=None, ge=0, description="Champion samples used (None: not compared).")
-    measures: dict[str, float] = Field(default_factory=dict, description="Secondary figures, by name.")
-
-    def to_gate_check(self) -> GateCheck:
-        """The older flat shape (`not_yet` reads as skipped), for readers that know only GateCheck."""
-        verdict = {CheckOutcome.PASS: Verdict.PASS, CheckOutcome.FAIL: Verdict.FAIL}.get(self.outcome, Verdict.SKIPPED)
-        low, high = self.interval if self.interval is not None else (None, None)
-        return GateCheck(self.check, "canary", verdict, self.reason, self.statistic, None, self.threshold, low, high)
 
 
 def _significant(p_value: float, alpha: float) -> bool:

@@ -3,8 +3,11 @@
 - `VariantWindow`: what one variant (one model version) did in one window of live traffic.
 - `ModelStats`: the answer of the model server's `GET /v2/models/{pipeline}/stats`; its
   `variants` are `ServedWindow`s (a `VariantWindow` naming the pipeline and variant).
+- `CheckEvidence`: one statistical check of one window (`domain/canary_stats.py`): its outcome
+  (pass, fail, not yet), the statistic, interval or p-value, sample sizes, threshold and the
+  significance level it spent.
 - `CanaryAttempt`: one analysed window of a rollout step, as the controller (`flows/canary.py`)
-  stores it: both variants' windows, the decision, its checks and reasons.
+  stores it: both variants' windows, the decision, its checks' evidence and reasons.
 - `StepAnalysis`: a rollout step's stored `analysis`: its attempts in order, and what closed it.
 
 Storage converts them to and from JSON at the row (`storage/orm.py`, `storage/repositories/rollouts.py`),
@@ -21,7 +24,9 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from domain.outcomes import GateCheck, RolloutStatus
+from domain.histogram import LatencyHistogram
+from domain.outcomes import GateCheck, RolloutStatus, Verdict
+from domain.sequential import CheckName
 
 
 class CanaryAction(StrEnum):
@@ -47,6 +52,11 @@ class VariantWindow(_Evidence):
     rejected: int = Field(default=0, ge=0, description="Requests refused for bad input (client errors).")
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    latency_histogram: LatencyHistogram | None = Field(
+        default=None,
+        description="The window's latencies in fixed log buckets (domain/histogram.py): what the latency test reads; "
+        "windows of several replicas merge by adding counts. None: an older server that reports only p50/p99.",
+    )
     class_counts: dict[str, int] = Field(default_factory=dict, description="Predicted rows per class id.")
     labelled: int = Field(default=0, ge=0, description="Rows with a delayed label (feedback) in the window.")
     correct: int = Field(default=0, ge=0, description="Labelled rows the variant predicted right.")
@@ -58,6 +68,36 @@ class VariantWindow(_Evidence):
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
+
+
+class CheckOutcome(StrEnum):
+    PASS = "pass"  # noqa: S105 - an outcome, not a password
+    FAIL = "fail"
+    NOT_YET = "not_yet"
+
+
+class CheckEvidence(BaseModel):
+    """One check on one window: its outcome and the numbers it rests on."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    check: CheckName
+    outcome: CheckOutcome
+    reason: str = Field(description="One line: the outcome and the numbers behind it.")
+    alpha: float = Field(ge=0, le=1, description="Significance level this look spent (0: not tested).")
+    threshold: float | None = Field(default=None, description="The policy's limit this check tests against.")
+    statistic: float | None = Field(default=None, description="The measured effect, in the threshold's units.")
+    interval: tuple[float, float] | None = Field(default=None, description="Confidence bounds at 1 - alpha each.")
+    p_value: float | None = None
+    canary_n: int = Field(ge=0, description="Canary samples used (requests, or labels for accuracy).")
+    champion_n: int | None = Field(default=None, ge=0, description="Champion samples used (None: not compared).")
+    measures: dict[str, float] = Field(default_factory=dict, description="Secondary figures, by name.")
+
+    def to_gate_check(self) -> GateCheck:
+        """The older flat shape (`not_yet` reads as skipped), for readers that know only GateCheck."""
+        verdict = {CheckOutcome.PASS: Verdict.PASS, CheckOutcome.FAIL: Verdict.FAIL}.get(self.outcome, Verdict.SKIPPED)
+        low, high = self.interval if self.interval is not None else (None, None)
+        return GateCheck(self.check, "canary", verdict, self.reason, self.statistic, None, self.threshold, low, high)
 
 
 Variant = Literal["champion", "canary"]
@@ -107,12 +147,18 @@ class CanaryAttempt(_Evidence):
     traffic_percent: float = Field(description="The canary's traffic share after this decision (0 on rollback).")
     canary: VariantWindow
     champion: VariantWindow
-    checks: tuple[GateCheck, ...] = ()
+    checks: tuple[GateCheck, ...] = Field(default=(), description="Each check's verdict in the flat gate shape.")
+    evidence: tuple[CheckEvidence, ...] = Field(
+        default=(), description="Each statistical check's evidence (empty in rows stored before the tests existed)."
+    )
     server_error: str | None = Field(default=None, description="Why the model server's window could not be read.")
 
     @property
     def psi(self) -> float | None:
-        check = next((c for c in self.checks if c.metric == "prediction_psi"), None)
+        drift = next((c for c in self.evidence if c.check == "prediction_drift"), None)
+        if drift is not None:
+            return drift.statistic
+        check = next((c for c in self.checks if c.metric in ("prediction_drift", "prediction_psi")), None)
         return check.candidate_value if check else None
 
 

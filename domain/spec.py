@@ -229,8 +229,15 @@ class CanarySpec(_Strict):
     latency_p99_slack_ms: float = Field(
         default=0.0,
         ge=0,
-        description="The p99 ratio fails a step only if the canary is also this many ms slower: on a p99 of a "
-        "few ms, scheduler jitter alone moves the ratio.",
+        description="Latency fails a step only if the canary is slower than ratio x champion + this many ms: on "
+        "a latency of a few ms, scheduler jitter alone moves the ratio.",
+    )
+    confidence: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="1 - the chance that a candidate as good as the champion is rolled back by any check of the "
+        "whole rollout (all steps, checks and looks; domain/sequential.py splits it).",
     )
 
     @field_validator("steps")

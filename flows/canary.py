@@ -4,7 +4,9 @@ rolled back (`canary_rollout`, a Prefect flow; `drive_rollout` is the same loop 
 Each pass reads the rollout from SQL, opens its step in progress if needed, asks the model server
 to apply it (`POST /v2/repository/models/{pipeline}/load`: the server re-reads the canary weight
 from SQL), reads both variants' stats since the step began (`GET /v2/models/{pipeline}/stats`),
-and lets `domain.canary.next_canary_step` decide:
+and lets `domain.canary.next_canary_step` decide, with each check a statistical test whose evidence
+is stored with the window (the drift check allows the candidate/champion disagreement the gate
+measured on the same test rows, read from the run's evidence):
 
 - wait: keep looking (interval not over, or too few requests before the deadline);
 - repeat: a check failed below the failure limit; the step restarts on a fresh window;
@@ -111,8 +113,21 @@ def _attempt(decision: CanaryStep, window: CanaryWindow, server_error: str | Non
         canary=window.canary,
         champion=window.champion,
         checks=decision.checks,
+        evidence=decision.evidence,
         server_error=server_error,
     )
+
+
+def expected_disagreement(run: e.Run | None, champion_version: int | None) -> float | None:
+    """The rate at which the gate saw the candidate and this champion disagree on the same test rows
+    (`run.evidence["disagreement"]`), or None when the run measured none against this champion."""
+    recorded = (run.evidence or {}).get("disagreement") if run is not None else None
+    if not isinstance(recorded, dict) or champion_version is None:
+        return None
+    rate = recorded.get("rate")
+    if recorded.get("champion_version") != champion_version or not isinstance(rate, int | float):
+        return None
+    return float(rate) if 0.0 <= rate <= 1.0 else None
 
 
 def _failures(rollout: e.Rollout) -> int:
@@ -169,6 +184,7 @@ def drive_rollout(
                 if rollout.champion_version_id
                 else None
             )
+            run = repo.get_run(session, rollout.run_id) if rollout.run_id else None
         with log_context(pipeline=pipeline, run_id=rollout.run_id):
             elapsed = (clock() - step.started_at).total_seconds()
             try:
@@ -181,7 +197,9 @@ def drive_rollout(
                 applied = None  # tell the server again once it answers
             window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
             progress = RolloutProgress(rollout.current_step, _failures(rollout))
-            decision = next_canary_step(progress, window, rollout.canary_policy)
+            decision = next_canary_step(
+                progress, window, rollout.canary_policy, expected_disagreement=expected_disagreement(run, champion)
+            )
             attempt = _attempt(decision, window, server_error)
             if decision.action is not CanaryAction.WAIT:
                 try:
@@ -301,8 +319,8 @@ class RolloutSupervisor:
 
 
 def _attempt_markdown(rollout: e.Rollout, attempt: CanaryAttempt) -> str:
-    rows = ["| check | verdict | reason |", "|---|---|---|"]
-    rows += [f"| {c.metric} | {c.verdict.value} | {c.reason} |" for c in attempt.checks]
+    rows = ["| check | outcome | alpha | reason |", "|---|---|---|---|"]
+    rows += [f"| {c.check} | {c.outcome.value} | {c.alpha:.3g} | {c.reason} |" for c in attempt.evidence]
     canary, champion = attempt.canary, attempt.champion
     return "\n".join(
         [

@@ -35,7 +35,7 @@ from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
 from flows.context import FlowContext
 from ml.data import PreparedData, Table, load_table, prepare
-from ml.evaluation import BUILTIN_METRICS, EvalReport, compare, evaluate
+from ml.evaluation import BUILTIN_METRICS, EvalReport, compare, disagreement, evaluate
 from ml.package import load_package, manifest_for, save_package
 from ml.quantization import QuantizationOutcome, VariantScore, quantize_and_select
 from ml.training import TrainingData, TrainProgress, TrainResult, seed_everything, train
@@ -254,6 +254,14 @@ def gate_and_record(
             "error": champion_error,
         },
         "comparisons": {k: asdict(v) for k, v in intervals.items()},
+        # what the canary's drift check allows: a better model changes this share of predictions
+        "disagreement": None
+        if inputs.champion is None or champion is None
+        else {
+            "rate": disagreement(candidate, champion),
+            "rows": candidate.n_examples,
+            "champion_version": inputs.champion.version,
+        },
         "quantization": quantized.report.to_dict(),
     }
     with ctx.tx() as session:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, cast
 
 from sqlalchemy.orm import Session
 
+from domain.canary_power import spec_power_problems
 from domain.entities import Pipeline
 from domain.errors import SpecError
 from domain.spec import PipelineSpec, load_spec
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+def validate_spec_file(path: Path) -> PipelineSpec:
+    """One spec file, validated: its schema and semantics (`load_spec`), and whether its canary
+    policy can measure its own thresholds (`domain.canary_power`: each check's threshold must lie
+    outside the sampling noise of the policy's windows). SpecError lists every problem."""
+    spec = load_spec(path, constructor_problems)
+    problems = spec_power_problems(spec)
+    if problems:
+        raise SpecError([f"{path}: {line}" for line in problems])
+    return spec
+
+
 def load_specs(directory: Path) -> list[PipelineSpec]:
     """Every spec in `directory`, validated; SpecError lists every problem of every file at once."""
     if not directory.is_dir():
@@ -32,7 +44,7 @@ def load_specs(directory: Path) -> list[PipelineSpec]:
     specs: dict[str, tuple[Path, PipelineSpec]] = {}
     for path in sorted(p for p in directory.iterdir() if p.suffix.lower() in SPEC_SUFFIXES):
         try:
-            spec = load_spec(path, constructor_problems)
+            spec = validate_spec_file(path)
         except SpecError as e:
             problems += e.problems
             continue

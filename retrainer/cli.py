@@ -79,13 +79,12 @@ def apikey_create(name: Annotated[str, typer.Argument(help="Who or what the key 
 def pipelines_validate(files: Annotated[list[Path], typer.Argument(help="Spec files (YAML or JSON).")]) -> None:
     """Validate pipeline specs: exit 0, or exit 2 with one line per problem (FILE: key.path: message)."""
     from domain.errors import SpecError
-    from domain.spec import load_spec
-    from ml.zoo import constructor_problems
+    from flows.registry import validate_spec_file
 
     problems: list[str] = []
     for path in files:
         try:
-            spec = load_spec(path, constructor_problems)
+            spec = validate_spec_file(path)
         except SpecError as e:
             problems += e.problems
         else:

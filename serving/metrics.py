@@ -8,7 +8,8 @@ from the loaded models themselves `retrainer_serving_forward_passes_total` and
 `retrainer_serving_forward_rows_total` (their ratio is the mean batch size).
 
 `ServingMetrics.snapshot(pipeline, window_s)` gives per (variant, version) a
-`domain.evidence.ServedWindow`: requests, errors, p50/p99 latency, predicted-class counts and
+`domain.evidence.ServedWindow`: requests, errors, p50/p99 latency and the window's latencies as a
+mergeable histogram (`domain.histogram`: what the canary's latency test reads), predicted-class counts and
 labelled rows over the last `window_s` seconds, from bounded in-memory event windows (no
 Prometheus scrape needed). The stats endpoint answers them to the canary controller.
 
@@ -32,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from domain.errors import InvalidInputError, NotFoundError
 from domain.evidence import ServedWindow
+from domain.histogram import LatencyHistogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LABELS = ("pipeline", "variant", "version")
@@ -152,6 +154,7 @@ def _served_window(
             "rejected": rejected,
             "latency_p50_ms": p50,
             "latency_p99_ms": p99,
+            "latency_histogram": LatencyHistogram.of(latencies.tolist()),
             "class_counts": {str(cls): classes[cls] for cls in sorted(classes)},
             "labelled": sum(f[1] for f in feedback),
             "correct": sum(f[2] for f in feedback),

@@ -4,7 +4,7 @@
 (quality, calibration, CPU latency, size), per-class precision/recall/F1, the confusion matrix and
 the per-example evidence (labels, predictions, probabilities). `compare` takes two reports computed
 on the same data and returns, per metric, the difference candidate - champion with a paired
-bootstrap confidence interval.
+bootstrap confidence interval; `disagreement` how often the two predict differently on those rows.
 
 Design:
 
@@ -22,7 +22,7 @@ parameter count), `custom_metrics.py` (user metrics by import path), `comparison
 Import from this package; the names below are its public interface.
 """
 
-from ml.evaluation.comparison import compare
+from ml.evaluation.comparison import compare, disagreement
 from ml.evaluation.report import EvalReport, MetricComparison
 from ml.evaluation.resampling import BUILTIN_METRICS, ECE_BINS
 from ml.evaluation.scoring import evaluate
@@ -33,5 +33,6 @@ __all__ = [
     "EvalReport",
     "MetricComparison",
     "compare",
+    "disagreement",
     "evaluate",
 ]

@@ -147,3 +147,13 @@ def _custom_on(report: EvalReport, path: str, fn: CustomMetric, idx: npt.NDArray
         ],
         dtype=np.float64,
     )
+
+
+def disagreement(candidate: EvalReport, champion: EvalReport) -> float:
+    """How often the two models predict different classes on the same rows (0: never, 1: always).
+
+    The canary's drift check reads it: on the same inputs, the predicted-class distributions of two
+    models differ (in total variation) by at most this rate, so live drift within it is what the gate
+    already accepted, not a fault."""
+    _check_same_data(candidate, champion)
+    return float(np.mean(candidate.predictions != champion.predictions))

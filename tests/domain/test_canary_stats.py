@@ -9,8 +9,6 @@ import pytest
 
 from domain.canary_power import canary_power, power_problems, window_sizes
 from domain.canary_stats import (
-    CheckEvidence,
-    CheckOutcome,
     Tally,
     VariantSample,
     accuracy_check,
@@ -32,6 +30,7 @@ from domain.distributions import (
     noncentral_chi2_sf,
     wilson_interval,
 )
+from domain.evidence import CheckEvidence, CheckOutcome
 from domain.histogram import LatencyHistogram
 from domain.outcomes import Verdict
 from domain.sequential import CHECKS, SpendingPlan, alpha_for, total_alpha
