@@ -6,7 +6,8 @@ requests delayed 1-5 ms by jitter in both variants) through two judges that see 
 - before: the point-estimate rules of `domain/canary.py` (`next_canary_step`), reimplemented here
   on the same evidence: error rate > limit; below 100 %, p99 ratio > limit while more than the
   slack slower, PSI > limit; accuracy below champion - drop once both have `min_labels`;
-- after: `domain.canary_stats.judge_window` with the spending plan of `domain/sequential.py`.
+- after: the controller's own decision, `domain.canary.next_canary_step` (`judge_window` of
+  `domain/canary_stats.py` at the levels of the spending plan of `domain/sequential.py`).
 
 Prints, per policy and scenario, the share of rollouts rolled back at all and by the second
 analysed window; then, for the equal candidate, which check caused the false rollbacks; then the
@@ -34,7 +35,6 @@ from domain.canary_simulation import (
 )
 from domain.canary_stats import VariantSample
 from domain.evidence import CheckOutcome
-from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec
 
 CONFIDENCE = 0.95
@@ -105,13 +105,12 @@ def main() -> None:
     print("-" * len(header))
     false_causes: dict[str, tuple[Counter[str], Counter[str]]] = {}
     for label, policy in POLICIES.items():
-        plan = SpendingPlan.for_policy(policy.steps, CONFIDENCE)
         for scenario in scenarios:
             old = _run(scenario, policy, point_estimate_judge(policy), args.rollouts, args.seed)
             new = _run(
                 scenario,
                 policy,
-                statistical_judge(policy, plan, scenario.expected_disagreement),
+                statistical_judge(policy, scenario.expected_disagreement),
                 args.rollouts,
                 args.seed,
             )

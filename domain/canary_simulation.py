@@ -24,11 +24,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from domain.canary import CanaryAction, CanaryWindow, RolloutProgress, next_canary_step
 from domain.canary_power import window_sizes
-from domain.canary_stats import VariantSample, judge_window
-from domain.evidence import CheckOutcome
+from domain.canary_stats import VariantSample
+from domain.evidence import CheckOutcome, VariantWindow
 from domain.histogram import LatencyHistogram, bucket_index
-from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec
 
 CLASSES = 10
@@ -122,12 +122,35 @@ def draw_window(model: VariantModel, requests: int, rng: random.Random) -> Varia
 Judge = Callable[[VariantSample, VariantSample, int], tuple[CheckOutcome, tuple[str, ...]]]
 
 
-def statistical_judge(policy: CanarySpec, plan: SpendingPlan, expected_disagreement: float | None) -> Judge:
-    """`judge_window` at each window's final look, as a `Judge` (outcome, failed check names)."""
+_OUTCOME = {
+    CanaryAction.ROLLBACK: CheckOutcome.FAIL,
+    CanaryAction.REPEAT: CheckOutcome.FAIL,
+    CanaryAction.ADVANCE: CheckOutcome.PASS,
+    CanaryAction.PROMOTE: CheckOutcome.PASS,
+    CanaryAction.WAIT: CheckOutcome.NOT_YET,
+}
+
+
+def statistical_judge(policy: CanarySpec, expected_disagreement: float | None) -> Judge:
+    """The controller's own decision (`domain.canary.next_canary_step`) on each window at the end of
+    its interval, as a `Judge` (outcome, failed check names): what is proven is what ships."""
+
+    def window(sample: VariantSample) -> VariantWindow:
+        return VariantWindow(
+            requests=sample.requests,
+            errors=sample.errors,
+            latency_histogram=sample.latency,
+            class_counts=dict(sample.class_counts),
+            labelled=sample.labelled,
+            correct=sample.correct,
+        )
 
     def judge(canary: VariantSample, champion: VariantSample, step: int) -> tuple[CheckOutcome, tuple[str, ...]]:
-        verdict = judge_window(canary, champion, policy, plan, step, expected_disagreement=expected_disagreement)
-        return verdict.outcome, tuple(c.check for c in verdict.checks if c.outcome is CheckOutcome.FAIL)
+        observed = CanaryWindow(window(canary), window(champion), policy.interval_seconds)
+        expected = expected_disagreement
+        decision = next_canary_step(RolloutProgress(step), observed, policy, expected_disagreement=expected)
+        failed = tuple(c.check for c in decision.evidence if c.outcome is CheckOutcome.FAIL)
+        return _OUTCOME[decision.action], failed
 
     return judge
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 
 from domain.canary_simulation import SCENARIOS, Scenario, rollout_rates, statistical_judge
-from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec
 
 CONFIDENCE = 0.95
@@ -23,8 +22,7 @@ BAD = [s for s in SCENARIOS if s.bad]
 
 
 def _rates(scenario: Scenario, policy: CanarySpec, rollouts: int = ROLLOUTS, seed: int = 7) -> tuple[float, float]:
-    plan = SpendingPlan.for_policy(policy.steps, CONFIDENCE)
-    judge = statistical_judge(policy, plan, scenario.expected_disagreement)
+    judge = statistical_judge(policy.model_copy(update={"confidence": CONFIDENCE}), scenario.expected_disagreement)
     rates = rollout_rates(scenario, policy, judge, rollouts, seed)
     return rates.rolled_back, rates.by_second_window
 
