@@ -49,6 +49,7 @@ from flows.context import FlowContext
 from flows.loop import PassIncomplete
 from storage import repositories as repo
 from storage.db import transaction
+from web.canary_checks import markdown_table
 
 log = logging.getLogger("retrainer.flows.canary")
 
@@ -319,8 +320,7 @@ class RolloutSupervisor:
 
 
 def _attempt_markdown(rollout: e.Rollout, attempt: CanaryAttempt) -> str:
-    rows = ["| check | outcome | alpha | reason |", "|---|---|---|---|"]
-    rows += [f"| {c.check} | {c.outcome.value} | {c.alpha:.3g} | {c.reason} |" for c in attempt.evidence]
+    rows = markdown_table(attempt)
     canary, champion = attempt.canary, attempt.champion
     return "\n".join(
         [

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 from domain.errors import InvalidInputError, RetrainerError
 from retrainer import processes
-from retrainer.console import err, out
+from retrainer.console import err, out, print_decisive_checks
 from retrainer.console import settings as _settings
 from retrainer.console import unit_of_work as _unit_of_work
 
@@ -312,7 +312,8 @@ def models_rollback(
 
 @rollout_app.command("show")
 def rollout_show(pipeline: PipelineName) -> None:
-    """The current or last rollout: each step's traffic, verdict and the reason of its last analysis."""
+    """The current or last rollout: each step's traffic, verdict and the reason of its last analysis,
+    then the checks of its latest window (outcome, statistic and limit, interval or p, alpha, n)."""
     from storage import repositories as repo
 
     with _unit_of_work() as session:
@@ -331,6 +332,7 @@ def rollout_show(pipeline: PipelineName) -> None:
             step.analysis.reason or "-",
         )
     out.print(table)
+    print_decisive_checks(rollout)
     out.print(f"candidate v{candidate}: {rollout.status.value} {rollout.reason or ''}", highlight=False)
 
 

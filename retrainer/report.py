@@ -25,7 +25,8 @@ from domain import entities as e
 from domain.errors import NotFoundError
 from storage import repositories as repo
 from storage.db import transaction
-from web.render import DASH, render_report, version
+from web.canary_checks import DASH
+from web.render import render_report, version
 from web.views import (
     COMPARED_METRICS,
     AliasMoveReport,

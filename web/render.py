@@ -16,11 +16,11 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from domain.evidence import CanaryAttempt, VariantWindow
+from web.canary_checks import DASH
 from web.charts import Chart, Series, bar_chart, line_chart, nice_ceiling
 from web.views import PipelineReport, ReportData, RunReport, StepReport
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-DASH = "—"
 
 CANDIDATE_COLOUR = "#1a73e8"
 CHAMPION_COLOUR = "#f29900"
@@ -33,7 +33,7 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'n
 _TONES = {
     "good": {"pass", "promoted", "promote", "advance", "champion"},
     "bad": {"fail", "failed", "rejected", "rolled_back", "rollback", "aborted"},
-    "warn": {"repeat", "wait", "skipped"},
+    "warn": {"repeat", "wait", "skipped", "not yet"},
     "info": {"canary", "running", "queued", "active"},
 }
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from domain.entities import GateCheck
 from domain.evidence import CanaryAttempt, StepAnalysis
+from web.canary_checks import CheckRow, check_rows
 
 # (metric, higher is better) for the candidate-vs-champion table
 COMPARED_METRICS: tuple[tuple[str, bool], ...] = (
@@ -157,9 +157,22 @@ class RolloutReport:
         return [(s, i, a) for s in self.steps for i, a in enumerate(s.attempts, 1)]
 
     @property
-    def checks(self) -> list[tuple[StepReport, int, CanaryAttempt, GateCheck]]:
-        """Every check of every analysed window, in order."""
-        return [(s, i, a, c) for s, i, a in self.windows for c in a.checks]
+    def checks(self) -> list[tuple[StepReport, int, CanaryAttempt, CheckRow]]:
+        """Every check of every analysed window, in order: its evidence, or the flat checks of a
+        window stored before the checks were tests."""
+        return [(s, i, a, c) for s, i, a in self.windows for c in check_rows(a)]
+
+    @property
+    def false_rollback_budget(self) -> float | None:
+        """1 - canary.confidence of the rollout's policy: the most probability the rollout's tests
+        together may have of rolling back a candidate as good as the champion (None: a policy
+        stored before the checks were tests names no confidence)."""
+        stored = dict(self.policy).get("confidence")
+        try:
+            confidence = float(stored) if stored is not None else None
+        except ValueError:
+            return None
+        return 1.0 - confidence if confidence is not None and 0.0 < confidence < 1.0 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ Rendering (templates, charts, escaping) is tested from hand-built views in tests
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,8 +16,12 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
+from domain.canary_stats import Tally, error_rate_check, error_rate_vs_champion_check, latency_check
 from domain.errors import NotFoundError
-from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
+from domain.evidence import CanaryAction, CanaryAttempt, CheckEvidence, StepAnalysis, VariantWindow
+from domain.histogram import LatencyHistogram
+from domain.sequential import SpendingPlan, alpha_for
+from domain.spec import CanarySpec
 from retrainer.report import collect_report, runs_table_rows, write_report
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
@@ -82,6 +88,7 @@ def attempt(
     champion: VariantWindow,
     checks: list[e.GateCheck],
     server_error: str | None = None,
+    evidence: tuple[CheckEvidence, ...] = (),
 ) -> CanaryAttempt:
     return CanaryAttempt(
         action=CanaryAction(action),
@@ -91,8 +98,9 @@ def attempt(
         traffic_percent=0.0 if action == "rollback" else 50.0,
         canary=canary,
         champion=champion,
-        checks=tuple(checks),
+        checks=tuple(checks) or tuple(c.to_gate_check() for c in evidence),
         server_error=server_error,
+        evidence=evidence,
     )
 
 
@@ -103,6 +111,21 @@ def passing_checks(psi: float) -> list[e.GateCheck]:
         check("prediction_psi", "pass", f"PSI {psi:.3f} <= 0.200", psi, None, 0.2),
         check("accuracy", "skipped", "fewer than 50 labels per variant", None, None, 0.02),
     ]
+
+
+# the 50 % step's level per check: 1 - confidence split over the steps, then equally over the checks
+ALPHA = alpha_for(SpendingPlan.for_policy([10.0, 50.0, 100.0], 0.95), 1, "latency", 1, final=True)
+
+
+def slow_canary_evidence() -> tuple[CheckEvidence, ...]:
+    """The rolled-back window's tests: errors within the limit and the champion's, latency 3x slower."""
+    canary = LatencyHistogram.of([9.8 - (i % 4) * 0.1 for i in range(1000)])
+    champion = LatencyHistogram.of([3.3 - (i % 4) * 0.1 for i in range(1000)])
+    return (
+        error_rate_check(3, 1000, max_error_rate=0.01, alpha=ALPHA, final=True),
+        error_rate_vs_champion_check(Tally(3, 1000), Tally(1, 1000), alpha=ALPHA, final=True),
+        latency_check(canary, champion, max_ratio=1.2, slack_ms=0.0, alpha=ALPHA, final=True),
+    )
 
 
 def record_step(
@@ -239,8 +262,10 @@ def build_story(sessions: sessionmaker[Session]) -> Story:
             status=e.RunStatus.CANARY,
             reason=f"gate passed; {EVIL}",
         )
+        # rolled out since the checks are tests: the policy names its confidence, the windows their evidence
+        tested = CanarySpec(steps=[10.0, 50.0, 100.0]).model_dump(mode="json")
         rolled = repo.start_rollout(
-            s, PIPELINE, candidate_version_id=v3.id, champion_version_id=v2.id, policy=policy, run_id=run3.id
+            s, PIPELINE, candidate_version_id=v3.id, champion_version_id=v2.id, policy=tested, run_id=run3.id
         )
         record_step(
             s,
@@ -268,10 +293,8 @@ def build_story(sessions: sessionmaker[Session]) -> Story:
                 slow,
                 window("3", 1000, 3, 9.8, {"0": 500, "1": 500}),
                 window("2", 1000, 1, 3.3, {"0": 500, "1": 500}),
-                [
-                    check("error_rate", "pass", "error rate 0.30 % <= 1.00 %", 0.003, 0.001, 0.01),
-                    check("latency_p99_ratio", "fail", slow, 2.97, 3.3, 1.2),
-                ],
+                [],
+                evidence=slow_canary_evidence(),
             ),
         )
         repo.finish_rollout(s, rolled.id, e.RolloutStatus.ROLLED_BACK, f"rolled back at step 1: {slow}")
@@ -345,7 +368,15 @@ def test_collects_alias_history_and_rollouts_oldest_first(data: ReportData, db: 
     assert (rolled.status, len(rolled.steps), rolled.steps[1].analysis.action) == ("rolled_back", 2, "rollback")
     last = rolled.steps[1].decisive
     assert last is not None and last.canary.error_rate == pytest.approx(0.003)
-    assert [c.verdict for c in last.checks] == ["pass", "fail"]
+    # the evidence came back from SQL as stored, beside its flat checks
+    assert last.evidence == slow_canary_evidence()
+    assert [(c.metric, c.verdict) for c in last.checks] == [
+        ("error_rate", "pass"),
+        ("error_rate_vs_champion", "pass"),
+        ("latency", "fail"),
+    ]
+    assert promoted.false_rollback_budget is None  # its policy predates canary.confidence
+    assert rolled.false_rollback_budget == pytest.approx(0.05)
 
 
 def test_pipeline_filter_and_unknown_pipeline(db: tuple[sessionmaker[Session], Story]) -> None:
@@ -418,13 +449,36 @@ def test_missing_run_evidence_and_steps_without_windows_are_collected_as_unknown
     )
     assert failed.quantization == Quantization(None, None, None, ())
     assert (failed.candidate_version, failed.decision_reason) == (1, "RuntimeError: boom")
-    (rollout,) = pipeline.rollouts
-    assert [s.analysis for s in rollout.steps] == [StepAnalysis(), StepAnalysis()]  # no window analysed
-    assert (rollout.status, rollout.reason, rollout.steps[1].finished_at) == ("aborted", "aborted by operator", None)
+    (aborted,) = pipeline.rollouts
+    assert [s.analysis for s in aborted.steps] == [StepAnalysis(), StepAnalysis()]  # no window analysed
+    assert (aborted.status, aborted.reason, aborted.steps[1].finished_at) == ("aborted", "aborted by operator", None)
     document = path.read_text(encoding="utf-8")
     assert document.startswith("<!DOCTYPE html>") and "aborted by operator" in document
     assert [p for p in (tmp_path / "out").iterdir()] == [path]  # no temporary file left behind
     assert runs_table_rows(ReportData(pipelines=())) == []
+
+
+def test_the_written_report_shows_each_checks_evidence_and_old_windows_flat(
+    db: tuple[sessionmaker[Session], Story], tmp_path: Path
+) -> None:
+    path = write_report(db[0], tmp_path / "report.html", pipelines=["digits"], generated_at=GENERATED)
+    document = html.unescape(re.sub(r"<[^>]+>", " ", path.read_text(encoding="utf-8")))
+    errors, versus, latency = slow_canary_evidence()
+    assert latency.statistic is not None and latency.p_value is not None
+    for shown in (
+        f"p99 ratio {latency.statistic:.2f}x (limit 1.20x)",
+        f"p = {latency.p_value:.3g}",
+        "rate 0.30 % (limit 1.00 %)",
+        f"p = {errors.p_value:.3g}",
+        f"p = {versus.p_value:.3g}",
+        f"{ALPHA:.3g}",  # the level each check spent
+        "1000 / 1000",  # canary n / champion n
+        latency.reason,
+        "False-rollback budget 5.00 %",
+    ):
+        assert shown in document, shown
+    # windows stored before the checks were tests still show their flat checks
+    assert "prediction_psi" in document and "p99 ratio 1.05 <= 1.20" in document
 
 
 def test_write_report_replaces_an_existing_file(db: tuple[sessionmaker[Session], Story], tmp_path: Path) -> None:

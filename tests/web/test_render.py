@@ -4,6 +4,7 @@ The collecting side (SQL → views) is tested in tests/retrainer/test_report.py.
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -12,8 +13,13 @@ from html.parser import HTMLParser
 import pytest
 
 from domain import entities as e
+from domain.canary_stats import VariantSample, WindowJudgement, judge_window
 from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
+from domain.histogram import LatencyHistogram
+from domain.sequential import SpendingPlan
+from domain.spec import CanarySpec
 from web import views as v
+from web.canary_checks import check_rows
 from web.render import render_report
 
 EVIL = "<script>alert('x')</script>"
@@ -125,7 +131,12 @@ def window(version: str, requests: int, errors: int, p99: float) -> VariantWindo
     return VariantWindow(version=version, requests=requests, errors=errors, latency_p99_ms=p99, class_counts=counts)
 
 
-def attempt(action: CanaryAction, reason: str, canary: VariantWindow, psi: float | None = None) -> CanaryAttempt:
+def attempt(
+    action: CanaryAction, reason: str, canary: VariantWindow, psi: float | None = None, judged: bool = False
+) -> CanaryAttempt:
+    """A window as the controller stores it; `judged`: with each check's evidence (judge_window over
+    the windows' numbers), else the flat checks of a window stored before the checks were tests."""
+    champion = window("1", 1000 if judged else 2000, 1, 3.2)
     checks = [e.GateCheck("error_rate", "canary", e.Verdict.PASS, "error rate 0.00 % <= 1.00 %", 0.0, None, 0.01)]
     if psi is not None:
         checks.append(
@@ -133,6 +144,7 @@ def attempt(action: CanaryAction, reason: str, canary: VariantWindow, psi: float
         )
     if action is CanaryAction.ROLLBACK:
         checks.append(e.GateCheck("latency_p99_ratio", "canary", e.Verdict.FAIL, reason, 2.97, 3.3, 1.2))
+    judgement = judge(canary, champion) if judged else None
     return CanaryAttempt(
         action=action,
         reason=reason,
@@ -140,10 +152,24 @@ def attempt(action: CanaryAction, reason: str, canary: VariantWindow, psi: float
         elapsed_seconds=31.2,
         traffic_percent=0.0 if action is CanaryAction.ROLLBACK else 50.0,
         canary=canary,
-        champion=window("1", 2000, 1, 3.2),
-        checks=tuple(checks),
+        champion=champion,
+        checks=tuple(c.to_gate_check() for c in judgement.checks) if judgement else tuple(checks),
+        evidence=judgement.checks if judgement else (),
         server_error="stats endpoint timed out" if action is CanaryAction.REPEAT else None,
     )
+
+
+POLICY = CanarySpec(steps=[10.0, 50.0, 100.0], min_requests=200)
+
+
+def judge(canary: VariantWindow, champion: VariantWindow) -> WindowJudgement:
+    """The 50 % step's checks on two windows whose latencies sit at their p99 (a little jitter)."""
+
+    def sample(w: VariantWindow) -> VariantSample:
+        latency = LatencyHistogram.of((w.latency_p99_ms or 0.0) - (i % 5) * 0.05 for i in range(w.requests))
+        return VariantSample(w.requests, w.errors, latency, w.class_counts)
+
+    return judge_window(sample(canary), sample(champion), POLICY, SpendingPlan.for_policy(POLICY.steps, 0.95), 1)
 
 
 def step(index: int, traffic: float, verdict: str, *attempts: CanaryAttempt) -> v.StepReport:
@@ -152,7 +178,9 @@ def step(index: int, traffic: float, verdict: str, *attempts: CanaryAttempt) -> 
 
 
 def rollout(rollout_id: int, candidate: int, status: str, reason: str, steps: list[v.StepReport]) -> v.RolloutReport:
-    policy = (("max_error_rate", "0.01"), ("steps", "10.0 → 50.0 → 100.0"))
+    policy: tuple[tuple[str, str], ...] = (("max_error_rate", "0.01"), ("steps", "10.0 → 50.0 → 100.0"))
+    if any(a.evidence for s in steps for a in s.attempts):  # stored since the checks are tests
+        policy += (("confidence", "0.95"),)
     return v.RolloutReport(
         rollout_id, f"run-{candidate}", candidate, candidate - 1, status, reason, policy, START, START, tuple(steps)
     )
@@ -214,9 +242,14 @@ DATA = v.ReportData(
                             0,
                             10.0,
                             "pass",
-                            attempt(CanaryAction.ADVANCE, "passed at 10 %", window("3", 250, 0, 3.5), 0.02),
+                            attempt(CanaryAction.ADVANCE, "passed at 10 %", window("3", 250, 0, 3.5), judged=True),
                         ),
-                        step(1, 50.0, "fail", attempt(CanaryAction.ROLLBACK, SLOW, window("3", 1000, 3, 9.8))),
+                        step(
+                            1,
+                            50.0,
+                            "fail",
+                            attempt(CanaryAction.ROLLBACK, SLOW, window("3", 1000, 3, 9.8), judged=True),
+                        ),
                     ],
                 ),
             ),
@@ -273,6 +306,46 @@ def test_html_shows_runs_verdicts_reasons_and_alias_history(document: str) -> No
     assert "badge bad" in document and "badge good" in document
     assert "2026-11-23 12:00:00 UTC" in text
     assert "candidate v1 vs champion none (first model)" in text
+
+
+def text_of(fragment: str) -> str:
+    """A part of the document as the reader sees its text (the whole is checked by parse)."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", fragment))
+
+
+def test_each_judged_window_shows_its_checks_evidence_and_the_rollouts_budget(document: str) -> None:
+    old_card, judged_card = (document.split('id="rollout-2"')[i] for i in (0, 1))
+    judged = DATA.pipelines[0].rollouts[1]
+    rows = [c for *_, c in judged.checks]
+    assert [c.check for c in rows[:5]] == [
+        "error_rate",
+        "error_rate_vs_champion",
+        "latency",
+        "prediction_drift",
+        "accuracy",
+    ]
+    decisive = judged.steps[1].decisive
+    assert decisive is not None
+    latency = next(c for c in check_rows(decisive) if c.check == "latency")
+    assert latency.outcome == "fail" and latency.statistic is not None and latency.p_value is not None
+    text = text_of(judged_card)
+    for expected in (
+        f"p99 ratio {latency.statistic:.2f}x (limit 1.20x)",
+        f"p = {latency.p_value:.3g}",
+        f"{latency.alpha:.3g}",
+        "1000 / 1000",  # canary n / champion n of the deciding window
+        "250 / 1000",
+        "rate 0.30 % (limit 1.00 %)",
+        "not yet",  # no delayed labels: accuracy still collecting
+        latency.reason,
+        "False-rollback budget 5.00 % (1 - canary.confidence)",
+    ):
+        assert expected in text, expected
+    assert 'class="badge warn">not yet<' in judged_card
+    # the rollout stored before the checks were tests: its flat checks, no levels, no budget line
+    old_text = text_of(old_card)
+    assert "PSI 0.020 <= 0.200" in old_text and "prediction_psi" in old_text
+    assert "False-rollback budget" not in old_card
 
 
 def test_html_charts_are_inline_svg(document: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from domain import entities as e
-from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
+from domain.canary_stats import error_rate_check
+from domain.evidence import CanaryAction, CanaryAttempt, CheckEvidence, StepAnalysis, VariantWindow
 from web.views import MetricPair, RolloutReport, StepReport
 
 START = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
@@ -19,7 +20,7 @@ def test_metric_pair_knows_which_direction_is_better() -> None:
     assert MetricPair("accuracy", 0.9, None, True).delta is None  # no champion: no comparison
 
 
-def attempt(action: CanaryAction, *checks: e.GateCheck) -> CanaryAttempt:
+def attempt(action: CanaryAction, *checks: e.GateCheck, evidence: tuple[CheckEvidence, ...] = ()) -> CanaryAttempt:
     return CanaryAttempt(
         action=action,
         reason=action.value,
@@ -29,26 +30,47 @@ def attempt(action: CanaryAction, *checks: e.GateCheck) -> CanaryAttempt:
         canary=VariantWindow(version="2"),
         champion=VariantWindow(version="1"),
         checks=checks,
+        evidence=evidence,
     )
 
 
 def test_a_rollout_lists_every_window_and_check_in_order() -> None:
-    ok = e.GateCheck("error_rate", "canary", e.Verdict.PASS, "ok")
-    slow = e.GateCheck("latency_p99_ratio", "canary", e.Verdict.FAIL, "slow")
-    first = StepAnalysis(attempts=(attempt(CanaryAction.ADVANCE, ok),), action=CanaryAction.ADVANCE)
-    second = StepAnalysis(attempts=(attempt(CanaryAction.REPEAT, slow), attempt(CanaryAction.ROLLBACK, ok, slow)))
+    # the first window was stored before the checks were tests (flat checks, old names); the others
+    # carry each check's evidence, which the rows show instead of the flat checks
+    old_slow = e.GateCheck("latency_p99_ratio", "canary", e.Verdict.FAIL, "slow")
+    passed = error_rate_check(1, 400, max_error_rate=0.01, alpha=0.005, final=True)
+    failed = error_rate_check(30, 400, max_error_rate=0.01, alpha=0.005, final=True)
+    first = StepAnalysis(attempts=(attempt(CanaryAction.ADVANCE, old_slow),), action=CanaryAction.ADVANCE)
+    second = StepAnalysis(
+        attempts=(
+            attempt(CanaryAction.REPEAT, failed.to_gate_check(), evidence=(failed,)),
+            attempt(CanaryAction.ROLLBACK, evidence=(passed, failed)),
+        )
+    )
     steps = (StepReport(0, 10.0, "pass", first, START, START), StepReport(1, 50.0, "fail", second, START, None))
-    rollout = RolloutReport(1, None, 2, 1, "rolled_back", "slow", (), START, START + timedelta(minutes=2), steps)
+    policy = (("confidence", "0.95"), ("steps", "10.0 → 50.0 → 100.0"))
+    rollout = RolloutReport(1, None, 2, 1, "rolled_back", "slow", policy, START, START + timedelta(minutes=2), steps)
     assert [(s.step_index, n, a.action) for s, n, a in rollout.windows] == [
         (0, 1, CanaryAction.ADVANCE),
         (1, 1, CanaryAction.REPEAT),
         (1, 2, CanaryAction.ROLLBACK),
     ]
-    assert [c.metric for *_, c in rollout.checks] == [
-        "error_rate",
-        "latency_p99_ratio",
-        "error_rate",
-        "latency_p99_ratio",
+    assert [(c.check, c.outcome, c.alpha, c.canary_n) for *_, c in rollout.checks] == [
+        ("latency_p99_ratio", "fail", None, None),
+        ("error_rate", "fail", 0.005, 400),
+        ("error_rate", "pass", 0.005, 400),
+        ("error_rate", "fail", 0.005, 400),
     ]
+    assert rollout.false_rollback_budget is not None and abs(rollout.false_rollback_budget - 0.05) < 1e-12
     assert steps[1].decisive is not None and steps[1].decisive.action is CanaryAction.ROLLBACK
     assert StepReport(2, 100.0, None, StepAnalysis(), START, None).decisive is None
+
+
+def test_a_policy_without_a_usable_confidence_has_no_budget() -> None:
+    def budget(policy: tuple[tuple[str, str], ...]) -> float | None:
+        return RolloutReport(1, None, 2, 1, "active", None, policy, START, None, ()).false_rollback_budget
+
+    assert budget(()) is None  # stored before the checks were tests
+    assert budget((("confidence", "high"),)) is None
+    assert budget((("confidence", "1.5"),)) is None
+    assert budget((("confidence", "0.99"),)) is not None
