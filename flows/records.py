@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session
 from storage import repositories as repo
 
 # Evidence keys stored on the run (flows/pipeline.py writes them), copied into `decision` as is.
-_EVIDENCE_BEFORE_GATE = ("data_split", "training", "candidate", "champion", "comparisons", "quantization")
+_EVIDENCE_BEFORE_GATE = (
+    "data_split",
+    "training",
+    "candidate",
+    "champion",
+    "comparisons",
+    "disagreement",
+    "quantization",
+)
 
 # Which attributes of each entity the record shows, in order; `key=attribute` renames one.
 _EVENT = "id=event_id source type topic partition offset received_at"

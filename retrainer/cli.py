@@ -77,7 +77,9 @@ def apikey_create(name: Annotated[str, typer.Argument(help="Who or what the key 
 
 @pipelines_app.command("validate")
 def pipelines_validate(files: Annotated[list[Path], typer.Argument(help="Spec files (YAML or JSON).")]) -> None:
-    """Validate pipeline specs: exit 0, or exit 2 with one line per problem (FILE: key.path: message)."""
+    """Validate pipeline specs (schema, semantics, and a canary policy's power: each threshold must lie
+    outside its windows' sampling noise): exit 0, or exit 2 with one line per problem
+    (FILE: key.path: message, e.g. the `canary.min_requests` that would make the policy sound)."""
     from domain.errors import SpecError
     from flows.registry import validate_spec_file
 

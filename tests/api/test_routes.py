@@ -16,6 +16,7 @@ from api.app import create_app
 from api.errors import ERROR_CODE_TO_HTTP_STATUS, IdempotencyKeyReusedError, status_for
 from domain import entities as e
 from domain import errors
+from domain.canary_stats import error_rate_check
 from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWindow
 from domain.settings import Settings
 from storage import repositories as repo
@@ -209,6 +210,8 @@ def test_rollout_404_then_current_then_outcome(client: TestClient, sessions: ses
     assert started["status"] == "active" and started["steps"] == [] and started["traffic_percent"] == 10
     assert started["outcome"] is None and started["policy"] == {"steps": [10, 50, 100]}
 
+    # the judge's evidence for one check, as domain/canary_stats.py builds it
+    tested = error_rate_check(0, 250, max_error_rate=0.01, alpha=0.005, final=True)
     attempt = CanaryAttempt(
         action=CanaryAction.ADVANCE,
         reason="step 1 at 10 % passed: on to 50 %",
@@ -217,7 +220,8 @@ def test_rollout_404_then_current_then_outcome(client: TestClient, sessions: ses
         traffic_percent=50.0,
         canary=VariantWindow(version="2", requests=250, latency_p99_ms=3.0, class_counts={"0": 250}),
         champion=VariantWindow(version="1", requests=2250, errors=1, latency_p99_ms=2.9),
-        checks=(e.GateCheck("error_rate", "canary", e.Verdict.PASS, "0.0000 <= 0.0100", 0.0, 0.0004, 0.01),),
+        checks=(tested.to_gate_check(),),
+        evidence=(tested,),
     )
     with transaction(sessions) as session:
         repo.begin_rollout_step(session, rollout.id, traffic_percent=10)
@@ -230,6 +234,11 @@ def test_rollout_404_then_current_then_outcome(client: TestClient, sessions: ses
     analysis = StepAnalysis.model_validate(step["analysis"])
     assert analysis.action is CanaryAction.ADVANCE and analysis.attempts == (attempt,)
     assert step["analysis"]["attempts"][0]["canary"]["requests"] == 250
+    # each check's test is in the answer: outcome, level, interval, p-value and sample size
+    (shown,) = step["analysis"]["attempts"][0]["evidence"]
+    assert (shown["check"], shown["outcome"], shown["alpha"], shown["canary_n"]) == ("error_rate", "pass", 0.005, 250)
+    assert shown["threshold"] == 0.01 and shown["p_value"] == 1.0
+    assert shown["interval"][0] == 0.0 and 0.0 < shown["interval"][1] < 0.03
 
     with transaction(sessions) as session:
         repo.finish_rollout(session, rollout.id, e.RolloutStatus.ROLLED_BACK, "p99 ratio 3.1 > 1.2")

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
+from flows.canary import expected_disagreement
 from flows.pipeline import run_pipeline
 from flows.records import decision_record
 from storage import repositories as repo
@@ -59,6 +60,36 @@ def test_first_model_then_a_better_one_is_promoted(env: sessionmaker[Session], d
     assert [m["actor"] for m in chain["alias_moves"]] == ["gate"]
     with transaction(env) as session:
         assert repo.get_model_version(session, "digits-classifier", 1).stage is e.ModelStage.RETIRED
+
+
+def test_the_gate_records_how_often_candidate_and_champion_disagree(
+    env: sessionmaker[Session], digits: dict[str, Path]
+) -> None:
+    """What the canary's drift check allows (flows.canary.expected_disagreement): the share of the
+    gate's test rows on which the candidate and this champion predict different classes."""
+    first = run(env, spec(**WEAK), "v1", digits["v1"])
+    assert first["decision"]["disagreement"] is None  # no champion to disagree with
+    better = run(env, spec(), "v2", digits["v2"])
+    chain = better["decision"]
+    measured = chain["disagreement"]
+    assert measured["champion_version"] == 1 and measured["rows"] == chain["candidate"]["n_examples"] > 0
+    rate = measured["rate"]
+    assert 0.0 < rate < 1.0  # a model trained longer on more data changes some predictions, not all
+    # Two models that disagree on a share d of the rows differ by at most d in accuracy and in each
+    # predicted class's share (total variation): what the canary relies on.
+    candidate, champion = chain["candidate"], chain["champion"]["report"]
+    assert abs(candidate["metrics"]["accuracy"] - champion["metrics"]["accuracy"]) <= rate + 1e-9
+    predicted = [[sum(column) for column in zip(*r["confusion_matrix"], strict=True)] for r in (candidate, champion)]
+    total_variation = sum(abs(a - b) for a, b in zip(*predicted, strict=True)) / (2 * measured["rows"])
+    assert total_variation <= rate + 1e-9
+
+    with transaction(env) as session:
+        stored = repo.get_run(session, better["run_id"])
+        assert expected_disagreement(stored, 1) == rate
+        assert expected_disagreement(stored, 2) is None  # measured against another champion: not this one's
+        assert expected_disagreement(stored, None) is None
+        assert expected_disagreement(repo.get_run(session, first["run_id"]), 1) is None
+    assert expected_disagreement(None, 1) is None
 
 
 def test_a_worse_candidate_is_rejected_and_the_champion_stays(
@@ -179,7 +210,8 @@ def test_with_a_canary_section_a_passing_candidate_starts_one_rollout(
     env: sessionmaker[Session], digits: dict[str, Path]
 ) -> None:
     assert run(env, spec(**WEAK), "v1", digits["v1"])["status"] == "promoted"
-    canary = {**spec(), "canary": {"steps": [20, 100], "interval_seconds": 5, "min_requests": 10}}
+    # the smallest min_requests that `retrainer pipelines validate` accepts for these steps (10 classes)
+    canary = {**spec(), "canary": {"steps": [20, 100], "interval_seconds": 5, "min_requests": 106}}
     better = run(env, canary, "v2", digits["v2"])
     assert better["status"] == "canary", better["decision"]["outcome"]
     assert "canary rollout" in better["decision"]["outcome"]["reason"]

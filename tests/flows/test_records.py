@@ -24,6 +24,7 @@ EVIDENCE = {
     "candidate": {"accuracy": 0.93},
     "champion": None,
     "comparisons": {},
+    "disagreement": None,  # a first model: no champion to disagree with
     "quantization": {"variant": "fp32"},
     "outcome": {"status": "promoted"},
 }

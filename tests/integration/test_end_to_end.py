@@ -6,15 +6,13 @@ Prefect server and runner started by the service. Every decision is asserted.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from domain import entities as e
+from domain.evidence import CheckOutcome
 from domain.settings import load_settings
 from flows.records import decision_record
 from retrainer import demo as story
@@ -25,22 +23,11 @@ from tests.integration.service import retrainer_serve
 
 pytestmark = pytest.mark.integration
 
+MIN_REQUESTS = story.DEMO_SPEC["canary"]["min_requests"]
 SMALL = tuple(
     story.Act(a.key, a.data, a.story, a.expect, epochs, a.spec_changes)
     for a, epochs in zip(story.ACTS, (2, 12, 8, 12), strict=True)
 )
-
-
-@pytest.fixture
-def e2e_database(postgres_url: str) -> Iterator[str]:
-    name = f"retrainer_e2e_{uuid.uuid4().hex[:8]}"
-    url = make_url(postgres_url)
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield url.set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_the_story_through_retrainer_serve(
@@ -92,6 +79,7 @@ def test_the_story_through_retrainer_serve(
             rollouts = repo.list_rollouts(session, story.PIPELINE)
             versions = {v.version: v for v in repo.list_model_versions(session, story.PIPELINE)}
             first = decision_record(session, results[0].run_id)
+            good_run = repo.get_run(session, results[1].run_id)
         assert champion is not None and champion.version == results[1].model_version  # v2 is still champion
         assert first["trigger"]["kind"] == "event" and first["trigger"]["event_ids"] == [results[0].event_id]
         assert first["decision"]["dataset"]["uri"] == data["v1"] and first["decision"]["dataset"]["sha256"]
@@ -105,7 +93,17 @@ def test_the_story_through_retrainer_serve(
         # rolled back during the canary: every earlier step passed, the last one failed
         assert slow.status is e.RolloutStatus.ROLLED_BACK
         assert [s.verdict for s in slow.steps] == [e.Verdict.PASS] * (len(slow.steps) - 1) + [e.Verdict.FAIL]
-        assert "latency_p99_ratio" in (slow.reason or ""), slow.reason
+        assert "latency" in (slow.reason or ""), slow.reason
+        failed = slow.steps[-1].analysis.attempts[-1]
+        latency = next(c for c in failed.evidence if c.check == "latency")
+        # judged on the planned sample: the policy's min_requests of canary latencies
+        assert latency.outcome is CheckOutcome.FAIL and latency.canary_n >= MIN_REQUESTS, latency
+        assert latency.p_value is not None and latency.p_value <= latency.alpha
+        # the gate measured how often v2 and v1 disagree on the test rows; the drift check allowed that much
+        measured = (good_run.evidence or {})["disagreement"]
+        assert measured["champion_version"] == results[0].model_version and 0.0 <= measured["rate"] <= 1.0
+        drift = next(c for c in good.steps[0].analysis.attempts[-1].evidence if c.check == "prediction_drift")
+        assert drift.outcome is CheckOutcome.PASS and drift.measures["expected_disagreement"] == measured["rate"]
         assert results[1].traffic and results[3].traffic  # live traffic reached both canaries
 
         kinds = [

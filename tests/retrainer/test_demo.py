@@ -50,7 +50,9 @@ def test_demo_tells_the_story(tmp_path: Path) -> None:
     logged = [entry for line in service_log if (entry := json_log_entry(line))]
     assert {entry["logger"].split(".")[0] for entry in logged} & {"retrainer", "flows", "consumers", "serving"}
     html = report.read_text()
-    assert "<svg" in html and "latency_p99_ratio" in html and "http://" not in html
+    assert "<svg" in html and "http://" not in html
+    # each canary window's statistical checks, by name (only the judge's tests carry these two)
+    assert "error_rate_vs_champion" in html and "prediction_drift" in html
 
 
 def test_demo_topics_are_created_idempotently(

@@ -31,15 +31,18 @@ class SlowMLP(_Wrapped):
 
 
 class FlakyMLP(_Wrapped):
-    """Fails on inputs whose first (standardized) feature is above `threshold` (about 1 in 6)."""
+    """Fails on inputs whose standardized `feature` (the first by default) is above `threshold`
+    (about 1 in 6 of normal rows with the defaults). The batcher fails the whole batch with it."""
 
-    def __init__(self, input_shape: list[int], output_classes: int, hidden: int = 16, threshold: float = 1.0) -> None:
+    def __init__(
+        self, input_shape: list[int], output_classes: int, hidden: int = 16, threshold: float = 1.0, feature: int = 0
+    ) -> None:
         super().__init__(input_shape, output_classes, hidden)
-        self.threshold = threshold
+        self.threshold, self.feature = threshold, feature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x[:, 0] > self.threshold).any()):
-            raise RuntimeError("feature 0 out of the range this model was built for")
+        if bool((x[:, self.feature] > self.threshold).any()):
+            raise RuntimeError(f"feature {self.feature} out of the range this model was built for")
         out: torch.Tensor = self.inner(x)
         return out
 
