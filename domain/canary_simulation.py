@@ -136,14 +136,8 @@ def statistical_judge(policy: CanarySpec, expected_disagreement: float | None) -
     its interval, as a `Judge` (outcome, failed check names): what is proven is what ships."""
 
     def window(sample: VariantSample) -> VariantWindow:
-        return VariantWindow(
-            requests=sample.requests,
-            errors=sample.errors,
-            latency_histogram=sample.latency,
-            class_counts=dict(sample.class_counts),
-            labelled=sample.labelled,
-            correct=sample.correct,
-        )
+        counts = {name: getattr(sample, name) for name in ("requests", "errors", "labelled", "correct")}
+        return VariantWindow(**counts, latency_histogram=sample.latency, class_counts=dict(sample.class_counts))
 
     def judge(canary: VariantSample, champion: VariantSample, step: int) -> tuple[CheckOutcome, tuple[str, ...]]:
         observed = CanaryWindow(window(canary), window(champion), policy.interval_seconds)
