@@ -124,13 +124,25 @@ class HyperparametersSpec(_Strict):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     batch_size: PositiveInt = 64
     epochs: PositiveInt = 10
-    loss_function: Literal["cross_entropy"] = "cross_entropy"
+    loss_function: str = Field(
+        default="cross_entropy",
+        description="'cross_entropy', or a loss by import path 'package.module:function' called as "
+        "fn(outputs, targets) -> scalar tensor.",
+    )
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
     gradient_clip_norm: float | None = Field(default=None, gt=0)
     gradient_accumulation_steps: PositiveInt = 1
     early_stopping: EarlyStoppingSpec | None = None
     checkpoint_every_steps: PositiveInt | None = None
+
+    @field_validator("loss_function")
+    @classmethod
+    def _loss(cls, value: str) -> str:
+        module_name, sep, attribute = value.partition(":")
+        if value != "cross_entropy" and not (sep and module_name and attribute):
+            raise ValueError(f"must be 'cross_entropy' or an import path 'package.module:function' (got {value!r})")
+        return value
 
 
 class HardwareSpec(_Strict):

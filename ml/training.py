@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from domain.errors import InvalidInputError, TrainingError
 from domain.spec import HyperparametersSpec, PipelineSpec
 from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.losses import build_loss
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(n / self.effective_batch)
         self.optimizer = build_optimizer(self.model, self.hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.hp, self.steps_per_epoch))
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.hp.label_smoothing)
+        self.loss_fn = build_loss(self.hp)
         self.ddp: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.world > 1
@@ -330,7 +331,7 @@ class _Trainer:
                 )
             weighted = loss * (len(part) / len(indices))
             with sync:
-                self.scaler.scale(weighted).backward()
+                self.scaler.scale(weighted).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             total_loss += float(weighted.detach())
         if self.hp.gradient_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -357,9 +358,16 @@ class _Trainer:
                 labels = self.data.val_labels[start : start + 1024].to(self.device)
                 with self._autocast():
                     logits = self.model(features)
-                loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+                loss_sum += self._validation_loss(logits.float(), labels)
                 correct += int((logits.argmax(dim=1) == labels).sum())
         return loss_sum / n, correct / n
+
+    def _validation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """The batch's summed loss: cross-entropy without smoothing for the default loss (the figure
+        runs have always recorded), else the spec's own loss (mean-reduced) times the batch size."""
+        if self.hp.loss_function == "cross_entropy":
+            return float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        return float(self.loss_fn(logits, labels)) * len(labels)
 
     def improved(self, metrics: EpochMetrics) -> bool:
         """Updates the best-so-far; True when this epoch is the new best."""

@@ -4,6 +4,7 @@ naming the key path and the smallest `min_requests` that would make it sound (is
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -33,9 +34,9 @@ def spec_with(canary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+def validate(*paths: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [RETRAINER, "pipelines", "validate", *map(str, paths)], capture_output=True, text=True, timeout=120
+        [RETRAINER, "pipelines", "validate", *map(str, paths)], capture_output=True, text=True, timeout=120, env=env
     )
 
 
@@ -81,3 +82,23 @@ def test_every_act_of_the_demo_has_a_sound_canary_policy(tmp_path: Path) -> None
     accepted = validate(*paths)
     assert accepted.returncode == 0, accepted.stderr
     assert accepted.stdout.count(": ok (pipeline") == len(story.ACTS), accepted.stdout
+
+
+def test_a_loss_path_that_does_not_resolve_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    document = copy.deepcopy(story.DEMO_SPEC)
+    document["hyperparameters"]["loss_function"] = "tests.ml.user_losses:focall"
+    path = tmp_path / "loss.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    importable = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the tests package
+    refused = validate(path, env=importable)
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.split()
+        == (
+            f"{path}: hyperparameters.loss_function: 'tests.ml.user_losses:focall': "
+            "tests.ml.user_losses has no attribute 'focall'"
+        ).split()
+    )
+    document["hyperparameters"]["loss_function"] = "tests.ml.user_losses:focal"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert validate(path, env=importable).returncode == 0
