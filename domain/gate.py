@@ -11,6 +11,13 @@ and a reason a person can read. Rules:
     log_loss): *superiority* passes when the interval's lower bound is above `min_delta`;
     *non-inferiority* passes when it is above `-|min_delta|` (the margin the candidate may lose);
   - cost metrics (`max_ratio`, e.g. latency) compare candidate / champion point values.
+- **Direction.** Whether higher is better comes with the interval when the evaluation knows it
+  (`DifferenceInterval.higher_is_better`: a custom metric that sets `higher_is_better = False`
+  on its function is gated like log_loss); otherwise from `LOWER_IS_BETTER` below. `gates.min`
+  and `gates.max` are explicit floors and ceilings, so they need no direction.
+- **Undefined metrics fail.** A metric that is NaN (roc_auc or pr_auc on a test split whose
+  labels hold one class) or whose paired interval is NaN (too many bootstrap resamples with one
+  class) rejects with a reason saying so, never treated as 0.5 or as a pass.
 - **Insufficient evidence fails.** A relative check at confidence c needs at least
   `ceil(5 / (1 - c))` test examples (100 at 95 %, 500 at 99 %), or `gates.min_test_examples`:
   fewer cannot support a percentile interval's tails, and the check is rejected with reason
@@ -46,6 +53,16 @@ class DifferenceInterval:
     ci_high: float
     confidence: float
     n_examples: int
+    # None: the gate decides from LOWER_IS_BETTER (built-in and cost metrics)
+    higher_is_better: bool | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe: an undefined bound (NaN) becomes None, which PostgreSQL's JSONB can store."""
+        return {
+            name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name in self.__slots__
+            for value in (getattr(self, name),)
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +127,24 @@ def _value(evidence: ModelEvidence, metric: str) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _unusable(evidence: ModelEvidence, metric: str, side: str) -> str:
+    """Why `_value` gave None: the metric was not measured, or it is undefined on this data."""
+    if metric not in evidence.metrics:
+        return f"metric missing {side} (fail closed)"
+    return (
+        f"{metric} is undefined {side} (NaN: a ranking metric needs both classes in the test labels; "
+        "add examples of the missing class to the data) (fail closed)"
+    )
+
+
 def _absolute_checks(candidate: ModelEvidence, policy: GatesSpec) -> list[GateCheck]:
     checks = []
     for check, limits in (("min", policy.min), ("max", policy.max)):
         for metric, limit in limits.items():
             value = _value(candidate, metric)
             if value is None:
-                checks.append(
-                    GateCheck(
-                        metric, check, Verdict.FAIL, "metric missing from the evaluation (fail closed)", threshold=limit
-                    )
-                )
+                why = _unusable(candidate, metric, "from the evaluation")
+                checks.append(GateCheck(metric, check, Verdict.FAIL, why, threshold=limit))
                 continue
             ok = value >= limit if check == "min" else value <= limit
             relation = (">=" if ok else "<") if check == "min" else ("<=" if ok else ">")
@@ -151,12 +175,9 @@ def _relative_checks(candidate: ModelEvidence, champion: ChampionEvidence, polic
             )
             continue
         if cand is None or champ is None:
-            side = "candidate" if cand is None else "champion"
-            checks.append(
-                GateCheck(
-                    metric, "vs_champion", Verdict.FAIL, f"metric missing for the {side} (fail closed)", cand, champ
-                )
-            )
+            side, evidence = ("candidate", candidate) if cand is None else ("champion", champion.evidence)
+            why = _unusable(evidence, metric, f"for the {side}")
+            checks.append(GateCheck(metric, "vs_champion", Verdict.FAIL, why, cand, champ))
             continue
         if rule.max_ratio is not None:
             checks.append(_ratio_check(metric, cand, champ, rule.max_ratio))
@@ -233,7 +254,21 @@ def _interval_check(
             champ,
             threshold=min_delta,
         )
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    if not (math.isfinite(interval.ci_low) and math.isfinite(interval.ci_high)):
+        return GateCheck(
+            metric,
+            "vs_champion",
+            Verdict.FAIL,
+            f"insufficient evidence: the paired interval of {metric} is undefined (too many bootstrap "
+            "resamples hold one class only; a larger test split fixes it) (fail closed)",
+            cand,
+            champ,
+            threshold=min_delta,
+        )
+    higher_is_better = interval.higher_is_better
+    if higher_is_better is None:
+        higher_is_better = metric not in LOWER_IS_BETTER
+    sign = 1.0 if higher_is_better else -1.0
     # improvement = how much better the candidate is, whatever the metric's direction
     low, high = sorted((sign * interval.ci_low, sign * interval.ci_high))
     bound = min_delta if mode == "superiority" else -abs(min_delta)

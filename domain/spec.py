@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from croniter import CroniterError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from domain.data_spec import DataSpec
 from domain.errors import SpecError
 from domain.outcomes import RolloutStatus
 
@@ -41,6 +42,8 @@ BUILTIN_METRICS = (
     "macro_f1",
     "log_loss",
     "ece",
+    "roc_auc",
+    "pr_auc",
     "latency_p50_ms",
     "latency_p99_ms",
     "latency_p50_ms_b1",
@@ -74,24 +77,6 @@ class _Strict(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
-
-
-class DataSpec(_Strict):
-    format: Literal["csv", "parquet", "npz"] = "csv"
-    target: str = "label"
-    validation_fraction: float = Field(default=0.15, ge=0, lt=1)
-    test_fraction: float = Field(default=0.15, gt=0, lt=1)
-    seed: int = 0
-    standardize: bool = Field(default=True, description="False for token-id inputs (transformer).")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> DataSpec:
-        if self.validation_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                f"validation_fraction + test_fraction must be < 1 "
-                f"(got {self.validation_fraction} + {self.test_fraction}); nothing would be left to train on"
-            )
-        return self
 
 
 class ModelSpec(_Strict):

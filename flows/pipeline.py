@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -34,8 +35,9 @@ from domain.gate import ChampionEvidence, DifferenceInterval, GateDecision, Mode
 from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
 from flows.context import FlowContext
-from ml.data import PreparedData, Table, load_table, prepare
+from ml.data import PreparedData, Table, prepare
 from ml.evaluation import BUILTIN_METRICS, EvalReport, compare, disagreement, evaluate
+from ml.loaders import load_data
 from ml.package import load_package, manifest_for, save_package
 from ml.quantization import QuantizationOutcome, VariantScore, quantize_and_select
 from ml.training import TrainingData, TrainProgress, TrainResult, seed_everything, train
@@ -94,7 +96,8 @@ def resolve_inputs(ctx: FlowContext, pipeline: str, run_id: str) -> RunInputs:
 @task(name="fetch-data", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Path:
     dest = workdir / "data" / Path(dataset.uri).name
-    digest = fetch_uri(dataset.uri, dest, ctx.settings, expected_sha256=dataset.sha256)
+    # The artifact store keeps a folder's manifest, so a later mismatch can name the file that changed.
+    digest = fetch_uri(dataset.uri, dest, ctx.settings, expected_sha256=dataset.sha256, manifests=ctx.store)
     if dataset.sha256 is None:
         with ctx.tx() as session:
             repo.set_dataset_sha256(session, dataset.id, digest)
@@ -253,7 +256,7 @@ def gate_and_record(
             "report": champion.to_dict() if champion else None,
             "error": champion_error,
         },
-        "comparisons": {k: asdict(v) for k, v in intervals.items()},
+        "comparisons": {k: v.to_dict() for k, v in intervals.items()},
         # what the canary's drift check allows: a better model changes this share of predictions
         "disagreement": None
         if inputs.champion is None or champion is None
@@ -271,7 +274,8 @@ def gate_and_record(
             artifact_uri=ref.uri,
             sha256=ref.sha256,
             size_bytes=ref.size,
-            metrics=candidate.metrics,
+            # an undefined metric (NaN roc_auc on one class) is left out: JSON has no NaN
+            metrics={name: value for name, value in candidate.metrics.items() if math.isfinite(value)},
             run_id=run_id,
             manifest=manifest,
         )
@@ -309,7 +313,7 @@ def _execute(ctx: FlowContext, pipeline: str, run_id: str) -> dict[str, Any]:
     inputs = resolve_inputs(ctx, pipeline, run_id)
     spec = inputs.spec
     path = fetch_data(ctx, inputs.dataset, workdir)
-    table = load_table(path, spec.data.format, spec.data.target)
+    table = load_data(path, spec.data)
     data = prepare(
         table,
         input_shape=spec.model.input_shape,
@@ -395,7 +399,9 @@ def _intervals(spec: PipelineSpec, candidate: EvalReport, champion: EvalReport |
         )
         for key, c in results.items():
             name = key.rpartition(":")[2]
-            intervals[name] = DifferenceInterval(name, c.difference, c.ci_low, c.ci_high, c.confidence, c.n_examples)
+            intervals[name] = DifferenceInterval(
+                name, c.difference, c.ci_low, c.ci_high, c.confidence, c.n_examples, c.higher_is_better
+            )
     return intervals
 
 
@@ -489,7 +495,7 @@ def _markdown_report(
     version: e.ModelVersion,
 ) -> None:
     rows = ["| metric | candidate | champion |", "|---|---|---|"]
-    for metric in ("accuracy", "macro_f1", "log_loss", "ece", "latency_p99_ms", "size_bytes"):
+    for metric in ("accuracy", "macro_f1", "roc_auc", "pr_auc", "log_loss", "ece", "latency_p99_ms", "size_bytes"):
         champ = f"{champion.metrics[metric]:.4g}" if champion and metric in champion.metrics else "—"
         rows.append(f"| {metric} | {candidate.metrics.get(metric, float('nan')):.4g} | {champ} |")
     gate = ["| check | metric | verdict | reason |", "|---|---|---|---|"]

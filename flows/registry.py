@@ -16,6 +16,7 @@ from domain.canary_power import spec_power_problems
 from domain.entities import Pipeline
 from domain.errors import SpecError
 from domain.spec import PipelineSpec, load_spec
+from ml.loaders import loader_problems
 from ml.losses import loss_problems
 from ml.zoo import constructor_problems
 from storage import repositories as repo
@@ -27,12 +28,12 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def validate_spec_file(path: Path) -> PipelineSpec:
-    """One spec file, validated: its schema and semantics (`load_spec`), that a loss named by import
-    path resolves, and whether its canary policy can measure its own thresholds (`domain.canary_power`:
-    each check's threshold must lie outside the sampling noise of the policy's windows). SpecError
-    lists every problem."""
+    """One spec file, validated: its schema and semantics (`load_spec`), that a loss and a data.loader
+    named by import path resolve, and whether its canary policy can measure its own thresholds
+    (`domain.canary_power`: each check's threshold must lie outside the sampling noise of the
+    policy's windows). SpecError lists every problem."""
     spec = load_spec(path, constructor_problems)
-    problems = loss_problems(spec.hyperparameters) + spec_power_problems(spec)
+    problems = loss_problems(spec.hyperparameters) + loader_problems(spec.data) + spec_power_problems(spec)
     if problems:
         raise SpecError([f"{path}: {line}" for line in problems])
     return spec

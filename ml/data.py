@@ -2,9 +2,11 @@
 
 The flow is `load_table` → `split` → `fit_standardizer` → tensors, and `prepare` runs it for a spec:
 
-- `load_table` (in `ml/readers.py`, re-exported here) reads CSV and Parquet through pyarrow, or NPZ,
-  into a `Table`: float32 features NxF and int64 class ids, refusing a non-numeric or empty cell, a
-  NaN or a label that is not a class id with a message naming the file, the column, the row and the fix.
+- `load_table` (in `ml/readers.py`, re-exported here) reads CSV and Parquet (a file or a folder of
+  files) through pyarrow, or NPZ, into a `Table`: float32 features NxF (all columns but the target,
+  or `data.columns`) and int64 class ids, refusing a non-numeric or empty cell, a NaN or a label that
+  is not a class id with a message naming the file, the column, the row and the fix. A spec's
+  `data.loader` goes through `ml/loaders.py`'s `load_data` instead, which checks its output the same way.
 - `split` is stratified and deterministic: the same table, fractions and seed always give the same
   index sets, and the indices are kept so that a test split can be reproduced and two models can be
   compared on exactly the same rows. Split sizes are allocated by largest remainder, so every class

@@ -24,6 +24,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
@@ -72,8 +73,9 @@ class Table:
         return int(self.labels.max()) + 1 if self.labels.size else 0
 
 
-def load_table(path: Path, fmt: str, target: str) -> Table:
-    """Reads a dataset file into a `Table`, refusing anything that would train on unchecked data.
+def load_table(path: Path, fmt: str, target: str, columns: Sequence[str] | None = None) -> Table:
+    """Reads a dataset file (or a folder of Parquet files) into a `Table`, refusing anything that would
+    train on unchecked data.
 
     - `csv`: a header row is required; `target` names the label column; every other column is a
       feature and must hold numbers in every row (comma-separated, UTF-8).
@@ -82,10 +84,16 @@ def load_table(path: Path, fmt: str, target: str) -> Table:
     - `npz`: arrays `features` (or `x` / `X`) and `labels` (or `y`). `target` is ignored for npz:
       the label array is found by those key names. Features may have any shape N x ... (e.g. images
       N x 1 x 8 x 8) and are flattened to NxF; they are named `f0`, `f1`, ...
+    - a folder (`parquet` only): every file below it except names starting with `.` or `_`, read with
+      `pyarrow.dataset` as one table in sorted path order; the files must have the same schema.
+
+    `columns` (data.columns) names the feature columns, in the order the model sees them; by default
+    every column but the target is a feature. Columns left out may hold anything (ids, text).
 
     Raises `InvalidInputError` (naming the file, the column or key, and the fix) for a missing file,
-    an unknown format, no rows, a missing target column, non-numeric or empty cells, NaN/inf
-    features, labels that are not non-negative integer class ids, and data with a single class.
+    an unknown format, no rows, a missing target column, an unknown column in `columns`, non-numeric
+    or empty cells, NaN/inf features, labels that are not non-negative integer class ids, data with
+    a single class, and a folder that is empty or whose files differ in schema.
     """
     path = Path(path)
     kind = fmt.strip().lower()
@@ -96,29 +104,52 @@ def load_table(path: Path, fmt: str, target: str) -> Table:
         )
     if not path.exists():
         raise InvalidInputError(f"data file {path} does not exist; fix the data path in the pipeline spec")
+    if path.is_dir():
+        if kind != "parquet":
+            raise InvalidInputError(
+                f"data folder {path}: a folder is read as Parquet files, but data.format is {fmt!r}; set "
+                "data.format: parquet (or point the event's data.uri at one file)"
+            )
+        table, where = _read_parquet_folder(path)
+        return _from_arrow(table, str(path), target, where, columns)
     if not path.is_file():
-        raise InvalidInputError(f"data file {path} is not a regular file (a directory?); point the spec at a file")
+        raise InvalidInputError(f"data file {path} is not a regular file; point the spec at a file or a folder")
     if kind == "csv":
-        return _from_arrow(_read_csv(path, target), str(path), target, _CsvLines(path))
+        return _from_arrow(_read_csv(path, target, columns), str(path), target, _CsvLines(path), columns)
     if kind == "parquet":
-        return _from_arrow(_read_parquet(path), str(path), target, _index_row)
+        return _from_arrow(_read_parquet(path), str(path), target, index_row, columns)
+    if columns is not None:
+        raise InvalidInputError(
+            f"data file {path}: data.columns selects named columns, but npz arrays have none; remove data.columns"
+        )
     return _load_npz(path)
 
 
-def _index_row(i: int) -> str:
+def index_row(i: int) -> str:
     return f"row {i} (0-based)"
 
 
 # ---------------------------------------------------------------------------------------- CSV
 
 
-def _read_csv(path: Path, target: str) -> Any:
+def _read_csv(path: Path, target: str, columns: Sequence[str] | None) -> Any:
     names = _csv_header(path)
-    convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.float64()), null_values=[""])
+    wanted = names
+    if columns is not None:
+        # Only the target and the selected columns are typed as numbers: the others may hold text.
+        stripped = [name.strip() for name in names]
+        check_column_names(str(path), stripped)
+        target_position(str(path), stripped, target)
+        feature_positions(str(path), stripped, target, columns)
+        keep = {*columns, target}
+        wanted = [name for name in names if name.strip() in keep]
+    convert = pacsv.ConvertOptions(
+        column_types=dict.fromkeys(wanted, pa.float64()), include_columns=wanted, null_values=[""]
+    )
     try:
         return pacsv.read_csv(path, convert_options=convert)
     except pa.ArrowInvalid as exc:
-        raise _csv_problem(path, names, target) or InvalidInputError(
+        raise _csv_problem(path, names, target, set(wanted)) or InvalidInputError(
             f"data file {path} is not valid CSV ({exc}); fix the file"
         ) from exc
 
@@ -165,7 +196,7 @@ class _CsvLines:
         return f"line {self.record(i + 2)}"
 
 
-def _csv_problem(path: Path, names: list[str], target: str) -> InvalidInputError | None:
+def _csv_problem(path: Path, names: list[str], target: str, wanted: set[str]) -> InvalidInputError | None:
     """Why the typed read failed: a ragged row, a cell that is not UTF-8 or not a number (with its line)."""
     source, lines = str(path), _CsvLines(path)
     ragged: list[Any] = []
@@ -188,6 +219,8 @@ def _csv_problem(path: Path, names: list[str], target: str) -> InvalidInputError
             f"{row.expected_columns} columns; every row needs one value per column"
         )
     for index, name in enumerate(names):
+        if name not in wanted:
+            continue
         column = table.column(index)
         try:
             text = column.cast(pa.string())
@@ -262,10 +295,60 @@ def _read_parquet(path: Path) -> Any:
         ) from exc
 
 
+def _read_parquet_folder(folder: Path) -> tuple[Any, RowLocator]:
+    """Every data file below `folder` as one table (sorted path order), and where each row came from."""
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith((".", "_")) for part in path.relative_to(folder).parts)
+    )
+    if not files:
+        raise InvalidInputError(
+            f"data folder {folder} holds no data files; an empty dataset cannot be trained: point data.uri at the "
+            "folder or prefix that holds the Parquet files"
+        )
+    names = [path.relative_to(folder).as_posix() for path in files]
+    schemas = []
+    for name, path in zip(names, files, strict=True):
+        try:
+            schemas.append(pq.read_schema(path))
+        except (OSError, pa.ArrowException) as exc:
+            raise InvalidInputError(
+                f"data folder {folder}: {name} is not a readable Parquet file ({exc}); remove it from the folder or "
+                "re-export it (names starting with '.' or '_' are skipped)"
+            ) from exc
+    for name, schema in zip(names[1:], schemas[1:], strict=True):
+        _same_columns(folder, (names[0], schemas[0]), (name, schema))
+    dataset = ds.dataset([str(path) for path in files], schema=schemas[0], format="parquet")
+    # One fragment at a time, concatenated: the row order (and so the seeded split) follows the file order.
+    parts = [fragment.to_table() for fragment in dataset.get_fragments()]
+    starts = np.cumsum([0] + [part.num_rows for part in parts])
+
+    def where(i: int) -> str:
+        index = int(np.searchsorted(starts, i, side="right")) - 1
+        return f"row {i - int(starts[index])} (0-based) of {names[index]}"
+
+    return pa.concat_tables(parts), where
+
+
+def _same_columns(folder: Path, first: tuple[str, Any], other: tuple[str, Any]) -> None:
+    """Refuses two files whose columns differ in name or type, naming both files and the first such column."""
+    types = [{field.name: field.type for field in schema} for _, schema in (first, other)]
+    for column in [*types[0], *(name for name in types[1] if name not in types[0])]:
+        kinds = [found.get(column) for found in types]
+        if kinds[0] != kinds[1]:
+            said = ["missing" if kind is None else f"type {kind}" for kind in kinds]
+            raise InvalidInputError(
+                f"data folder {folder}: {other[0]} and {first[0]} have different schemas: column {column!r} is "
+                f"{said[1]} in {other[0]} but {said[0]} in {first[0]}; every file of a dataset needs the same "
+                "columns and types: re-export the odd file"
+            )
+
+
 # ---------------------------------------------------------------------------------------- both
 
 
-def _from_arrow(table: Any, source: str, target: str, where: RowLocator) -> Table:
+def _from_arrow(table: Any, source: str, target: str, where: RowLocator, columns: Sequence[str] | None = None) -> Table:
     """The checks CSV and Parquet share, on the pyarrow table either was read into."""
     names = [str(name).strip() for name in table.column_names]
     check_column_names(source, names)
@@ -274,7 +357,7 @@ def _from_arrow(table: Any, source: str, target: str, where: RowLocator) -> Tabl
         raise InvalidInputError(
             f"data file {source} has a header but no data rows (no rows at all); an empty dataset cannot be trained"
         )
-    feature_indices = [i for i in range(len(names)) if i != target_index]
+    feature_indices = feature_positions(source, names, target, columns)
     if not feature_indices:
         raise InvalidInputError(
             f"data file {source} has no feature columns besides the target column {target!r}; add feature columns"
@@ -323,6 +406,26 @@ def target_position(source: str, names: list[str], target: str) -> int:
     )
 
 
+def feature_positions(source: str, names: list[str], target: str, columns: Sequence[str] | None) -> list[int]:
+    """Where the feature columns are: those `columns` names, in that order, else all but the target."""
+    if columns is None:
+        return [i for i, name in enumerate(names) if name != target]
+    available = [name for name in names if name != target]
+    for position, name in enumerate(columns):
+        if name in columns[:position]:
+            raise InvalidInputError(f"data file {source}: data.columns lists {name!r} twice; list each column once")
+        if name == target:
+            raise InvalidInputError(
+                f"data file {source}: data.columns lists {name!r}, the target column (data.target); list only features"
+            )
+        if name not in available:
+            raise InvalidInputError(
+                f"data file {source} has no column {name!r} (data.columns); available: {', '.join(available)}"
+                + did_you_mean(name, available)
+            )
+    return [names.index(name) for name in columns]
+
+
 def did_you_mean(wanted: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(wanted, list(candidates), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
@@ -335,8 +438,13 @@ def finish(
     feature_names: list[str],
     target: str,
     where: RowLocator,
+    subject: str | None = None,
 ) -> Table:
-    """The checks every format shares: finite features (after the float32 cast) and integer class ids."""
+    """The checks every format shares: finite features (after the float32 cast) and integer class ids.
+
+    `subject` starts each message (default `data file SOURCE`; a loader names itself and its shapes).
+    """
+    subject = subject or f"data file {source}"
     # Cast first: a finite float64 beyond float32's range becomes inf and must be caught too.
     with np.errstate(over="ignore"):
         features = features64.astype(np.float32)
@@ -344,20 +452,20 @@ def finish(
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         raise InvalidInputError(
-            f"data file {source}: column {feature_names[col]!r} holds {features64[row, col]!r} at {where(row)}; "
+            f"{subject}: column {feature_names[col]!r} holds {float(features64[row, col])!r} at {where(row)}; "
             "features must be finite numbers (no NaN or inf; |x| < 3.4e38): impute or drop those rows"
         )
-    labels = _class_ids(source, raw_labels, target, where)
+    labels = _class_ids(subject, raw_labels, target, where)
     present = np.unique(labels)
     if present.size < 2:
         raise InvalidInputError(
-            f"data file {source}: target {target!r} has a single class ({int(present[0])}) in all {labels.size} rows; "
+            f"{subject}: target {target!r} has a single class ({int(present[0])}) in all {labels.size} rows; "
             "training a classifier needs at least 2 classes"
         )
     return Table(features=features, labels=labels, feature_names=feature_names, source=source, target=target)
 
 
-def _class_ids(source: str, values: Float64Array, target: str, where: RowLocator) -> IndexArray:
+def _class_ids(subject: str, values: Float64Array, target: str, where: RowLocator) -> IndexArray:
     fix = f"{_LABEL_FIX}; map them before training"
     checks: tuple[tuple[npt.NDArray[np.bool_], str], ...] = (
         (~np.isfinite(values), "is not a number"),
@@ -369,7 +477,7 @@ def _class_ids(source: str, values: Float64Array, target: str, where: RowLocator
         if bad.any():
             row = int(np.argmax(bad))
             raise InvalidInputError(
-                f"data file {source}: label {values[row]!r} in {target!r} at {where(row)} {problem}; {fix}"
+                f"{subject}: label {float(values[row])!r} in {target!r} at {where(row)} {problem}; {fix}"
             )
     return values.astype(np.int64)
 
@@ -404,7 +512,7 @@ def _load_npz(path: Path) -> Table:
                 f"load ({exc}); save plain numeric arrays"
             ) from exc
 
-    where = _index_row
+    where = index_row
     if features_raw.dtype.kind not in "biuf":
         raise InvalidInputError(
             f"data file {source}: key {feature_key!r} has dtype {features_raw.dtype}; features must be numeric "
@@ -432,18 +540,24 @@ def _load_npz(path: Path) -> Table:
     features = features_raw.reshape(rows, -1).astype(np.float64)
     if features.shape[1] == 0:
         raise InvalidInputError(f"data file {source}: key {feature_key!r} has zero features per row")
-    if labels_raw.dtype.kind in "biuf":
-        raw_labels = labels_raw.astype(np.float64)
-    elif labels_raw.dtype.kind == "U":
-        texts = pa.array([str(value) for value in labels_raw], pa.string())
-        raw_labels = numbers(texts, source, label_key, where, role="label", allow_empty=False)
-    else:
+    raw_labels = label_numbers(labels_raw, source, label_key, where)
+    if raw_labels is None:
         raise InvalidInputError(
             f"data file {source}: key {label_key!r} has dtype {labels_raw.dtype}; labels must be integer class ids "
             "0..K-1"
         )
     feature_names = [f"f{i}" for i in range(features.shape[1])]
     return finish(source, features, raw_labels, feature_names, label_key, where)
+
+
+def label_numbers(values: npt.NDArray[Any], source: str, name: str, where: RowLocator) -> Float64Array | None:
+    """Numeric or text labels as float64 (text must spell numbers); None for any other dtype."""
+    if values.dtype.kind in "biuf":
+        return values.astype(np.float64)
+    if values.dtype.kind == "U":
+        texts = pa.array([str(value) for value in values], pa.string())
+        return numbers(texts, source, name, where, role="label", allow_empty=False)
+    return None
 
 
 def _npz_key(source: str, keys: list[str], accepted: tuple[str, ...], role: str) -> str:

@@ -17,6 +17,8 @@ from web.canary_checks import CheckRow, check_rows
 COMPARED_METRICS: tuple[tuple[str, bool], ...] = (
     ("accuracy", True),
     ("macro_f1", True),
+    ("roc_auc", True),
+    ("pr_auc", True),
     ("latency_p99_ms", False),
     ("size_bytes", False),
 )

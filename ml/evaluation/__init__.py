@@ -14,11 +14,14 @@ Design:
   same number, never two implementations that drift apart.
 - The bootstrap is paired and refuses reports from different data (comparison.py); the metrics
   are vectorised over resamples, and macro-F1 averages over the classes in the true labels
-  (resampling.py); latency is CPU wall-clock of the forward pass, batch 1 unless suffixed (cost.py).
+  (resampling.py); roc_auc and pr_auc rank class 1's probability (binary) or average one-vs-rest
+  over the classes present, NaN on labels of one class (ranking.py); latency is CPU wall-clock of
+  the forward pass, batch 1 unless suffixed (cost.py).
 
 Where things live: `report.py` (EvalReport, MetricComparison), `scoring.py` (`evaluate`),
-`resampling.py` (the built-in metrics over per-example evidence), `cost.py` (latency, size,
-parameter count), `custom_metrics.py` (user metrics by import path), `comparison.py` (`compare`).
+`resampling.py` (the built-in metrics over per-example evidence), `ranking.py` (roc_auc, pr_auc),
+`cost.py` (latency, size, parameter count), `custom_metrics.py` (user metrics by import path),
+`comparison.py` (`compare`).
 Import from this package; the names below are its public interface.
 """
 

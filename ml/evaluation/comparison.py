@@ -9,6 +9,7 @@ a gate must never compare such numbers. Resamples are processed as an index matr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy.typing as npt
 from domain.errors import InvalidInputError
 from ml.evaluation.custom_metrics import CustomMetric, call_custom_metric, resolve_custom_metric
 from ml.evaluation.report import EvalReport, MetricComparison
-from ml.evaluation.resampling import BUILTIN_METRICS, RESAMPLED, Evidence
+from ml.evaluation.resampling import BUILTIN_METRICS, Evidence, resample
 
 _MIN_RESAMPLES = 1000
 # Upper bound on index-matrix entries per bootstrap chunk (~16 MiB of int64), which keeps memory flat
@@ -29,17 +30,21 @@ def compare(
     candidate: EvalReport,
     champion: EvalReport,
     *,
-    metrics: Sequence[str] = ("accuracy", "macro_f1", "log_loss", "ece"),
+    metrics: Sequence[str] = ("accuracy", "macro_f1", "log_loss", "ece", "roc_auc", "pr_auc"),
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, MetricComparison]:
     """Paired bootstrap of candidate - champion for each metric, keyed by the metric as requested.
 
-    `metrics` holds built-in names (accuracy, macro_f1, log_loss, ece) and/or custom metric import
-    paths `"package.module:function"`; a custom function may set `higher_is_better = False` on
-    itself (default True). The interval is the percentile interval at `confidence` over
-    `n_resamples` rounds that each apply the same example indices to both reports.
+    `metrics` holds built-in names (accuracy, macro_f1, log_loss, ece, roc_auc, pr_auc) and/or
+    custom metric import paths `"package.module:function"`; a custom function may set
+    `higher_is_better = False` on itself (default True), which the result's `higher_is_better`
+    carries to the gate. The interval is the percentile interval at `confidence` over
+    `n_resamples` rounds that each apply the same example indices to both reports. roc_auc and
+    pr_auc are undefined (NaN) on labels of one class: such rounds are counted in
+    `undefined_resamples` and left out; the interval is NaN when the full set has one class or
+    when those rounds outnumber one tail of the interval.
     """
     if not isinstance(candidate, EvalReport) or not isinstance(champion, EvalReport):
         raise InvalidInputError("compare needs two EvalReport objects from evaluate()")
@@ -61,56 +66,74 @@ def compare(
             "or a custom metric import path 'package.module:function'"
         )
 
-    cand_evidence, champ_evidence = Evidence.of(candidate), Evidence.of(champion)
+    reports, evidences = (candidate, champion), (Evidence.of(candidate), Evidence.of(champion))
+    builtin = [m for m in metrics if m not in custom]
     n = candidate.n_examples
-    identity = np.arange(n)[None, :]
-    differences: dict[str, list[npt.NDArray[np.float64]]] = {m: [] for m in metrics}
-    full: dict[str, tuple[float, float]] = {}
-    for m in metrics:
-        if m in custom:
-            full[m] = (
-                _custom_on(candidate, m, custom[m], identity)[0],
-                _custom_on(champion, m, custom[m], identity)[0],
-            )
-        else:
-            full[m] = (
-                float(RESAMPLED[m](cand_evidence, identity)[0]),
-                float(RESAMPLED[m](champ_evidence, identity)[0]),
-            )
+    full = {
+        m: (float(ours[0]), float(theirs[0]))
+        for m, (ours, theirs) in _on_both(reports, evidences, builtin, custom, np.arange(n)[None, :]).items()
+    }
 
+    differences: dict[str, list[npt.NDArray[np.float64]]] = {m: [] for m in metrics}
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // max(n, candidate.num_classes)))
     done = 0
     while done < n_resamples:
         rounds = min(chunk, n_resamples - done)
         idx = rng.integers(0, n, size=(rounds, n), dtype=np.int64)
-        for m in metrics:
-            if m in custom:
-                diff = _custom_on(candidate, m, custom[m], idx) - _custom_on(champion, m, custom[m], idx)
-            else:
-                diff = RESAMPLED[m](cand_evidence, idx) - RESAMPLED[m](champ_evidence, idx)
-            differences[m].append(diff)
+        for m, (ours, theirs) in _on_both(reports, evidences, builtin, custom, idx).items():
+            differences[m].append(ours - theirs)
         done += rounds
 
     tail = (1.0 - float(confidence)) / 2.0
     result: dict[str, MetricComparison] = {}
     for m in metrics:
-        low, high = np.quantile(np.concatenate(differences[m]), [tail, 1.0 - tail])
         cand_value, champ_value = full[m]
+        low, high, undefined = _percentile_interval(np.concatenate(differences[m]), tail)
+        if not (math.isfinite(cand_value) and math.isfinite(champ_value)):
+            low = high = math.nan
         result[m] = MetricComparison(
             metric=m,
             candidate=cand_value,
             champion=champ_value,
             difference=cand_value - champ_value,
-            ci_low=float(low),
-            ci_high=float(high),
+            ci_low=low,
+            ci_high=high,
             confidence=float(confidence),
             n_resamples=n_resamples,
             n_examples=n,
             higher_is_better=bool(getattr(custom[m], "higher_is_better", True)) if m in custom else BUILTIN_METRICS[m],
             seed=seed,
+            undefined_resamples=undefined,
         )
     return result
+
+
+def _on_both(
+    reports: tuple[EvalReport, EvalReport],
+    evidences: tuple[Evidence, Evidence],
+    builtin: Sequence[str],
+    custom: dict[str, CustomMetric],
+    idx: npt.NDArray[np.int64],
+) -> dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+    """Every metric on both models for the same index matrix: (candidate's rounds, champion's rounds)."""
+    ours, theirs = (resample(evidence, idx, builtin) for evidence in evidences)
+    values = {m: (ours[m], theirs[m]) for m in builtin}
+    for m, fn in custom.items():
+        values[m] = (_custom_on(reports[0], m, fn, idx), _custom_on(reports[1], m, fn, idx))
+    return values
+
+
+def _percentile_interval(differences: npt.NDArray[np.float64], tail: float) -> tuple[float, float, int]:
+    """(low, high, rounds where the metric was undefined). A ranking metric is undefined in a round
+    whose labels hold one class; those rounds are left out, unless they outnumber one tail of the
+    interval: they could then be that whole tail, and the interval is NaN (the gate fails closed)."""
+    defined = differences[np.isfinite(differences)]
+    undefined = differences.size - defined.size
+    if defined.size == 0 or undefined > tail * differences.size:
+        return math.nan, math.nan, undefined
+    low, high = np.quantile(defined, [tail, 1.0 - tail])
+    return float(low), float(high), undefined
 
 
 def _check_same_data(candidate: EvalReport, champion: EvalReport) -> None:

@@ -1,12 +1,13 @@
 """User metrics by import path (`"package.module:function"`): resolved once, called with checks.
 
 A custom metric is `fn(labels, predictions, probabilities) -> float`, stored under the function's
-name; a failure or a non-finite value is reported against its path, never swallowed.
+name; a failure or a non-finite value is reported against its path, never swallowed. It is
+higher-is-better unless the function carries `higher_is_better = False` (set after its `def`):
+`compare` passes that on, and the gate's `vs_champion` check reads the improvement's sign from it.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import numpy.typing as npt
 
 from domain.errors import InvalidInputError
 from ml.evaluation.resampling import BUILTIN_METRICS
+from ml.imports import is_import_path, resolve_callable
 
 CustomMetric = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]], Any]
 
@@ -40,20 +42,10 @@ def resolve_custom_metrics(paths: Sequence[str]) -> dict[str, tuple[str, CustomM
 
 def resolve_custom_metric(path: str) -> tuple[str, CustomMetric]:
     """The function an import path names, and its name; InvalidInputError saying what is wrong with the path."""
-    module_name, sep, attribute = path.partition(":") if isinstance(path, str) else ("", "", "")
-    if not sep or not module_name or not attribute:
+    if not isinstance(path, str) or not is_import_path(path):
         raise InvalidInputError(f"custom metric {path!r}: use an import path of the form 'package.module:function'")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise InvalidInputError(f"custom metric {path!r}: cannot import module {module_name!r} ({e})") from e
-    for part in attribute.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise InvalidInputError(f"custom metric {path!r}: {module_name} has no attribute {attribute!r}")
-    if not callable(target):
-        raise InvalidInputError(f"custom metric {path!r}: {attribute!r} is not callable; it must be a function")
-    return attribute.rsplit(".", 1)[-1], target
+    fn: CustomMetric = resolve_callable(path, "custom metric")
+    return path.partition(":")[2].rsplit(".", 1)[-1], fn
 
 
 def call_custom_metric(

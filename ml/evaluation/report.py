@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,7 +70,8 @@ class EvalReport:
             "n_examples": self.n_examples,
             "num_classes": self.num_classes,
             "data_fingerprint": self.data_fingerprint,
-            "metrics": {name: float(value) for name, value in self.metrics.items()},
+            # An undefined metric (roc_auc on labels of one class) is NaN here and null in JSON.
+            "metrics": {name: _finite_or_none(value) for name, value in self.metrics.items()},
             "per_class": {cls: {k: float(v) for k, v in stats.items()} for cls, stats in self.per_class.items()},
             "confusion_matrix": [[int(count) for count in row] for row in self.confusion_matrix],
         }
@@ -80,7 +82,8 @@ class MetricComparison:
     """Candidate vs champion on one metric: full-data values and a paired bootstrap interval.
 
     `difference`, `ci_low` and `ci_high` are candidate - champion. Whether a positive difference is
-    an improvement depends on `higher_is_better` (False for log_loss and ece).
+    an improvement depends on `higher_is_better` (False for log_loss and ece). `ci_low`/`ci_high`
+    are NaN when the metric is undefined on this data (see `compare`).
     """
 
     metric: str
@@ -94,6 +97,13 @@ class MetricComparison:
     n_examples: int
     higher_is_better: bool
     seed: int
+    # bootstrap rounds where the metric was undefined (a ranking metric on labels of one class)
+    undefined_resamples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _finite_or_none(value: float) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None

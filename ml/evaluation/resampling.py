@@ -4,7 +4,9 @@ Each `resampled_*` takes an index matrix of shape (rounds, N) and returns the me
 `evaluate` calls them with the identity resample and `compare` with bootstrap draws, so both report
 the same number for the same data. Accuracy, log-loss and ECE are means or binned sums of
 per-example quantities, and macro-F1 uses per-row `np.bincount` counts, so 1000 resamples cost a
-few numpy passes rather than a Python loop over rounds or examples.
+few numpy passes rather than a Python loop over rounds or examples. The ranking metrics `roc_auc` and
+`pr_auc` come from ml/evaluation/ranking.py, computed together from the same per-round counts;
+`resample` is the one entry point that returns any set of built-in metrics for an index matrix.
 
 Macro-F1 averages over the classes that occur in the true labels. Classes absent from the labels
 would add a constant 0 and cap the score (a 10-class model evaluated on a 9-class slice could never
@@ -14,18 +16,26 @@ models be scored over different class sets. Both would make numbers incomparable
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ml.evaluation.ranking import RANKING_METRICS, RankingEvidence, resampled_ranking
 from ml.evaluation.report import EvalReport
 
 ECE_BINS = 15
 # Whether a larger value is better, for the metrics `compare` can resample from per-example evidence.
-BUILTIN_METRICS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "log_loss": False, "ece": False}
+BUILTIN_METRICS: dict[str, bool] = {
+    "accuracy": True,
+    "macro_f1": True,
+    "log_loss": False,
+    "ece": False,
+    "roc_auc": True,
+    "pr_auc": True,
+}
 # Probabilities are stored as float32, so clip at float32's eps (as scikit-learn does for float32
 # input): a confidently wrong prediction costs ~15.9 nats instead of infinity.
 _PROB_EPS = float(np.finfo(np.float32).eps)
@@ -44,6 +54,7 @@ class Evidence:
     # correct - confidence: a bin's contribution to ECE is |sum of this over the bin| / N.
     calibration_gap: npt.NDArray[np.float64]
     num_classes: int
+    ranking: RankingEvidence
 
     @classmethod
     def build(
@@ -63,6 +74,7 @@ class Evidence:
             ece_bin=ece_bin,
             calibration_gap=correct - confidence,
             num_classes=probabilities.shape[1],
+            ranking=RankingEvidence.build(labels, probabilities),
         )
 
     @classmethod
@@ -109,6 +121,20 @@ RESAMPLED: dict[str, Callable[[Evidence, npt.NDArray[np.int64]], npt.NDArray[np.
     "log_loss": resampled_log_loss,
     "ece": resampled_ece,
 }
+
+
+def resample(
+    evidence: Evidence, idx: npt.NDArray[np.int64], names: Sequence[str]
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Each named built-in metric for every row of the index matrix `idx` (rounds, N).
+
+    The ranking metrics are computed once for both names; they are NaN in a round whose labels
+    hold one class only (ml/evaluation/ranking.py)."""
+    values = {name: RESAMPLED[name](evidence, idx) for name in names if name in RESAMPLED}
+    if any(name in RANKING_METRICS for name in names):
+        ranking = resampled_ranking(evidence.ranking, idx)
+        values.update({name: ranking[name] for name in names if name in RANKING_METRICS})
+    return values
 
 
 def safe_divide(numerator: npt.NDArray[np.float64], denominator: npt.NDArray[Any]) -> npt.NDArray[np.float64]:

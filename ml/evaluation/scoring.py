@@ -20,7 +20,7 @@ from domain.errors import InvalidInputError
 from ml.evaluation.cost import latency_percentiles, parameter_count, state_dict_size
 from ml.evaluation.custom_metrics import call_custom_metric, resolve_custom_metrics
 from ml.evaluation.report import EvalReport
-from ml.evaluation.resampling import BUILTIN_METRICS, RESAMPLED, Evidence, safe_divide
+from ml.evaluation.resampling import BUILTIN_METRICS, Evidence, resample, safe_divide
 
 
 def evaluate(
@@ -42,6 +42,10 @@ def evaluate(
     `fn(labels, predictions, probabilities) -> float` and stored under the function's name.
     `latency_budget_s` is shared by the batch-1 and batch-32 measurements; each still gets at
     least 50 timed repetitions, so a slow model can exceed it.
+
+    Quality metrics: accuracy, macro_f1, log_loss, ece, and the ranking metrics roc_auc and
+    pr_auc (binary: class 1's probability; more classes: macro one-vs-rest). A ranking metric is
+    NaN when the labels hold one class only: no pair to rank, and 0.5 would be a made-up number.
     """
     _check_evaluate_arguments(num_classes, batch_size, latency_budget_s)
     label_array = _checked_labels(features, labels, num_classes)
@@ -66,7 +70,8 @@ def evaluate(
         num_classes, num_classes
     )
 
-    metrics: dict[str, float] = {name: float(RESAMPLED[name](evidence, identity)[0]) for name in BUILTIN_METRICS}
+    # roc_auc and pr_auc are NaN when the labels hold one class only (ml/evaluation/ranking.py).
+    metrics = {name: float(values[0]) for name, values in resample(evidence, identity, list(BUILTIN_METRICS)).items()}
     metrics.update(latency)
     metrics["size_bytes"] = float(state_dict_size(model))
     metrics["parameter_count"] = float(parameter_count(model))

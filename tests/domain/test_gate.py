@@ -143,3 +143,71 @@ def test_every_check_carries_numbers_and_a_reason() -> None:
         assert check.reason
     rel: Any = next(c for c in decision.checks if c.check == "vs_champion" and c.metric == "accuracy")
     assert (rel.candidate_value, rel.champion_value, rel.ci_low, rel.ci_high) == (0.95, 0.93, 0.01, 0.03)
+
+
+# ---------------------------------------------------------------- ranking metrics and metric direction
+
+RANKING_POLICY = GatesSpec.model_validate(
+    {"min": {"roc_auc": 0.9}, "vs_champion": {"roc_auc": {"min_delta": 0.0, "confidence": 0.95}}}
+)
+
+
+def ranking(roc_auc: float, low: float = 0.0, high: float = 0.0, *, champ: float = 0.92) -> GateDecision:
+    interval = DifferenceInterval("roc_auc", (low + high) / 2, low, high, 0.95, 300, True)
+    return decide_promotion(
+        ModelEvidence({"roc_auc": roc_auc}, {}, 300),
+        ChampionEvidence(ModelEvidence({"roc_auc": champ}, {}, 300), {"roc_auc": interval}),
+        RANKING_POLICY,
+    )
+
+
+def test_roc_auc_is_gated_higher_is_better_on_the_paired_interval() -> None:
+    better = ranking(0.96, 0.01, 0.05)
+    assert better.passed, better.reason
+    check = next(c for c in better.checks if c.check == "vs_champion")
+    assert check.ci_low == pytest.approx(0.01) and check.ci_high == pytest.approx(0.05)
+    worse = ranking(0.91, -0.04, -0.005)
+    assert not worse.passed
+    assert verdicts(worse) == {
+        ("roc_auc", "min"): Verdict.PASS,
+        ("roc_auc", "vs_champion"): Verdict.FAIL,
+        ("overall", "overall"): Verdict.FAIL,
+    }
+    assert "lower bound <= +0.0000" in worse.reason
+    assert verdicts(ranking(0.85, 0.01, 0.05))[("roc_auc", "min")] is Verdict.FAIL
+
+
+def test_undefined_ranking_metric_fails_closed_with_the_reason() -> None:
+    nan = float("nan")
+    decision = ranking(nan, nan, nan)
+    assert not decision.passed
+    reasons = {c.check: c.reason for c in decision.checks}
+    assert "roc_auc is undefined from the evaluation (NaN" in reasons["min"]
+    assert "roc_auc is undefined for the candidate (NaN" in reasons["vs_champion"]
+    # defined on the full split, but the interval is not (too many one-class resamples)
+    interval_undefined = ranking(0.95, nan, nan)
+    check = next(c for c in interval_undefined.checks if c.check == "vs_champion")
+    assert check.verdict is Verdict.FAIL and "insufficient evidence" in check.reason and "undefined" in check.reason
+    assert DifferenceInterval("roc_auc", nan, nan, nan, 0.95, 300, True).to_dict()["ci_low"] is None
+
+
+def test_a_metric_missing_is_still_reported_as_missing() -> None:
+    decision = decide_promotion(ModelEvidence({}, {}, 300), None, RANKING_POLICY)
+    assert "metric missing from the evaluation" in decision.reason
+
+
+@pytest.mark.parametrize(("higher_is_better", "passed"), [(False, True), (True, False), (None, False)])
+def test_the_interval_carries_the_direction_of_a_custom_metric(higher_is_better: bool | None, passed: bool) -> None:
+    """A custom `error_cost` with `higher_is_better = False`: a drop is an improvement. Without the
+    direction (None) the gate falls back to its table, where an unknown name is higher-is-better."""
+    policy = GatesSpec.model_validate({"vs_champion": {"error_cost": {"min_delta": 0.0, "confidence": 0.95}}})
+    interval = DifferenceInterval("error_cost", -0.3, -0.5, -0.1, 0.95, 300, higher_is_better)
+    decision = decide_promotion(
+        ModelEvidence({"error_cost": 1.0}, {}, 300),
+        ChampionEvidence(ModelEvidence({"error_cost": 1.3}, {}, 300), {"error_cost": interval}),
+        policy,
+    )
+    assert decision.passed is passed, decision.reason
+    check = next(c for c in decision.checks if c.check == "vs_champion")
+    improvement = (0.1, 0.5) if higher_is_better is False else (-0.5, -0.1)
+    assert (check.ci_low, check.ci_high) == pytest.approx(improvement)

@@ -353,7 +353,7 @@ def _noisy_reports(n: int = 400, c: int = 3, seed: int = 0) -> tuple[EvalReport,
 def test_compare_identical_reports_interval_contains_zero() -> None:
     report, _ = _noisy_reports()
     result = compare(report, report)
-    assert set(result) == {"accuracy", "macro_f1", "log_loss", "ece"}
+    assert set(result) == {"accuracy", "macro_f1", "log_loss", "ece", "roc_auc", "pr_auc"}
     for comparison in result.values():
         assert comparison.difference == 0.0
         assert comparison.ci_low <= 0.0 <= comparison.ci_high

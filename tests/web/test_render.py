@@ -118,7 +118,7 @@ def run(
         started_at=START,
         finished_at=START + timedelta(seconds=42),
         metrics=tuple(
-            v.MetricPair(name, values[name], old[name] if champion else None, higher)
+            v.MetricPair(name, values.get(name), old.get(name) if champion else None, higher)
             for name, higher in v.COMPARED_METRICS
         ),
         gate=tuple(gate),
