@@ -26,6 +26,7 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run as current_flow_run
 from sqlalchemy.orm import Session
 
@@ -93,7 +94,15 @@ def resolve_inputs(ctx: FlowContext, pipeline: str, run_id: str) -> RunInputs:
     return RunInputs(spec, run, dataset, champion)
 
 
-@task(name="fetch-data", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def retry_unless_final(task: object, task_run: object, state: State[Any]) -> bool:
+    """Prefect's `retry_condition_fn`: a RetrainerError that says retrying cannot help (a digest that
+    does not match, an empty dataset folder, a loss that returns the wrong thing) fails the task at
+    once; anything else (a network error, a worker that died) goes on to the task's retries."""
+    error = state.data
+    return not isinstance(error, RetrainerError) or error.retryable
+
+
+@task(name="fetch-data", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE)
 def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Path:
     dest = workdir / "data" / Path(dataset.uri).name
     # The artifact store keeps a folder's manifest, so a later mismatch can name the file that changed.
@@ -104,7 +113,7 @@ def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Pa
     return dest
 
 
-@task(name="train", retries=1, retry_delay_seconds=0, cache_policy=NO_CACHE)
+@task(name="train", retries=1, retry_delay_seconds=0, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE)
 def train_candidate(
     ctx: FlowContext, spec: PipelineSpec, data: PreparedData, run_id: str, workdir: Path
 ) -> TrainResult:
