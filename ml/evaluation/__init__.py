@@ -18,24 +18,39 @@ Design:
   over the classes present, NaN on labels of one class (ranking.py); latency is CPU wall-clock of
   the forward pass, batch 1 unless suffixed (cost.py).
 
+Regression: `evaluate_regression` runs a model with float targets once and returns a
+`RegressionReport` (targets and predictions [N, outputs] in the target's units, after the caller's
+`inverse` transform; rmse, mae, r2, mape macro-averaged over outputs; the same cost figures);
+`compare` takes two such reports with the same paired, chunked bootstrap
+(ml/evaluation/regression_metrics.py). It refuses a regression report against a classification
+one. `REGRESSION_METRICS` maps each regression metric to whether higher is better, as
+`BUILTIN_METRICS` does for classification.
+
 Where things live: `report.py` (EvalReport, MetricComparison), `scoring.py` (`evaluate`),
 `resampling.py` (the built-in metrics over per-example evidence), `ranking.py` (roc_auc, pr_auc),
 `cost.py` (latency, size, parameter count), `custom_metrics.py` (user metrics by import path),
-`comparison.py` (`compare`).
+`comparison.py` (`compare`), `regression.py` (`evaluate_regression`), `regression_metrics.py`
+(the regression metrics over per-example evidence).
 Import from this package; the names below are its public interface.
 """
 
 from ml.evaluation.comparison import compare, disagreement
-from ml.evaluation.report import EvalReport, MetricComparison
+from ml.evaluation.regression import InverseTransform, evaluate_regression
+from ml.evaluation.regression_metrics import REGRESSION_METRICS
+from ml.evaluation.report import EvalReport, MetricComparison, RegressionReport
 from ml.evaluation.resampling import BUILTIN_METRICS, ECE_BINS
 from ml.evaluation.scoring import evaluate
 
 __all__ = [
     "BUILTIN_METRICS",
     "ECE_BINS",
+    "REGRESSION_METRICS",
     "EvalReport",
+    "InverseTransform",
     "MetricComparison",
+    "RegressionReport",
     "compare",
     "disagreement",
     "evaluate",
+    "evaluate_regression",
 ]

@@ -1,7 +1,8 @@
 """User metrics by import path (`"package.module:function"`): resolved once, called with checks.
 
-A custom metric is `fn(labels, predictions, probabilities) -> float`, stored under the function's
-name; a failure or a non-finite value is reported against its path, never swallowed. It is
+A classification metric is `fn(labels, predictions, probabilities) -> float`, a regression metric
+`fn(targets, predictions) -> float` (float64 arrays [N, outputs] in the target's units); either is
+stored under the function's name; a failure or a non-finite value is reported against its path, never swallowed. It is
 higher-is-better unless the function carries `higher_is_better = False` (set after its `def`):
 `compare` passes that on, and the gate's `vs_champion` check reads the improvement's sign from it.
 """
@@ -17,10 +18,12 @@ import numpy as np
 import numpy.typing as npt
 
 from domain.errors import InvalidInputError
+from ml.evaluation.regression_metrics import REGRESSION_METRICS
 from ml.evaluation.resampling import BUILTIN_METRICS
 from ml.imports import is_import_path, resolve_callable
 
-CustomMetric = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]], Any]
+# Called with the report's per-example arrays: (labels, predictions, probabilities) or (targets, predictions).
+CustomMetric = Callable[..., Any]
 
 
 def resolve_custom_metrics(paths: Sequence[str]) -> dict[str, tuple[str, CustomMetric]]:
@@ -31,7 +34,11 @@ def resolve_custom_metrics(paths: Sequence[str]) -> dict[str, tuple[str, CustomM
     names: dict[str, str] = {}
     for path in paths:
         name, fn = resolve_custom_metric(path)
-        if name in BUILTIN_METRICS or name.startswith(("latency_", "size_bytes", "parameter_count")):
+        if (
+            name in BUILTIN_METRICS
+            or name in REGRESSION_METRICS
+            or name.startswith(("latency_", "size_bytes", "parameter_count"))
+        ):
             raise InvalidInputError(f"custom metric {path!r}: the name {name!r} is taken by a built-in metric")
         if name in names and names[name] != path:
             raise InvalidInputError(f"custom metrics {names[name]!r} and {path!r} would both be stored as {name!r}")
@@ -51,13 +58,11 @@ def resolve_custom_metric(path: str) -> tuple[str, CustomMetric]:
 def call_custom_metric(
     path: str,
     fn: CustomMetric,
-    labels: npt.NDArray[np.int64],
-    predictions: npt.NDArray[np.int64],
-    probabilities: npt.NDArray[np.float32],
+    *arrays: npt.NDArray[Any],
 ) -> float:
-    """The metric's value as a finite float; InvalidInputError naming the path if it fails or returns another thing."""
+    """`fn(*arrays)` as a finite float; InvalidInputError naming the path if it fails or returns another thing."""
     try:
-        value = fn(labels, predictions, probabilities)
+        value = fn(*arrays)
     except Exception as e:  # user code: any failure is reported against its path, never swallowed
         raise InvalidInputError(f"custom metric {path!r} raised {type(e).__name__}: {e}") from e
     if isinstance(value, np.ndarray) and value.ndim == 0:

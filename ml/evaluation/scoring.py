@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,19 +49,16 @@ def evaluate(
     pr_auc (binary: class 1's probability; more classes: macro one-vs-rest). A ranking metric is
     NaN when the labels hold one class only: no pair to rank, and 0.5 would be a made-up number.
     """
-    _check_evaluate_arguments(num_classes, batch_size, latency_budget_s)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise InvalidInputError(f"num_classes must be an integer >= 2 (got {num_classes!r})")
+    check_run_arguments(batch_size, latency_budget_s)
     label_array = _checked_labels(features, labels, num_classes)
-    _check_on_cpu(model)
+    check_on_cpu(model)
     resolved = resolve_custom_metrics(custom_metrics)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            probabilities = _predict_probabilities(model, features, num_classes, batch_size)
-            latency = latency_percentiles(model, features, latency_budget_s) if measure_latency else {}
-    finally:
-        model.train(was_training)
+    with inference(model):
+        probabilities = _predict_probabilities(model, features, num_classes, batch_size)
+        costs = cost_metrics(model, features, latency_budget_s, measure_latency)
 
     # Argmax of the stored probabilities (not the logits) keeps the evidence self-consistent:
     # a prediction is always the class whose stored probability is the confidence used by ECE.
@@ -72,9 +71,7 @@ def evaluate(
 
     # roc_auc and pr_auc are NaN when the labels hold one class only (ml/evaluation/ranking.py).
     metrics = {name: float(values[0]) for name, values in resample(evidence, identity, list(BUILTIN_METRICS)).items()}
-    metrics.update(latency)
-    metrics["size_bytes"] = float(state_dict_size(model))
-    metrics["parameter_count"] = float(parameter_count(model))
+    metrics.update(costs)
     for path, (name, fn) in resolved.items():
         metrics[name] = call_custom_metric(path, fn, label_array, predictions, probabilities)
 
@@ -87,28 +84,49 @@ def evaluate(
         probabilities=probabilities,
         # A caller that feeds each model its own preprocessing of the same raw rows (the champion
         # keeps the standardizer it was trained with) vouches for "same data" with the raw rows' id.
-        data_fingerprint=data_fingerprint or _fingerprint(features, label_array),
+        data_fingerprint=data_fingerprint or fingerprint(features, label_array),
     )
 
 
-def _fingerprint(features: torch.Tensor, labels: npt.NDArray[np.int64]) -> str:
+def fingerprint(features: torch.Tensor, targets: npt.NDArray[Any]) -> str:
+    """sha256 of the evaluated features and labels (or regression targets): what "same data" means to `compare`."""
     # Labels alone cannot tell two evaluation sets apart when they share a label vector (e.g. the
     # same split with re-processed features); the gate must refuse those too.
     digest = hashlib.sha256()
     array = features.detach().cpu().contiguous().numpy()
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(array.tobytes())
-    digest.update(labels.tobytes())
+    digest.update(np.ascontiguousarray(targets).tobytes())
     return digest.hexdigest()
 
 
-def _check_evaluate_arguments(num_classes: int, batch_size: int, latency_budget_s: float) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise InvalidInputError(f"num_classes must be an integer >= 2 (got {num_classes!r})")
+def check_run_arguments(batch_size: int, latency_budget_s: float) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer (got {batch_size!r})")
     if not (math.isfinite(latency_budget_s) and latency_budget_s >= 0):
         raise InvalidInputError(f"latency_budget_s must be a finite number >= 0 (got {latency_budget_s!r})")
+
+
+@contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode under `torch.inference_mode()`, restoring the model's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def cost_metrics(
+    model: nn.Module, features: torch.Tensor, latency_budget_s: float, measure_latency: bool
+) -> dict[str, float]:
+    """Latency percentiles (when measured), serialized size and parameter count, as report metrics."""
+    metrics = latency_percentiles(model, features, latency_budget_s) if measure_latency else {}
+    metrics["size_bytes"] = float(state_dict_size(model))
+    metrics["parameter_count"] = float(parameter_count(model))
+    return metrics
 
 
 def _checked_labels(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> npt.NDArray[np.int64]:
@@ -140,7 +158,7 @@ def _checked_labels(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     return label_array
 
 
-def _check_on_cpu(model: nn.Module) -> None:
+def check_on_cpu(model: nn.Module) -> None:
     devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
     if devices - {"cpu"}:
         raise InvalidInputError(
