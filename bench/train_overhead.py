@@ -6,7 +6,10 @@ peak RSS (ru_maxrss) belongs to one variant only; the variants alternate (ours, 
 ours, …) so drift on the machine hits both alike. Prints samples/s and peak RSS of both and
 the ratios against the targets (throughput >= 0.95x, peak RSS <= 1.1x).
 
-    .venv/bin/python bench/train_overhead.py [--rounds 5] [--epochs 2]
+`--task regression` measures the same for a regression MLP (64→256→128→1, float targets
+[N, 1], MSE; `train` with `Objective("regression", "mse")` against a hand-written MSE loop).
+
+    .venv/bin/python bench/train_overhead.py [--rounds 5] [--epochs 2] [--task classification|regression]
 """
 
 from __future__ import annotations
@@ -25,28 +28,32 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS, FEATURES, CLASSES, BATCH = 8192, 64, 10, 64
 
 
-def _data() -> tuple[object, object]:
+def _data(task: str) -> tuple[object, object]:
     import torch
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(ROWS, FEATURES, generator=generator)
+    if task == "regression":  # already standardised, as ml.data.prepare hands them over
+        return features, (features[:, :8].sum(dim=1, keepdim=True) / 8**0.5).tanh()
     labels = (features[:, :CLASSES].argmax(dim=1) + (features[:, -1] > 1).long()) % CLASSES
     return features, labels
 
 
-def child(variant: str, epochs: int) -> dict[str, float]:
+def child(variant: str, epochs: int, task: str = "classification") -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     import torch
     from torch import nn
 
     from domain.spec import parse_spec
+    from ml.losses import Objective
     from ml.training import TrainingData, seed_everything, train
     from ml.zoo import build_model
 
-    features, labels = _data()
+    features, labels = _data(task)
     assert isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor)
     seed_everything(0)
-    model = build_model("mlp", {"hidden_sizes": [256, 128], "dropout": 0.1}, [FEATURES], CLASSES)
+    outputs = 1 if task == "regression" else CLASSES
+    model = build_model("mlp", {"hidden_sizes": [256, 128], "dropout": 0.1}, [FEATURES], outputs)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     if variant == "ours":
@@ -68,12 +75,13 @@ def child(variant: str, epochs: int) -> dict[str, float]:
             source="bench",
         )
         empty = torch.empty(0, FEATURES)
-        data = TrainingData(features, labels, empty, torch.empty(0, dtype=torch.long))
+        data = TrainingData(features, labels, empty, labels[:0])
+        objective = Objective("regression", "mse") if task == "regression" else None
         with tempfile.TemporaryDirectory() as checkpoints:
-            train(model, data, spec, Path(checkpoints), resume=False)
+            train(model, data, spec, Path(checkpoints), resume=False, objective=objective)
     else:  # the minimal loop an engineer would write by hand
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        loss_fn = nn.CrossEntropyLoss()
+        loss_fn: nn.Module = nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
         model.train()
         for _ in range(epochs):
             order = torch.randperm(ROWS)
@@ -95,9 +103,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--child", choices=["ours", "hand"])
+    parser.add_argument("--task", choices=["classification", "regression"], default="classification")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.epochs)))
+        print(json.dumps(child(args.child, args.epochs, args.task)))
         return
 
     results: dict[str, list[dict[str, float]]] = {"ours": [], "hand": []}
@@ -105,7 +114,7 @@ def main() -> None:
         order = ["ours", "hand"] if round_index % 2 == 0 else ["hand", "ours"]
         for variant in order:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", variant, "--epochs", str(args.epochs)],
+                [sys.executable, __file__, "--child", variant, "--epochs", str(args.epochs), "--task", args.task],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -119,9 +128,10 @@ def main() -> None:
     ours_tp, hand_tp = median("ours", "samples_per_s"), median("hand", "samples_per_s")
     ours_rss, hand_rss = median("ours", "peak_rss_mb"), median("hand", "peak_rss_mb")
     steps = args.epochs * -(-ROWS // BATCH)
+    head, loss = ("1", "MSE") if args.task == "regression" else (str(CLASSES), "cross-entropy")
     print(
-        f"\ntrain() overhead: MLP 64-256-128-10, {ROWS} rows, batch {BATCH}, AdamW, {steps} steps, "
-        f"{args.rounds} interleaved rounds (medians)\n"
+        f"\ntrain() overhead, {args.task}: MLP 64-256-128-{head}, {loss}, {ROWS} rows, batch {BATCH}, AdamW, "
+        f"{steps} steps, {args.rounds} interleaved rounds (medians)\n"
     )
     print(f"{'':<22}{'samples/s':>12}{'peak RSS MB':>14}")
     print(f"{'hand-written loop':<22}{hand_tp:>12.0f}{hand_rss:>14.0f}")

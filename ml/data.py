@@ -17,30 +17,41 @@ The flow is `load_table` → `split` → `fit_standardizer` → tensors, and `pr
 - `prepare` checks the data against the model's `input_shape` and `output_classes` before any
   training starts, and returns float32 feature tensors (NxF; models reshape themselves) and int64
   label tensors for train, validation and test.
+- Regression (`prepare(..., task="regression", outputs=K)`) takes a `RegressionTable`: float targets
+  with one column per `data.target` column. NaN or infinite targets are refused naming the column
+  and the row; the split is the same deterministic split over one group (not stratified); the
+  targets are standardised per column with train statistics (`TargetStandardizer`, to be stored
+  with the model and inverted on its predictions) and handed over as float32 [N, K].
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from domain.errors import InvalidInputError
-from ml.readers import FORMATS, IndexArray, Table, load_table
-from ml.standardizer import Standardizer, fit_standardizer
+from ml.losses import Task
+from ml.readers import FORMATS, FloatArray, IndexArray, Table, load_table
+from ml.standardizer import Standardizer, TargetStandardizer, fit_standardizer, fit_target_standardizer
+from ml.training import TrainingData
 
 __all__ = [
     "FORMATS",
     "PreparedData",
+    "RegressionTable",
     "Splits",
     "Standardizer",
     "Table",
+    "TargetStandardizer",
     "TensorSplit",
     "fit_standardizer",
+    "fit_target_standardizer",
     "load_table",
     "prepare",
     "split",
@@ -69,14 +80,16 @@ class Splits:
         return {"train": int(self.train.size), "validation": int(self.validation.size), "test": int(self.test.size)}
 
 
-def split(table: Table, validation_fraction: float, test_fraction: float, seed: int) -> Splits:
-    """Deterministic stratified split into train / validation / test.
+def split(table: Table | RegressionTable, validation_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Deterministic split into train / validation / test, stratified by class for a classification `Table`.
 
     Each split receives round(N x fraction) rows (at least one when its fraction is > 0), and each
     class contributes within one row of its proportional share. Every class keeps at least one row in
     train, so a class with too few rows stays entirely in train. Rows are drawn with a numpy
     Generator seeded with `seed`: the same table, fractions and seed give identical index sets.
+    A `RegressionTable`'s rows form one group: a plain seeded split that keeps at least one train row.
     """
+    stratified = isinstance(table, Table)
     _check_fraction("data.validation_fraction", validation_fraction, table.source)
     _check_fraction("data.test_fraction", test_fraction, table.source)
     if validation_fraction + test_fraction >= 1:
@@ -87,7 +100,8 @@ def split(table: Table, validation_fraction: float, test_fraction: float, seed: 
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise InvalidInputError(f"data.seed for {table.source} must be an integer (got {seed!r})")
 
-    classes, counts = np.unique(table.labels, return_counts=True)
+    groups = table.labels if isinstance(table, Table) else np.zeros(table.num_rows, np.int64)
+    classes, counts = np.unique(groups, return_counts=True)
     rows = int(counts.sum())
     want_test = _split_size(rows, test_fraction)
     want_validation = _split_size(rows, validation_fraction)
@@ -96,10 +110,12 @@ def split(table: Table, validation_fraction: float, test_fraction: float, seed: 
         needed = rows
         while _split_size(needed, test_fraction) + _split_size(needed, validation_fraction) > needed - classes.size:
             needed += 1
+        grouping = f" in {classes.size} classes" if stratified else ""
+        kept = "each class keeps a row in train" if stratified else "train keeps at least one row"
         raise InvalidInputError(
-            f"data file {table.source} has {rows} rows in {classes.size} classes: too few for non-empty splits with "
-            f"data.validation_fraction {validation_fraction} and data.test_fraction {test_fraction} (each class keeps "
-            f"a row in train); it needs at least {needed} rows: add data or lower the fractions"
+            f"data file {table.source} has {rows} rows{grouping}: too few for non-empty splits with "
+            f"data.validation_fraction {validation_fraction} and data.test_fraction {test_fraction} ({kept}); "
+            f"it needs at least {needed} rows: add data or lower the fractions"
         )
 
     counts64 = counts.astype(np.float64)
@@ -109,7 +125,7 @@ def split(table: Table, validation_fraction: float, test_fraction: float, seed: 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[IndexArray]] = {"train": [], "validation": [], "test": []}
     for cls, n_test, n_val in zip(classes, test_per_class, validation_per_class, strict=True):
-        members = rng.permutation(np.flatnonzero(table.labels == cls)).astype(np.int64)
+        members = rng.permutation(np.flatnonzero(groups == cls)).astype(np.int64)
         parts["test"].append(members[:n_test])
         parts["validation"].append(members[n_test : n_test + n_val])
         parts["train"].append(members[n_test + n_val :])
@@ -162,15 +178,41 @@ def _allocate(quotas: npt.NDArray[np.float64], total: int, caps: npt.NDArray[np.
     return given
 
 
-# ---------------------------------------------------------------------------------------- standardisation
-
-
 # ---------------------------------------------------------------------------------------- prepare
 
 
 @dataclass(frozen=True, eq=False)
+class RegressionTable:
+    """A regression dataset: `features` float32 NxF, `targets` float [N, outputs] named by `target_names`.
+
+    `targets` may still hold NaN or inf (a reader or `data.loader` passes them on): `prepare` refuses
+    them naming the column and the row. A 1-D `targets` is one column. `source` names the file.
+    """
+
+    features: FloatArray
+    targets: npt.NDArray[Any]
+    feature_names: list[str]
+    target_names: list[str]
+    source: str
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of features; `prepare` checks that the targets have as many."""
+        return len(self.features)
+
+    @property
+    def num_features(self) -> int:
+        """Columns of features (the model's flattened input size)."""
+        return int(self.features.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
 class TensorSplit:
-    """One split as tensors: `features` float32 NxF (standardised), `labels` int64 N, `indices` into the Table."""
+    """One split as tensors: `features` float32 NxF (standardised), `labels` the targets, `indices` into the table.
+
+    `labels` are int64 class ids [N] for classification, standardised float32 targets [N, outputs]
+    for regression (the table's `targets[indices]` are the same rows in the target's units).
+    """
 
     name: str
     features: torch.Tensor
@@ -183,7 +225,11 @@ class TensorSplit:
 
 @dataclass(frozen=True, eq=False)
 class PreparedData:
-    """Everything training and evaluation need, checked against the model's input shape and classes."""
+    """Everything training and evaluation need, checked against the model's input shape and outputs.
+
+    `num_classes` is 0 for regression; `outputs` is the model's output width for either task.
+    `target_standardizer` (regression only) goes into the model's manifest next to `standardizer`.
+    """
 
     train: TensorSplit
     validation: TensorSplit
@@ -194,50 +240,81 @@ class PreparedData:
     num_classes: int
     input_shape: tuple[int, ...]
     source: str
+    task: Task = "classification"
+    outputs: int = 0
+    target_names: list[str] = field(default_factory=list)
+    target_standardizer: TargetStandardizer | None = None
+
+    def training_data(self) -> TrainingData:
+        """The train and validation splits as `ml.training.train` takes them."""
+        return TrainingData(
+            self.train.features,
+            self.train.labels,
+            self.validation.features,
+            self.validation.labels,
+            target_standardizer=self.target_standardizer,
+        )
 
 
 def prepare(
-    table: Table,
+    table: Table | RegressionTable,
     *,
     input_shape: Sequence[int],
-    output_classes: int,
+    output_classes: int | None = None,
     validation_fraction: float,
     test_fraction: float,
     seed: int,
     standardize: bool = True,
+    task: Task = "classification",
+    outputs: int | None = None,
+    standardize_targets: bool = True,
 ) -> PreparedData:
     """Checks `table` against the model spec, splits it, standardises with train statistics, builds tensors.
 
     `standardize=False` (e.g. token ids for a transformer) keeps the values as they are.
+    Classification takes a `Table` and `output_classes`; regression (`task="regression"`) takes a
+    `RegressionTable` and `outputs` (the model's output width: one per target column; None takes
+    the table's column count), and `standardize_targets=False` trains on the raw targets.
     """
     shape = tuple(input_shape)
     if not shape or any(isinstance(d, bool) or not isinstance(d, int | np.integer) or d <= 0 for d in shape):
         raise InvalidInputError(f"model.input_shape {list(shape)} must be a non-empty list of positive integers")
-    if isinstance(output_classes, bool) or not isinstance(output_classes, int | np.integer) or output_classes < 2:
-        raise InvalidInputError(f"model.output_classes must be an integer >= 2 (got {output_classes!r})")
     needed = math.prod(int(d) for d in shape)
     if table.num_features != needed:
         raise InvalidInputError(
             f"data file {table.source} has {table.num_features} features per row but model.input_shape "
             f"{[int(d) for d in shape]} needs {needed}; fix model.input_shape or the data's columns"
         )
-    largest = int(table.labels.max())
-    if largest >= output_classes:
-        raise InvalidInputError(
-            f"data file {table.source}: target {table.target!r} has class id {largest} but model.output_classes is "
-            f"{output_classes} (ids 0..{output_classes - 1}); set model.output_classes to at least {largest + 1} "
-            "or fix the labels"
-        )
+    if task == "regression":
+        if not isinstance(table, RegressionTable):
+            raise InvalidInputError(
+                f"data file {table.source} was read as class ids (target {table.target!r}) but the task is regression; "
+                "read float targets into a RegressionTable"
+            )
+        targets: npt.NDArray[Any] = _regression_targets(table, outputs)
+        width, target_names = int(targets.shape[1]), list(table.target_names)
+    else:
+        if not isinstance(table, Table):
+            raise InvalidInputError(
+                f"data file {table.source} holds float targets {table.target_names} but the task is {task!r}; "
+                "set the task to regression, or read class ids into a Table for classification"
+            )
+        targets = _class_ids(table, output_classes)
+        width, target_names = int(output_classes or 0), [table.target]
 
     splits = split(table, validation_fraction, test_fraction, seed)
     standardizer = fit_standardizer(table.features[splits.train], enabled=standardize)
+    target_standardizer = (
+        fit_target_standardizer(targets[splits.train], enabled=standardize_targets) if task == "regression" else None
+    )
 
     def tensors(name: str, indices: IndexArray) -> TensorSplit:
         features = standardizer.transform(table.features[indices])
+        labels = targets[indices] if target_standardizer is None else target_standardizer.transform(targets[indices])
         return TensorSplit(
             name=name,
             features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
-            labels=torch.from_numpy(table.labels[indices].astype(np.int64)),
+            labels=torch.from_numpy(np.ascontiguousarray(labels)),
             indices=indices,
         )
 
@@ -248,7 +325,63 @@ def prepare(
         standardizer=standardizer,
         splits=splits,
         feature_names=list(table.feature_names),
-        num_classes=int(output_classes),
+        num_classes=0 if task == "regression" else width,
         input_shape=tuple(int(d) for d in shape),
         source=table.source,
+        task=task,
+        outputs=width,
+        target_names=target_names,
+        target_standardizer=target_standardizer,
     )
+
+
+def _class_ids(table: Table, output_classes: int | None) -> npt.NDArray[np.int64]:
+    if isinstance(output_classes, bool) or not isinstance(output_classes, int | np.integer) or output_classes < 2:
+        raise InvalidInputError(f"model.output_classes must be an integer >= 2 (got {output_classes!r})")
+    largest = int(table.labels.max())
+    if largest >= output_classes:
+        raise InvalidInputError(
+            f"data file {table.source}: target {table.target!r} has class id {largest} but model.output_classes is "
+            f"{output_classes} (ids 0..{output_classes - 1}); set model.output_classes to at least {largest + 1} "
+            "or fix the labels"
+        )
+    return table.labels.astype(np.int64)
+
+
+def _regression_targets(table: RegressionTable, outputs: int | None) -> npt.NDArray[np.float32]:
+    """The targets as float32 [N, outputs], refusing a shape, a count or a value the model cannot train on."""
+    raw = np.asarray(table.targets)
+    values = raw.reshape(-1, 1) if raw.ndim == 1 else raw
+    names = list(table.target_names)
+    if values.ndim != 2 or values.shape[0] != table.num_rows or values.shape[1] != len(names):
+        raise InvalidInputError(
+            f"data file {table.source}: targets have shape {list(raw.shape)} but {table.num_rows} rows and "
+            f"{len(names)} target column(s) {names} need [{table.num_rows}, {len(names)}]; return one column per "
+            "data.target entry"
+        )
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise InvalidInputError(
+            f"data file {table.source}: targets {names} have dtype {values.dtype}; regression targets must be numbers"
+        )
+    wanted = len(names) if outputs is None else outputs
+    if isinstance(wanted, bool) or not isinstance(wanted, int | np.integer) or wanted < 1:
+        raise InvalidInputError(f"model.outputs must be an integer >= 1 (got {outputs!r})")
+    if wanted != len(names):
+        raise InvalidInputError(
+            f"model.outputs is {wanted} but data.target lists {len(names)} column(s) {names} in {table.source}; "
+            f"set model.outputs to {len(names)} or change data.target"
+        )
+    as64 = values.astype(np.float64)
+    finite = np.isfinite(as64)
+    if not finite.all():
+        row, column = (int(i) for i in np.argwhere(~finite)[0])
+        bad = int((~finite[:, column]).sum())
+        raise InvalidInputError(
+            f"data file {table.source}: target column {names[column]!r} holds {as64[row, column]} at row {row} "
+            f"(0-based; {bad} non-finite value(s) in that column); drop or fill those rows before training"
+        )
+    if np.abs(as64).max(initial=0.0) > np.finfo(np.float32).max:
+        raise InvalidInputError(
+            f"data file {table.source}: target columns {names} hold values beyond float32's range; rescale them"
+        )
+    return as64.astype(np.float32)

@@ -1,4 +1,8 @@
-"""Per-feature standardisation, fitted on the train split and saved with the model.
+"""Per-column standardisation, fitted on the train split and saved with the model.
+
+`Standardizer` scales the features; `TargetStandardizer` scales a regression model's float targets
+(so a target in the thousands trains like one near 1) and maps its predictions back to the target's
+units with `inverse` / `inverse_tensor`. Both serialise to the same JSON-safe dict.
 
 Its own module, so the model server (which loads a saved `Standardizer`) imports neither the
 dataset readers nor pyarrow.
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +34,8 @@ class Standardizer:
     mean: FloatArray
     std: FloatArray
     enabled: bool = True
+    _columns: ClassVar[str] = "features"
+    _fix: ClassVar[str] = "send rows shaped like the training data"
 
     @property
     def num_features(self) -> int:
@@ -97,9 +103,36 @@ class Standardizer:
     def _check_width(self, width: int) -> None:
         if width != self.num_features:
             raise InvalidInputError(
-                f"input has {width} features per row but the standardizer was fitted on {self.num_features}; "
-                "send rows shaped like the training data"
+                f"input has {width} {self._columns} per row but the standardizer was fitted on {self.num_features}; "
+                f"{self._fix}"
             )
+
+
+@dataclass(frozen=True, eq=False)
+class TargetStandardizer(Standardizer):
+    """Per-target-column (y - mean) / std for regression, with the inverse for predictions.
+
+    Serving applies `inverse` to the model's outputs so that a client gets the target's own units.
+    """
+
+    _columns: ClassVar[str] = "target columns"
+    _fix: ClassVar[str] = "the model's outputs must have one column per target (model.outputs)"
+
+    def inverse(self, values: npt.NDArray[Any]) -> FloatArray:
+        """Maps standardised [N, outputs] values back to the target's units (float32 out)."""
+        y = np.asarray(values, dtype=np.float32)
+        self._check_width(int(y.shape[-1]) if y.ndim else 0)
+        if not self.enabled:
+            return y
+        return (y * self.std + self.mean).astype(np.float32)
+
+    def inverse_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """The same inverse for a torch tensor (the model's outputs), float32 out."""
+        y = values.to(torch.float32)
+        self._check_width(int(y.shape[-1]) if y.dim() else 0)
+        if not self.enabled:
+            return y
+        return y * torch.from_numpy(self.std).to(y.device) + torch.from_numpy(self.mean).to(y.device)
 
 
 def fit_standardizer(train_features: npt.NDArray[Any], enabled: bool = True) -> Standardizer:
@@ -107,17 +140,34 @@ def fit_standardizer(train_features: npt.NDArray[Any], enabled: bool = True) -> 
 
     A constant feature (std 0) gets std 1, so it is centred rather than divided by zero.
     """
-    x = np.asarray(train_features)
+    mean, std = _fit(train_features, enabled, "train features must be NxF", relative=False)
+    return Standardizer(mean, std, enabled=enabled)
+
+
+def fit_target_standardizer(train_targets: npt.NDArray[Any], enabled: bool = True) -> TargetStandardizer:
+    """Fits one mean/std per target column [N, outputs] on the train rows only; `enabled=False` is the identity.
+
+    A constant target column gets std 1: it is centred, the model learns 0 for it, and `inverse`
+    gives the constant back exactly as far as float32 holds it.
+    """
+    mean, std = _fit(train_targets, enabled, "train targets must be [N, outputs]", relative=True)
+    return TargetStandardizer(mean, std, enabled=enabled)
+
+
+def _fit(values: npt.NDArray[Any], enabled: bool, shape_rule: str, relative: bool) -> tuple[FloatArray, FloatArray]:
+    x = np.asarray(values)
     if x.ndim != 2:
-        raise InvalidInputError(f"train features must be NxF to fit a standardizer (got shape {list(x.shape)})")
+        raise InvalidInputError(f"{shape_rule} to fit a standardizer (got shape {list(x.shape)})")
     width = int(x.shape[1])
     if not enabled:
-        return Standardizer(np.zeros(width, np.float32), np.ones(width, np.float32), enabled=False)
+        return np.zeros(width, np.float32), np.ones(width, np.float32)
     if x.shape[0] == 0:
         raise InvalidInputError("cannot fit a standardizer on an empty train split; the dataset needs more rows")
     # float64 accumulation: float32 sums over many rows lose precision in the mean and variance.
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=0)
     std = x64.std(axis=0)
-    std[std <= 1e-12] = 1.0
-    return Standardizer(mean.astype(np.float32), std.astype(np.float32), enabled=True)
+    # For targets the constant test is relative to the column's size: a constant 1234.567 column
+    # keeps a rounding-level spread in its float64 mean that must not become a divisor.
+    std[std <= 1e-12 * (np.maximum(1.0, np.abs(mean)) if relative else 1.0)] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)

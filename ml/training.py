@@ -16,6 +16,10 @@ What an ML engineer expects from it, and why it is built this way:
   LambdaLR over the global step, with fractional epochs, so they are exact under resume.
 - **Fail loudly.** A NaN or infinite loss stops the run with TrainingError; it never yields a
   model. Early stopping restores the best weights.
+- **Either task.** An `Objective` (`ml/losses.py`) says classification (int64 class ids [N],
+  `val_accuracy`) or regression (float targets [N, outputs], `val_rmse` and `val_mae` in the
+  target's units when `TrainingData.target_standardizer` is given); its `monitor` picks the best
+  epoch. Without one, the spec's hyperparameters give today's classification objective.
 - **DDP.** Under torchrun (`distributed.strategy: ddp`) each rank takes an interleaved shard of
   every effective batch; gradients are averaged by DistributedDataParallel (gloo on CPU, NCCL
   on CUDA); rank 0 alone writes checkpoints. See `ml/ddp_worker.py`.
@@ -43,17 +47,22 @@ from torch.nn.parallel import DistributedDataParallel
 from domain.errors import InvalidInputError, TrainingError
 from domain.spec import HyperparametersSpec, PipelineSpec
 from ml.checkpoint import load_checkpoint, save_checkpoint
-from ml.losses import build_loss
+from ml.losses import Objective
+from ml.standardizer import TargetStandardizer
 
 
 @dataclass(frozen=True, slots=True)
 class TrainingData:
-    """Tensors for training: features NxF float32, labels N int64 (already split and scaled)."""
+    """Tensors for training (already split and scaled): features NxF float32; labels int64 [N] class
+    ids, or for regression float32 targets [N, outputs] standardised by `target_standardizer`, which
+    maps them back to the target's units for `val_rmse` / `val_mae` (None: the metrics are in the
+    units the targets are given in)."""
 
     train_features: torch.Tensor
     train_labels: torch.Tensor
     val_features: torch.Tensor
     val_labels: torch.Tensor
+    target_standardizer: TargetStandardizer | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,18 @@ class EpochMetrics:
     learning_rate: float
     seconds: float
     samples_per_second: float
+    val_rmse: float | None = None
+    val_mae: float | None = None
+
+    def monitored(self, name: str) -> float | None:
+        """The value of a validation metric by its name (`Objective.monitor`)."""
+        values = {
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "val_rmse": self.val_rmse,
+            "val_mae": self.val_mae,
+        }
+        return values[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +209,12 @@ class _Trainer:
         checkpoint_dir: Path,
         progress: ProgressCallback | None,
         on_checkpoint: CheckpointCallback | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.spec, self.hp = spec, spec.hyperparameters
+        self.objective = objective or Objective.from_hyperparameters(self.hp)
+        self.objective.check_targets(data.train_labels, "training targets")
+        self.objective.check_targets(data.val_labels, "validation targets")
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_checkpoint = on_checkpoint
@@ -210,7 +235,7 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(n / self.effective_batch)
         self.optimizer = build_optimizer(self.model, self.hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.hp, self.steps_per_epoch))
-        self.loss_fn = build_loss(self.hp)
+        self.loss_fn = self.objective.build_loss()
         self.ddp: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.world > 1
@@ -347,36 +372,56 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- validation and early stopping ------------------------------------------------------
-    def validate(self) -> tuple[float | None, float | None]:
-        if len(self.data.val_labels) == 0:
-            return None, None
+    def validate(self) -> dict[str, float]:
+        """The validation metrics of the task by name (empty without validation rows)."""
+        n = len(self.data.val_labels)
+        if n == 0:
+            return {}
         self.model.eval()
-        loss_sum, correct, n = 0.0, 0, len(self.data.val_labels)
+        sums: dict[str, float] = {}
         with torch.inference_mode():
             for start in range(0, n, 1024):
                 features = self.data.val_features[start : start + 1024].to(self.device)
                 labels = self.data.val_labels[start : start + 1024].to(self.device)
                 with self._autocast():
-                    logits = self.model(features)
-                loss_sum += self._validation_loss(logits.float(), labels)
-                correct += int((logits.argmax(dim=1) == labels).sum())
-        return loss_sum / n, correct / n
+                    outputs = self.model(features).float()
+                batch = {"val_loss": self._validation_loss(outputs, labels), **self._metric_sums(outputs, labels)}
+                for name, value in batch.items():
+                    sums[name] = sums.get(name, 0.0) + value
+        if self.objective.task == "classification":
+            return {"val_loss": sums["val_loss"] / n, "val_accuracy": sums["correct"] / n}
+        elements = n * int(self.data.val_labels.shape[1])
+        return {
+            "val_loss": sums["val_loss"] / n,
+            "val_rmse": math.sqrt(sums["squared_error"] / elements),
+            "val_mae": sums["absolute_error"] / elements,
+        }
+
+    def _metric_sums(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One batch's sums behind the task's metrics; regression errors in the target's units."""
+        if self.objective.task == "classification":
+            return {"correct": float((outputs.argmax(dim=1) == labels).sum())}
+        scaler = self.data.target_standardizer
+        if scaler is not None:
+            outputs, labels = scaler.inverse_tensor(outputs), scaler.inverse_tensor(labels)
+        error = (outputs - labels).double()
+        return {"squared_error": float(error.square().sum()), "absolute_error": float(error.abs().sum())}
 
     def _validation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         """The batch's summed loss: cross-entropy without smoothing for the default loss (the figure
-        runs have always recorded), else the spec's own loss (mean-reduced) times the batch size."""
-        if self.hp.loss_function == "cross_entropy":
+        runs have always recorded), else the objective's own loss (mean-reduced) times the batch size;
+        for regression that is in the units the model is trained on (standardised targets)."""
+        if self.objective.loss == "cross_entropy":
             return float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         return float(self.loss_fn(logits, labels)) * len(labels)
 
     def improved(self, metrics: EpochMetrics) -> bool:
         """Updates the best-so-far; True when this epoch is the new best."""
         stopping = self.hp.early_stopping
-        monitor = stopping.monitor if stopping else "val_loss"
-        value = metrics.val_loss if monitor == "val_loss" else metrics.val_accuracy
+        value = metrics.monitored(self.objective.monitor)
         if value is None:
             return False
-        score = -value if monitor == "val_loss" else value  # higher is better from here on
+        score = value if self.objective.higher_is_better else -value  # higher is better from here on
         min_delta = stopping.min_delta if stopping else 0.0
         if self.best_score is None or score > self.best_score + min_delta:
             self.best_score, self.best_epoch, self.bad_epochs = score, metrics.epoch, 0
@@ -441,15 +486,17 @@ class _Trainer:
 
     def finish_epoch(self) -> EpochMetrics:
         seconds = time.perf_counter() - self.epoch_started
-        val_loss, val_accuracy = self.validate()
+        validation = self.validate()
         metrics = EpochMetrics(
             epoch=self.epoch + 1,
             train_loss=self.epoch_loss_sum / max(1, self.epoch_samples),
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
+            val_loss=validation.get("val_loss"),
+            val_accuracy=validation.get("val_accuracy"),
             learning_rate=float(self.optimizer.param_groups[0]["lr"]),
             seconds=seconds,
             samples_per_second=self.epoch_samples / seconds if seconds > 0 else 0.0,
+            val_rmse=validation.get("val_rmse"),
+            val_mae=validation.get("val_mae"),
         )
         self.history.append(metrics)
         self.improved(metrics)
@@ -464,9 +511,12 @@ def train(
     resume: bool = True,
     progress: ProgressCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Trains `model` in place on `data` as the spec says, checkpointing into `checkpoint_dir`.
 
+    `objective` (the task, loss and monitored metric) defaults to the spec's classification
+    objective, `Objective.from_hyperparameters(spec.hyperparameters)`.
     With `resume=True` a checkpoint found there is continued exactly where it stopped.
     Raises TrainingError for a NaN/inf loss (no model is returned) and InvalidInputError for
     unusable inputs.
@@ -476,4 +526,4 @@ def train(
     with warnings.catch_warnings():
         # LambdaLR warns when the first lr is read before optimizer.step(); our order is deliberate.
         warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
-        return _Trainer(model, data, spec, checkpoint_dir, progress, on_checkpoint).run(resume)
+        return _Trainer(model, data, spec, checkpoint_dir, progress, on_checkpoint, objective).run(resume)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,9 +12,13 @@ import torch
 
 from domain.errors import InvalidInputError
 from ml.data import (
+    PreparedData,
+    RegressionTable,
     Standardizer,
     Table,
+    TargetStandardizer,
     fit_standardizer,
+    fit_target_standardizer,
     load_table,
     prepare,
     split,
@@ -444,3 +449,112 @@ def test_prepare_label_beyond_output_classes_names_both() -> None:
     with pytest.raises(InvalidInputError) as info:
         prepare(table, input_shape=[3], output_classes=5, validation_fraction=0.1, test_fraction=0.1, seed=0)
     invalid(info, "memory.csv", "'label'", "class id 7", "model.output_classes is 5", "at least 8")
+
+
+# ---------------------------------------------------------------------------------------- regression
+
+
+def regression_table(rows: int = 50, columns: int = 2, seed: int = 0) -> RegressionTable:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 3)).astype(np.float32)
+    targets = np.stack([1000 + 300 * x[:, 0], -2 * x[:, 1]][:columns], axis=1)
+    return RegressionTable(x, targets, ["a", "b", "c"], ["price", "demand"][:columns], "sales.parquet")
+
+
+def prepare_regression(table: Table | RegressionTable, **overrides: Any) -> PreparedData:
+    arguments: dict[str, Any] = {
+        "input_shape": [3],
+        "task": "regression",
+        "validation_fraction": 0.2,
+        "test_fraction": 0.2,
+        "seed": 4,
+        **overrides,
+    }
+    return prepare(table, **arguments)
+
+
+def test_prepare_regression_gives_standardised_float_targets_from_train_statistics() -> None:
+    table = regression_table()
+    prepared = prepare_regression(table, outputs=2)
+    assert (prepared.task, prepared.outputs, prepared.num_classes) == ("regression", 2, 0)
+    assert prepared.target_names == ["price", "demand"]
+    scaler = prepared.target_standardizer
+    assert isinstance(scaler, TargetStandardizer) and scaler.enabled
+    train_targets = table.targets[prepared.splits.train]
+    np.testing.assert_allclose(scaler.mean, train_targets.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(scaler.std, train_targets.std(axis=0), rtol=1e-6)
+    for part in (prepared.train, prepared.validation, prepared.test):
+        assert part.labels.dtype == torch.float32 and tuple(part.labels.shape) == (len(part), 2)
+        np.testing.assert_allclose(scaler.inverse(part.labels.numpy()), table.targets[part.indices], rtol=1e-5)
+        torch.testing.assert_close(
+            scaler.inverse_tensor(part.labels), torch.from_numpy(table.targets[part.indices]).float()
+        )
+    assert prepared.splits.sizes() == {"train": 30, "validation": 10, "test": 10}
+    data = prepared.training_data()
+    assert data.target_standardizer is scaler and torch.equal(data.val_labels, prepared.validation.labels)
+
+
+def test_prepare_regression_one_target_column_and_raw_targets() -> None:
+    table = regression_table(columns=1)
+    table = RegressionTable(table.features, table.targets[:, 0], table.feature_names, ["price"], table.source)
+    prepared = prepare_regression(table, standardize_targets=False)  # outputs from the table: 1
+    assert prepared.outputs == 1 and tuple(prepared.train.labels.shape) == (30, 1)
+    np.testing.assert_array_equal(
+        prepared.train.labels.numpy()[:, 0], table.targets[prepared.splits.train].astype(np.float32)
+    )
+    assert prepared.target_standardizer is not None and not prepared.target_standardizer.enabled
+
+
+def test_regression_split_is_deterministic_and_partitions_all_rows() -> None:
+    table = regression_table(rows=41)
+    first, again = split(table, 0.15, 0.15, seed=9), split(table, 0.15, 0.15, seed=9)
+    everything = np.concatenate([first.train, first.validation, first.test])
+    np.testing.assert_array_equal(np.sort(everything), np.arange(41))
+    for name in ("train", "validation", "test"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    assert first.sizes() == {"train": 29, "validation": 6, "test": 6}
+    with pytest.raises(InvalidInputError) as info:
+        split(regression_table(rows=2), 0.3, 0.3, seed=1)
+    message = invalid(info, "sales.parquet", "2 rows:", "train keeps at least one row", "needs at least 3 rows")
+    assert "classes" not in message
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_prepare_refuses_a_non_finite_target_naming_the_column_and_row(bad: float) -> None:
+    table = regression_table()
+    table.targets[17, 1] = bad
+    table.targets[30, 1] = bad
+    with pytest.raises(InvalidInputError) as info:
+        prepare_regression(table)
+    invalid(info, "sales.parquet", "target column 'demand'", f"holds {bad}", "row 17", "2 non-finite", "drop or fill")
+
+
+def test_prepare_regression_refuses_mismatched_outputs_shapes_and_tasks() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        prepare_regression(regression_table(), outputs=1)
+    invalid(info, "model.outputs is 1", "2 column(s) ['price', 'demand']", "set model.outputs to 2")
+    table = regression_table()
+    short = RegressionTable(table.features, table.targets[:10], table.feature_names, table.target_names, "s.csv")
+    with pytest.raises(InvalidInputError) as info:
+        prepare_regression(short)
+    invalid(info, "s.csv", "shape [10, 2]", "need [50, 2]")
+    with pytest.raises(InvalidInputError) as info:
+        prepare_regression(make_table({0: 10, 1: 10}))
+    invalid(info, "memory.csv", "read as class ids", "task is regression")
+    with pytest.raises(InvalidInputError) as info:
+        prepare(table, input_shape=[3], output_classes=2, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    invalid(info, "sales.parquet", "float targets ['price', 'demand']", "set the task to regression")
+
+
+def test_target_standardizer_handles_a_constant_column_and_round_trips_as_a_dict() -> None:
+    targets = np.stack([np.full(6, 1234.567), np.arange(6.0)], axis=1)
+    scaler = fit_target_standardizer(targets)
+    np.testing.assert_array_equal(scaler.std[0], 1.0)
+    standardised = scaler.transform(targets)
+    np.testing.assert_array_equal(standardised[:, 0], np.zeros(6, np.float32))
+    np.testing.assert_allclose(scaler.inverse(standardised), targets, rtol=1e-6)
+    restored = TargetStandardizer.from_dict(json.loads(json.dumps(scaler.to_dict())), source="manifest.json")
+    assert isinstance(restored, TargetStandardizer) and restored.to_dict() == scaler.to_dict()
+    with pytest.raises(InvalidInputError) as info:
+        restored.inverse(np.zeros((2, 3), np.float32))
+    invalid(info, "3 target columns per row", "fitted on 2", "model.outputs")
