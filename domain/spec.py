@@ -31,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from domain.data_spec import DataSpec
 from domain.errors import SpecError
+from domain.init_spec import InitSpec
 from domain.outcomes import RolloutStatus
+from domain.param_group_spec import ParamGroupSpec
 
 ParamChecker = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
 """(architecture, params) → [(param key, problem)]; ml.zoo.constructor_problems is one."""
@@ -84,6 +86,12 @@ class ModelSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     input_shape: list[PositiveInt] = Field(min_length=1, max_length=4)
     output_classes: int = Field(ge=2)
+    freeze: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Parameter-name prefixes kept frozen (whole dotted parts: 'encoder' freezes "
+        "'encoder.layer.0.weight', not 'encoders.x'); each must match a parameter of the built model.",
+    )
+    init: InitSpec | None = Field(default=None, description="Starting weights; None: random (from scratch).")
 
 
 class LRScheduleSpec(_Strict):
@@ -120,6 +128,10 @@ class HyperparametersSpec(_Strict):
     gradient_accumulation_steps: PositiveInt = 1
     early_stopping: EarlyStoppingSpec | None = None
     checkpoint_every_steps: PositiveInt | None = None
+    param_groups: list[ParamGroupSpec] = Field(
+        default_factory=list,
+        description="Per-group lr_scale and weight_decay; first match wins; unmatched parameters use the defaults.",
+    )
 
     @field_validator("loss_function")
     @classmethod
@@ -536,7 +548,7 @@ def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
             return []
         current = _model_in(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
+        return [field.alias or name for name, field in current.model_fields.items()]
     return []
 
 

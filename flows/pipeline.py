@@ -1,7 +1,7 @@
 """The pipeline flow: one Prefect flow run takes a dataset version to a gated decision.
 
-    resolve inputs → fetch data → prepare → train (retried; resumes from the checkpoint kept in
-    the artifact store) → quantize and choose a variant → evaluate candidate AND champion on the
+    resolve inputs → fetch data → prepare → resolve `model.init` → train (retried; resumes from the
+    checkpoint kept in the artifact store) → quantize and choose a variant → evaluate candidate AND champion on the
     same test rows → paired comparison → gate → register the version → promote / reject
 
 Tasks are thin: the ML work is `ml/`, the rules are `domain/`, the rows are `storage/`. The Run
@@ -36,6 +36,7 @@ from domain.gate import ChampionEvidence, DifferenceInterval, GateDecision, Mode
 from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
 from flows.context import FlowContext
+from flows.warm_start import StartingWeights, resolve_starting_weights, with_champion_preprocessing
 from ml.data import PreparedData, Table, prepare
 from ml.evaluation import BUILTIN_METRICS, EvalReport, compare, disagreement, evaluate
 from ml.loaders import load_data
@@ -113,11 +114,25 @@ def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Pa
     return dest
 
 
+@task(
+    name="resolve-init", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE
+)
+def resolve_init(ctx: FlowContext, inputs: RunInputs, workdir: Path) -> StartingWeights:
+    """`model.init` verified and tried on the model before training (flows/warm_start.py)."""
+    return resolve_starting_weights(ctx, inputs.spec, inputs.champion, workdir)
+
+
 @task(name="train", retries=1, retry_delay_seconds=0, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE)
 def train_candidate(
-    ctx: FlowContext, spec: PipelineSpec, data: PreparedData, run_id: str, workdir: Path
+    ctx: FlowContext,
+    spec: PipelineSpec,
+    data: PreparedData,
+    run_id: str,
+    workdir: Path,
+    start: StartingWeights | None = None,
 ) -> TrainResult:
-    """Trains from the newest checkpoint in the artifact store, if a previous attempt left one."""
+    """Trains from the newest checkpoint in the artifact store, if a previous attempt left one, else
+    from `start`'s weights (random ones without)."""
     checkpoint_dir = workdir / "checkpoints"
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the store, not this disk, is the source of truth
     prefix = CHECKPOINT_PREFIX.format(run_id=run_id)
@@ -144,6 +159,8 @@ def train_candidate(
     model = build_model(
         spec.model.architecture, dict(spec.model.params), spec.model.input_shape, spec.model.output_classes
     )
+    if start is not None:
+        start.load_into(model, spec)
     result = train(
         model,
         TrainingData(data.train.features, data.train.labels, data.validation.features, data.validation.labels),
@@ -233,6 +250,7 @@ def gate_and_record(
     reports: tuple[EvalReport, EvalReport | None, str | None],
     data: PreparedData,
     workdir: Path,
+    start: StartingWeights | None = None,
 ) -> dict[str, Any]:
     spec, run_id = inputs.spec, inputs.run.id
     candidate, champion, champion_error = reports
@@ -256,6 +274,8 @@ def gate_and_record(
             "resumed_from_step": trained.resumed_from_step,
             "history": trained.history_dicts(),
             "warnings": trained.warnings,
+            "init": None if start is None else start.report.to_dict(),
+            "parameters": {"trainable": trained.trainable_parameters, "frozen": trained.frozen_parameters},
         },
         "candidate": candidate.to_dict(),
         "champion": None
@@ -332,10 +352,12 @@ def _execute(ctx: FlowContext, pipeline: str, run_id: str) -> dict[str, Any]:
         seed=spec.data.seed,
         standardize=spec.data.standardize,
     )
-    trained = train_candidate(ctx, spec, data, run_id, workdir)
+    start = resolve_init(ctx, inputs, workdir)
+    data = with_champion_preprocessing(start, data, table)
+    trained = train_candidate(ctx, spec, data, run_id, workdir, start)
     quantized = quantize_candidate(spec, trained.model, data)
     reports = evaluate_both(ctx, inputs, quantized.model, table, data, workdir)
-    outcome = gate_and_record(ctx, inputs, trained, quantized, reports, data, workdir)
+    outcome = gate_and_record(ctx, inputs, trained, quantized, reports, data, workdir, start)
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("run finished: %s", outcome["status"], extra={"outcome": outcome})
     return outcome

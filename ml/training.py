@@ -12,6 +12,8 @@ What an ML engineer expects from it, and why it is built this way:
   halves and accumulation doubles, and the same effective batch is retried.
 - **Weight decay** (decoupled for AdamW) is applied to weight matrices only: biases and
   normalisation weights (every parameter with fewer than two dimensions) are exempt.
+  `model.freeze` and `hyperparameters.param_groups` (frozen prefixes; per-group lr_scale and
+  weight_decay) are applied before the optimizer is built: see `ml/param_groups.py`.
 - **Schedules** (cosine warm restarts and step, in epochs; linear warm-up, in steps) are one
   LambdaLR over the global step, with fractional epochs, so they are exact under resume.
 - **Fail loudly.** A NaN or infinite loss stops the run with TrainingError; it never yields a
@@ -48,6 +50,7 @@ from domain.errors import InvalidInputError, TrainingError
 from domain.spec import HyperparametersSpec, PipelineSpec
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.losses import Objective
+from ml.param_groups import count_parameters, freeze_parameters, parameter_groups
 from ml.standardizer import TargetStandardizer
 
 
@@ -119,6 +122,8 @@ class TrainResult:
     micro_batch_size: int
     gradient_accumulation_steps: int
     warnings: list[str] = field(default_factory=list)
+    trainable_parameters: int = 0
+    frozen_parameters: int = 0
 
     def history_dicts(self) -> list[dict[str, Any]]:
         return [asdict(m) for m in self.history]
@@ -155,19 +160,11 @@ def _precision(requested: str, device: torch.device, notes: list[str]) -> tuple[
     return None, False
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay for weight matrices; none for biases and normalisation weights (ndim < 2)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 def build_optimizer(model: nn.Module, hp: HyperparametersSpec) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, hp.weight_decay)
+    """The optimizer over the trainable parameters, one group per (param group, decay rule)."""
+    groups = parameter_groups(model, hp.weight_decay, hp.param_groups)
+    for group in groups:
+        group["lr"] = hp.learning_rate * group["lr_scale"]
     if hp.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=hp.learning_rate)
     if hp.optimizer == "adam":
@@ -225,6 +222,7 @@ class _Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
         self.model = model.to(self.device)
+        freeze_parameters(self.model, spec.model.freeze)
         self.data = data
         n = len(data.train_labels)
         if n == 0:
@@ -234,7 +232,8 @@ class _Trainer:
         self.accumulation = self.hp.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(n / self.effective_batch)
         self.optimizer = build_optimizer(self.model, self.hp)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.hp, self.steps_per_epoch))
+        self.lr_factor = lr_multiplier(self.hp, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.loss_fn = self.objective.build_loss()
         self.ddp: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -470,6 +469,7 @@ class _Trainer:
         if self.hp.early_stopping is not None and self.best_state is not None:
             self.model.load_state_dict(self.best_state)  # early stopping restores the best weights
         best_epoch = self.best_epoch if self.best_epoch >= 0 else self.epoch
+        counts = count_parameters(self.model)
         return TrainResult(
             model=self.model,
             history=list(self.history),
@@ -482,6 +482,8 @@ class _Trainer:
             micro_batch_size=self.micro_batch,
             gradient_accumulation_steps=self.accumulation,
             warnings=list(self.notes),
+            trainable_parameters=counts.trainable,
+            frozen_parameters=counts.frozen,
         )
 
     def finish_epoch(self) -> EpochMetrics:
@@ -492,7 +494,8 @@ class _Trainer:
             train_loss=self.epoch_loss_sum / max(1, self.epoch_samples),
             val_loss=validation.get("val_loss"),
             val_accuracy=validation.get("val_accuracy"),
-            learning_rate=float(self.optimizer.param_groups[0]["lr"]),
+            # the base rate (what a group of lr_scale 1 gets); the first group may be a scaled one
+            learning_rate=self.hp.learning_rate * self.lr_factor(self.scheduler.last_epoch),
             seconds=seconds,
             samples_per_second=self.epoch_samples / seconds if seconds > 0 else 0.0,
             val_rmse=validation.get("val_rmse"),

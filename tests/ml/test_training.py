@@ -19,7 +19,8 @@ from torch import nn
 
 from domain.errors import TrainingError
 from domain.spec import PipelineSpec, parse_spec
-from ml.training import TrainingData, TrainProgress, lr_multiplier, parameter_groups, seed_everything, train
+from ml.param_groups import parameter_groups
+from ml.training import TrainingData, TrainProgress, lr_multiplier, seed_everything, train
 from ml.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
