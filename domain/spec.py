@@ -111,7 +111,9 @@ class EarlyStoppingSpec(_Strict):
 
 
 class HyperparametersSpec(_Strict):
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: str = Field(default="adamw", description="adamw, adam, sgd or 'package.module:Class'.")
+    optimizer_params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the optimizer.")
+    callbacks: list[str] = Field(default_factory=list, description="'package.module:Class' per callback.")
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -133,6 +135,14 @@ class HyperparametersSpec(_Strict):
         description="Per-group lr_scale and weight_decay; first match wins; unmatched parameters use the defaults.",
     )
 
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        module_name, sep, attribute = value.partition(":")
+        if value not in ("adamw", "adam", "sgd") and not (sep and module_name and attribute):
+            raise ValueError(f"must be adamw, adam, sgd or an import path 'package.module:Class' (got {value!r})")
+        return value
+
     @field_validator("loss_function")
     @classmethod
     def _loss(cls, value: str) -> str:
@@ -145,6 +155,7 @@ class HyperparametersSpec(_Strict):
 class HardwareSpec(_Strict):
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
 
     @field_validator("device")
     @classmethod

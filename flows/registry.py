@@ -16,6 +16,7 @@ from domain.canary_power import spec_power_problems
 from domain.entities import Pipeline
 from domain.errors import SpecError
 from domain.spec import PipelineSpec, load_spec
+from ml.callbacks import training_parts_problems
 from ml.loaders import loader_problems
 from ml.losses import loss_problems
 from ml.zoo import constructor_problems
@@ -28,12 +29,14 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def validate_spec_file(path: Path) -> PipelineSpec:
-    """One spec file, validated: its schema and semantics (`load_spec`), that a loss and a data.loader
-    named by import path resolve, and whether its canary policy can measure its own thresholds
-    (`domain.canary_power`: each check's threshold must lie outside the sampling noise of the
-    policy's windows). SpecError lists every problem."""
+    """One spec file, validated: its schema and semantics (`load_spec`), that a loss, a data.loader, an
+    optimizer (with its optimizer_params) and callbacks named by import path resolve, that a model
+    asked for gradient checkpointing has the hook (`ml/callbacks.py`), and whether its canary policy
+    can measure its own thresholds (`domain.canary_power`: each check's threshold must lie outside
+    the sampling noise of the policy's windows). SpecError lists every problem."""
     spec = load_spec(path, constructor_problems)
-    problems = loss_problems(spec.hyperparameters) + loader_problems(spec.data) + spec_power_problems(spec)
+    problems = loss_problems(spec.hyperparameters) + loader_problems(spec.data) + training_parts_problems(spec)
+    problems += spec_power_problems(spec)
     if problems:
         raise SpecError([f"{path}: {line}" for line in problems])
     return spec

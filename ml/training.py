@@ -14,6 +14,8 @@ What an ML engineer expects from it, and why it is built this way:
   normalisation weights (every parameter with fewer than two dimensions) are exempt.
   `model.freeze` and `hyperparameters.param_groups` (frozen prefixes; per-group lr_scale and
   weight_decay) are applied before the optimizer is built: see `ml/param_groups.py`.
+- **Your own parts.** An optimizer class by import path, callbacks (step/epoch events: they may
+  stop the run and add metrics, nothing else) and gradient checkpointing: see `ml/callbacks.py`.
 - **Schedules** (cosine warm restarts and step, in epochs; linear warm-up, in steps) are one
   LambdaLR over the global step, with fractional epochs, so they are exact under resume.
 - **Fail loudly.** A NaN or infinite loss stops the run with TrainingError; it never yields a
@@ -48,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from domain.errors import InvalidInputError, TrainingError
 from domain.spec import HyperparametersSpec, PipelineSpec
+from ml.callbacks import Callbacks, enable_gradient_checkpointing, make_optimizer
 from ml.checkpoint import load_checkpoint, save_checkpoint
 from ml.losses import Objective
 from ml.param_groups import count_parameters, freeze_parameters, parameter_groups
@@ -79,6 +82,7 @@ class EpochMetrics:
     samples_per_second: float
     val_rmse: float | None = None
     val_mae: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # metrics added by callbacks (ml/callbacks.py)
 
     def monitored(self, name: str) -> float | None:
         """The value of a validation metric by its name (`Objective.monitor`)."""
@@ -165,11 +169,7 @@ def build_optimizer(model: nn.Module, hp: HyperparametersSpec) -> torch.optim.Op
     groups = parameter_groups(model, hp.weight_decay, hp.param_groups)
     for group in groups:
         group["lr"] = hp.learning_rate * group["lr_scale"]
-    if hp.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=hp.learning_rate)
-    if hp.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=hp.learning_rate)
-    return torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum)
+    return make_optimizer(groups, hp)  # a built-in or one by import path (ml/callbacks.py)
 
 
 def lr_multiplier(hp: HyperparametersSpec, steps_per_epoch: int) -> Callable[[int], float]:
@@ -223,6 +223,9 @@ class _Trainer:
 
         self.model = model.to(self.device)
         freeze_parameters(self.model, spec.model.freeze)
+        if spec.hardware.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.callbacks = Callbacks(self.hp.callbacks)
         self.data = data
         n = len(data.train_labels)
         if n == 0:
@@ -272,6 +275,8 @@ class _Trainer:
             "bad_epochs": self.bad_epochs,
             "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_samples": self.epoch_samples,
+            "callbacks": self.callbacks.state_dict(),
+            "stop_requested": self.callbacks.control.stop_requested,
         }
 
     def checkpoint(self) -> None:
@@ -295,6 +300,8 @@ class _Trainer:
         self.best_score, self.best_epoch = state["best_score"], int(state["best_epoch"])
         self.best_state, self.bad_epochs = state["best_state"], int(state["bad_epochs"])
         self.epoch_loss_sum, self.epoch_samples = float(state["epoch_loss_sum"]), int(state["epoch_samples"])
+        self.callbacks.load_state_dict(state.get("callbacks", []))
+        self.callbacks.control.stop_requested = bool(state.get("stop_requested", False))
 
     # -- batches ----------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -439,7 +446,7 @@ class _Trainer:
                 resumed_from = self.global_step
         epochs = self.hp.epochs
         total_steps = epochs * self.steps_per_epoch
-        stopped_early = self.hp.early_stopping is not None and self.bad_epochs >= self.hp.early_stopping.patience
+        stopped_early = self._should_stop()
         every = self.hp.checkpoint_every_steps
         while self.epoch < epochs and not stopped_early:
             if self.step_in_epoch == 0:
@@ -452,6 +459,7 @@ class _Trainer:
                 self.epoch_samples += len(batch)
                 self.step_in_epoch += 1
                 self.global_step += 1
+                self.callbacks.step_end(self.epoch + 1, self.step_in_epoch, self.global_step, loss)
                 if self.progress is not None and self.rank == 0:
                     self.progress(TrainProgress(self.epoch + 1, epochs, self.global_step, total_steps, loss))
                 # the epoch-end checkpoint follows the last step anyway: one checkpoint per step
@@ -460,7 +468,7 @@ class _Trainer:
             metrics = self.finish_epoch()
             self.epoch += 1
             self.step_in_epoch = 0
-            stopped_early = self.hp.early_stopping is not None and self.bad_epochs >= self.hp.early_stopping.patience
+            stopped_early = self._should_stop()
             self.checkpoint()
             if self.progress is not None and self.rank == 0:
                 self.progress(
@@ -486,6 +494,16 @@ class _Trainer:
             frozen_parameters=counts.frozen,
         )
 
+    def _should_stop(self) -> bool:
+        """Early stopping's patience is spent, or a callback asked (on any rank, under DDP)."""
+        requested = self.callbacks.control.stop_requested
+        if self.world > 1:
+            flag = torch.tensor([int(requested)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        patience = self.hp.early_stopping.patience if self.hp.early_stopping is not None else None
+        return requested or (patience is not None and self.bad_epochs >= patience)
+
     def finish_epoch(self) -> EpochMetrics:
         seconds = time.perf_counter() - self.epoch_started
         validation = self.validate()
@@ -501,6 +519,7 @@ class _Trainer:
             val_rmse=validation.get("val_rmse"),
             val_mae=validation.get("val_mae"),
         )
+        self.callbacks.epoch_end(metrics, metrics.extra)
         self.history.append(metrics)
         self.improved(metrics)
         return metrics

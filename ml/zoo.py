@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from domain.errors import InvalidInputError
 
@@ -144,10 +145,21 @@ class TransformerClassifier(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, output_classes)
         nn.init.normal_(self.position, std=0.02)
+        self.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (the hook
+        `hardware.gradient_checkpointing` calls, named as on Hugging Face models)."""
+        self.gradient_checkpointing = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.round().long().clamp_(0, self.vocab_size - 1)
-        hidden = self.encoder(self.embed(tokens) + self.position[:, : tokens.shape[1]])
+        hidden = self.embed(tokens) + self.position[:, : tokens.shape[1]]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            for layer in self.encoder.layers:  # what the encoder does without mask or final norm
+                hidden = checkpoint(layer, hidden, use_reentrant=False)
+        else:
+            hidden = self.encoder(hidden)
         return self.head(self.norm(hidden).mean(dim=1))  # type: ignore[no-any-return]
 
 

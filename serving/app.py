@@ -12,6 +12,7 @@
     POST /v2/repository/models/{pipeline}/load re-read champion/canary/weight from the metadata now
     GET  /metrics                              Prometheus text
 
+`infer` takes JSON or binary tensor data (`Inference-Header-Content-Length`, see `serving.protocol`).
 Without a version, `infer` is routed champion/canary by the canary weight, or by a hash of the
 `X-Retrainer-Sticky` header when present; the answer's `model_version` says which version served it.
 Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}` with the status from
@@ -31,7 +32,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,7 +44,7 @@ from starlette.types import Receive, Scope, Send
 from domain.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError, RetrainerError
 from domain.evidence import ModelStats, ServedVersion
 from serving.metrics import FeedbackStore, Prediction, ServingMetrics
-from serving.protocol import infer_response, model_metadata, parse_infer_request, parse_json
+from serving.protocol import HEADER_LENGTH_HEADER, encode_answer, infer_response, model_metadata, parse_body, parse_json
 from serving.registry import ModelRegistry
 from web.errors import MODEL_FAILED, InternalServerError, MethodNotAllowedError, status_for
 
@@ -129,7 +129,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return await _receive_body(request.headers.get("content-length"), request.receive, limit)
 
 
-InferHandler = Callable[[str, str | None, bytes, str | None], Awaitable[tuple[dict[str, Any], str]]]
+# (pipeline, version, body, sticky key, Inference-Header-Content-Length) -> (body, its JSON header's length
+# when outputs go as binary data, variant)
+InferHandler = Callable[[str, str | None, bytes, str | None, str | None], Awaitable[tuple[bytes, int | None, str]]]
+_HEADER_LENGTH = HEADER_LENGTH_HEADER.lower().encode()
 INFER_PATH = re.compile(r"/v2/models/(?P<pipeline>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -161,17 +164,25 @@ class ModelServerApp(FastAPI):
             length = headers.get(b"content-length")
             body = await _receive_body(length.decode("latin-1") if length else None, receive, self.max_body_bytes)
             sticky = headers.get(STICKY_HEADER.lower().encode())
-            answer, variant = await self.infer_handler(
-                pipeline, version, body, sticky.decode("latin-1") if sticky else None
+            header_length = headers.get(_HEADER_LENGTH)
+            payload, json_length, variant = await self.infer_handler(
+                pipeline,
+                version,
+                body,
+                sticky.decode("latin-1") if sticky else None,
+                header_length.decode("latin-1") if header_length is not None else None,
             )
-            status, payload = 200, orjson.dumps(answer)
             extra.append((b"x-retrainer-variant", variant.encode()))
         except ClientDisconnect:
             return
         except Exception as e:
             await _send_refusal(send, e)
             return
-        await _send_json(send, status, payload, extra)
+        if json_length is None:
+            await _send_json(send, 200, payload, extra)
+        else:
+            extra.append((_HEADER_LENGTH, str(json_length).encode()))
+            await _send_json(send, 200, payload, extra, b"application/octet-stream")
 
 
 async def _send_refusal(send: Send, error: Exception) -> None:
@@ -180,8 +191,10 @@ async def _send_refusal(send: Send, error: Exception) -> None:
     await _send_json(send, status, payload, extra)
 
 
-async def _send_json(send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra]
+async def _send_json(
+    send: Send, status: int, payload: bytes, extra: list[tuple[bytes, bytes]], media_type: bytes = b"application/json"
+) -> None:
+    headers = [(b"content-type", media_type), (b"content-length", str(len(payload)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
@@ -225,7 +238,7 @@ def create_serving_app(
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": "2", "extensions": []}
+        return {"name": SERVER_NAME, "version": "2", "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -258,10 +271,11 @@ def create_serving_app(
         return metadata(pipeline, version)
 
     async def infer(
-        pipeline: str, version: str | None, body: bytes, sticky_key: str | None
-    ) -> tuple[dict[str, Any], str]:
-        """One inference request: the OIP v2 answer and the variant that served it."""
-        parsed = parse_infer_request(parse_json(body))
+        pipeline: str, version: str | None, body: bytes, sticky_key: str | None, header_length: str | None
+    ) -> tuple[bytes, int | None, str]:
+        """One inference request (JSON, or binary with `header_length`): the encoded OIP v2 answer, its
+        JSON header's length when it carries binary outputs, and the variant that served it."""
+        parsed = parse_body(body, header_length)
         request_id = parsed.id or uuid.uuid4().hex
         with registry.route(pipeline, sticky_key=sticky_key, version=version) as routed:
             model = routed.model
@@ -293,7 +307,8 @@ def create_serving_app(
             )
             probabilities = [answer.probabilities for answer in answers]
             answer = infer_response(pipeline, model.version, request_id, probabilities, classes, parsed.outputs)
-            return answer, routed.variant
+            payload, json_length = encode_answer(answer, parsed.binary_outputs)
+            return payload, json_length, routed.variant
 
     # POST /v2/models/{pipeline}[/versions/{version}]/infer: answered by ModelServerApp.__call__
     app.infer_handler, app.max_body_bytes = infer, max_body_bytes

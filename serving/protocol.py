@@ -7,8 +7,14 @@ or nested in row-major order, every value finite. Outputs (both returned unless 
 - `probabilities`: FP32 `[N, classes]`, the softmax of the model's logits;
 - `predicted_class`: INT64 `[N]`, the argmax.
 
-Every refusal is an `InvalidInputError` whose message names the field and the fix. Binary tensor
-data (the `Inference-Header-Content-Length` extension) is not supported; send JSON data.
+Binary tensor data (Triton's and KServe's extension): with the header `Inference-Header-Content-Length:
+H` the body is H bytes of JSON followed by the raw bytes of each input whose `parameters.binary_data_size`
+is set, in input order (little-endian, row-major; FP32 is 4 bytes a value). Outputs asked for with
+`parameters.binary_data: true` (or, for outputs without that parameter, the request's
+`parameters.binary_data_output: true`) are answered the same way: `binary_data_size` per output, the
+JSON header's length in the answer's `Inference-Header-Content-Length`.
+
+Every refusal is an `InvalidInputError` whose message names the field and the fix.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ PROBABILITIES = "probabilities"
 PREDICTED_CLASS = "predicted_class"
 OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
 MAX_ROWS = 8192
+HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
+FP32_BYTES = 4
+BINARY_DTYPES = {"FP32": "<f4", "INT64": "<i8"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +51,7 @@ class InferRequest:
     shape: tuple[int, ...]
     values: npt.NDArray[np.float32]  # flat
     outputs: tuple[str, ...]
+    binary_outputs: frozenset[str] = frozenset()
 
     def rows_for(self, input_shape: Sequence[int]) -> torch.Tensor:
         """[N, F] float32 rows for a model with `input_shape`; InvalidInputError if the shape does not fit."""
@@ -74,7 +84,21 @@ def parse_json(body: bytes) -> Any:
     return payload
 
 
-def parse_infer_request(payload: Any) -> InferRequest:
+def parse_body(body: bytes, header_length: str | None = None) -> InferRequest:
+    """A request body, JSON or (with the `Inference-Header-Content-Length` header's value) binary."""
+    if header_length is None:
+        return parse_infer_request(parse_json(body))
+    size = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
+    if not 0 < size <= len(body):
+        raise InvalidInputError(
+            f"{HEADER_LENGTH_HEADER}: {header_length!r} is not a JSON header length within the body's {len(body)} "
+            "bytes; send the byte length of the JSON part that starts the body"
+        )
+    return parse_infer_request(parse_json(body[:size]), memoryview(body)[size:])
+
+
+def parse_infer_request(payload: Any, binary: memoryview | None = None) -> InferRequest:
+    """`binary`: the bytes after the JSON header of a binary request; None for a JSON-only request."""
     if not isinstance(payload, dict):
         raise InvalidInputError('request body must be a JSON object {"inputs": [...]}')
     request_id = payload.get("id")
@@ -93,11 +117,56 @@ def parse_infer_request(payload: Any) -> InferRequest:
                                 f"{INPUT_NAME!r}")  # fmt: skip
     if len(inputs) > 1:
         raise InvalidInputError(f"inputs: {INPUT_NAME!r} is given {len(inputs)} times; send it once")
-    shape, values = _parse_input(inputs[0])
-    return InferRequest(request_id, shape, values, _parse_outputs(payload.get("outputs")))
+    shape, values = _parse_input(inputs[0], binary)
+    outputs, binary_outputs = _parse_outputs(payload.get("outputs"), _flag(payload, "binary_data_output", ""))
+    return InferRequest(request_id, shape, values, outputs, binary_outputs)
 
 
-def _parse_input(item: dict[str, Any]) -> tuple[tuple[int, ...], npt.NDArray[np.float32]]:
+def _flag(item: dict[str, Any], name: str, where: str) -> bool | None:
+    """`parameters.<name>` of a request or tensor object: True, False or None (not given)."""
+    value = _parameters(item, where).get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidInputError(f"{where}parameters.{name}: must be true or false (got {value!r})")
+    return value
+
+
+def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
+    parameters = item.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInputError(f"{where}parameters: must be a JSON object; or omit it")
+    return parameters
+
+
+def _binary_values(item: dict[str, Any], binary: memoryview | None, expected: int) -> npt.NDArray[np.float32] | None:
+    """The input's values from the binary part when `parameters.binary_data_size` is set, else None."""
+    size = _parameters(item, "inputs[0].").get("binary_data_size")
+    if size is None:
+        if binary is not None and len(binary):
+            raise InvalidInputError(
+                f"request body: {len(binary)} bytes follow the JSON header but no input sets "
+                "parameters.binary_data_size; set it on the input, or send the JSON alone"
+            )
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInputError(f"inputs[0].parameters.binary_data_size: {size!r} is not a byte count")
+    if binary is None:
+        raise InvalidInputError(
+            f"inputs[0].parameters.binary_data_size is set but the request has no {HEADER_LENGTH_HEADER} header; "
+            "send the header with the JSON part's length, or the values as JSON data"
+        )
+    if "data" in item:
+        raise InvalidInputError("inputs[0]: has both data and parameters.binary_data_size; send one of them")
+    needed = expected * FP32_BYTES
+    if size != needed or len(binary) != size:
+        raise InvalidInputError(
+            f"inputs[0] ({INPUT_NAME!r}): binary_data_size is {size} and {len(binary)} bytes follow the JSON header, "
+            f"but shape x FP32 needs {needed} ({expected} values x {FP32_BYTES} bytes); send exactly {needed} "
+            "little-endian bytes and set binary_data_size to match"
+        )
+    return np.frombuffer(binary, dtype="<f4").astype(np.float32)
+
+
+def _parse_input(item: dict[str, Any], binary: memoryview | None) -> tuple[tuple[int, ...], npt.NDArray[np.float32]]:
     datatype = item.get("datatype")
     if datatype != INPUT_DATATYPE:
         raise InvalidInputError(f"inputs[0].datatype: {datatype!r} is not supported; use {INPUT_DATATYPE!r}")
@@ -113,13 +182,10 @@ def _parse_input(item: dict[str, Any]) -> tuple[tuple[int, ...], npt.NDArray[np.
         )
     if shape[0] > MAX_ROWS:
         raise InvalidInputError(f"inputs[0].shape: {shape[0]} rows in one request; send at most {MAX_ROWS}")
-    if "data" not in item:
-        raise InvalidInputError("inputs[0].data: missing; send the values as a flat or nested JSON array")
-    data = item["data"]
-    if not isinstance(data, list):
-        raise InvalidInputError("inputs[0].data: must be a JSON array of numbers (flat or nested, row-major)")
-    values = _flat_floats(data)
     expected = math.prod(shape)
+    values = _binary_values(item, binary, expected)
+    if values is None:
+        values = _json_values(item)
     if values.size != expected:
         raise InvalidInputError(
             f"inputs[0].data: {values.size} values for shape {shape} (which needs {expected}); send one value per "
@@ -134,7 +200,15 @@ def _parse_input(item: dict[str, Any]) -> tuple[tuple[int, ...], npt.NDArray[np.
     return tuple(shape), values
 
 
-def _flat_floats(data: list[Any]) -> npt.NDArray[np.float32]:
+def _json_values(item: dict[str, Any]) -> npt.NDArray[np.float32]:
+    if "data" not in item:
+        raise InvalidInputError(
+            "inputs[0].data: missing; send the values as a flat or nested JSON array (or binary, with "
+            f"parameters.binary_data_size and the {HEADER_LENGTH_HEADER} header)"
+        )
+    data = item["data"]
+    if not isinstance(data, list):
+        raise InvalidInputError("inputs[0].data: must be a JSON array of numbers (flat or nested, row-major)")
     try:
         array = np.asarray(data, dtype=np.float64)
     except (ValueError, TypeError) as e:
@@ -158,9 +232,10 @@ def _has_bool(data: list[Any]) -> bool:
     return False
 
 
-def _parse_outputs(outputs: Any) -> tuple[str, ...]:
-    if outputs is None:
-        return OUTPUT_NAMES
+def _parse_outputs(outputs: Any, binary_default: bool | None) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The outputs asked for (all when none is named) and those to answer as binary data."""
+    if outputs is None or outputs == []:
+        return OUTPUT_NAMES, frozenset(OUTPUT_NAMES if binary_default else ())
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
@@ -169,7 +244,9 @@ def _parse_outputs(outputs: Any) -> tuple[str, ...]:
     unknown = [n for n in names if n not in OUTPUT_NAMES]
     if unknown:
         raise InvalidInputError(f"outputs: unknown output {unknown[0]!r}; the model has {', '.join(OUTPUT_NAMES)}")
-    return names or OUTPUT_NAMES
+    flags = [_flag(o, "binary_data", f"outputs[{i}].") for i, o in enumerate(outputs)]
+    binary = {name for name, flag in zip(names, flags, strict=True) if (binary_default if flag is None else flag)}
+    return names, frozenset(binary)
 
 
 def infer_response(
@@ -193,6 +270,21 @@ def infer_response(
         "id": request_id,
         "outputs": [tensors[name] for name in outputs],
     }
+
+
+def encode_answer(answer: dict[str, Any], binary_outputs: frozenset[str]) -> tuple[bytes, int | None]:
+    """The answer's body and, when an output goes as binary data, its JSON header's length (for the
+    `Inference-Header-Content-Length` response header); without binary outputs, plain JSON and None."""
+    if not binary_outputs:
+        return orjson.dumps(answer), None
+    raw: list[bytes] = []
+    for output in answer["outputs"]:
+        if output["name"] in binary_outputs:
+            data = np.asarray(output.pop("data"), dtype=BINARY_DTYPES[output["datatype"]]).tobytes()
+            output["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
+    header = orjson.dumps(answer)
+    return header + b"".join(raw), len(header)
 
 
 def model_metadata(name: str, versions: Sequence[str], input_shape: Sequence[int], classes: int) -> dict[str, Any]:
