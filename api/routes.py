@@ -454,7 +454,8 @@ def _move_alias(
 @_override(
     "/pipelines/{name}/freeze",
     "Freeze or unfreeze automatic promotions",
-    "until: an ISO 8601 time with a zone; null lifts the freeze. Gates still run while frozen.",
+    "until: an RFC 3339 time with a zone (e.g. 2026-12-27T00:00:00Z); null lifts the freeze. Gates still run "
+    "while frozen.",
 )
 def freeze(name: str, body: FreezeBody, state: State, key: Key) -> FreezeOut:
     with transaction(state.sessions) as session:

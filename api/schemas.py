@@ -3,19 +3,66 @@
 Request bodies forbid unknown fields: a typo is refused (422) rather than silently ignored, and
 it keeps the canonical form of a trigger request (its Idempotency-Key digest) well defined.
 Responses allow extra fields: the contract names the keys that must be there; more may follow.
+
+The request schemas state every rule the API enforces, and the models accept nothing they forbid
+(issue 16, schemathesis): lengths are checked on the string as sent and only then is it stripped;
+a version is a JSON integer (2.0 is one, "2", true and 2.5 are not; JSON Schema 2020-12, the
+dialect of OpenAPI 3.1); a time is an RFC 3339 string with a zone, never a number. Patterns use
+Python's `re` (`regex_engine`), so a non-space (`\\S`) is what `str.strip` keeps.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic.config import JsonDict
 
 from domain.evidence import StepAnalysis
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+
+MIN_REASON_CHARS = 10
+"""What `flows.champion` requires of an operator's justification (after stripping); it answers a
+shorter one with 400 invalid_input and its own message, for the CLI and the API alike, so the
+schema states the rule (minLength, and a pattern for "10 characters once stripped") without the
+model enforcing it a second time with another status."""
+
+_NOT_BLANK = r"\S"
+_JUSTIFICATION: JsonDict = {"minLength": MIN_REASON_CHARS, "pattern": rf"\S[\s\S]{{{MIN_REASON_CHARS - 2},}}\S"}
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)", re.ASCII
+)
+MAX_VERSION = 2**31 - 1
+"""model_versions.version is a 32-bit INTEGER column: a larger number can name no version."""
+
+
+def _json_integer(value: object) -> object:
+    # JSON Schema's "integer" is any number without a fractional part, 2.0 included; strict mode
+    # then refuses what lax mode would coerce ("2", true).
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _rfc3339(value: object) -> object:
+    # Lax datetime parsing takes numbers and "1700000000" as Unix times and "2030-01-01 00:00Z"
+    # too; the schema says format date-time (RFC 3339), so only that string goes on to be parsed.
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time string with a zone, e.g. 2026-12-27T00:00:00Z")
+    return value
+
+
+# Lengths and patterns are checked on the string as sent (what the schema states), then it is stripped.
+_Stripped = AfterValidator(str.strip)
+Version = Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION), BeforeValidator(_json_integer)]
+Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_NOT_BLANK), _Stripped]
+Actor = Annotated[str, StringConstraints(max_length=200), _Stripped]
+Reason = Annotated[str, StringConstraints(max_length=2000), _Stripped]
+NotBlankReason = Annotated[str, StringConstraints(min_length=1, max_length=2000, pattern=_NOT_BLANK), _Stripped]
 
 
 class _Response(BaseModel):
@@ -26,34 +73,41 @@ class _Response(BaseModel):
 
 
 class TriggerBody(_Request):
-    pipeline: str = Field(min_length=1, max_length=200, description="Name of a registered pipeline.")
-    reason: str | None = Field(default=None, max_length=2000, description="Why this run is wanted (kept on the run).")
+    pipeline: Name = Field(description="Name of a registered pipeline.")
+    reason: Reason | None = Field(default=None, description="Why this run is wanted (kept on the run).")
 
 
 class PromoteBody(_Request):
-    version: int = Field(ge=1, description="Model version number to make champion.")
-    reason: str = Field(max_length=2000, description="Justification, at least 10 characters (alias history).")
-    actor: str | None = Field(default=None, max_length=200, description="Who does this; default: the API key's name.")
+    version: Version = Field(description="Model version number to make champion.")
+    reason: Reason = Field(
+        description="Justification, at least 10 characters (alias history).", json_schema_extra=_JUSTIFICATION
+    )
+    actor: Actor | None = Field(default=None, description="Who does this; default: the API key's name.")
 
 
 class RollbackBody(_Request):
-    to_version: int | None = Field(
-        default=None, ge=1, description="An earlier champion's version; null: the previous champion."
+    to_version: Version | None = Field(
+        default=None, description="An earlier champion's version; null: the previous champion."
     )
-    reason: str = Field(max_length=2000, description="Justification, at least 10 characters (alias history).")
-    actor: str | None = Field(default=None, max_length=200, description="Who does this; default: the API key's name.")
+    reason: Reason = Field(
+        description="Justification, at least 10 characters (alias history).", json_schema_extra=_JUSTIFICATION
+    )
+    actor: Actor | None = Field(default=None, description="Who does this; default: the API key's name.")
 
 
 class RolloutActionBody(_Request):
-    reason: str = Field(max_length=2000, description="Justification, at least 10 characters (stored on the rollout).")
-    actor: str | None = Field(default=None, max_length=200, description="Who does this; default: the API key's name.")
+    reason: Reason = Field(
+        description="Justification, at least 10 characters (stored on the rollout).", json_schema_extra=_JUSTIFICATION
+    )
+    actor: Actor | None = Field(default=None, description="Who does this; default: the API key's name.")
 
 
 class FreezeBody(_Request):
-    until: AwareDatetime | None = Field(
-        description="Hold automatic promotions until this ISO 8601 time with a zone; null lifts the freeze."
+    until: Moment | None = Field(
+        description="Hold automatic promotions until this RFC 3339 time with a zone (a string, never a number); "
+        "null lifts the freeze."
     )
-    reason: str = Field(min_length=1, max_length=2000, description="Why (logged with the API key's name).")
+    reason: NotBlankReason = Field(description="Why (logged with the API key's name).")
 
 
 # ------------------------------------------------------------------------------------ responses
