@@ -20,17 +20,17 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, 
 from pydantic.config import JsonDict
 
 from domain.evidence import StepAnalysis
+from flows.champion import MIN_REASON_CHARS
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", regex_engine="python-re")
 
 
-MIN_REASON_CHARS = 10
-"""What `flows.champion` requires of an operator's justification (after stripping); it answers a
-shorter one with 400 invalid_input and its own message, for the CLI and the API alike, so the
-schema states the rule (minLength, and a pattern for "10 characters once stripped") without the
-model enforcing it a second time with another status."""
+# `flows.champion` requires MIN_REASON_CHARS of an operator's justification (after stripping) and
+# answers a shorter one with 400 invalid_input and its own message, for the CLI and the API alike, so
+# the schema states the rule (minLength, and a pattern for "that many once stripped") without the
+# model enforcing it a second time with another status.
 
 _NOT_BLANK = r"\S"
 _JUSTIFICATION: JsonDict = {"minLength": MIN_REASON_CHARS, "pattern": rf"\S[\s\S]{{{MIN_REASON_CHARS - 2},}}\S"}
@@ -62,6 +62,7 @@ Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_NOT_BLANK), _Stripped]
 Actor = Annotated[str, StringConstraints(max_length=200), _Stripped]
 Reason = Annotated[str, StringConstraints(max_length=2000), _Stripped]
+Justification = Annotated[Reason, Field(json_schema_extra=_JUSTIFICATION)]
 NotBlankReason = Annotated[str, StringConstraints(min_length=1, max_length=2000, pattern=_NOT_BLANK), _Stripped]
 
 
@@ -79,9 +80,7 @@ class TriggerBody(_Request):
 
 class PromoteBody(_Request):
     version: Version = Field(description="Model version number to make champion.")
-    reason: Reason = Field(
-        description="Justification, at least 10 characters (alias history).", json_schema_extra=_JUSTIFICATION
-    )
+    reason: Justification = Field(description="Justification, at least 10 characters (alias history).")
     actor: Actor | None = Field(default=None, description="Who does this; default: the API key's name.")
 
 
@@ -89,16 +88,12 @@ class RollbackBody(_Request):
     to_version: Version | None = Field(
         default=None, description="An earlier champion's version; null: the previous champion."
     )
-    reason: Reason = Field(
-        description="Justification, at least 10 characters (alias history).", json_schema_extra=_JUSTIFICATION
-    )
+    reason: Justification = Field(description="Justification, at least 10 characters (alias history).")
     actor: Actor | None = Field(default=None, description="Who does this; default: the API key's name.")
 
 
 class RolloutActionBody(_Request):
-    reason: Reason = Field(
-        description="Justification, at least 10 characters (stored on the rollout).", json_schema_extra=_JUSTIFICATION
-    )
+    reason: Justification = Field(description="Justification, at least 10 characters (stored on the rollout).")
     actor: Actor | None = Field(default=None, description="Who does this; default: the API key's name.")
 
 

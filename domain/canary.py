@@ -70,10 +70,8 @@ class CanaryStep:
     evidence: tuple[CheckEvidence, ...] = ()
 
 
-def population_stability_index(expected: dict[str, int], actual: dict[str, int]) -> float:
-    """PSI between two categorical distributions (0: identical; > 0.2 is commonly read as a shift);
-    the one formula lives in `domain.canary_stats`."""
-    return population_stability(expected, actual)
+# PSI between two categorical distributions (0: identical); the one formula lives in domain.canary_stats.
+population_stability_index = population_stability
 
 
 def next_canary_step(

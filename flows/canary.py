@@ -165,6 +165,7 @@ def drive_rollout(
     """Runs the pipeline's active rollout to its end; None if it has none. Resumable at any point."""
     poll = poll_seconds if poll_seconds is not None else ctx.settings.canary_poll_seconds
     applied: tuple[int, int] | None = None  # (rollout, step) the server was last told about
+    allowed: dict[int, float | None] = {}  # per rollout: the gate's disagreement (fixed once the run is gated)
     while True:
         with ctx.tx() as session:
             rollout = repo.active_rollout(session, pipeline)
@@ -185,7 +186,9 @@ def drive_rollout(
                 if rollout.champion_version_id
                 else None
             )
-            run = repo.get_run(session, rollout.run_id) if rollout.run_id else None
+            if rollout.id not in allowed:
+                run = repo.get_run(session, rollout.run_id) if rollout.run_id else None
+                allowed[rollout.id] = expected_disagreement(run, champion)
         with log_context(pipeline=pipeline, run_id=rollout.run_id):
             elapsed = (clock() - step.started_at).total_seconds()
             try:
@@ -199,7 +202,7 @@ def drive_rollout(
             window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
             progress = RolloutProgress(rollout.current_step, _failures(rollout))
             decision = next_canary_step(
-                progress, window, rollout.canary_policy, expected_disagreement=expected_disagreement(run, champion)
+                progress, window, rollout.canary_policy, expected_disagreement=allowed[rollout.id]
             )
             attempt = _attempt(decision, window, server_error)
             if decision.action is not CanaryAction.WAIT:

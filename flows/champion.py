@@ -16,10 +16,12 @@ from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError
 from storage import repositories as repo
 
+MIN_REASON_CHARS = 10  # an operator's justification, once stripped (the API schema states it too)
+
 
 def _require_reason(reason: str, what: str) -> str:
-    if len(reason.strip()) < 10:
-        raise InvalidInputError(f"{what} needs a justification of at least 10 characters (--reason)")
+    if len(reason.strip()) < MIN_REASON_CHARS:
+        raise InvalidInputError(f"{what} needs a justification of at least {MIN_REASON_CHARS} characters (--reason)")
     return reason.strip()
 
 

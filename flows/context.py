@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.entities import ModelVersion
 from domain.settings import Settings, load_settings
 from storage.artifacts import ArtifactStore, open_artifact_store
 from storage.db import create_db_engine, make_sessions, transaction
@@ -39,4 +40,13 @@ class FlowContext:
     def workdir(self, run_id: str) -> Path:
         path = (self.settings.home_dir / "work" / run_id).resolve()
         path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def champion_package(self, champion: ModelVersion, workdir: Path) -> Path:
+        """The champion's package in the run's work folder, downloaded once per run (a warm start and
+        the evaluation both need it); `load_package` verifies its sha256 at every load."""
+        path = workdir / "champion" / f"v{champion.version}.pt"
+        if not path.exists():
+            ref = self.store.ref(champion.artifact_uri, champion.sha256, champion.size_bytes)
+            self.store.download(ref, path)
         return path

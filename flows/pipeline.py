@@ -223,8 +223,7 @@ def evaluate_both(
         return candidate, None, None
     champion = inputs.champion
     try:
-        ref = ctx.store.ref(champion.artifact_uri, champion.sha256, champion.size_bytes)
-        path = ctx.store.download(ref, workdir / "champion" / f"v{champion.version}.pt")
+        path = ctx.champion_package(champion, workdir)
         champion_model, standardizer = load_package(path, champion.manifest, champion.sha256)
         features = torch.from_numpy(standardizer.transform(raw))
         report = evaluate(

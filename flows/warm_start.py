@@ -67,8 +67,7 @@ def resolve_starting_weights(
     if init.from_ == "champion":
         if champion is None:
             return StartingWeights(None, InitReport("champion", note="no champion yet: trained from scratch"))
-        ref = ctx.store.ref(champion.artifact_uri, champion.sha256, champion.size_bytes)
-        path = ctx.store.download(ref, folder / f"champion-v{champion.version}.pt")
+        path = ctx.champion_package(champion, workdir)
         model, standardizer = load_package(path, champion.manifest, champion.sha256)
         variant = str(champion.manifest.get("variant", "none"))
         state = float_state_dict(model, variant, source=f"champion v{champion.version}")

@@ -136,12 +136,12 @@ class Callbacks:
 
     def __init__(self, paths: list[str]) -> None:
         self.control = _Control()
-        self.items: list[tuple[str, Any]] = []
-        for i, path in enumerate(paths):
-            cls = resolve_import_path(path, f"hyperparameters.callbacks[{i}]")
-            if not isinstance(cls, type):
-                raise InvalidInputError(f"hyperparameters.callbacks[{i}] {path!r}: not a class")
-            self.items.append((path, self._call(path, "__init__", cls)))
+        self.items: list[tuple[str, Any]] = [
+            (path, self._call(path, "__init__", callback_class(i, path))) for i, path in enumerate(paths)
+        ]
+        # the hooks each callback defines, found once (the step hook runs on every optimiser step)
+        self.on_step = [(path, c.on_step_end) for path, c in self.items if hasattr(c, "on_step_end")]
+        self.on_epoch = [(path, c.on_epoch_end) for path, c in self.items if hasattr(c, "on_epoch_end")]
 
     @staticmethod
     def _call(path: str, what: str, fn: Any, *args: Any) -> Any:
@@ -154,17 +154,18 @@ class Callbacks:
             ) from e
 
     def step_end(self, epoch: int, step_in_epoch: int, global_step: int, loss: float) -> None:
-        for path, callback in self.items:
-            if hasattr(callback, "on_step_end"):
-                event = StepEvent(epoch, step_in_epoch, global_step, loss, self.control)
-                self._call(path, "on_step_end", callback.on_step_end, event)
+        if not self.on_step:
+            return
+        event = StepEvent(epoch, step_in_epoch, global_step, loss, self.control)  # frozen: one serves all
+        for path, hook in self.on_step:
+            self._call(path, "on_step_end", hook, event)
 
     def epoch_end(self, metrics: Any, extra: dict[str, float]) -> None:
-        reserved = frozenset(f.name for f in fields(metrics))
-        for path, callback in self.items:
-            if hasattr(callback, "on_epoch_end"):
-                event = EpochEvent(metrics, self.control, extra, reserved)
-                self._call(path, "on_epoch_end", callback.on_epoch_end, event)
+        if not self.on_epoch:
+            return
+        event = EpochEvent(metrics, self.control, extra, frozenset(f.name for f in fields(metrics)))
+        for path, hook in self.on_epoch:
+            self._call(path, "on_epoch_end", hook, event)
 
     def state_dict(self) -> list[Any]:
         return [
@@ -178,6 +179,14 @@ class Callbacks:
                 self._call(path, "load_state_dict", callback.load_state_dict, state)
 
 
+def callback_class(i: int, path: str) -> type:
+    """The class `hyperparameters.callbacks[i]` names (InvalidInputError naming the key otherwise)."""
+    cls = resolve_import_path(path, f"hyperparameters.callbacks[{i}]")
+    if not isinstance(cls, type):
+        raise InvalidInputError(f"hyperparameters.callbacks[{i}] {path!r}: not a class")
+    return cls
+
+
 def _stateful(callback: Any) -> bool:
     return callable(getattr(callback, "state_dict", None)) and callable(getattr(callback, "load_state_dict", None))
 
@@ -185,13 +194,17 @@ def _stateful(callback: Any) -> bool:
 # ------------------------------------------------------------------ gradient checkpointing
 
 
+def _no_hook(model_class: type) -> str:
+    return (
+        f"hardware.gradient_checkpointing: {model_class.__name__} has no {HOOK}() method; "
+        "add one to the model or set it to false"
+    )
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     hook = getattr(model, HOOK, None)
     if not callable(hook):
-        raise InvalidInputError(
-            f"hardware.gradient_checkpointing: {type(model).__name__} has no {HOOK}() method; "
-            "add one to the model or set it to false"
-        )
+        raise InvalidInputError(_no_hook(type(model)))
     hook()
 
 
@@ -208,8 +221,7 @@ def training_parts_problems(spec: PipelineSpec) -> list[str]:
         problems.append(e.message)
     for i, path in enumerate(hp.callbacks):
         try:
-            if not isinstance(resolve_import_path(path, f"hyperparameters.callbacks[{i}]"), type):
-                problems.append(f"hyperparameters.callbacks[{i}] {path!r}: not a class")
+            callback_class(i, path)
         except InvalidInputError as e:
             problems.append(e.message)
     if spec.hardware.gradient_checkpointing:
@@ -218,8 +230,5 @@ def training_parts_problems(spec: PipelineSpec) -> list[str]:
         except InvalidInputError:
             return problems  # the architecture's own check reports it
         if not callable(getattr(cls, HOOK, None)):
-            problems.append(
-                f"hardware.gradient_checkpointing: {cls.__name__} has no {HOOK}() method; "
-                "add one to the model or set it to false"
-            )
+            problems.append(_no_hook(cls))
     return problems
