@@ -3,6 +3,7 @@ and a dataset/pipeline name of its own in the shared PostgreSQL test database.""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.errors import KafkaError, UnknownTopicOrPartitionError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
@@ -67,6 +69,7 @@ def stage(kafka_bootstrap: str, postgres_url: str, monkeypatch: pytest.MonkeyPat
     topic = f"retrainer.test-{suffix}"
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     admin.create_topics([NewTopic(topic, 3, 1), NewTopic(f"{topic}.dlq", 1, 1)])
+    admin.close()
     env = {
         "RETRAINER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "RETRAINER_KAFKA_TOPIC": topic,
@@ -91,5 +94,24 @@ def stage(kafka_bootstrap: str, postgres_url: str, monkeypatch: pytest.MonkeyPat
             },
         )
     yield Stage(load_settings(), sessions, dataset, pipeline)
-    admin.delete_topics([topic, f"{topic}.dlq"])
-    admin.close()
+    delete_topics(kafka_bootstrap, [topic, f"{topic}.dlq"])
+
+
+def delete_topics(bootstrap: str, topics: list[str], timeout: float = 60) -> None:
+    """A fresh admin client, retried: a test may have restarted the broker, and a client connected before
+    the restart (or one whose first metadata request meets a broker still starting) says NodeNotReady."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+            try:
+                admin.delete_topics(topics)
+            finally:
+                admin.close()
+            return
+        except UnknownTopicOrPartitionError:  # an earlier try deleted them before its answer was lost
+            return
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
