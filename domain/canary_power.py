@@ -294,7 +294,8 @@ def power_problems(
 
 
 def spec_power_problems(spec: PipelineSpec) -> list[str]:
-    """`power_problems` of a pipeline's canary policy at its confidence, over its model's classes."""
+    """`power_problems` of a pipeline's canary policy at its confidence, over its model's classes (or a
+    regression model's prediction bins)."""
     if spec.canary is None:
         return []
-    return power_problems(spec.canary, confidence=spec.canary.confidence, classes=spec.model.output_classes)
+    return power_problems(spec.canary, confidence=spec.canary.confidence, classes=spec.prediction_categories)

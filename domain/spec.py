@@ -16,17 +16,14 @@ spec is often not the one that trains it.
 from __future__ import annotations
 
 import difflib
-import functools
 import itertools
 import json
 import re
-import zoneinfo
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from croniter import CroniterError, croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from domain.data_spec import DataSpec
@@ -34,44 +31,26 @@ from domain.errors import SpecError
 from domain.init_spec import InitSpec
 from domain.outcomes import RolloutStatus
 from domain.param_group_spec import ParamGroupSpec
+from domain.task import (
+    BUILTIN_LOSSES,
+    DEFAULT_LOSS,
+    REGRESSION_DRIFT_BINS,
+    TASKS,
+    Task,
+    metric_problem,
+    task_metrics,
+    task_problems,
+)
+from domain.trigger_spec import TriggersSpec
 
 ParamChecker = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
 """(architecture, params) → [(param key, problem)]; ml.zoo.constructor_problems is one."""
 
-# Metrics the evaluation produces; gates may name these or the spec's custom metrics.
-BUILTIN_METRICS = (
-    "accuracy",
-    "macro_f1",
-    "log_loss",
-    "ece",
-    "roc_auc",
-    "pr_auc",
-    "latency_p50_ms",
-    "latency_p99_ms",
-    "latency_p50_ms_b1",
-    "latency_p99_ms_b1",
-    "latency_p50_ms_b32",
-    "latency_p99_ms_b32",
-    "size_bytes",
-    "parameter_count",
-)
+# Metrics a classifier's evaluation produces; gates may name these or the spec's custom metrics
+# (domain/task.py has each task's list).
+BUILTIN_METRICS = task_metrics("classification")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-# Prefect's scheduler accepts these nicknames besides the 5 fields; @reboot has no schedule to follow.
-_CRON_NICKNAMES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-_CRON_FIELDS = (
-    ("minute", "0-59"),
-    ("hour", "0-23"),
-    ("day-of-month", "1-31 or L"),
-    ("month", "1-12 or JAN-DEC"),
-    ("day-of-week", "0-7 or SUN-SAT, N#K for the K-th weekday N"),
-)
-# croniter accepts these, Prefect's scheduler refuses them: R/H (random/hashed, not names such as
-# MAR or THU) and W (nearest weekday).
-_CRON_PREFECT_REFUSES = (
-    (re.compile(r"(?<![A-Z])[RH](?![A-Z])", re.IGNORECASE), "R and H (random/hashed values)"),
-    (re.compile(r"\dW", re.IGNORECASE), "W (nearest weekday)"),
-)
 
 
 class _Strict(BaseModel):
@@ -85,7 +64,10 @@ class ModelSpec(_Strict):
     architecture: str
     params: dict[str, Any] = Field(default_factory=dict)
     input_shape: list[PositiveInt] = Field(min_length=1, max_length=4)
-    output_classes: int = Field(ge=2)
+    output_classes: int | None = Field(default=None, ge=2, description="Classification: the number of classes.")
+    outputs: int | None = Field(
+        default=None, ge=1, description="Regression: floats predicted per row, one per data.target column (default 1)."
+    )
     freeze: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list,
         description="Parameter-name prefixes kept frozen (whole dotted parts: 'encoder' freezes "
@@ -105,7 +87,7 @@ class LRScheduleSpec(_Strict):
 
 
 class EarlyStoppingSpec(_Strict):
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    monitor: str = Field(default="val_loss", description="val_loss, val_accuracy (classification), val_rmse, val_mae.")
     patience: PositiveInt = 5
     min_delta: float = Field(default=0.0, ge=0)
 
@@ -121,10 +103,11 @@ class HyperparametersSpec(_Strict):
     epochs: PositiveInt = 10
     loss_function: str = Field(
         default="cross_entropy",
-        description="'cross_entropy', or a loss by import path 'package.module:function' called as "
-        "fn(outputs, targets) -> scalar tensor.",
+        description="'cross_entropy' (classification), 'mse', 'mae', 'huber' (regression; the default there is "
+        "mse), or a loss by import path 'package.module:function' called as fn(outputs, targets) -> scalar tensor.",
     )
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    huber_delta: float = Field(default=1.0, gt=0, description="Where the huber loss turns from quadratic to linear.")
     lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
     gradient_clip_norm: float | None = Field(default=None, gt=0)
     gradient_accumulation_steps: PositiveInt = 1
@@ -147,8 +130,11 @@ class HyperparametersSpec(_Strict):
     @classmethod
     def _loss(cls, value: str) -> str:
         module_name, sep, attribute = value.partition(":")
-        if value != "cross_entropy" and not (sep and module_name and attribute):
-            raise ValueError(f"must be 'cross_entropy' or an import path 'package.module:function' (got {value!r})")
+        builtins = [name for task in TASKS for name in BUILTIN_LOSSES[task]]
+        if value not in builtins and not (sep and module_name and attribute):
+            raise ValueError(
+                f"must be {', '.join(builtins)} or an import path 'package.module:function' (got {value!r})"
+            )
         return value
 
 
@@ -187,6 +173,19 @@ class QuantizationSpec(_Strict):
     bit_width: Literal[8] = 8
     calibration_batches: PositiveInt = 16
     max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    max_metric_drop: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        default=None,
+        description="The most one named quality metric may worsen, e.g. {rmse: 0.5} or {accuracy: 0.01}; "
+        "required for a quantized regression model.",
+    )
+
+    def budget(self, task: Task) -> tuple[str, float]:
+        """(metric, the most it may worsen): max_metric_drop's entry, else accuracy with max_accuracy_drop."""
+        if self.max_metric_drop:
+            return next(iter(self.max_metric_drop.items()))
+        if task == "regression":
+            raise ValueError("a quantized regression model needs quantization.max_metric_drop")
+        return "accuracy", self.max_accuracy_drop
 
 
 class VsChampionSpec(_Strict):
@@ -245,6 +244,12 @@ class CanarySpec(_Strict):
     max_prediction_psi: float = Field(default=0.2, gt=0, description="Population stability index limit.")
     min_labels: PositiveInt = Field(default=50, description="Feedback labels per variant before accuracy counts.")
     max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
+    max_error_increase: float = Field(
+        default=0.1,
+        ge=0,
+        description="Regression: the most the canary's mean absolute error on delayed labels may exceed the "
+        "champion's, relative (0.1: 10 %).",
+    )
     step_deadline_factor: float = Field(default=3.0, ge=1, description="A step waits up to this many intervals.")
     latency_p99_slack_ms: float = Field(
         default=0.0,
@@ -284,85 +289,6 @@ class CanarySpec(_Strict):
         return step_index >= len(self.steps) - 1
 
 
-class EventTriggerSpec(_Strict):
-    debounce_seconds: float = Field(default=60, ge=0)
-    max_wait_seconds: float = Field(default=600, gt=0)
-    while_running: Literal["queue", "supersede", "skip"] = "queue"
-
-    @model_validator(mode="after")
-    def _bounds(self) -> EventTriggerSpec:
-        if self.max_wait_seconds < self.debounce_seconds:
-            raise ValueError(
-                f"max_wait_seconds ({self.max_wait_seconds}) must be >= debounce_seconds ({self.debounce_seconds})"
-            )
-        return self
-
-
-class ScheduleSpec(_Strict):
-    cron: str
-    timezone: str = "UTC"
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, value: str) -> str:
-        problem = cron_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        # Prefect checks membership in this set (a zone file such as 'posixrules' loads but is refused there).
-        if value not in _time_zones():
-            close = difflib.get_close_matches(value, sorted(_time_zones()), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"unknown time zone {value!r}{hint}; use an IANA name like UTC or Europe/Berlin")
-        return value
-
-
-@functools.cache
-def _time_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def cron_problem(expression: str) -> str | None:
-    """Why Prefect's scheduler would refuse `expression` (or never fire it); None when it is usable.
-
-    Every field's range is checked by croniter (strict: a day that no listed month has, such as
-    `0 0 31 2 *`, never fires and is refused too); the message names the field that is wrong.
-    """
-    text = expression.strip()
-    if text.lower() in _CRON_NICKNAMES:
-        return None
-    fields = text.split()
-    if len(fields) != 5:
-        counted = f"{len(fields)} field{'' if len(fields) == 1 else 's'}"
-        return (
-            f"must be a 5-field cron expression (minute hour day-of-month month day-of-week) like '0 3 * * *', "
-            f"or one of {', '.join(_CRON_NICKNAMES)} (got {expression!r}: {counted})"
-        )
-    for position, ((name, allowed), field) in enumerate(zip(_CRON_FIELDS, fields, strict=True)):
-        for pattern, what in _CRON_PREFECT_REFUSES:
-            if pattern.search(field):
-                return f"{name} field {field!r} uses {what}, which Prefect's scheduler does not support"
-        # The field alone, the others '*': croniter's own message does not say which field is wrong.
-        probe = " ".join(field if i == position else "*" for i in range(5))
-        if not croniter.is_valid(probe, strict=True):
-            return f"{name} field {field!r} is not valid: allowed are {allowed}, with * , - / (got {expression!r})"
-    try:
-        croniter.expand(text, strict=True)
-    except CroniterError as e:
-        return f"{expression!r} is not a usable schedule ({e})"
-    return None
-
-
-class TriggersSpec(_Strict):
-    events: EventTriggerSpec = Field(default_factory=EventTriggerSpec)
-    schedule: ScheduleSpec | None = None
-    manual: bool = True
-
-
 class EvaluationSpec(_Strict):
     custom_metrics: list[str] = Field(default_factory=list, description="'package.module:function' paths")
     bootstrap_resamples: int = Field(default=1000, ge=1000)
@@ -371,6 +297,7 @@ class EvaluationSpec(_Strict):
 
 class PipelineSpec(_Strict):
     name: str
+    task: Task = Field(default="classification", description="classification or regression (domain/task.py).")
     dataset: str = Field(min_length=1)
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec
@@ -393,19 +320,47 @@ class PipelineSpec(_Strict):
             )
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, document: Any) -> Any:
+        """A regression spec's defaults that differ from a classifier's: loss mse, one output."""
+        if not isinstance(document, dict) or document.get("task") != "regression":
+            return document
+        document = dict(document)
+        for section, key, value in (("hyperparameters", "loss_function", DEFAULT_LOSS["regression"]),):
+            part = document.get(section)
+            if part is None or (isinstance(part, dict) and key not in part):
+                document[section] = {**(part or {}), key: value}
+        return document
+
     @model_validator(mode="after")
     def _cross_section(self) -> PipelineSpec:
+        problems = task_problems(self)
         stopping = self.hyperparameters.early_stopping
         if stopping is not None and self.data.validation_fraction == 0:
-            raise ValueError(
-                f"hyperparameters.early_stopping monitors {stopping.monitor} but data.validation_fraction is 0; "
+            problems.append(
+                f"hyperparameters.early_stopping: monitors {stopping.monitor} but data.validation_fraction is 0; "
                 "set a validation fraction or remove early_stopping"
             )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
+    @property
+    def output_width(self) -> int:
+        """The model's output width: the classes of a classifier, the outputs of a regression model."""
+        if self.task == "regression":
+            return self.model.outputs or 1
+        return int(self.model.output_classes or 0)
+
+    @property
+    def prediction_categories(self) -> int:
+        """What the canary's prediction drift check counts over: classes, or a regression model's bins."""
+        return REGRESSION_DRIFT_BINS if self.task == "regression" else self.output_width
+
     def metric_names(self) -> set[str]:
-        """Metrics the gates may name: the built-ins and the custom ones by function name."""
-        return set(BUILTIN_METRICS) | {path.rpartition(":")[2] for path in self.evaluation.custom_metrics}
+        """Metrics the gates may name: the task's built-ins and the custom ones by function name."""
+        return set(task_metrics(self.task)) | {path.rpartition(":")[2] for path in self.evaluation.custom_metrics}
 
     def to_document(self) -> dict[str, Any]:
         """JSON-safe dict, as stored with the pipeline row (and hashed to detect changes)."""
@@ -494,17 +449,17 @@ def semantic_problems(document: dict[str, Any], param_checker: ParamChecker | No
                 problems.append(f"{path}: {message}")
     evaluation = document.get("evaluation") or {}
     custom = evaluation.get("custom_metrics") if isinstance(evaluation, dict) else None
-    known = set(BUILTIN_METRICS) | {
+    task: Task = "regression" if document.get("task") == "regression" else "classification"
+    known = set(task_metrics(task)) | {
         str(path).rpartition(":")[2] for path in (custom if isinstance(custom, list) else [])
     }
     gates = document.get("gates")
     for section in ("min", "max", "vs_champion"):
         entries = gates.get(section) if isinstance(gates, dict) else None
         for metric in entries if isinstance(entries, dict) else {}:
-            if metric not in known:
-                close = difflib.get_close_matches(str(metric), sorted(known), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                problems.append(f"gates.{section}.{metric}: unknown metric{hint}; known: {', '.join(sorted(known))}")
+            problem = metric_problem(task, str(metric), known)
+            if problem is not None:
+                problems.append(f"gates.{section}.{metric}: {problem}")
     return problems
 
 
@@ -528,6 +483,9 @@ def _describe(error: ValidationError) -> list[str]:
             lines.append(f"{path}: required key is missing")
             continue
         message = item["msg"].removeprefix("Value error, ")
+        if not loc:  # a cross-section check: each line already names its key
+            lines += message.splitlines()
+            continue
         got = "" if kind.startswith("value_error") or "input" not in item else f" (got {item['input']!r})"
         lines.append(f"{path}: {_plain(message)}{got}")
     return lines

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.errors import ConfigurationError
-from domain.spec import EventTriggerSpec
+from domain.trigger_spec import EventTriggerSpec
 from flows.loop import PassIncomplete, describe
 from storage import repositories as repo
 from storage.db import transaction

@@ -37,7 +37,7 @@ from ml.data import PreparedData, Table, TensorSplit
 from ml.init_weights import InitReport, apply_init, float_state_dict, read_safetensors
 from ml.package import load_package
 from ml.standardizer import Standardizer
-from ml.zoo import build_model
+from ml.zoo import build_for_spec
 from storage.artifacts.fetch import fetch_uri
 
 
@@ -80,9 +80,7 @@ def resolve_starting_weights(
         fetch_uri(init.from_, dest, ctx.settings)
         state = read_safetensors(dest, init.sha256, source=init.from_)
         start = StartingWeights(state, InitReport(init.from_, sha256=init.sha256.lower()))
-    trial = build_model(
-        spec.model.architecture, dict(spec.model.params), spec.model.input_shape, spec.model.output_classes
-    )
+    trial = build_for_spec(spec)
     return replace(start, report=start.load_into(trial, spec))
 
 

@@ -22,8 +22,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from domain.spec import load_spec
+from ml.losses import Objective
 from ml.training import TrainingData, resolve_device, seed_everything, train
-from ml.zoo import build_model, constructor_problems
+from ml.zoo import build_for_spec, constructor_problems
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,10 +49,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         seed_everything(spec.data.seed)
-        model = build_model(
-            spec.model.architecture, dict(spec.model.params), spec.model.input_shape, spec.model.output_classes
-        )
-        result = train(model, data, spec, args.checkpoint_dir)
+        model = build_for_spec(spec)
+        result = train(model, data, spec, args.checkpoint_dir, objective=Objective.for_spec(spec))
         if dist.get_rank() == 0:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}

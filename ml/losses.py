@@ -23,29 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from domain.errors import InvalidInputError
-from domain.spec import HyperparametersSpec
+from domain.spec import HyperparametersSpec, PipelineSpec
+from domain.task import BUILTIN_LOSSES, MONITORS, TASKS, Task
 from ml.imports import is_import_path, resolve_callable
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Task = Literal["classification", "regression"]
 KEY = "hyperparameters.loss_function"
 
-TASKS: tuple[Task, ...] = ("classification", "regression")
-BUILTIN_LOSSES: dict[Task, tuple[str, ...]] = {
-    "classification": ("cross_entropy",),
-    "regression": ("mse", "mae", "huber"),
-}
-DEFAULT_LOSS: dict[Task, str] = {"classification": "cross_entropy", "regression": "mse"}
-MONITORS: dict[Task, tuple[str, ...]] = {
-    "classification": ("val_loss", "val_accuracy"),
-    "regression": ("val_loss", "val_rmse", "val_mae"),
-}
 _HIGHER_IS_BETTER = frozenset({"val_accuracy"})
 
 
@@ -74,6 +63,11 @@ class Objective:
     ) -> Objective:
         """The objective a spec's hyperparameters describe, for `task`."""
         return cls(task, hp.loss_function, hp.label_smoothing, huber_delta, _monitor(hp))
+
+    @classmethod
+    def for_spec(cls, spec: PipelineSpec) -> Objective:
+        """The objective of a whole spec: its task, loss, huber_delta and early-stopping monitor."""
+        return cls.from_hyperparameters(spec.hyperparameters, spec.task, spec.hyperparameters.huber_delta)
 
     @property
     def higher_is_better(self) -> bool:

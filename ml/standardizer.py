@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Self, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -68,7 +68,7 @@ class Standardizer:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "standardizer") -> Standardizer:
+    def from_dict(cls, data: Mapping[str, Any], source: str = "standardizer") -> Self:
         """Rebuilds a standardizer from `to_dict` output; `source` (e.g. the artifact key) names errors."""
         if not isinstance(data, Mapping):
             raise InvalidInputError(f"{source}: a standardizer must be a JSON object with keys enabled, mean, std")

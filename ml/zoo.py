@@ -7,7 +7,10 @@
 - `transformer`: an encoder classifier over token-id sequences, input_shape `[T]`
   (inputs are integer token ids stored as floats, as every tensor in our data path is float);
 - `"package.module:ClassName"`: any `nn.Module`; `params` become keyword arguments, and the
-  constructor may also accept `input_shape` and/or `output_classes`, which are passed when named.
+  constructor may also accept `input_shape` and/or `output_classes` (or `outputs`), passed when named.
+
+A regression model is built the same way with its output width (`model.outputs`) in the place of
+the classes: the built-ins end in a linear layer of that width (`build_for_spec`).
 
 `constructor_problems` lets spec validation name unknown or missing parameters without building.
 """
@@ -25,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from domain.errors import InvalidInputError
+from domain.spec import PipelineSpec
 
 BUILTIN = ("mlp", "cnn", "transformer")
 # Arguments the zoo supplies itself; a spec's params must not repeat them.
@@ -264,10 +268,18 @@ def build_model(
         kwargs["input_shape"] = list(input_shape)
     if "output_classes" in accepted:
         kwargs["output_classes"] = output_classes
+    if "outputs" in accepted:  # a user regression model may name its width so
+        kwargs["outputs"] = output_classes
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"model.params: {cls.__name__} refused its parameters ({e})") from e
+
+
+def build_for_spec(spec: PipelineSpec) -> nn.Module:
+    """The spec's model with its task's output width (classes, or a regression model's outputs)."""
+    model = spec.model
+    return build_model(model.architecture, dict(model.params), model.input_shape, spec.output_width)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -240,13 +240,19 @@ def _custom_on(report: Report, path: str, fn: CustomMetric, idx: npt.NDArray[np.
     return np.array([call_custom_metric(path, fn, *(a[row] for a in arrays)) for row in idx], dtype=np.float64)
 
 
-def disagreement(candidate: EvalReport, champion: EvalReport) -> float:
-    """How often the two models predict different classes on the same rows (0: never, 1: always).
+def disagreement(candidate: Report, champion: Report, bin_edges: Sequence[float] = ()) -> float:
+    """How often the two models' predictions land in different categories on the same rows (0: never).
 
-    The canary's drift check reads it: on the same inputs, the predicted-class distributions of two
-    models differ (in total variation) by at most this rate, so live drift within it is what the gate
-    already accepted, not a fault. Classification only: a regression model has no predicted class."""
-    if not isinstance(candidate, EvalReport) or not isinstance(champion, EvalReport):
-        raise InvalidInputError("disagreement compares two classifiers' EvalReports; regression reports have none")
+    Categories are the predicted classes of two classifiers, or for two regression models the bins
+    cut by `bin_edges` (the champion's prediction quantiles, first output). The canary's drift check
+    reads it: on the same inputs, the two models' category distributions differ (in total variation)
+    by at most this rate, so live drift within it is what the gate already accepted, not a fault."""
+    if type(candidate) is not type(champion):
+        raise InvalidInputError("disagreement compares two reports of one task (two classifiers or two regressions)")
     _check_same_data(candidate, champion)
+    if isinstance(candidate, RegressionReport) and isinstance(champion, RegressionReport):
+        edges = np.asarray(bin_edges, dtype=np.float64)
+        ours = np.searchsorted(edges, candidate.predictions[:, 0], side="right")
+        theirs = np.searchsorted(edges, champion.predictions[:, 0], side="right")
+        return float(np.mean(ours != theirs))
     return float(np.mean(candidate.predictions != champion.predictions))

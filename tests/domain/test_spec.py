@@ -109,7 +109,7 @@ def test_unknown_architecture_and_metric_get_suggestions() -> None:
         (lambda d: d["hardware"].update(device="gpu"), "hardware.device: must be auto, cpu, cuda or cuda:N"),
         (lambda d: d["distributed"].update(strategy="ddp", num_workers=1), "distributed: ddp needs num_workers >= 2"),
         (lambda d: d["data"].update(validation_fraction=0.6, test_fraction=0.5), "data: validation_fraction + test"),
-        (lambda d: d["data"].update(validation_fraction=0), "early_stopping monitors val_loss but data.validation"),
+        (lambda d: d["data"].update(validation_fraction=0), "early_stopping: monitors val_loss but data.validation"),
         (lambda d: d["canary"].update(steps=[10, 50]), "canary.steps: steps must end at 100"),
         (lambda d: d["canary"].update(steps=[50, 10, 100]), "canary.steps: steps must rise"),
         (lambda d: d["triggers"]["events"].update(max_wait_seconds=10), "max_wait_seconds (10.0) must be >="),
@@ -241,7 +241,7 @@ def test_nothing_prefect_refuses_is_accepted() -> None:
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError as PydanticError
 
-    from domain.spec import cron_problem
+    from domain.trigger_spec import cron_problem
 
     tokens = "* 0 7 59 60 24 31 32 12 13 8 L 15W ? 1#2 5#6 MON jan-mar MON-FRI */5 5-1 1-5/2 */0 1,2,3 5L R H 0/5 -1"
     rng = random.Random(11)  # noqa: S311 - a reproducible sample, not a secret

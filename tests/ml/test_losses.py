@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn import functional
 
 from domain.errors import InvalidInputError, SpecError
-from ml.losses import DEFAULT_LOSS, KEY, Objective, build_loss, loss_problems
+from domain.task import DEFAULT_LOSS
+from ml.losses import KEY, Objective, build_loss, loss_problems
 from ml.training import train
 from tests.ml.test_training import fresh_model as model_for
 from tests.ml.test_training import make_data, make_spec
