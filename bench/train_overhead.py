@@ -7,7 +7,8 @@ ours, …) so drift on the machine hits both alike. Prints samples/s and peak RS
 the ratios against the targets (throughput >= 0.95x, peak RSS <= 1.1x).
 
 `--task regression` measures the same for a regression MLP (64→256→128→1, float targets
-[N, 1], MSE; `train` with `Objective("regression", "mse")` against a hand-written MSE loop).
+[N, 1], MSE; `train` on a `task: regression` spec, whose objective is MSE by default, against a
+hand-written MSE loop).
 
     .venv/bin/python bench/train_overhead.py [--rounds 5] [--epochs 2] [--task classification|regression]
 """
@@ -62,7 +63,9 @@ def child(variant: str, epochs: int, task: str = "classification") -> dict[str, 
                 "name": "bench",
                 "dataset": "bench",
                 "data": {"validation_fraction": 0.0, "test_fraction": 0.1},
-                "model": {"architecture": "mlp", "input_shape": [FEATURES], "output_classes": CLASSES},
+                "task": task,
+                "model": {"architecture": "mlp", "input_shape": [FEATURES]}
+                | ({"outputs": 1} if task == "regression" else {"output_classes": CLASSES}),
                 "hyperparameters": {
                     "optimizer": "adamw",
                     "learning_rate": 1e-3,
@@ -76,9 +79,8 @@ def child(variant: str, epochs: int, task: str = "classification") -> dict[str, 
         )
         empty = torch.empty(0, FEATURES)
         data = TrainingData(features, labels, empty, labels[:0])
-        objective = Objective("regression", "mse") if task == "regression" else None
         with tempfile.TemporaryDirectory() as checkpoints:
-            train(model, data, spec, Path(checkpoints), resume=False, objective=objective)
+            train(model, data, spec, Path(checkpoints), resume=False, objective=Objective.for_spec(spec))
     else:  # the minimal loop an engineer would write by hand
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         loss_fn: nn.Module = nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class DataSpec(BaseModel):
@@ -21,7 +21,10 @@ class DataSpec(BaseModel):
     format: Literal["csv", "parquet", "npz", "loader"] = Field(
         default="csv", description="csv, parquet (a file or a folder of files), npz; 'loader' with data.loader."
     )
-    target: str = "label"
+    target: str | list[str] = Field(
+        default="label",
+        description="The target column; for regression a list of columns (one model output each).",
+    )
     columns: list[str] | None = Field(
         default=None, min_length=1, description="Feature columns, in this order; default: every column but target."
     )
@@ -33,6 +36,34 @@ class DataSpec(BaseModel):
     test_fraction: float = Field(default=0.15, gt=0, lt=1)
     seed: int = 0
     standardize: bool = Field(default=True, description="False for token-id inputs (transformer).")
+
+    @property
+    def target_columns(self) -> list[str]:
+        """`target` as a list: one name for a string, the listed names (in order) for a list."""
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_names(cls, value: Any) -> Any:
+        # Checked before pydantic's union so that a bad value gets one line, not one per union member.
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must name a column (got an empty string)")
+            return value
+        if not isinstance(value, list):
+            raise ValueError(
+                f"must be a column name or, for a regression with several outputs, a list of column names "
+                f"(got {type(value).__name__} {value!r})"
+            )
+        if not value:
+            raise ValueError("lists no column; name at least one target column")
+        for position, name in enumerate(value):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"entry {position} ({name!r}) must be a column name (a non-empty string)")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(map(repr, repeated))} more than once; list each target column once")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -71,8 +102,9 @@ class DataSpec(BaseModel):
         elif self.params:
             raise ValueError("data.params are data.loader's arguments: set data.loader or remove data.params")
         if self.columns is not None:
-            if self.target in self.columns:
-                raise ValueError(f"data.columns lists {self.target!r}, the target (data.target): list only features")
+            targets = [name for name in self.columns if name in self.target_columns]
+            if targets:
+                raise ValueError(f"data.columns lists {targets[0]!r}, the target (data.target): list only features")
             repeated = sorted({name for name in self.columns if self.columns.count(name) > 1})
             if repeated:
                 raise ValueError(f"data.columns lists {', '.join(map(repr, repeated))} more than once")

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 from domain.entities import GateCheck, Verdict
 from domain.spec import GatesSpec
+from domain.task import COST_METRICS, QUALITY_METRICS
 
 # Metrics where lower is better; everything else is higher-is-better.
 LOWER_IS_BETTER = frozenset(
-    {"log_loss", "ece", "latency_p50_ms", "latency_p99_ms", "size_bytes", "parameter_count"}
-    | {f"latency_p{q}_ms_b{b}" for q in (50, 99) for b in (1, 32)}
+    {name for quality in QUALITY_METRICS.values() for name, higher in quality.items() if not higher} | set(COST_METRICS)
 )
 
 

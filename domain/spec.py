@@ -34,6 +34,7 @@ from domain.param_group_spec import ParamGroupSpec
 from domain.task import (
     BUILTIN_LOSSES,
     DEFAULT_LOSS,
+    DEFAULT_MAX_ACCURACY_DROP,
     REGRESSION_DRIFT_BINS,
     TASKS,
     Task,
@@ -172,7 +173,7 @@ class QuantizationSpec(_Strict):
     type: Literal["none", "dynamic", "static", "fp16"] = "none"
     bit_width: Literal[8] = 8
     calibration_batches: PositiveInt = 16
-    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    max_accuracy_drop: float = Field(default=DEFAULT_MAX_ACCURACY_DROP, ge=0, le=1)
     max_metric_drop: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
         default=None,
         description="The most one named quality metric may worsen, e.g. {rmse: 0.5} or {accuracy: 0.01}; "

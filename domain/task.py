@@ -49,6 +49,7 @@ MONITORS: dict[Task, tuple[str, ...]] = {
     "classification": ("val_loss", "val_accuracy"),
     "regression": ("val_loss", "val_rmse", "val_mae"),
 }
+DEFAULT_MAX_ACCURACY_DROP = 0.01  # quantization.max_accuracy_drop's default
 # A regression canary's prediction drift counts predictions in this many bins, cut at the
 # champion's prediction quantiles on its test rows (equal shares under the champion).
 REGRESSION_DRIFT_BINS = 10
@@ -128,7 +129,8 @@ def task_problems(spec: PipelineSpec) -> list[str]:
 
 def _quantization_problems(task: Task, kind: str, budget: dict[str, float] | None, section: object) -> list[str]:
     key = "quantization.max_metric_drop"
-    explicit_accuracy = "max_accuracy_drop" in getattr(section, "model_fields_set", set())
+    # compared with the default, not "was it written": a stored spec (to_document) writes every key
+    explicit_accuracy = getattr(section, "max_accuracy_drop", DEFAULT_MAX_ACCURACY_DROP) != DEFAULT_MAX_ACCURACY_DROP
     if task == "regression" and explicit_accuracy:
         return [f"quantization.max_accuracy_drop: a regression model has no accuracy; use {key}, e.g. {{rmse: 0.5}}"]
     if budget is None:

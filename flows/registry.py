@@ -35,7 +35,11 @@ def validate_spec_file(path: Path) -> PipelineSpec:
     can measure its own thresholds (`domain.canary_power`: each check's threshold must lie outside
     the sampling noise of the policy's windows). SpecError lists every problem."""
     spec = load_spec(path, constructor_problems)
-    problems = loss_problems(spec.hyperparameters) + loader_problems(spec.data) + training_parts_problems(spec)
+    problems = (
+        loss_problems(spec.hyperparameters, spec.task, spec.hyperparameters.huber_delta)
+        + loader_problems(spec.data)
+        + training_parts_problems(spec)
+    )
     problems += spec_power_problems(spec)
     if problems:
         raise SpecError([f"{path}: {line}" for line in problems])

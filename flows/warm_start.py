@@ -33,10 +33,10 @@ from domain import entities as e
 from domain.errors import InvalidInputError
 from domain.spec import PipelineSpec
 from flows.context import FlowContext
-from ml.data import PreparedData, Table, TensorSplit
+from ml.data import PreparedData, RegressionTable, Table, TensorSplit
 from ml.init_weights import InitReport, apply_init, float_state_dict, read_safetensors
-from ml.package import load_package
-from ml.standardizer import Standardizer
+from ml.package import load_package, target_standardizer_of
+from ml.standardizer import Standardizer, TargetStandardizer
 from ml.zoo import build_for_spec
 from storage.artifacts.fetch import fetch_uri
 
@@ -50,6 +50,7 @@ class StartingWeights:
     report: InitReport
     standardizer: Standardizer | None = None
     feature_names: list[str] | None = None
+    target_standardizer: TargetStandardizer | None = None  # a regression champion's: its head predicts in its scale
 
     def load_into(self, model: torch.nn.Module, spec: PipelineSpec) -> InitReport:
         if self.state is None or spec.model.init is None:
@@ -73,7 +74,13 @@ def resolve_starting_weights(
         state = float_state_dict(model, variant, source=f"champion v{champion.version}")
         report = InitReport("champion", sha256=champion.sha256, champion_version=champion.version)
         names = champion.manifest.get("feature_names")
-        start = StartingWeights(state, report, standardizer, list(names) if names is not None else None)
+        start = StartingWeights(
+            state,
+            report,
+            standardizer,
+            list(names) if names is not None else None,
+            target_standardizer_of(champion.manifest, source=f"champion v{champion.version}"),
+        )
     else:
         assert init.sha256 is not None  # the spec refuses a URI without one
         dest = folder / PurePosixPath(urlsplit(init.from_).path).name
@@ -84,8 +91,11 @@ def resolve_starting_weights(
     return replace(start, report=start.load_into(trial, spec))
 
 
-def with_champion_preprocessing(start: StartingWeights, data: PreparedData, table: Table) -> PreparedData:
-    """`data` re-scaled with the champion's standardizer (see the module docstring); as is otherwise."""
+def with_champion_preprocessing(
+    start: StartingWeights, data: PreparedData, table: Table | RegressionTable
+) -> PreparedData:
+    """`data` re-scaled with the champion's standardizer, and a regression champion's targets with its
+    target standardizer (see the module docstring); as is otherwise."""
     if start.standardizer is None:
         return data
     if start.feature_names is not None and start.feature_names != data.feature_names:
@@ -94,11 +104,17 @@ def with_champion_preprocessing(start: StartingWeights, data: PreparedData, tabl
             f"{start.feature_names} but this data has {data.feature_names}; align data.columns with the "
             "champion's, or remove model.init to train from scratch"
         )
-    standardizer = start.standardizer
+    standardizer, scaler = start.standardizer, start.target_standardizer
 
     def rescaled(split: TensorSplit) -> TensorSplit:
         features = standardizer.transform(table.features[split.indices])
-        return replace(split, features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        labels = split.labels
+        if scaler is not None and isinstance(table, RegressionTable):
+            targets = np.asarray(table.targets, dtype=np.float32).reshape(table.num_rows, -1)[split.indices]
+            labels = torch.from_numpy(np.ascontiguousarray(scaler.transform(targets), dtype=np.float32))
+        return replace(
+            split, features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), labels=labels
+        )
 
     return replace(
         data,
@@ -106,4 +122,5 @@ def with_champion_preprocessing(start: StartingWeights, data: PreparedData, tabl
         validation=rescaled(data.validation),
         test=rescaled(data.test),
         standardizer=standardizer,
+        target_standardizer=scaler if scaler is not None else data.target_standardizer,
     )

@@ -36,7 +36,7 @@ import numpy.typing as npt
 import torch
 
 from domain.errors import InvalidInputError
-from ml.losses import Task
+from domain.task import Task
 from ml.readers import FORMATS, FloatArray, IndexArray, Table, load_table
 from ml.standardizer import Standardizer, TargetStandardizer, fit_standardizer, fit_target_standardizer
 from ml.training import TrainingData

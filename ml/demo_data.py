@@ -147,11 +147,15 @@ def _write_csv(table: Table, path: Path) -> None:
     # Pixels are integral 0..16: written as integers the files stay small and exact.
     columns = {name: table.features[:, i].astype(np.int64) for i, name in enumerate(table.feature_names)}
     columns[table.target] = table.labels.astype(np.int64)
+    write_csv_atomically(pa.table(columns), path)
+
+
+def write_csv_atomically(table: pa.Table, path: Path) -> None:
+    """Writes `table` as CSV beside `path`, then renames: a reader never sees a half-written file."""
     options = pacsv.WriteOptions(quoting_style="needed", quoting_header="none")
-    # Written beside the target, then renamed: the rename is atomic on one filesystem.
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pacsv.write_csv(pa.table(columns), partial, write_options=options)
+        pacsv.write_csv(table, partial, write_options=options)
         partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)

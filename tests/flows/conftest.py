@@ -76,10 +76,10 @@ def event_run(sessions: sessionmaker[Session], document: dict[str, Any], version
             event_id=event_id,
             source="//tests",
             type="retrainer.data.changed",
-            dataset="digits",
+            dataset=document["dataset"],
             payload={
                 "data": {
-                    "dataset": "digits",
+                    "dataset": document["dataset"],
                     "version": version,
                     "uri": f"file://{uri}" if isinstance(uri, Path) else uri,
                 }

@@ -202,9 +202,22 @@ def test_refuses_different_data_and_mixed_kinds() -> None:
         compare(report, report, metrics=["accuracy"])
     _assert_invalid(info, "unknown metric", "rmse")
     with pytest.raises(InvalidInputError) as info:
-        disagreement(report, report)  # type: ignore[arg-type]
-    _assert_invalid(info, "regression")
+        disagreement(report, classifier)
+    _assert_invalid(info, "one task")
     assert isinstance(classifier, EvalReport) and classifier.task == "classification"
+
+
+def test_regression_disagreement_counts_rows_whose_prediction_bin_changes() -> None:
+    y = np.linspace(0, 100, 200).reshape(-1, 1)
+    champion = _evaluate(y, y)
+    shifted = y.copy()
+    shifted[:20] += 30.0  # 20 rows move far; the rest stay put
+    candidate = _evaluate(shifted, y)
+    edges = [25.0, 50.0, 75.0]
+    moved = np.searchsorted(edges, shifted[:, 0], side="right") != np.searchsorted(edges, y[:, 0], side="right")
+    assert disagreement(candidate, champion, edges) == pytest.approx(moved.mean())
+    assert 0 < disagreement(candidate, champion, edges) <= 0.1
+    assert disagreement(champion, champion, edges) == 0.0
 
 
 def test_mape_with_a_zero_target_is_refused_only_when_asked_for() -> None:

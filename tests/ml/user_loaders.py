@@ -42,3 +42,23 @@ def broken(path: Path) -> tuple[Any, Any]:
 
 
 NOT_A_FUNCTION = 3
+
+
+def prices(path: Path, outputs: int = 1) -> tuple[Any, Any]:
+    """A regression loader: float targets [rows] for one output, [rows, outputs] for several."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 4))
+    y = x @ rng.normal(size=(4, outputs)) * 1000.0 + 5000.0
+    return x, (y[:, 0] if outputs == 1 else y)
+
+
+def nan_prices(path: Path) -> tuple[Any, Any]:
+    return np.ones((5, 2)), np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, np.inf], [9.0, 1.0]])
+
+
+def cube_prices(path: Path) -> tuple[Any, Any]:
+    return np.ones((4, 2)), np.ones((4, 2, 2))
+
+
+def worded_prices(path: Path) -> tuple[Any, Any]:
+    return np.ones((3, 2)), np.array(["1.5", "2", "cheap"])
