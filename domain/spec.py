@@ -184,9 +184,9 @@ class QuantizationSpec(_Strict):
         """(metric, the most it may worsen): max_metric_drop's entry, else accuracy with max_accuracy_drop."""
         if self.max_metric_drop:
             return next(iter(self.max_metric_drop.items()))
-        if task == "regression":
-            raise ValueError("a quantized regression model needs quantization.max_metric_drop")
-        return "accuracy", self.max_accuracy_drop
+        # a regression spec without a budget is one without quantization (the spec refuses the rest):
+        # only the float model is scored, so nothing may be lost
+        return ("accuracy", self.max_accuracy_drop) if task == "classification" else ("rmse", 0.0)
 
 
 class VsChampionSpec(_Strict):

@@ -263,20 +263,28 @@ def runs_list(
 
 @models_app.command("list")
 def models_list(pipeline: PipelineName) -> None:
-    """A pipeline's model versions with their stage."""
+    """A pipeline's model versions with their stage and their task's quality metrics (a classifier's
+    accuracy, ...; a regression model's rmse, mae, r2, mape)."""
     from storage import repositories as repo
+    from web.render import metric
+    from web.views import model_metric_columns
 
-    table = Table("version", "stage", "accuracy", "sha256", "run")
+    def cell(value: object, name: str) -> str:
+        return metric(float(value), name) if isinstance(value, int | float) else "-"
+
     with _unit_of_work() as session:
-        for version in repo.list_model_versions(session, pipeline):
-            accuracy = version.metrics.get("accuracy")
-            table.add_row(
-                f"v{version.version}",
-                version.stage.value,
-                f"{accuracy:.4f}" if accuracy else "-",
-                version.sha256[:12],
-                version.run_id or "-",
-            )
+        pipeline_task = repo.get_pipeline(session, pipeline).spec.get("task")
+        versions = repo.list_model_versions(session, pipeline)
+    columns = model_metric_columns(pipeline_task, [(v.manifest.get("task"), v.metrics) for v in versions])
+    table = Table("version", "stage", *columns, "sha256", "run")
+    for version in versions:
+        table.add_row(
+            f"v{version.version}",
+            version.stage.value,
+            *(cell(version.metrics.get(name), name) for name in columns),
+            version.sha256[:12],
+            version.run_id or "-",
+        )
     out.print(table)
 
 

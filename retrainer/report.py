@@ -23,14 +23,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.errors import NotFoundError
+from domain.task import Task
 from storage import repositories as repo
 from storage.db import transaction
 from web.canary_checks import DASH
 from web.render import render_report, version
 from web.views import (
-    COMPARED_METRICS,
     AliasMoveReport,
     GateRow,
+    Interval,
     MetricPair,
     PipelineReport,
     Quantization,
@@ -39,6 +40,8 @@ from web.views import (
     RolloutReport,
     RunReport,
     StepReport,
+    compared_metrics,
+    task_named,
 )
 
 MAX_RUNS = 1000  # list_runs' upper limit; a demo has a handful
@@ -106,11 +109,12 @@ def _collect_pipeline(session: Session, pipeline: e.Pipeline) -> PipelineReport:
     moves = reversed(repo.alias_history(session, pipeline.name))
     rollouts = list(reversed(repo.list_rollouts(session, pipeline.name, limit=MAX_ROLLOUTS)))
     last_rollout = {r.run_id: r for r in rollouts if r.run_id is not None}  # oldest first: the latest wins
+    task = task_named(pipeline.spec.get("task"))
     return PipelineReport(
         name=pipeline.name,
         dataset=pipeline.dataset,
         champion_version=version_of(pipeline.champion_version_id),
-        runs=tuple(_collect_run(session, run, last_rollout.get(run.id)) for run in runs),
+        runs=tuple(_collect_run(session, run, last_rollout.get(run.id), task) for run in runs),
         alias_moves=tuple(
             AliasMoveReport(
                 from_version=version_of(m.from_version_id),
@@ -123,10 +127,11 @@ def _collect_pipeline(session: Session, pipeline: e.Pipeline) -> PipelineReport:
             for m in moves
         ),
         rollouts=tuple(_collect_rollout(r, version_of) for r in rollouts),
+        task=task,
     )
 
 
-def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None) -> RunReport:
+def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None, pipeline_task: Task) -> RunReport:
     # Typed rows (dataset version, model version, gate verdicts) are read as entities; only the run's
     # free-form evidence goes through the defensive readers above.
     evidence = run.evidence or {}
@@ -134,8 +139,8 @@ def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None) -> Run
     candidate_version = repo.get_model_version_by_id(session, run.model_version_id) if run.model_version_id else None
     candidate = _dict(evidence.get("candidate"))
     champion = _dict(evidence.get("champion"))
-    candidate_metrics = _dict(candidate.get("metrics"))
-    champion_metrics = _dict(_dict(champion.get("report")).get("metrics"))
+    # the report names its task; one stored before tasks existed belongs to the pipeline's (a classifier)
+    task = task_named(candidate.get("task") or pipeline_task)
     outcome = _dict(evidence.get("outcome"))
     reason = _str(outcome.get("reason")) or run.error
     # The gate's outcome says "awaiting the canary"; once the rollout has ended, its reason is what
@@ -165,15 +170,40 @@ def _collect_run(session: Session, run: e.Run, rollout: e.Rollout | None) -> Run
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
-        metrics=tuple(
-            MetricPair(name, _float(candidate_metrics.get(name)), _float(champion_metrics.get(name)), higher)
-            for name, higher in COMPARED_METRICS
-        ),
+        metrics=_collect_metrics(task, candidate, champion, _dict(evidence.get("comparisons"))),
         gate=tuple(
             GateRow(g.metric, g.check, g.verdict.value, g.reason, g.candidate_value, g.champion_value, g.threshold)
             for g in repo.gate_verdicts(session, run.id)
         ),
         quantization=_collect_quantization(evidence.get("quantization")),
+        task=task,
+    )
+
+
+def _collect_metrics(
+    task: Task, candidate: dict[str, Any], champion: dict[str, Any], comparisons: dict[str, Any]
+) -> tuple[MetricPair, ...]:
+    """The task's metrics for both models, each with its paired interval where a vs_champion rule
+    compared it; a compared metric outside the task's list (a custom metric) follows them."""
+    candidate_metrics = _dict(candidate.get("metrics"))
+    champion_metrics = _dict(_dict(champion.get("report")).get("metrics"))
+    shown = dict(compared_metrics(task))
+    for name, comparison in comparisons.items():
+        higher = _bool(_dict(comparison).get("higher_is_better"))
+        if name not in shown and higher is not None:
+            shown[name] = higher
+
+    def interval(name: str) -> Interval | None:
+        found = _dict(comparisons.get(name))
+        if not found:
+            return None
+        return Interval(_float(found.get("ci_low")), _float(found.get("ci_high")), _float(found.get("confidence")))
+
+    return tuple(
+        MetricPair(
+            name, _float(candidate_metrics.get(name)), _float(champion_metrics.get(name)), higher, interval(name)
+        )
+        for name, higher in shown.items()
     )
 
 
@@ -181,16 +211,19 @@ def _collect_quantization(value: object) -> Quantization | None:
     report = _dict(value)
     if not report:
         return None
+    # the budget's metric; a report written before the budget named one budgeted accuracy
+    metric = _str(report.get("metric")) or "accuracy"
     variants = []
     for result in map(_dict, _list(report.get("results"))):
         score = _dict(result.get("score"))
+        value = score.get("accuracy") if metric == "accuracy" else _dict(score.get("metrics")).get(metric)
         variants.append(
             QuantizationVariant(
                 variant=_str(result.get("variant")) or DASH,
                 available=_bool(result.get("available")),
                 eligible=_bool(result.get("eligible")),
                 reason=_str(result.get("reason")),
-                accuracy=_float(score.get("accuracy")),
+                value=_float(value),
                 latency_p50_ms_b32=_float(score.get("latency_p50_ms_b32")),
                 size_bytes=_float(score.get("size_bytes")),
             )
@@ -198,8 +231,10 @@ def _collect_quantization(value: object) -> Quantization | None:
     return Quantization(
         chosen=_str(report.get("chosen")),
         reason=_str(report.get("reason")),
-        max_accuracy_drop=_float(report.get("max_accuracy_drop")),
+        max_drop=_float(report.get("max_drop", report.get("max_accuracy_drop"))),
         variants=tuple(variants),
+        metric=metric,
+        higher_is_better=_bool(report.get("higher_is_better")) is not False,
     )
 
 

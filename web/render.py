@@ -16,9 +16,10 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from domain.evidence import CanaryAttempt, VariantWindow
+from domain.task import QUALITY_METRICS, Task
 from web.canary_checks import DASH
 from web.charts import Chart, Series, bar_chart, line_chart, nice_ceiling
-from web.views import PipelineReport, ReportData, RunReport, StepReport
+from web.views import HEADLINE_METRIC, Interval, PipelineReport, Quantization, ReportData, RunReport, StepReport
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -105,7 +106,11 @@ def metric(value: float | None, name: str) -> str:
         return size(value)
     if name.startswith("latency_"):
         return ms(value)
-    return DASH if value is None else f"{value:.4f}"
+    if value is None:
+        return DASH
+    # four decimals read well for fractions and for a regression error in the target's units;
+    # a very large or very small error keeps four significant digits instead
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.4g}"
 
 
 def signed(delta: float | None, name: str) -> str:
@@ -113,6 +118,25 @@ def signed(delta: float | None, name: str) -> str:
         return DASH
     sign = "+" if delta > 0 else "\u2212" if delta < 0 else "\u00b1"  # minus sign, plus-minus
     return sign + metric(abs(delta), name)
+
+
+def interval(bounds: Interval | None, name: str) -> str:
+    """A paired interval of candidate - champion as "[low, high] at 95 %"."""
+    if bounds is None:
+        return DASH
+    level = "" if bounds.confidence is None else f" at {bounds.confidence * 100:g} %"
+    return f"[{signed(bounds.low, name)}, {signed(bounds.high, name)}]{level}"
+
+
+def budget(quantization: Quantization) -> str:
+    """The quantization budget in words: "max accuracy drop 1 %" (in points, as the spec has always
+    said it), "max rmse rise 0.5" for a metric where lower is better."""
+    amount, name = quantization.max_drop, quantization.metric
+    if amount is None:
+        return ""
+    if name == "accuracy":
+        return f"max accuracy drop {amount * 100:.2g} %"
+    return f"max {name} {'drop' if quantization.higher_is_better else 'rise'} {metric(amount, name)}"
 
 
 def yes_no(value: bool | None) -> str:
@@ -131,22 +155,34 @@ def traffic(value: float | None) -> str:
 # -------------------------------------------------------------------------------------- charts
 
 
-def _accuracy(runs: Sequence[RunReport], title: str, categories: list[str], fmt: str) -> Chart:
-    pairs = [r.metric("accuracy") for r in runs]
+def _headline(runs: Sequence[RunReport], name: str, title: str, categories: list[str], fmt: str) -> Chart:
+    pairs = [r.metric(name) for r in runs]
     series = [
         Series("candidate", CANDIDATE_COLOUR, tuple(p.candidate if p else None for p in pairs)),
         Series("champion", CHAMPION_COLOUR, tuple(p.champion if p else None for p in pairs)),
     ]
-    return bar_chart(title, categories, series, y_max=1.0, fmt=lambda v: f"{v:{fmt}}")
+    # accuracy is a fraction: its axis ends at 1; an error in the target's units gets a round top
+    y_max = 1.0 if name == "accuracy" else None
+    return bar_chart(title, categories, series, y_max=y_max, fmt=lambda v: f"{v:{fmt}}")
 
 
-def pipeline_accuracy_chart(pipeline: PipelineReport) -> Chart:
-    title = "accuracy per run: candidate vs champion (same test rows)"
-    return _accuracy(pipeline.runs, title, [r.short_id for r in pipeline.runs], ".3f")
+def _direction(name: str, task: Task) -> str:
+    """Said in a chart's title when a lower bar is the better one."""
+    return "" if QUALITY_METRICS[task].get(name, True) else " (lower is better)"
 
 
-def run_accuracy_chart(run: RunReport) -> Chart:
-    return _accuracy([run], "accuracy", ["accuracy"], ".4f")
+def pipeline_headline_chart(pipeline: PipelineReport) -> Chart:
+    """The pipeline's headline metric (accuracy, or rmse for regression) per run, both models."""
+    name = pipeline.headline_metric
+    title = f"{name} per run{_direction(name, pipeline.task)}: candidate vs champion (same test rows)"
+    fmt = ".3f" if name == "accuracy" else ".4g"
+    return _headline(pipeline.runs, name, title, [r.short_id for r in pipeline.runs], fmt)
+
+
+def run_headline_chart(run: RunReport) -> Chart:
+    name = HEADLINE_METRIC[run.task]
+    fmt = ".4f" if name == "accuracy" else ".4g"
+    return _headline([run], name, f"{name}{_direction(name, run.task)}", [name], fmt)
 
 
 def rollout_charts(steps: Sequence[StepReport]) -> list[Chart]:
@@ -200,11 +236,12 @@ def environment() -> Environment:
     env.filters.update(
         dash=dash, tone=tone, version=version, time=time, duration=duration, num=num, size=size,
         percent=percent, ms=ms, metric=metric, signed=signed, yes_no=yes_no, traffic=traffic, px=px,
+        interval=interval, budget=budget,
     )  # fmt: skip
     env.globals.update(
         CSP=CSP,
-        pipeline_accuracy_chart=pipeline_accuracy_chart,
-        run_accuracy_chart=run_accuracy_chart,
+        pipeline_headline_chart=pipeline_headline_chart,
+        run_headline_chart=run_headline_chart,
         rollout_charts=rollout_charts,
     )
     return env

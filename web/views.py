@@ -2,26 +2,58 @@
 
 `retrainer/report.py` collects these from the metadata database; `web/render.py` renders them
 with the templates in `web/templates/`. Canary evidence is the domain's own typed model
-(`domain.evidence.StepAnalysis`); run evidence is read into the small records below.
+(`domain.evidence.StepAnalysis`); run evidence is read into the small records below. Which
+metrics a run shows, and which way is better, follow its task (`domain/task.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from domain.evidence import CanaryAttempt, StepAnalysis
+from domain.task import QUALITY_METRICS, TASKS, Task
 from web.canary_checks import CheckRow, check_rows
 
-# (metric, higher is better) for the candidate-vs-champion table
-COMPARED_METRICS: tuple[tuple[str, bool], ...] = (
-    ("accuracy", True),
-    ("macro_f1", True),
-    ("roc_auc", True),
-    ("pr_auc", True),
-    ("latency_p99_ms", False),
-    ("size_bytes", False),
-)
+# The one metric a run is summed up by in the charts and the CLI's model list.
+HEADLINE_METRIC: dict[Task, str] = {"classification": "accuracy", "regression": "rmse"}
+# The costs shown beside the task's quality metrics (lower is better, whatever the task).
+SHOWN_COSTS = ("latency_p99_ms", "size_bytes")
+
+
+def task_named(value: object) -> Task:
+    """The task a stored spec, manifest or report names; one stored before tasks existed is a classifier."""
+    return next((task for task in TASKS if task == value), "classification")
+
+
+def compared_metrics(task: Task) -> tuple[tuple[str, bool], ...]:
+    """(metric, higher is better) for the candidate-vs-champion table: the task's quality metrics
+    (domain/task.py), then the costs."""
+    return (*QUALITY_METRICS[task].items(), *((cost, False) for cost in SHOWN_COSTS))
+
+
+def model_metric_columns(
+    pipeline_task: object, versions: Sequence[tuple[object, Mapping[str, object]]]
+) -> tuple[str, ...]:
+    """The quality metrics a list of model versions shows, from (manifest task, metrics) per version:
+    those of the versions' tasks and the pipeline's that some version recorded, in domain/task.py's
+    order; the pipeline task's headline metric when none did."""
+    task = task_named(pipeline_task)
+    tasks = {task, *(task_named(named) for named, _ in versions)}
+    recorded = {name for _, metrics in versions for name, value in metrics.items() if value is not None}
+    columns = tuple(name for t in TASKS if t in tasks for name in QUALITY_METRICS[t] if name in recorded)
+    return columns or (HEADLINE_METRIC[task],)
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """The paired-bootstrap interval of candidate - champion on one metric (run evidence
+    `comparisons`); a bound is None where the metric was undefined on the resampled rows."""
+
+    low: float | None
+    high: float | None
+    confidence: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +62,7 @@ class MetricPair:
     candidate: float | None
     champion: float | None
     higher_is_better: bool
+    interval: Interval | None = None  # only for metrics a vs_champion rule compared
 
     @property
     def delta(self) -> float | None:
@@ -43,6 +76,16 @@ class MetricPair:
         if delta is None or delta == 0:
             return None
         return (delta > 0) == self.higher_is_better
+
+    @property
+    def interval_says(self) -> bool | None:
+        """True when the whole interval lies on the better side of 0, False when on the worse side,
+        None when it holds 0 (or is unknown): the paired comparison, not the point difference."""
+        if self.interval is None or self.interval.low is None or self.interval.high is None:
+            return None
+        if self.interval.low > 0 or self.interval.high < 0:
+            return (self.interval.low > 0) == self.higher_is_better
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +105,7 @@ class QuantizationVariant:
     available: bool | None
     eligible: bool | None
     reason: str | None
-    accuracy: float | None
+    value: float | None  # the budget's metric (Quantization.metric)
     latency_p50_ms_b32: float | None
     size_bytes: float | None
 
@@ -71,8 +114,10 @@ class QuantizationVariant:
 class Quantization:
     chosen: str | None
     reason: str | None
-    max_accuracy_drop: float | None
+    max_drop: float | None  # how much the budget's metric may worsen against the float model
     variants: tuple[QuantizationVariant, ...]
+    metric: str = "accuracy"  # reports written before the budget named its metric budgeted accuracy
+    higher_is_better: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +142,11 @@ class RunReport:
     metrics: tuple[MetricPair, ...]
     gate: tuple[GateRow, ...]
     quantization: Quantization | None
+    task: Task = "classification"
+
+    @property
+    def headline(self) -> MetricPair | None:
+        return self.metric(HEADLINE_METRIC[self.task])
 
     @property
     def short_id(self) -> str:
@@ -185,6 +235,11 @@ class PipelineReport:
     runs: tuple[RunReport, ...]  # oldest first
     alias_moves: tuple[AliasMoveReport, ...]  # oldest first
     rollouts: tuple[RolloutReport, ...]  # oldest first
+    task: Task = "classification"
+
+    @property
+    def headline_metric(self) -> str:
+        return HEADLINE_METRIC[self.task]
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.runs if r.status == status)

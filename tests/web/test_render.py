@@ -18,6 +18,7 @@ from domain.evidence import CanaryAction, CanaryAttempt, StepAnalysis, VariantWi
 from domain.histogram import LatencyHistogram
 from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec
+from web import render
 from web import views as v
 from web.canary_checks import check_rows
 from web.render import render_report
@@ -93,7 +94,7 @@ def run(
     quantization = v.Quantization(
         chosen="dynamic_int8",
         reason="fastest variant within 1 % accuracy",
-        max_accuracy_drop=0.01,
+        max_drop=0.01,
         variants=(
             v.QuantizationVariant("none", True, True, "float baseline", 0.95, 0.8, 40_000),
             v.QuantizationVariant("dynamic_int8", True, True, "1.6x faster, 3.1x smaller", 0.948, 0.5, 13_000),
@@ -119,7 +120,7 @@ def run(
         finished_at=START + timedelta(seconds=42),
         metrics=tuple(
             v.MetricPair(name, values.get(name), old.get(name) if champion else None, higher)
-            for name, higher in v.COMPARED_METRICS
+            for name, higher in v.compared_metrics("classification")
         ),
         gate=tuple(gate),
         quantization=quantization,
@@ -377,7 +378,7 @@ def test_unknown_values_and_steps_without_windows_show_dashes_not_errors() -> No
         champion_error="champion v2 unreadable",
         decision_reason="RuntimeError: boom",
         started_at=None,
-        metrics=tuple(v.MetricPair(name, None, None, higher) for name, higher in v.COMPARED_METRICS),
+        metrics=tuple(v.MetricPair(name, None, None, higher) for name, higher in v.compared_metrics("classification")),
         gate=(),
         quantization=v.Quantization(None, None, None, ()),
     )
@@ -396,3 +397,32 @@ def test_unknown_values_and_steps_without_windows_show_dashes_not_errors() -> No
     assert "none (first model)" not in document  # unknown is not the same as "no champion"
     assert "canary traffic (%)" in document  # the traffic chart still draws from the step rows
     assert "error rate: no data" in document  # no numbers: said, not drawn
+
+
+def test_metric_values_intervals_and_budgets_read_in_the_metrics_units() -> None:
+    assert render.metric(0.91, "accuracy") == "0.9100"
+    assert render.metric(1234.5678, "rmse") == "1234.5678"  # an error in the target's units
+    assert render.metric(2.5e7, "rmse") == "2.5e+07" and render.metric(0.00012345, "mape") == "0.0001234"
+    assert render.interval(v.Interval(-1.5, -0.25, 0.95), "rmse") == "[\u22121.5000, \u22120.2500] at 95 %"
+    assert render.interval(v.Interval(None, 0.25, None), "r2") == "[\u2014, +0.2500]"
+    assert render.interval(None, "rmse") == "\u2014"
+    accuracy = v.Quantization("dynamic", "ok", 0.01, ())
+    assert render.budget(accuracy) == "max accuracy drop 1 %"
+    assert render.budget(replace(accuracy, metric="rmse", higher_is_better=False, max_drop=0.5)) == (
+        "max rmse rise 0.5000"
+    )
+    assert render.budget(replace(accuracy, metric="r2", max_drop=0.05)) == "max r2 drop 0.0500"
+    assert render.budget(replace(accuracy, max_drop=None)) == ""
+
+
+def test_a_regression_run_charts_rmse_with_its_direction_and_a_round_axis() -> None:
+    first = DATA.pipelines[0].runs[1]
+    metrics = (v.MetricPair("rmse", 812.0, 905.0, False), v.MetricPair("r2", 0.71, 0.64, True))
+    regression = replace(first, task="regression", metrics=metrics, quantization=None)
+    chart = render.run_headline_chart(regression)
+    assert chart.title == "rmse (lower is better)" and chart.kind == "bar"
+    assert [m.label for m in chart.marks] == ["812", "905"]
+    assert chart.ticks[-1].text == "1000"  # not the 0..1 of accuracy
+    pipeline = v.PipelineReport("demand", "sales", 1, (regression,), (), (), task="regression")
+    assert render.pipeline_headline_chart(pipeline).title.startswith("rmse per run (lower is better)")
+    assert render.run_headline_chart(first).title == "accuracy"  # a classifier's chart is as it was

@@ -7,7 +7,15 @@ from datetime import UTC, datetime, timedelta
 from domain import entities as e
 from domain.canary_stats import error_rate_check
 from domain.evidence import CanaryAction, CanaryAttempt, CheckEvidence, StepAnalysis, VariantWindow
-from web.views import MetricPair, RolloutReport, StepReport
+from web.views import (
+    Interval,
+    MetricPair,
+    RolloutReport,
+    StepReport,
+    compared_metrics,
+    model_metric_columns,
+    task_named,
+)
 
 START = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -74,3 +82,42 @@ def test_a_policy_without_a_usable_confidence_has_no_budget() -> None:
     assert budget((("confidence", "high"),)) is None
     assert budget((("confidence", "1.5"),)) is None
     assert budget((("confidence", "0.99"),)) is not None
+
+
+def test_the_compared_metrics_are_the_tasks_own_then_the_costs() -> None:
+    assert [name for name, _ in compared_metrics("regression")] == [
+        "rmse",
+        "mae",
+        "r2",
+        "mape",
+        "latency_p99_ms",
+        "size_bytes",
+    ]
+    assert dict(compared_metrics("regression"))["r2"] is True and dict(compared_metrics("regression"))["rmse"] is False
+    assert {name for name, _ in compared_metrics("classification")} >= {"accuracy", "roc_auc", "pr_auc"}
+    assert (task_named("regression"), task_named(None), task_named("ranking")) == (
+        "regression",
+        "classification",  # stored before specs named a task
+        "classification",
+    )
+
+
+def test_a_paired_interval_speaks_only_when_it_excludes_zero_in_the_metrics_direction() -> None:
+    def says(low: float | None, high: float | None, higher_is_better: bool) -> bool | None:
+        return MetricPair("m", 1.0, 1.0, higher_is_better, Interval(low, high, 0.95)).interval_says
+
+    assert says(-2.0, -0.5, higher_is_better=False) is True  # rmse fell for sure
+    assert says(0.5, 2.0, higher_is_better=False) is False
+    assert says(0.01, 0.02, higher_is_better=True) is True
+    assert says(-0.5, 0.5, higher_is_better=False) is None  # holds 0: no verdict
+    assert says(None, 0.5, higher_is_better=True) is None  # undefined bound
+    assert MetricPair("rmse", 10.0, 12.0, False).interval_says is None  # not compared
+
+
+def test_model_list_columns_are_the_recorded_quality_metrics_of_the_task() -> None:
+    regression = {"rmse": 3.0, "mae": 2.0, "r2": 0.8, "mape": None, "latency_p99_ms": 0.4}
+    assert model_metric_columns("regression", [("regression", regression)]) == ("rmse", "mae", "r2")
+    classifier = {"accuracy": 0.9, "roc_auc": 0.95, "size_bytes": 10}
+    assert model_metric_columns(None, [(None, classifier)]) == ("accuracy", "roc_auc")
+    assert model_metric_columns("regression", []) == ("rmse",)  # nothing recorded: the headline
+    assert model_metric_columns(None, [(None, {})]) == ("accuracy",)
