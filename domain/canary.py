@@ -12,7 +12,9 @@ of the rollout's spending plan (`domain/sequential.py`, from `canary.steps` and
   above `max_prediction_psi` AND beyond the disagreement the gate measured between candidate and
   champion on the same test rows (`expected_disagreement`);
 - accuracy from delayed labels (once both variants have `min_labels`): non-inferiority with the
-  `max_accuracy_drop` margin.
+  `max_accuracy_drop` margin; for a regression pipeline (`task="regression"`) the mean absolute
+  error from delayed labels instead (`mae`: non-inferiority with the relative `max_error_increase`
+  margin), and prediction drift counts the champion's prediction bins instead of classes.
 (Below 100 % the comparisons need the champion's `min_requests` too; at 100 % the champion serves
 only requests already on their way, so only the error-rate limit and accuracy are tested.)
 
@@ -34,6 +36,7 @@ from domain.histogram import LatencyHistogram
 from domain.outcomes import GateCheck, RolloutStatus
 from domain.sequential import SpendingPlan
 from domain.spec import CanarySpec
+from domain.task import Task
 
 __all__ = [
     "CanaryAction",
@@ -80,11 +83,14 @@ def next_canary_step(
     policy: CanarySpec,
     *,
     expected_disagreement: float | None = None,
+    task: Task = "classification",
 ) -> CanaryStep:
     """The decision for the rollout's current step on this window.
 
     `expected_disagreement`: how often the candidate and the champion disagreed on the gate's test
-    rows (None: not measured); live prediction drift within it is a better model's expected change.
+    rows (None: not measured); live prediction drift within it is a better model's expected change
+    (for regression: how often their predictions fell in different bins). `task`: the pipeline's,
+    which decides the delayed-label check (accuracy, or regression's mae).
     """
     current = policy.traffic_percent(state.step_index)
     canary = window.canary
@@ -102,7 +108,7 @@ def next_canary_step(
         _sample(canary),
         _sample(window.champion),
         policy,
-        SpendingPlan.for_policy(policy.steps, policy.confidence),
+        SpendingPlan.for_policy(policy.steps, policy.confidence, task=task),
         min(state.step_index, len(policy.steps) - 1),  # a stored step past the plan is its last
         expected_disagreement=expected_disagreement,
         at_deadline=window.elapsed_seconds >= deadline,
@@ -152,6 +158,8 @@ def _sample(window: VariantWindow) -> VariantSample:
         class_counts=window.class_counts,
         labelled=window.labelled,
         correct=window.correct,
+        abs_error_sum=window.abs_error_sum,
+        abs_error_sq_sum=window.abs_error_sq_sum,
     )
 
 

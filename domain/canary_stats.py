@@ -43,11 +43,20 @@ The tests (each exact or a named approximation, functions in `domain/distributio
 - `accuracy_check`: non-inferiority of two proportions with margin `max_drop`, by Newcombe's
   hybrid score interval on canary - champion accuracy: fail when its upper bound is below
   -max_drop, early pass when its lower bound is above it.
+- `mae_check` (regression, in accuracy's place): non-inferiority of the canary's mean absolute
+  error on delayed labels with the relative margin `max_error_increase` r, by a large-sample
+  (Welch) z-test on D = MAE_canary - (1 + r) MAE_champion, each mean's variance from the window's
+  sums of |error| and |error|^2: fail when D's lower bound is above 0, early pass when its upper
+  bound is below 0. The interval shown is Fieller's for MAE_canary / MAE_champion - 1, which is the
+  same test read on the ratio. Assumes independent labelled rows and |error| with finite variance,
+  enough of them for the central limit theorem (`min_labels` per variant); heavy-tailed errors
+  make it approximate.
 
 `judge_window` runs the checks the plan tests at a step and combines them: any `fail` fails the
-window; it passes when every check passed (accuracy may stay `not_yet` unless `labels_required`:
-delayed labels are optional feedback). Labels are best pooled over the whole rollout (a label for a
-request of step 1 may arrive during step 2), which the plan allows: accuracy is one check per step.
+window; it passes when every check passed (accuracy, or a regression plan's mae, may stay `not_yet`
+unless `labels_required`: delayed labels are optional feedback). Labels are best pooled over the
+whole rollout (a label for a request of step 1 may arrive during step 2), which the plan allows:
+accuracy is one check per step.
 """
 
 from __future__ import annotations
@@ -69,12 +78,13 @@ from domain.distributions import (
     exceedance_sf,
     hypergeometric_sf,
     newcombe_difference_interval,
+    normal_cdf,
     normal_quantile,
     wilson_interval,
 )
 from domain.evidence import CheckEvidence, CheckOutcome
 from domain.histogram import LatencyHistogram
-from domain.sequential import CheckName, SpendingPlan, alpha_for
+from domain.sequential import LABEL_CHECK, CheckName, SpendingPlan, alpha_for
 from domain.spec import CanarySpec
 
 LATENCY_QUANTILE = 0.99  # the policy's thresholds are named p99
@@ -82,6 +92,7 @@ LATENCY_QUANTILE = 0.99  # the policy's thresholds are named p99
 # and a model twice as slow hides behind shared scheduler jitter (see the module docstring).
 LATENCY_QUANTILES = (0.5, LATENCY_QUANTILE)
 PSI_FLOOR = 1e-4  # a class one side never predicted counts as this share
+_LABEL_CHECKS = frozenset(LABEL_CHECK.values())  # decided at `min_labels`, optional unless labels_required
 
 
 def _significant(p_value: float, alpha: float) -> bool:
@@ -334,13 +345,14 @@ def prediction_drift_check(
 def binned_counts(values: Iterable[float], edges: Sequence[float]) -> dict[str, int]:
     """Counts of regression outputs per bin, for `prediction_drift_check` (bins fixed in advance).
 
-    `edges` rise; bin i holds values in (edges[i-1], edges[i]], bin 0 up to edges[0], the last bin
-    everything above edges[-1]. Use the same edges for both variants (e.g. the champion's deciles on
-    the gate's test rows).
+    `edges` rise; bin i holds values in [edges[i-1], edges[i]), bin 0 everything below edges[0], the
+    last bin edges[-1] and above: `numpy.searchsorted(edges, value, side="right")`, as the model
+    server and the gate's disagreement (`ml/evaluation/comparison.py`) bin. Use the same edges for
+    both variants (the champion's `prediction_bins`).
     """
     if any(b <= a for a, b in itertools.pairwise(edges)):
         raise ValueError(f"bin edges must rise strictly (got {list(edges)})")
-    return dict(Counter(str(bisect.bisect_left(edges, value)) for value in values))
+    return dict(Counter(str(bisect.bisect_right(edges, value)) for value in values))
 
 
 def accuracy_check(canary: Tally, champion: Tally, *, max_drop: float, alpha: float, final: bool) -> CheckEvidence:
@@ -366,6 +378,84 @@ def accuracy_check(canary: Tally, champion: Tally, *, max_drop: float, alpha: fl
     )
 
 
+class AbsErrors(NamedTuple):
+    """A variant's labelled rows as sums: count, sum of |error| and sum of |error|^2 (target units)."""
+
+    n: int
+    total: float
+    squares: float
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n
+
+    @property
+    def mean_variance(self) -> float:
+        """The variance of the mean |error| (the sample variance over n; 0 for a single row)."""
+        if self.n < 2:
+            return 0.0
+        variance = max(0.0, (self.squares - self.total * self.total / self.n) / (self.n - 1))
+        return variance / self.n
+
+
+def _fieller_bounds(canary: AbsErrors, champion: AbsErrors, z: float) -> tuple[float, float] | None:
+    """One-sided bounds (each at the level of `z`) of MAE_canary / MAE_champion, by Fieller's method:
+    the ratios rho for which MAE_canary - rho MAE_champion is not significant. None when the
+    champion's MAE is not itself significantly above 0 (the ratio is then unbounded)."""
+    a, b = canary.mean, champion.mean
+    va, vb = canary.mean_variance, champion.mean_variance
+    lead = b * b - z * z * vb
+    if lead <= 0.0:
+        return None
+    root = z * math.sqrt(max(0.0, va * b * b + vb * a * a - z * z * va * vb))
+    return (a * b - root) / lead, (a * b + root) / lead
+
+
+def mae_check(
+    canary: AbsErrors, champion: AbsErrors, *, max_increase: float, alpha: float, final: bool
+) -> CheckEvidence:
+    """Non-inferiority of the canary's mean absolute error, relative margin `max_increase` (regression).
+
+    H0 (fail): MAE_canary > (1 + max_increase) MAE_champion. Welch's large-sample z-test on
+    D = MAE_canary - (1 + max_increase) MAE_champion with variance var_c/n_c + (1 + m)^2 var_h/n_h
+    from the sums (normal approximation by the central limit theorem: independent rows, |error| of
+    finite variance, `min_labels` per variant). Fail when D's lower bound at `alpha` is above 0;
+    early pass when its upper bound is below 0; at the planned sample a window that did not fail
+    passes (as accuracy). The statistic is the relative increase MAE_canary / MAE_champion - 1."""
+    if canary.n == 0 or champion.n == 0:
+        return _waiting("mae", "labels", alpha, max_increase, (canary.n, champion.n))
+    scale = 1.0 + max_increase
+    difference = canary.mean - scale * champion.mean
+    se = math.sqrt(canary.mean_variance + scale * scale * champion.mean_variance)
+    z = _z(alpha)
+    # se 0: every |error| is equal within each variant, so the sign of D is certain
+    p_value = normal_cdf(-difference / se) if se > 0.0 else float(difference <= 0.0)
+    failed = _significant(p_value, alpha)
+    proven = z is not None and difference + z * se < 0.0
+    outcome = _outcome(failed, proven, final)
+    bounds = None if z is None else _fieller_bounds(canary, champion, z)
+    interval = None if bounds is None else (bounds[0] - 1.0, bounds[1] - 1.0)
+    relative = canary.mean / champion.mean - 1.0 if champion.mean > 0.0 else None
+    shown = "n/a (champion MAE 0)" if relative is None else f"{relative * 100:+.1f} %"
+    limits = f" [{interval[0] * 100:+.1f} %, {interval[1] * 100:+.1f} %]" if interval else ""
+    reason = (
+        f"{_verdict_words(outcome)}: MAE canary {canary.mean:.4g} ({canary.n} labels) vs champion "
+        f"{champion.mean:.4g} ({champion.n}), change {shown}{limits} vs allowed +{max_increase * 100:g} %, "
+        f"p = {p_value:.3g} (alpha {alpha:.3g})"
+    )
+    measures = {
+        "canary_mae": canary.mean,
+        "champion_mae": champion.mean,
+        "difference": difference,
+        "standard_error": se,
+    }
+    sizes = (canary.n, champion.n)
+    return _evidence(
+        "mae", outcome, reason, alpha, max_increase, sizes, relative, interval=interval, p_value=p_value,
+        measures=measures,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class VariantSample:
     """What `judge_window` needs of one variant: the window's requests, errors, latencies and
@@ -377,6 +467,12 @@ class VariantSample:
     class_counts: Mapping[str, int]
     labelled: int = 0
     correct: int = 0
+    abs_error_sum: float = 0.0  # regression: sums of |error| and |error|^2 over the labelled rows
+    abs_error_sq_sum: float = 0.0
+
+    @property
+    def abs_errors(self) -> AbsErrors:
+        return AbsErrors(self.labelled, self.abs_error_sum, self.abs_error_sq_sum)
 
 
 class WindowJudgement(BaseModel):
@@ -407,7 +503,9 @@ def judge_window(
     """Run the checks `plan` tests at `step` (0-based) on one window and combine them.
 
     `look` counts this window's interim looks (1-based); a check whose planned sample is reached is
-    on its final look. `at_deadline`: the step's deadline has come, so `not_yet` fails closed.
+    on its final look. `at_deadline`: the step's deadline has come, so `not_yet` fails closed. The
+    plan's task (`SpendingPlan.for_policy(…, task=…)`) names the delayed-label check: accuracy, or
+    for regression `mae`.
     """
     compares = plan.checks_at(step)
     full = canary.requests >= policy.min_requests and (
@@ -445,10 +543,13 @@ def judge_window(
             alpha=alpha,
             final=final,
         ),
+        "mae": lambda alpha, final: mae_check(
+            canary.abs_errors, champion.abs_errors, max_increase=policy.max_error_increase, alpha=alpha, final=final
+        ),
     }
     checks = []
     for name in compares:
-        final = labelled if name == "accuracy" else full
+        final = labelled if name in _LABEL_CHECKS else full
         checks.append(tests[name](alpha_for(plan, step, name, look, final=final), final))
     return _combine(tuple(checks), labels_required=labels_required, at_deadline=at_deadline)
 
@@ -458,7 +559,9 @@ def _combine(checks: tuple[CheckEvidence, ...], *, labels_required: bool, at_dea
     if failed:
         why = "; ".join(f"{c.check}: {c.reason}" for c in failed)
         return WindowJudgement(outcome=CheckOutcome.FAIL, reason=why, checks=checks)
-    waiting = [c for c in checks if c.outcome is CheckOutcome.NOT_YET and (labels_required or c.check != "accuracy")]
+    waiting = [
+        c for c in checks if c.outcome is CheckOutcome.NOT_YET and (labels_required or c.check not in _LABEL_CHECKS)
+    ]
     if not waiting:
         return WindowJudgement(outcome=CheckOutcome.PASS, reason="every check passed", checks=checks)
     why = "; ".join(f"{c.check}: {c.reason}" for c in waiting)

@@ -43,6 +43,12 @@ class _Evidence(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
+_ABS_ERROR_SUM = (
+    "Regression: the sum over labelled rows of each row's absolute error (mean over outputs), in the target's "
+    "units; windows of several replicas merge by adding, like `labelled`."
+)
+
+
 class VariantWindow(_Evidence):
     """One variant (one version) in one window. Latencies in milliseconds; None: nothing measured."""
 
@@ -57,9 +63,15 @@ class VariantWindow(_Evidence):
         description="The window's latencies in fixed log buckets (domain/histogram.py): what the latency test reads; "
         "windows of several replicas merge by adding counts. None: an older server that reports only p50/p99.",
     )
-    class_counts: dict[str, int] = Field(default_factory=dict, description="Predicted rows per class id.")
+    class_counts: dict[str, int] = Field(
+        default_factory=dict,
+        description="Predicted rows per class id; a regression model's rows per bin index of the champion's "
+        "`prediction_bins` (first output; bin i holds values v with edges[i-1] <= v < edges[i]).",
+    )
     labelled: int = Field(default=0, ge=0, description="Rows with a delayed label (feedback) in the window.")
-    correct: int = Field(default=0, ge=0, description="Labelled rows the variant predicted right.")
+    correct: int = Field(default=0, ge=0, description="Labelled rows the variant predicted right (classifiers).")
+    abs_error_sum: float = Field(default=0.0, ge=0, description=_ABS_ERROR_SUM)
+    abs_error_sq_sum: float = Field(default=0.0, ge=0, description="Regression: the sum of their squares.")
 
     @property
     def error_rate(self) -> float | None:
@@ -68,6 +80,11 @@ class VariantWindow(_Evidence):
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def mae(self) -> float | None:
+        """Regression: mean absolute error of the labelled rows (None: no labels)."""
+        return self.abs_error_sum / self.labelled if self.labelled else None
 
 
 class CheckOutcome(StrEnum):
@@ -89,7 +106,7 @@ class CheckEvidence(BaseModel):
     statistic: float | None = Field(default=None, description="The measured effect, in the threshold's units.")
     interval: tuple[float, float] | None = Field(default=None, description="Confidence bounds at 1 - alpha each.")
     p_value: float | None = None
-    canary_n: int = Field(ge=0, description="Canary samples used (requests, or labels for accuracy).")
+    canary_n: int = Field(ge=0, description="Canary samples used (requests, or labels for accuracy and mae).")
     champion_n: int | None = Field(default=None, ge=0, description="Champion samples used (None: not compared).")
     measures: dict[str, float] = Field(default_factory=dict, description="Secondary figures, by name.")
 

@@ -12,7 +12,8 @@ whatever the correlation between checks on one window and between looks at one s
 - **Checks**, equal shares of the step's budget among the checks that run at that step
   (`checks_at(step)`): at a step below 100 % the five of `CHECKS`; at 100 % the champion serves
   only requests already in flight, so only the absolute error-rate limit and accuracy (which pools
-  delayed labels over the whole rollout) are tested.
+  delayed labels over the whole rollout) are tested. A regression plan (`task="regression"`) has
+  the delayed labels' mean absolute error check `mae` in accuracy's place, with the same share.
 - **Looks**, "decide at the planned sample, with at most a few interim looks": the final look
   (the step's window reached its planned size: `min_requests` per variant, `min_labels` for
   accuracy) gets `1 - interim_share` of the check's budget; each of the first `interim_looks` looks
@@ -31,12 +32,17 @@ test it again on the same window (that would be another look).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
-CheckName = Literal["error_rate", "error_rate_vs_champion", "latency", "prediction_drift", "accuracy"]
-CHECKS: tuple[CheckName, ...] = get_args(CheckName)
+from domain.task import Task
+
+CheckName = Literal["error_rate", "error_rate_vs_champion", "latency", "prediction_drift", "accuracy", "mae"]
+# A classifier's checks; a regression rollout tests the delayed labels' mean absolute error instead of accuracy.
+CHECKS: tuple[CheckName, ...] = ("error_rate", "error_rate_vs_champion", "latency", "prediction_drift", "accuracy")
 # Tested even at 100 %: the absolute error limit needs no champion, accuracy pools the rollout's labels.
 ALWAYS_TESTED: tuple[CheckName, ...] = ("error_rate", "accuracy")
+# The delayed-label check of each task (it takes accuracy's place in the plan).
+LABEL_CHECK: dict[Task, CheckName] = {"classification": "accuracy", "regression": "mae"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,7 @@ class SpendingPlan:
     steps: tuple[float, ...]
     interim_looks: int = 0
     interim_share: float = 0.2
+    task: Task = "classification"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha < 1.0:
@@ -60,17 +67,25 @@ class SpendingPlan:
 
     @classmethod
     def for_policy(
-        cls, steps: list[float] | tuple[float, ...], confidence: float, interim_looks: int = 0
+        cls,
+        steps: list[float] | tuple[float, ...],
+        confidence: float,
+        interim_looks: int = 0,
+        *,
+        task: Task = "classification",
     ) -> SpendingPlan:
-        """The plan for a policy's `canary.steps` and `canary.confidence`."""
+        """The plan for a policy's `canary.steps` and `canary.confidence`, for a pipeline's `task`."""
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"canary.confidence must lie in (0, 1) (got {confidence})")
-        return cls(alpha=1.0 - confidence, steps=tuple(steps), interim_looks=interim_looks)
+        return cls(alpha=1.0 - confidence, steps=tuple(steps), interim_looks=interim_looks, task=task)
 
     def checks_at(self, step: int) -> tuple[CheckName, ...]:
-        """The checks tested at a step (0-based): comparisons with the champion only below 100 %."""
+        """The checks tested at a step (0-based): comparisons with the champion only below 100 %; the
+        delayed-label check is the task's (`LABEL_CHECK`: accuracy, or regression's mae)."""
         self._step_percent(step)
-        return CHECKS if self.steps[step] < 100.0 else ALWAYS_TESTED
+        checks = CHECKS if self.steps[step] < 100.0 else ALWAYS_TESTED
+        label = LABEL_CHECK[self.task]
+        return tuple(label if check == "accuracy" else check for check in checks)
 
     def step_alpha(self, step: int) -> float:
         """The share of alpha that all of this step's tests together may spend."""

@@ -6,7 +6,8 @@ to apply it (`POST /v2/repository/models/{pipeline}/load`: the server re-reads t
 from SQL), reads both variants' stats since the step began (`GET /v2/models/{pipeline}/stats`),
 and lets `domain.canary.next_canary_step` decide, with each check a statistical test whose evidence
 is stored with the window (the drift check allows the candidate/champion disagreement the gate
-measured on the same test rows, read from the run's evidence):
+measured on the same test rows, read from the run's evidence; the pipeline spec's `task` decides
+the delayed-label check: accuracy, or a regression model's mean absolute error):
 
 - wait: keep looking (interval not over, or too few requests before the deadline);
 - repeat: a check failed below the failure limit; the step restarts on a fresh window;
@@ -44,6 +45,7 @@ from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgres
 from domain.errors import ConflictError, InfrastructureError, TransientInfraError
 from domain.evidence import CanaryAttempt, ModelStats
 from domain.logcontext import log_context
+from domain.task import Task
 from flows.champion import end_rollout, promote_candidate
 from flows.context import FlowContext
 from flows.loop import PassIncomplete
@@ -131,6 +133,11 @@ def expected_disagreement(run: e.Run | None, champion_version: int | None) -> fl
     return float(rate) if 0.0 <= rate <= 1.0 else None
 
 
+def pipeline_task(pipeline: e.Pipeline) -> Task:
+    """The task of the pipeline's stored spec (classification when the spec predates `task`)."""
+    return "regression" if pipeline.spec.get("task") == "regression" else "classification"
+
+
 def _failures(rollout: e.Rollout) -> int:
     """Failed analyses so far (each repeated window counts one), from what is stored."""
     return sum(step.analysis.repeats for step in rollout.steps)
@@ -165,7 +172,8 @@ def drive_rollout(
     """Runs the pipeline's active rollout to its end; None if it has none. Resumable at any point."""
     poll = poll_seconds if poll_seconds is not None else ctx.settings.canary_poll_seconds
     applied: tuple[int, int] | None = None  # (rollout, step) the server was last told about
-    allowed: dict[int, float | None] = {}  # per rollout: the gate's disagreement (fixed once the run is gated)
+    # per rollout: the gate's disagreement (fixed once the run is gated) and the pipeline's task
+    judged: dict[int, tuple[float | None, Task]] = {}
     while True:
         with ctx.tx() as session:
             rollout = repo.active_rollout(session, pipeline)
@@ -186,9 +194,10 @@ def drive_rollout(
                 if rollout.champion_version_id
                 else None
             )
-            if rollout.id not in allowed:
+            if rollout.id not in judged:
                 run = repo.get_run(session, rollout.run_id) if rollout.run_id else None
-                allowed[rollout.id] = expected_disagreement(run, champion)
+                task = pipeline_task(repo.get_pipeline(session, pipeline))
+                judged[rollout.id] = (expected_disagreement(run, champion), task)
         with log_context(pipeline=pipeline, run_id=rollout.run_id):
             elapsed = (clock() - step.started_at).total_seconds()
             try:
@@ -201,8 +210,9 @@ def drive_rollout(
                 applied = None  # tell the server again once it answers
             window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
             progress = RolloutProgress(rollout.current_step, _failures(rollout))
+            disagreement, task = judged[rollout.id]
             decision = next_canary_step(
-                progress, window, rollout.canary_policy, expected_disagreement=allowed[rollout.id]
+                progress, window, rollout.canary_policy, expected_disagreement=disagreement, task=task
             )
             attempt = _attempt(decision, window, server_error)
             if decision.action is not CanaryAction.WAIT:

@@ -157,11 +157,19 @@ def write_spec(directory: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def read_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a digits CSV (label column `label`), read by the pipelines' own loader."""
-    from ml.data import load_table
+def read_rows(path: Path, spec: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels (a regression spec: float targets, one column per output, squeezed to one
+    value per row for a single output) of a data file, read by the pipelines' own loader as `spec`
+    (default: the digits CSV, label column `label`) reads it."""
+    from domain.spec import PipelineSpec
+    from ml.data import RegressionTable
+    from ml.loaders import load_data
 
-    table = load_table(path, "csv", "label")
+    parsed = PipelineSpec.model_validate(spec or DEMO_SPEC)
+    table = load_data(path, parsed.data, task=parsed.task)
+    if isinstance(table, RegressionTable):
+        targets = np.asarray(table.targets, dtype=np.float64).reshape(table.num_rows, -1)
+        return table.features, targets[:, 0] if targets.shape[1] == 1 else targets
     return table.features, table.labels
 
 
@@ -227,7 +235,7 @@ def run_story(
     from retrainer.traffic import Traffic
 
     say = progress or (lambda _act, _text: None)
-    rows, labels = read_rows(traffic_rows)
+    rows, labels = read_rows(traffic_rows, base_spec)
     results: list[ActResult] = []
     for act in acts:
         started = time.monotonic()

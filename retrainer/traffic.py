@@ -4,7 +4,8 @@ the tests.
 `Traffic` sends Open Inference Protocol v2 infer requests from `clients` threads (one keep-alive
 HTTP connection each), cycling through the given rows, optionally at most `rate_per_second` in
 total, until stopped. With labels it also sends the delayed label of a fraction of the answers to
-the feedback endpoint, as a labelling team would. It counts what came back per served version.
+the feedback endpoint, as a labelling team would: class ids for a classifier, float targets for a
+regression model. It counts what came back per served version.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Traffic:
                         version = str(response.json().get("model_version"))
                         self._count(version=version)
                         if self.labels is not None and rng.random() < self.feedback_fraction:
-                            label = [int(v) for v in self.labels[picks]]
+                            # class ids stay ints, regression targets floats (a list per row for several outputs)
+                            label = self.labels[picks].tolist()
                             sent = http.post(
                                 f"/v2/models/{self.pipeline}/feedback",
                                 json={"request_id": request_id, "label": label if len(label) > 1 else label[0]},

@@ -5,7 +5,9 @@
     GET  /v2/models/{pipeline}[/versions/{v}]  model metadata (platform pytorch, input FP32 [-1, *shape])
     GET  /v2/models/{pipeline}/ready           200 or 503
     POST /v2/models/{pipeline}[/versions/{v}]/infer
-    POST /v2/models/{pipeline}/feedback        {"request_id": "...", "label": 3} (or one label per row)
+    POST /v2/models/{pipeline}/feedback        {"request_id": "...", "label": 3} (or one label per row; a
+                                               regression model: a number per row, or per row a list
+                                               with one per output)
     GET  /v2/models/{pipeline}/stats?window_seconds=60
                                                per-variant window for the canary controller (extension;
                                                the body is `domain.evidence.ModelStats`)
@@ -32,6 +34,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -43,9 +46,20 @@ from starlette.types import Receive, Scope, Send
 
 from domain.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError, RetrainerError
 from domain.evidence import ModelStats, ServedVersion
-from serving.metrics import FeedbackStore, Prediction, ServingMetrics
-from serving.protocol import HEADER_LENGTH_HEADER, encode_answer, infer_response, model_metadata, parse_body, parse_json
-from serving.registry import ModelRegistry
+from serving.metrics import FeedbackStore, Prediction, ServingMetrics, is_label
+from serving.protocol import (
+    HEADER_LENGTH_HEADER,
+    OUTPUT_NAMES,
+    Tensor,
+    classifier_tensors,
+    encode_answer,
+    infer_response,
+    model_metadata,
+    parse_body,
+    parse_json,
+    regression_tensors,
+)
+from serving.registry import ModelRegistry, Routed, RowAnswer
 from web.errors import MODEL_FAILED, InternalServerError, MethodNotAllowedError, status_for
 
 log = logging.getLogger("retrainer.serving")
@@ -260,7 +274,7 @@ def create_serving_app(
             state = registry.state(pipeline)
             versions = [m.version for m in (state.champion, state.canary) if m is not None]
             model = routed.model
-            return model_metadata(pipeline, versions, model.input_shape, model.output_classes)
+            return model_metadata(pipeline, versions, model.input_shape, model.task, model.width)
 
     @app.get("/v2/models/{pipeline}")
     async def model_metadata_route(pipeline: str) -> dict[str, Any]:
@@ -282,6 +296,7 @@ def create_serving_app(
             started = time.perf_counter()
             try:
                 rows = parsed.rows_for(model.input_shape)
+                outputs, binary_outputs = parsed.outputs_for(OUTPUT_NAMES[model.task])
             except InvalidInputError:
                 metrics.rejected(pipeline, routed.variant, model.version)
                 raise
@@ -299,15 +314,11 @@ def create_serving_app(
                 raise ModelFailedError(
                     f"model {pipeline!r} version {model.version} failed on this input ({type(e).__name__}: {e})"
                 ) from e
-            classes = [answer.predicted_class for answer in answers]
-            metrics.observe(pipeline, routed.variant, model.version, time.perf_counter() - started, classes)
-            feedback.remember(
-                request_id,
-                Prediction(pipeline, routed.variant, model.version, tuple(classes), model.output_classes),
-            )
-            probabilities = [answer.probabilities for answer in answers]
-            answer = infer_response(pipeline, model.version, request_id, probabilities, classes, parsed.outputs)
-            payload, json_length = encode_answer(answer, parsed.binary_outputs)
+            categories, tensors, prediction = _answered(routed, answers)
+            metrics.observe(pipeline, routed.variant, model.version, time.perf_counter() - started, categories)
+            feedback.remember(request_id, prediction)
+            answer = infer_response(pipeline, model.version, request_id, tensors, outputs)
+            payload, json_length = encode_answer(answer, binary_outputs)
             return payload, json_length, routed.variant
 
     # POST /v2/models/{pipeline}[/versions/{version}]/infer: answered by ModelServerApp.__call__
@@ -320,22 +331,22 @@ def create_serving_app(
         if not isinstance(payload, dict):
             raise InvalidInputError('feedback body must be a JSON object {"request_id": "...", "label": 0}')
         request_id: Any = payload.get("request_id")
-        label: Any = payload.get("label")
         if not isinstance(request_id, str) or not request_id:
             raise InvalidInputError("feedback.request_id: must be the id of an inference answer (a string)")
-        if not _is_label(label) and not (isinstance(label, list) and label and all(_is_label(v) for v in label)):
-            raise InvalidInputError("feedback.label: must be an integer class id, or a list with one per row")
-        result = feedback.label(pipeline, request_id, label)
+        label: Any = payload.get("label")
+        if not is_label(label):
+            raise InvalidInputError(
+                "feedback.label: must be the true class id (a classifier) or value (a regression model), or a list "
+                "with one per row (a regression model with several outputs: a list of numbers per row)"
+            )
+        result = feedback.label(pipeline, request_id, label)  # checked against the model's task
         prediction = result.prediction
-        metrics.labelled(pipeline, prediction.variant, prediction.version, result.labels, result.correct)
-        return {
-            "request_id": request_id,
-            "model_name": pipeline,
-            "model_version": prediction.version,
-            "variant": prediction.variant,
-            "labels": result.labels,
-            "correct": result.correct,
-        }
+        version, variant = prediction.version, prediction.variant
+        metrics.labelled(pipeline, variant, version, result.labels, result.correct, result.abs_errors)
+        answer = {"request_id": request_id, "model_name": pipeline, "model_version": version, "variant": variant}
+        if result.abs_errors is None:
+            return {**answer, "labels": result.labels, "correct": result.correct}
+        return {**answer, "labels": result.labels, "mean_abs_error": result.abs_errors[0] / result.labels}
 
     def served(pipeline: str, window_seconds: float = 0.0) -> ModelStats:
         """What serves the pipeline now and, for a window > 0, each variant's window."""
@@ -373,5 +384,19 @@ def create_serving_app(
     return app
 
 
-def _is_label(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _answered(routed: Routed, answers: list[RowAnswer]) -> tuple[list[int], dict[str, Tensor], Prediction]:
+    """What one request's answers become: each row's category for the drift counts (a classifier's
+    class; a regression model's bin among the champion's edges, first output, binned like the gate's
+    disagreement: `searchsorted(edges, value, side="right")`), the output tensors, and the
+    prediction remembered for feedback."""
+    model = routed.model
+    values = [answer.values for answer in answers]
+    if model.regression is None:
+        classes = [int(answer.predicted_class or 0) for answer in answers]
+        tensors = classifier_tensors(values, classes)
+        return classes, tensors, Prediction(routed.pipeline, routed.variant, model.version, tuple(classes), model.width)
+    first = np.fromiter((row[0] for row in values), dtype=np.float64, count=len(values))
+    bins = np.searchsorted(np.asarray(routed.drift_edges, dtype=np.float64), first, side="right").tolist()
+    remembered = tuple(tuple(row) for row in values)
+    prediction = Prediction(routed.pipeline, routed.variant, model.version, (), model.width, remembered)
+    return bins, regression_tensors(values), prediction

@@ -1,11 +1,16 @@
 """Open Inference Protocol v2 (REST, JSON) request parsing and response building for one model.
 
 Inputs: exactly one tensor named `input`, datatype `FP32`, shape `[N, *input_shape]`, `data` flat
-or nested in row-major order, every value finite. Outputs (both returned unless the request's
-`outputs` names some):
+or nested in row-major order, every value finite. Outputs (all returned unless the request's
+`outputs` names some), a classifier's:
 
 - `probabilities`: FP32 `[N, classes]`, the softmax of the model's logits;
-- `predicted_class`: INT64 `[N]`, the argmax.
+- `predicted_class`: INT64 `[N]`, the argmax;
+
+a regression model's (`task: regression` in its manifest):
+
+- `prediction`: FP32 `[N, outputs]`, the model's outputs in the target's own units (mapped back by
+  the target standardizer fitted at training).
 
 Binary tensor data (Triton's and KServe's extension): with the header `Inference-Header-Content-Length:
 H` the body is H bytes of JSON followed by the raw bytes of each input whose `parameters.binary_data_size`
@@ -31,12 +36,17 @@ import orjson
 import torch
 
 from domain.errors import InvalidInputError
+from domain.task import Task
 
 INPUT_NAME = "input"
 INPUT_DATATYPE = "FP32"
 PROBABILITIES = "probabilities"
 PREDICTED_CLASS = "predicted_class"
-OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
+PREDICTION = "prediction"
+OUTPUT_NAMES: dict[Task, tuple[str, ...]] = {
+    "classification": (PROBABILITIES, PREDICTED_CLASS),
+    "regression": (PREDICTION,),
+}
 MAX_ROWS = 8192
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 FP32_BYTES = 4
@@ -50,8 +60,21 @@ class InferRequest:
     id: str | None
     shape: tuple[int, ...]
     values: npt.NDArray[np.float32]  # flat
-    outputs: tuple[str, ...]
-    binary_outputs: frozenset[str] = frozenset()
+    outputs: tuple[str, ...] = ()  # the outputs named, in order (none: all of the model's)
+    binary_flags: tuple[bool | None, ...] = ()  # each named output's parameters.binary_data (None: not given)
+    binary_default: bool = False  # the request's parameters.binary_data_output
+
+    def outputs_for(self, available: Sequence[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+        """The outputs to answer for a model with `available` outputs, and those to answer as binary
+        data; InvalidInputError if the request names an output the model does not have."""
+        if not self.outputs:
+            return tuple(available), frozenset(available if self.binary_default else ())
+        unknown = [name for name in self.outputs if name not in available]
+        if unknown:
+            raise InvalidInputError(f"outputs: unknown output {unknown[0]!r}; the model has {', '.join(available)}")
+        flags = zip(self.outputs, self.binary_flags, strict=True)
+        binary = {name for name, flag in flags if (self.binary_default if flag is None else flag)}
+        return self.outputs, frozenset(binary)
 
     def rows_for(self, input_shape: Sequence[int]) -> torch.Tensor:
         """[N, F] float32 rows for a model with `input_shape`; InvalidInputError if the shape does not fit."""
@@ -118,8 +141,8 @@ def parse_infer_request(payload: Any, binary: memoryview | None = None) -> Infer
     if len(inputs) > 1:
         raise InvalidInputError(f"inputs: {INPUT_NAME!r} is given {len(inputs)} times; send it once")
     shape, values = _parse_input(inputs[0], binary)
-    outputs, binary_outputs = _parse_outputs(payload.get("outputs"), _flag(payload, "binary_data_output", ""))
-    return InferRequest(request_id, shape, values, outputs, binary_outputs)
+    outputs, flags = _parse_outputs(payload.get("outputs"))
+    return InferRequest(request_id, shape, values, outputs, flags, bool(_flag(payload, "binary_data_output", "")))
 
 
 def _flag(item: dict[str, Any], name: str, where: str) -> bool | None:
@@ -232,38 +255,42 @@ def _has_bool(data: list[Any]) -> bool:
     return False
 
 
-def _parse_outputs(outputs: Any, binary_default: bool | None) -> tuple[tuple[str, ...], frozenset[str]]:
-    """The outputs asked for (all when none is named) and those to answer as binary data."""
+def _parse_outputs(outputs: Any) -> tuple[tuple[str, ...], tuple[bool | None, ...]]:
+    """The outputs named (none: all) and each one's `parameters.binary_data`; the names are checked
+    against the model's outputs once the request is routed (`InferRequest.outputs_for`)."""
     if outputs is None or outputs == []:
-        return OUTPUT_NAMES, frozenset(OUTPUT_NAMES if binary_default else ())
+        return (), ()
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
         raise InvalidInputError('outputs: must be a list of {"name": ...} objects; or omit it for all outputs')
     names = tuple(o["name"] for o in outputs)
-    unknown = [n for n in names if n not in OUTPUT_NAMES]
-    if unknown:
-        raise InvalidInputError(f"outputs: unknown output {unknown[0]!r}; the model has {', '.join(OUTPUT_NAMES)}")
-    flags = [_flag(o, "binary_data", f"outputs[{i}].") for i, o in enumerate(outputs)]
-    binary = {name for name, flag in zip(names, flags, strict=True) if (binary_default if flag is None else flag)}
-    return names, frozenset(binary)
+    return names, tuple(_flag(o, "binary_data", f"outputs[{i}].") for i, o in enumerate(outputs))
+
+
+Tensor = dict[str, Any]
+
+
+def _fp32_tensor(name: str, rows: Sequence[Sequence[float]]) -> Tensor:
+    n, k = len(rows), len(rows[0]) if rows else 0
+    return {"name": name, "shape": [n, k], "datatype": "FP32", "data": [value for row in rows for value in row]}
+
+
+def classifier_tensors(probabilities: Sequence[Sequence[float]], classes: Sequence[int]) -> dict[str, Tensor]:
+    """A classifier's output tensors for N rows: `probabilities` [N][classes] and each row's class."""
+    predicted = {"name": PREDICTED_CLASS, "shape": [len(classes)], "datatype": "INT64", "data": list(classes)}
+    return {PROBABILITIES: _fp32_tensor(PROBABILITIES, probabilities), PREDICTED_CLASS: predicted}
+
+
+def regression_tensors(predictions: Sequence[Sequence[float]]) -> dict[str, Tensor]:
+    """A regression model's output tensor for N rows: `prediction` [N][outputs] in the target's units."""
+    return {PREDICTION: _fp32_tensor(PREDICTION, predictions)}
 
 
 def infer_response(
-    model_name: str,
-    model_version: str,
-    request_id: str,
-    probabilities: Sequence[Sequence[float]],
-    classes: Sequence[int],
-    outputs: Sequence[str],
+    model_name: str, model_version: str, request_id: str, tensors: dict[str, Tensor], outputs: Sequence[str]
 ) -> dict[str, Any]:
-    """The OIP v2 answer for N rows: `probabilities` [N][classes] and the predicted class of each."""
-    n, k = len(probabilities), len(probabilities[0]) if probabilities else 0
-    tensors = {
-        PROBABILITIES: {"name": PROBABILITIES, "shape": [n, k], "datatype": "FP32",
-                        "data": [value for row in probabilities for value in row]},
-        PREDICTED_CLASS: {"name": PREDICTED_CLASS, "shape": [n], "datatype": "INT64", "data": list(classes)},
-    }  # fmt: skip
+    """The OIP v2 answer: the `outputs` asked for among the model's `tensors`, in the order asked."""
     return {
         "model_name": model_name,
         "model_version": model_version,
@@ -287,14 +314,22 @@ def encode_answer(answer: dict[str, Any], binary_outputs: frozenset[str]) -> tup
     return header + b"".join(raw), len(header)
 
 
-def model_metadata(name: str, versions: Sequence[str], input_shape: Sequence[int], classes: int) -> dict[str, Any]:
+def model_metadata(
+    name: str, versions: Sequence[str], input_shape: Sequence[int], task: Task, width: int
+) -> dict[str, Any]:
+    """OIP v2 model metadata; `width`: a classifier's classes, a regression model's outputs."""
+    outputs = (
+        [{"name": PREDICTION, "datatype": "FP32", "shape": [-1, width]}]
+        if task == "regression"
+        else [
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, width]},
+            {"name": PREDICTED_CLASS, "datatype": "INT64", "shape": [-1]},
+        ]
+    )
     return {
         "name": name,
         "versions": list(versions),
         "platform": "pytorch",
         "inputs": [{"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, *input_shape]}],
-        "outputs": [
-            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
-            {"name": PREDICTED_CLASS, "datatype": "INT64", "shape": [-1]},
-        ],
+        "outputs": outputs,
     }

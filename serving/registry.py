@@ -6,6 +6,12 @@ under the registry's lock, so a request never sees half a change; requests that 
 old model finish on it, and the old model's batcher is closed when its last lease ends. After
 that nothing in the server refers to it and its memory is freed.
 
+A classifier answers probabilities and a class per row; a regression model (`RegressionServing`)
+answers floats in its target's units: its outputs mapped back by the target standardizer fitted at
+training (`ml.standardizer.TargetStandardizer.inverse`). For the canary's prediction drift a routed
+request also carries the bin edges its regression predictions are counted in: the champion's
+`prediction_bins` for both variants (`Routed.drift_edges`).
+
 Traffic split: a request goes to the canary with probability `canary_weight` percent. With a
 sticky key (the `X-Retrainer-Sticky` header) a hash of pipeline and key decides instead, so one
 user always sees the same variant for a given weight, and a user in the canary stays there as the
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import random
 import tempfile
@@ -31,8 +38,9 @@ from torch import nn
 
 from domain.entities import ModelVersion
 from domain.errors import InvalidInputError, NotFoundError, RetrainerError
-from ml.package import load_package
-from ml.standardizer import Standardizer
+from domain.task import Task
+from ml.package import load_package, manifest_task, output_width, target_standardizer_of
+from ml.standardizer import Standardizer, TargetStandardizer
 from serving.batching import BatchingConfig, DynamicBatcher
 from storage.artifacts.base import ArtifactStore
 
@@ -48,17 +56,30 @@ class ModelNotReadyError(RetrainerError):
 
 
 class RowAnswer(NamedTuple):
-    """The model's answer for one input row."""
+    """The model's answer for one input row: a classifier's probabilities and class, or a regression
+    model's prediction (its outputs in the target's units; `predicted_class` None)."""
 
-    probabilities: list[float]
-    predicted_class: int
+    values: list[float]
+    predicted_class: int | None
     finite: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RegressionServing:
+    """What makes a loaded model a regression model: its output width, the target standardizer whose
+    inverse maps its outputs to the target's units, and the inner edges of its prediction bins (first
+    output), which count both variants' predictions while it is the champion."""
+
+    outputs: int
+    target_standardizer: TargetStandardizer
+    prediction_bins: tuple[float, ...] = ()
 
 
 class LoadedModel:
     """One model version in memory, ready to answer: model (eval, CPU), standardizer, shapes, batcher.
 
-    `predict(rows)` maps [N, F] float32 rows (F = prod(input_shape)) to [N, classes] probabilities.
+    `predict(rows)` maps [N, F] float32 rows (F = prod(input_shape)) to [N, classes] probabilities,
+    or with `regression` to [N, outputs] predictions in the target's units.
     """
 
     def __init__(
@@ -68,15 +89,16 @@ class LoadedModel:
         model: nn.Module,
         *,
         input_shape: Sequence[int],
-        output_classes: int,
+        output_classes: int | None = None,
         standardizer: Standardizer | None = None,
         batching: BatchingConfig | None = None,
         version_id: int | None = None,
+        regression: RegressionServing | None = None,
     ) -> None:
         if not input_shape or any(int(d) < 1 for d in input_shape):
             raise InvalidInputError(f"{pipeline} v{version}: input_shape must be positive sizes (got {input_shape})")
-        if output_classes < 2:
-            raise InvalidInputError(f"{pipeline} v{version}: output_classes must be >= 2 (got {output_classes})")
+        self.width = _output_width(f"{pipeline} v{version}", output_classes, regression)
+        self.regression = regression
         self.pipeline = pipeline
         self.version = version
         self.version_id = version_id
@@ -85,6 +107,7 @@ class LoadedModel:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_features = math.prod(self.input_shape)
         self.output_classes = output_classes
+        self.task: Task = "classification" if regression is None else "regression"
         self.batching = batching or BatchingConfig()
         self.batcher: DynamicBatcher | None = (
             DynamicBatcher(self.answer_rows, self.batching, name=f"{pipeline}-v{version}", in_flight=self._lease_count)
@@ -106,27 +129,17 @@ class LoadedModel:
         return await asyncio.to_thread(self.answer_rows, rows)
 
     def answer_rows(self, rows: torch.Tensor) -> list[RowAnswer]:
-        """`predict`, then each row's probabilities, class and finiteness as Python values: done once
-        per forward pass (per batch), so a request only picks its rows out of lists."""
-        probabilities = self.predict(rows)
-        expected = (int(rows.shape[0]), self.output_classes)
-        if tuple(probabilities.shape) != expected:
-            raise RuntimeError(
-                f"the model returned shape {list(probabilities.shape)} for {expected[0]} rows; "
-                f"it must return [rows, {self.output_classes}] (output_classes in its manifest)"
-            )
+        """`predict`, then each row's values, class (classifiers) and finiteness as Python values: done
+        once per forward pass (per batch), so a request only picks its rows out of lists."""
+        values = self.predict(rows)
+        classes = values.argmax(dim=1).tolist() if self.regression is None else [None] * int(values.shape[0])
         return [
-            RowAnswer(*row)
-            for row in zip(
-                probabilities.tolist(),
-                probabilities.argmax(dim=1).tolist(),
-                probabilities.isfinite().all(dim=1).tolist(),
-                strict=True,
-            )
+            RowAnswer(*row) for row in zip(values.tolist(), classes, values.isfinite().all(dim=1).tolist(), strict=True)
         ]
 
     def predict(self, rows: torch.Tensor) -> torch.Tensor:
-        """One forward pass (the batcher's, or a request's own when batching is off)."""
+        """One forward pass (the batcher's, or a request's own when batching is off): probabilities, or
+        a regression model's outputs in the target's units."""
         with self._lock:
             self.forward_passes += 1
             self.rows_forwarded += int(rows.shape[0])
@@ -134,8 +147,17 @@ class LoadedModel:
             x = rows.reshape(rows.shape[0], self.num_features).to(torch.float32)
             if self.standardizer is not None:
                 x = self.standardizer.transform_tensor(x)
-            logits = self.model(x)
-            return torch.softmax(logits.to(torch.float32), dim=-1)
+            outputs = self.model(x).to(torch.float32)
+            expected = (int(rows.shape[0]), self.width)
+            if tuple(outputs.shape) != expected:
+                key = "output_classes" if self.regression is None else "outputs"
+                raise RuntimeError(
+                    f"the model returned shape {list(outputs.shape)} for {expected[0]} rows; "
+                    f"it must return [rows, {self.width}] ({key} in its manifest)"
+                )
+            if self.regression is None:
+                return torch.softmax(outputs, dim=-1)
+            return self.regression.target_standardizer.inverse_tensor(outputs)
 
     def _lease_count(self) -> int:
         return self._leases  # a plain int read: a stale value only costs or saves one short wait
@@ -176,6 +198,28 @@ class LoadedModel:
         return f"LoadedModel({self.pipeline!r}, version={self.version!r})"
 
 
+def _output_width(name: str, output_classes: int | None, regression: RegressionServing | None) -> int:
+    """The model's output width, or InvalidInputError naming what does not fit."""
+    if regression is None:
+        if output_classes is None or output_classes < 2:
+            raise InvalidInputError(f"{name}: output_classes must be >= 2 (got {output_classes})")
+        return output_classes
+    if output_classes is not None:
+        raise InvalidInputError(f"{name}: a regression model has outputs, not output_classes; drop output_classes")
+    if regression.outputs < 1:
+        raise InvalidInputError(f"{name}: outputs must be >= 1 (got {regression.outputs})")
+    width = regression.target_standardizer.num_features
+    if width != regression.outputs:
+        raise InvalidInputError(
+            f"{name}: target_standardizer has {width} column(s) but the model has {regression.outputs} outputs; "
+            "register the version with ml.package.manifest_for(...)"
+        )
+    edges = regression.prediction_bins
+    if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise InvalidInputError(f"{name}: prediction_bins must be finite and rise strictly (got {list(edges)})")
+    return regression.outputs
+
+
 def load_version(
     store: ArtifactStore,
     version: ModelVersion,
@@ -190,7 +234,9 @@ def load_version(
     not loaded at all (fail closed).
     """
     manifest = version.manifest
-    missing = [key for key in ("input_shape", "output_classes", "variant", "standardizer") if key not in manifest]
+    task = manifest_task(manifest)
+    widths = ("outputs", "target_standardizer") if task == "regression" else ("output_classes",)
+    missing = [key for key in ("input_shape", *widths, "variant", "standardizer") if key not in manifest]
     if missing:
         raise InvalidInputError(
             f"model {version.pipeline} v{version.version}: manifest lacks {', '.join(missing)}; "
@@ -200,24 +246,43 @@ def load_version(
     with tempfile.TemporaryDirectory(prefix="retrainer-serving-", dir=work_dir) as tmp:
         path = store.download(ref, Path(tmp) / "model.pt")
         model, standardizer = load_package(path, manifest, version.sha256)
+    target = target_standardizer_of(manifest, source=f"model {version.pipeline} v{version.version}")
+    regression = (
+        None
+        if target is None
+        else RegressionServing(
+            output_width(manifest), target, tuple(float(edge) for edge in manifest.get("prediction_bins", ()))
+        )
+    )
     return LoadedModel(
         version.pipeline,
         str(version.version),
         model,
         input_shape=[int(d) for d in manifest["input_shape"]],
-        output_classes=int(manifest["output_classes"]),
+        output_classes=None if regression is not None else output_width(manifest),
         standardizer=standardizer,
         batching=batching,
         version_id=version.id,
+        regression=regression,
     )
 
 
 class Routed(NamedTuple):
-    """Where one request goes: the variant and the model it holds a lease on."""
+    """Where one request goes: the variant and the model it holds a lease on, and for a regression
+    model the bin edges its predictions are counted in for the canary's drift check (the champion's)."""
 
     pipeline: str
     variant: Variant
     model: LoadedModel
+    drift_edges: tuple[float, ...] = ()
+
+
+def drift_edges(champion: LoadedModel, model: LoadedModel) -> tuple[float, ...]:
+    """The champion's prediction bins, for both variants: drift asks whether the canary predicts
+    differently from the champion. A champion without bins (a classifier, before a task change)
+    leaves the model's own."""
+    source = champion.regression or model.regression
+    return source.prediction_bins if source is not None else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +419,7 @@ class ModelRegistry:
             if slot.champion is None:
                 raise ModelNotReadyError(f"model {pipeline!r} has no champion loaded yet; retry once it is ready")
             routed = self._pick(pipeline, slot, sticky_key, version)
+            routed = routed._replace(drift_edges=drift_edges(slot.champion, routed.model))
             routed.model._acquire()  # under the registry lock: a swap cannot retire it in between
         try:
             yield routed

@@ -9,7 +9,8 @@ are shown as stored (their units were not recorded with them).
 
 Each check's numbers are shown in its own units: error rate in percent, the canary-minus-champion
 differences (error rate vs champion, accuracy) in percentage points, latency as the canary/champion
-p99 ratio, prediction drift as PSI.
+p99 ratio, prediction drift as PSI, a regression canary's mean absolute error (`mae`) as its
+relative change from the champion's, in percent, against the allowed increase.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _UNITS: dict[str, _Units] = {
     "latency": _Units("p99 ratio", "limit", lambda v: f"{v:.2f}x"),
     "prediction_drift": _Units("PSI", "limit", lambda v: f"{v:.3f}"),
     "accuracy": _Units("Δ accuracy", "margin", lambda v: f"{v * 100:+.2f} pp"),
+    "mae": _Units("Δ MAE", "limit", lambda v: f"{v * 100:+.1f} %"),
 }
 # The evidence's fields a row shows as they are (its outcome is shown by its value).
 _EVIDENCE_FIELDS = {

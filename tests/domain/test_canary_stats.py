@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from domain.canary_power import canary_power, power_problems, window_sizes
@@ -227,7 +228,12 @@ def test_drift_waits_for_predictions() -> None:
 
 
 def test_regression_outputs_are_compared_by_bins() -> None:
-    assert binned_counts([0.1, 0.5, 0.5, 2.0, 9.0], [0.5, 1.0, 5.0]) == {"0": 3, "2": 1, "3": 1}
+    values, edges = [0.1, 0.5, 0.5, 2.0, 9.0], [0.5, 1.0, 5.0]
+    # a value on an edge goes to the bin above it, as numpy.searchsorted(side="right") bins in the gate
+    assert binned_counts(values, edges) == {"0": 1, "1": 2, "2": 1, "3": 1}
+    bins = np.searchsorted(np.asarray(edges), np.asarray(values), side="right")
+    labels, counts = np.unique(bins, return_counts=True)
+    assert binned_counts(values, edges) == {str(b): int(c) for b, c in zip(labels, counts, strict=True)}
     with pytest.raises(ValueError, match="rise strictly"):
         binned_counts([1.0], [1.0, 1.0])
 

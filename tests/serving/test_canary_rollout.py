@@ -77,8 +77,11 @@ class Stack:
             "standardizer": STANDARDIZER.to_dict(), "feature_names": [f"f{i}" for i in range(FEATURES)],
         }  # fmt: skip
         torch.manual_seed(seed)
-        module = build_model(architecture, params, [FEATURES], CLASSES)
-        ref = self.store.put_file(save_package(module, manifest, self.tmp / f"model-{seed}.pt").path)
+        return self.store_version(build_model(architecture, params, [FEATURES], CLASSES), manifest, f"model-{seed}")
+
+    def store_version(self, module: torch.nn.Module, manifest: dict[str, Any], name: str) -> int:
+        """Saves the package, puts it in the artifact store and registers it; the version's id."""
+        ref = self.store.put_file(save_package(module, manifest, self.tmp / f"{name}.pt").path)
         with transaction(self.sessions) as session:
             return repo.register_model_version(
                 session, PIPELINE, artifact_uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size,

@@ -89,7 +89,7 @@ def test_loaded_model_predicts_like_the_module_itself() -> None:
     rows = np.random.default_rng(0).normal(size=(5, FEATURES)).astype(np.float32)
     got = asyncio.run(model.infer(torch.from_numpy(rows)))
     expected = expected_probabilities(model, rows)
-    np.testing.assert_allclose(np.array([a.probabilities for a in got]), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array([a.values for a in got]), expected, rtol=1e-5, atol=1e-6)
     assert [a.predicted_class for a in got] == expected.argmax(axis=1).tolist() and all(a.finite for a in got)
 
 
@@ -145,7 +145,7 @@ def test_swap_keeps_the_in_flight_request_and_frees_the_old_model() -> None:
         batcher = old.batcher
         assert batcher is not None
         result = batcher.submit(rows).result(timeout=5)  # the old model still answers it
-        assert len(result) == 2 and len(result[0].probabilities) == CLASSES
+        assert len(result) == 2 and len(result[0].values) == CLASSES
     _wait_until(lambda: not batcher.worker_alive)  # closed after its last lease
     with registry.route("digits") as routed:
         assert routed.model.version == "2"

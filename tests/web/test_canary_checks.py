@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from domain import entities as e
 from domain.canary_stats import (
+    AbsErrors,
     Tally,
     accuracy_check,
     error_rate_check,
     error_rate_vs_champion_check,
     latency_check,
+    mae_check,
     prediction_drift_check,
 )
 from domain.evidence import CanaryAction
@@ -49,6 +51,16 @@ def test_each_check_shows_its_statistic_limit_test_level_and_sizes_in_its_own_un
         "200 / 200",
     )
     assert row.statistic_text.startswith(f"PSI {drift.statistic:.3f}") and row.test_text.startswith("p = ")
+
+
+def test_a_regression_canarys_mae_shows_its_relative_change_against_the_allowed_increase() -> None:
+    # canary |errors| mean 12, champion mean 10, both sd ~1: +20 % against +10 % allowed
+    check = mae_check(AbsErrors(100, 1200.0, 14500.0), AbsErrors(100, 1000.0, 10100.0), max_increase=0.1,
+                      alpha=0.01, final=True)  # fmt: skip
+    row = CheckRow.of_evidence(check)
+    assert row.cells[:3] == ("mae", "fail", "Δ MAE +20.0 % (limit +10.0 %)")
+    assert row.test_text.startswith("[+") and " %, +" in row.test_text and ", p = " in row.test_text
+    assert (row.alpha_text, row.sizes_text) == ("0.01", "100 / 100")
 
 
 def test_latency_is_a_ratio_with_its_adjusted_p_value() -> None:
