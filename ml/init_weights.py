@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from domain.errors import ArtifactIntegrityError, ArtifactNotFoundError, InvalidInputError
+from ml.quantization import OnnxModule, float_weights
 
 _SHOWN = 8  # keys named in one error line; the rest are counted
 
@@ -70,15 +71,11 @@ def float_state_dict(model: nn.Module, variant: str, *, source: str) -> dict[str
             f"model.init.from: {source} is a static int8 package, which keeps no float weights to start from; "
             "start from a safetensors file (model.init.from: file://…) or remove model.init"
         )
+    if isinstance(model, OnnxModule):  # a dynamic int8 or fp16 variant, run by ONNX Runtime
+        return float_weights(model.onnx_bytes, source=source)
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            state[f"{prefix}weight"] = module.weight().dequantize()  # type: ignore[no-untyped-call]
-            bias = module.bias()  # type: ignore[no-untyped-call]
-            if bias is not None:
-                state[f"{prefix}bias"] = bias.detach()
-            continue
         for key, tensor in module.named_parameters(recurse=False):
             state[prefix + key] = tensor.detach()
         for key, tensor in module.named_buffers(recurse=False):

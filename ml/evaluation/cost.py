@@ -73,6 +73,11 @@ def parameter_count(model: nn.Module) -> int:
     lists; counting only `parameters()` would report ~0 for a quantized model and make it look
     incomparable with its float original.
     """
+    # A quantized variant run by ONNX Runtime (ml.quantization.OnnxModule) has no torch parameters
+    # at all; it carries its float original's count.
+    declared = getattr(model, "parameter_count", None)
+    if isinstance(declared, int):
+        return declared
     # Keyed by id but holding the tensors: getters return fresh tensors, and an id is only unique
     # while its object is alive.
     seen: dict[int, torch.Tensor] = {}

@@ -1,10 +1,11 @@
 """The transformer's encoder layers in a form int8 can reach.
 
-torch's nn.TransformerEncoderLayer runs a fused kernel that reads its Linear weights as float tensors,
-and nn.MultiheadAttention hides three quarters of its weights from dynamic quantization.
+torch's nn.TransformerEncoderLayer runs, in eval mode, a fused kernel that reads its weights as
+float tensors, and nn.MultiheadAttention keeps its input projection as a bare parameter.
 `swap_encoder_layers` replaces each such layer, in place, by the same maths on
-scaled_dot_product_attention with every projection an nn.Linear; `dynamic` and `fp16` call it before
-quantizing (ml/quantization/transforms.py).
+scaled_dot_product_attention with every projection an nn.Linear, which exports as a MatMul over a
+weight (what ONNX Runtime's int8 reaches) and an ONNX Attention operator; every ONNX variant calls
+it on a copy before exporting (ml/quantization/transforms.py).
 """
 
 from __future__ import annotations

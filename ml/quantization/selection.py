@@ -1,7 +1,11 @@
 """Choosing a variant: what each one scored, the rule that picks one, and the report that says why.
 
-`select_variant` is the rule on its own (the fastest variant within the accuracy limit, the float
-model on a tie); `quantize_and_select` builds the variants (ml/quantization/transforms.py), scores
+The budget is a limit on how much worse one named metric of the task may get (`MetricBudget`:
+`accuracy` by 0.01, `rmse` by 0.5, ...; `max_accuracy_drop=` is the accuracy budget). The rule,
+`select_variant`: among the float model and every variant within the budget, the fastest at batch 32
+wins, the float model on a tie. Fastest, not most accurate: the budget already says how much quality
+the pipeline gives up, and within it speed is what a variant is for; a tie keeps float (no gain is
+worth any risk). `quantize_and_select` builds the variants (ml/quantization/transforms.py), scores
 each with the caller's evaluator and applies the rule.
 """
 
@@ -10,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
@@ -32,20 +36,73 @@ class _FieldsAsDict:
 
 
 @dataclass(frozen=True)
-class VariantScore(_FieldsAsDict):
-    """What the caller's evaluator measured for one variant. accuracy is a fraction (0..1)."""
+class MetricBudget(_FieldsAsDict):
+    """How much one metric may get worse than the float model's: a "drop" is a fall in a metric where
+    higher is better, a rise in one where lower is better (`MetricBudget("rmse", 0.5, False)`)."""
 
-    accuracy: float
-    latency_p50_ms_b32: float
-    size_bytes: int
+    metric: str
+    max_drop: float
+    higher_is_better: bool = True
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.accuracy <= 1.0) or math.isnan(self.accuracy):
+        if not isinstance(self.metric, str) or not self.metric:
+            raise InvalidInputError(f"MetricBudget.metric must name a metric (got {self.metric!r})")
+        if not (self.max_drop >= 0.0) or math.isinf(self.max_drop):
+            raise InvalidInputError(f"MetricBudget.max_drop for {self.metric} must be >= 0 (got {self.max_drop})")
+        if self.metric == "accuracy" and self.max_drop > 1.0:
+            raise InvalidInputError(f"max_accuracy_drop must be a fraction in [0, 1] (got {self.max_drop})")
+
+    def drop(self, baseline: float, value: float) -> float:
+        """How much worse `value` is than `baseline` (negative: better)."""
+        return baseline - value if self.higher_is_better else value - baseline
+
+    def describe(self, amount: float) -> str:
+        # Accuracy reads in points, as the spec's max_accuracy_drop always has; other metrics in their units.
+        return f"{amount * 100:.2f} points" if self.metric == "accuracy" else f"{amount:.4g}"
+
+
+def budget_from(max_accuracy_drop: float | None, budget: MetricBudget | None) -> MetricBudget:
+    """The one budget a caller gave: `max_accuracy_drop` (accuracy, higher is better) or `budget`."""
+    if (max_accuracy_drop is None) == (budget is None):
+        raise InvalidInputError("give exactly one of max_accuracy_drop and budget (a MetricBudget)")
+    if budget is not None:
+        return budget
+    return MetricBudget("accuracy", cast(float, max_accuracy_drop), higher_is_better=True)
+
+
+@dataclass(frozen=True)
+class VariantScore(_FieldsAsDict):
+    """What the caller's evaluator measured for one variant. `accuracy` (a fraction, 0..1) is one of
+    the metrics; `metrics` holds any others (rmse, roc_auc, ...) by name. Keep `accuracy` None for a
+    task without it."""
+
+    accuracy: float | None
+    latency_p50_ms_b32: float
+    size_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.accuracy is not None and (not (0.0 <= self.accuracy <= 1.0) or math.isnan(self.accuracy)):
             raise InvalidInputError(f"VariantScore.accuracy must be a fraction in [0, 1] (got {self.accuracy})")
         if not (self.latency_p50_ms_b32 > 0.0) or math.isinf(self.latency_p50_ms_b32):
             raise InvalidInputError(f"VariantScore.latency_p50_ms_b32 must be > 0 (got {self.latency_p50_ms_b32})")
         if self.size_bytes < 0:
             raise InvalidInputError(f"VariantScore.size_bytes must be >= 0 (got {self.size_bytes})")
+        for name, value in self.metrics.items():
+            if math.isnan(value):
+                raise InvalidInputError(f"VariantScore.metrics[{name!r}] is NaN; a budget cannot be judged on it")
+
+    def metric(self, name: str) -> float:
+        """The named metric's value; InvalidInputError naming the metrics there are."""
+        if name == "accuracy" and self.accuracy is not None:
+            return self.accuracy
+        if name in self.metrics:
+            return self.metrics[name]
+        known = sorted({*self.metrics, *(["accuracy"] if self.accuracy is not None else [])})
+        raise InvalidInputError(
+            f"the quantization budget is on {name!r}, which the evaluator did not report (it gave {known}); "
+            "budget a metric the task computes"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,19 +114,23 @@ class VariantResult(_FieldsAsDict):
     eligible: bool
     reason: str
     score: VariantScore | None = None
-    accuracy_drop: float | None = None  # float accuracy minus this variant's, as a fraction
+    drop: float | None = None  # how much worse the budget's metric is than float's (MetricBudget.drop)
     speedup_b32: float | None = None  # float latency / this variant's latency
     size_ratio: float | None = None  # float size / this variant's size
 
 
 @dataclass(frozen=True)
 class QuantizationReport:
-    """Every variant tried, and the one chosen: the fastest whose accuracy drop is within the limit."""
+    """Every variant tried, and the one chosen: the fastest whose drop in the budget's metric is within it."""
 
     chosen: Variant
     reason: str
-    max_accuracy_drop: float
+    budget: MetricBudget
     results: tuple[VariantResult, ...]
+
+    @property
+    def max_accuracy_drop(self) -> float | None:
+        return self.budget.max_drop if self.budget.metric == "accuracy" else None
 
     def result(self, variant: Variant) -> VariantResult:
         for result in self.results:
@@ -83,6 +144,10 @@ class QuantizationReport:
         return {
             "chosen": self.chosen,
             "reason": self.reason,
+            "metric": self.budget.metric,
+            "higher_is_better": self.budget.higher_is_better,
+            "max_drop": self.budget.max_drop,
+            # Kept for readers of reports written before the budget named its metric.
             "max_accuracy_drop": self.max_accuracy_drop,
             "results": [result.to_dict() for result in self.results],
         }
@@ -97,16 +162,20 @@ class QuantizationOutcome:
 
 
 def select_variant(
-    scores: Mapping[Variant, VariantScore], unavailable: Mapping[Variant, str], max_accuracy_drop: float
+    scores: Mapping[Variant, VariantScore],
+    unavailable: Mapping[Variant, str],
+    max_accuracy_drop: float | None = None,
+    *,
+    budget: MetricBudget | None = None,
 ) -> QuantizationReport:
     """The selection rule on its own: among the float model ("none", always eligible) and every variant
-    whose accuracy drop vs float is <= max_accuracy_drop, the lowest batch-32 latency wins; a tie goes to
-    the float model (no gain is worth any risk)."""
-    if not (0.0 <= max_accuracy_drop <= 1.0):
-        raise InvalidInputError(f"max_accuracy_drop must be a fraction in [0, 1] (got {max_accuracy_drop})")
+    whose drop in the budget's metric vs float is <= its max_drop, the lowest batch-32 latency wins; a tie
+    goes to the float model. Give the budget as `max_accuracy_drop` (a fraction) or as `budget`."""
+    limit = budget_from(max_accuracy_drop, budget)
     if "none" not in scores:
         raise InvalidInputError("select_variant needs the float model's score under 'none'")
     baseline = scores["none"]
+    reference = baseline.metric(limit.metric)
     results: list[VariantResult] = []
     for variant in VARIANTS:
         if variant in unavailable:
@@ -115,35 +184,34 @@ def select_variant(
         if variant not in scores:
             continue
         score = scores[variant]
-        drop = baseline.accuracy - score.accuracy
+        drop = limit.drop(reference, score.metric(limit.metric))
         speedup = baseline.latency_p50_ms_b32 / score.latency_p50_ms_b32
         size_ratio = baseline.size_bytes / score.size_bytes if score.size_bytes else None
-        eligible = drop <= max_accuracy_drop + _DROP_TOLERANCE
+        eligible = drop <= limit.max_drop + _DROP_TOLERANCE
+        verdict = (
+            f"{limit.metric} drop {limit.describe(drop)} {'<=' if eligible else '>'} {limit.describe(limit.max_drop)}"
+        )
         if variant == "none":
             reason = "the float model (baseline)"
         elif eligible:
-            reason = f"accuracy drop {_points(drop)} <= {_points(max_accuracy_drop)}; {speedup:.2f}x float speed"
+            reason = f"{verdict}; {speedup:.2f}x float speed"
         else:
-            reason = f"accuracy drop {_points(drop)} > {_points(max_accuracy_drop)}"
+            reason = verdict
         results.append(VariantResult(variant, True, eligible, reason, score, drop, speedup, size_ratio))
 
     eligible_results = [r for r in results if r.eligible and r.score is not None]
     best = min(eligible_results, key=lambda r: (cast(VariantScore, r.score).latency_p50_ms_b32, r.variant != "none"))
-    return QuantizationReport(best.variant, _why(best, results, max_accuracy_drop), max_accuracy_drop, tuple(results))
+    return QuantizationReport(best.variant, _why(best, results, limit), limit, tuple(results))
 
 
-def _points(fraction: float) -> str:
-    return f"{fraction * 100:.2f} points"
-
-
-def _why(best: VariantResult, results: list[VariantResult], max_accuracy_drop: float) -> str:
+def _why(best: VariantResult, results: list[VariantResult], budget: MetricBudget) -> str:
     others = [r for r in results if r.variant != "none"]
     if best.variant != "none":
         score = cast(VariantScore, best.score)
         return (
-            f"{best.variant} is the fastest variant within the accuracy limit: {cast(float, best.speedup_b32):.2f}x "
-            f"float speed at batch 32 ({score.latency_p50_ms_b32:.3f} ms p50), accuracy drop "
-            f"{_points(cast(float, best.accuracy_drop))} <= {_points(max_accuracy_drop)}"
+            f"{best.variant} is the fastest variant within the {budget.metric} budget: "
+            f"{cast(float, best.speedup_b32):.2f}x float speed at batch 32 ({score.latency_p50_ms_b32:.3f} ms p50), "
+            f"{budget.metric} drop {budget.describe(cast(float, best.drop))} <= {budget.describe(budget.max_drop)}"
         )
     if not others:
         return "quantization type is none: only the float model was considered"
@@ -152,7 +220,7 @@ def _why(best: VariantResult, results: list[VariantResult], max_accuracy_drop: f
         if not r.available:
             parts.append(f"{r.variant} unavailable ({r.reason})")
         elif not r.eligible:
-            parts.append(f"{r.variant} lost too much accuracy ({r.reason})")
+            parts.append(f"{r.variant} lost too much {budget.metric} ({r.reason})")
         else:
             parts.append(f"{r.variant} was not faster ({cast(float, r.speedup_b32):.2f}x float speed)")
     return "kept the float model: " + "; ".join(parts)
@@ -164,19 +232,20 @@ def quantize_and_select(
     kind: str,
     calibration: Iterable[torch.Tensor],
     evaluate: Callable[[nn.Module], VariantScore],
-    max_accuracy_drop: float,
+    max_accuracy_drop: float | None = None,
+    budget: MetricBudget | None = None,
     calibration_batches: int = 16,
 ) -> QuantizationOutcome:
     """Builds the float model and the variant(s) `kind` names, scores each with `evaluate`, and keeps the
-    fastest whose accuracy drop is within `max_accuracy_drop` (a fraction: 0.01 is one point), else the
-    float model. Unavailable variants are reported with their reason, never faked."""
+    fastest within the budget, else the float model: `max_accuracy_drop` (a fraction: 0.01 is one point
+    of accuracy) or `budget` (any metric `evaluate` reports, with its direction). Unavailable variants
+    are reported with their reason, never faked."""
     variants = variants_for(kind)
     if calibration_batches < 1:
         raise InvalidInputError(f"calibration_batches must be >= 1 (got {calibration_batches})")
-    if not (0.0 <= max_accuracy_drop <= 1.0):
-        raise InvalidInputError(f"max_accuracy_drop must be a fraction in [0, 1] (got {max_accuracy_drop})")
+    limit = budget_from(max_accuracy_drop, budget)
     batches = list(itertools.islice(calibration, calibration_batches)) if len(variants) > 1 else []
     models, unavailable = quantize_each(model, variants, batches)
     scores = {variant: evaluate(candidate) for variant, candidate in models.items()}
-    report = select_variant(scores, unavailable, max_accuracy_drop)
+    report = select_variant(scores, unavailable, budget=limit)
     return QuantizationOutcome(models[report.chosen], report)

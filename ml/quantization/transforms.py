@@ -1,172 +1,244 @@
 """How each variant is built from a float model (`quantize`), and each one's limits.
 
-`dynamic`: int8 weights for nn.Linear, activations quantized per call. `static`: int8 weights and
-activations calibrated on sample batches, with the zoo's ResidualCNN made quant-ready (conv+bn+relu
-fused, the residual add through FloatFunctional). `fp16`: weights rounded to half and served by
-fbgemm's fp16-weight GEMM. The transformer's encoder layers are swapped first
-(ml/quantization/attention.py). Why these backends: the measurements in ml/quantization/__init__.py.
+`none` is the float torch model. The others are the float model exported to ONNX
+(ml/quantization/onnx_graph.py) and transformed by ONNX Runtime's tools: `dynamic` is
+`quantize_dynamic` (int8 weights, activations quantized per call), `static` is `quantize_static`
+calibrated on sample batches, `fp16` stores every float weight as half and widens it once when
+the session loads. The transformer's encoder layers are swapped first (ml/quantization/attention.py)
+so that their projections export as plain MatMuls int8 can reach. Each option below was picked by
+measuring (the figures are in ml/quantization/__init__.py).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
+import hashlib
+import tempfile
 from collections.abc import Iterable, Sequence
-from typing import cast
+from contextlib import AbstractContextManager
+from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from torch import nn
-from torch.ao import quantization as ao_quant
-from torch.ao.nn.quantized import FloatFunctional
 
 from domain.errors import InvalidInputError
 from ml.quantization.attention import swap_encoder_layers
+from ml.quantization.onnx_graph import INPUT, ExportError, OnnxModule, export_onnx, quiet_loggers
 from ml.quantization.variants import (
+    ONNX_FORMAT,
     QuantizationUnavailableError,
     Variant,
     check_variant,
     first_line,
-    torch_ao_quiet,
 )
-from ml.zoo import ResidualCNN, _ResidualBlock
+from ml.quantization.weights import WEIGHTS_KEY, weight_map
+
+# Operators whose presence shows that int8 reached the graph (QOperator kernels, or the QDQ pairs
+# that ONNX Runtime fuses into them when it loads the session).
+_INT8_OPERATORS = frozenset(
+    {"MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm", "QuantizeLinear"}
+)
+# fp16 leaves tiny tensors (scalars, norms' shapes) float: halving them saves nothing and costs a Cast each.
+_FP16_MIN_ELEMENTS = 16
 
 
-def _dynamic_int8(model: nn.Module) -> nn.Module:
-    swap_encoder_layers(model)
-    if not any(type(m) is nn.Linear for m in model.modules()):
-        raise QuantizationUnavailableError(
-            f"dynamic int8 quantizes nn.Linear layers and {type(model).__name__} has none that it can reach"
+def skeleton_signature(model: nn.Module) -> str:
+    """A digest of the float model's state-dict keys and shapes: what a loader's build() must match."""
+    described = "\n".join(f"{key}:{list(value.shape)}" for key, value in sorted(model.state_dict().items()))
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def quantizer_quiet() -> AbstractContextManager[None]:
+    # onnxruntime.quantization logs a "consider pre-processing" tip on the root logger on every call.
+    return quiet_loggers("")
+
+
+class _Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self._feeds = iter([{INPUT: batch.numpy().astype(np.float32)} for batch in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _dynamic_int8(graph: onnx.ModelProto, folder: Path, _: list[torch.Tensor]) -> onnx.ModelProto:
+    # The graph's Gemms are already MatMuls (gemm_as_matmul, in quantize). Measured (MLP 1024x1024,
+    # b32): signed int8 weights 0.151 ms, unsigned 0.202 ms; per-channel 0.168 ms for no accuracy gain
+    # at these widths; reduce_range changes nothing on VNNI: all off. Conv stays float: ORT's
+    # ConvInteger made the zoo CNN 27x slower (6.0 ms vs 0.22 ms at b32); MatMul is where int8 pays.
+    source, target = folder / "float.onnx", folder / "dynamic.onnx"
+    onnx.save_model(graph, source)
+    with quantizer_quiet():
+        quantize_dynamic(
+            source, target, weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=["MatMul"]
         )
-    return _quantize_linear_layers(model, torch.qint8)
+    return onnx.load_model(target)
 
 
-class _StaticInt8(nn.Module):
-    """Quantizes the input once, runs the converted model on quantized tensors, dequantizes the output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.quant = ao_quant.QuantStub()
-        self.model = model
-        self.dequant = ao_quant.DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.model(self.quant(x)))  # type: ignore[no-any-return]
-
-
-class _QuantReadyResidualBlock(nn.Module):
-    """The zoo's residual block with its ReLU as a module (so it fuses into the conv) and its skip
-    connection as a FloatFunctional: `a + b` has no kernel for quantized tensors, `add_relu` does."""
-
-    def __init__(self, block: _ResidualBlock) -> None:
-        super().__init__()
-        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
-        self.relu1 = nn.ReLU()
-        self.shortcut = block.shortcut
-        self.skip = FloatFunctional()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.skip.add_relu(out, self.shortcut(x))
-
-
-def _static_unavailable_reason(model: nn.Module) -> str | None:
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            return (
-                "static int8 quantizes the model's input, and this model's input is token ids for an "
-                "nn.Embedding lookup (ids cannot be quantized; eager-mode static has no quantized embedding "
-                "followed by float-to-int8 hand-over); use dynamic"
-            )
-        if isinstance(module, nn.MultiheadAttention | nn.TransformerEncoderLayer):
-            return (
-                "eager-mode static int8 has no quantized kernels for nn.MultiheadAttention (input projection "
-                "held as a bare parameter, softmax and the attention matmuls run on activations); torch's "
-                "quantizable MultiheadAttention is a custom-module reference path, not a fast one; use dynamic"
-            )
-    if isinstance(model, ResidualCNN):
-        return None
-    for module in model.modules():
-        if type(module) is _ResidualBlock:
-            return "the zoo's residual block only becomes quantizable inside the zoo's ResidualCNN"
-    return None
+def gemm_as_matmul(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """Each plain Gemm over a weight (how the exporter writes a 2-D nn.Linear) as MatMul + Add:
+    dynamic quantization has int8 kernels for MatMul only, so a Gemm would stay float."""
+    body = graph.graph
+    weights = {tensor.name: tensor for tensor in body.initializer}
+    nodes: list[onnx.NodeProto] = []
+    for node in body.node:
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        plain = (
+            attributes.get("alpha", 1.0) == 1.0 and attributes.get("beta", 1.0) == 1.0 and not attributes.get("transA")
+        )
+        if node.op_type != "Gemm" or not plain or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        weight = weight.T if attributes.get("transB") else weight
+        name = f"{node.input[1]}.matmul"
+        body.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}.product" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
+    del body.node[:]
+    body.node.extend(nodes)
+    used = {name for node in body.node for name in node.input}
+    kept = [tensor for tensor in body.initializer if tensor.name in used]
+    del body.initializer[:]
+    body.initializer.extend(kept)
+    return graph
 
 
-def _static_int8(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
-    reason = _static_unavailable_reason(model)
-    if reason:
-        raise QuantizationUnavailableError(reason)
-    with torch_ao_quiet():
-        groups: list[list[str]] = []
-        if isinstance(model, ResidualCNN):
-            groups = _prepare_residual_cnn(model)
-        wrapper = _StaticInt8(model).eval()
-        if groups:
-            ao_quant.fuse_modules(wrapper.model, groups, inplace=True)  # type: ignore[no-untyped-call]
-        wrapper.qconfig = ao_quant.get_default_qconfig(torch.backends.quantized.engine)  # type: ignore[no-untyped-call]
-        try:
-            ao_quant.prepare(wrapper, inplace=True)  # type: ignore[no-untyped-call]
-            with torch.inference_mode():
-                for batch in calibration:
-                    wrapper(batch)
-            ao_quant.convert(wrapper, inplace=True)  # type: ignore[no-untyped-call]
-            if calibration:
-                with torch.inference_mode():
-                    wrapper(calibration[0][:2])
-        except Exception as e:  # eager static mode fails in many ways on modules not written for it
-            raise QuantizationUnavailableError(
-                f"static int8 does not run on {type(model).__name__}: {first_line(e)} (eager-mode static "
-                "quantization needs every operation between QuantStub and DeQuantStub to have a quantized kernel)"
-            ) from e
-    return wrapper
+def _static_int8(graph: onnx.ModelProto, folder: Path, batches: list[torch.Tensor]) -> onnx.ModelProto:
+    # QDQ: ONNX Runtime fuses each QuantizeLinear/DequantizeLinear pair with its operator when the
+    # session loads, and keeps float what has no int8 kernel instead of failing on it. The node that
+    # writes the model's output stays float: quantizing the output itself rounds every prediction to
+    # one of 256 levels over the calibration range (0.07 RMSE on a target of scale 3, measured).
+    source, target = folder / "float.onnx", folder / "static.onnx"
+    outputs = {output.name for output in graph.graph.output}
+    last = [node.name for node in graph.graph.node if set(node.output) & outputs]
+    onnx.save_model(graph, source)
+    with quantizer_quiet():
+        quantize_static(
+            source,
+            target,
+            _Batches(batches),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            nodes_to_exclude=last,
+        )
+    return onnx.load_model(target)
 
 
-def _prepare_residual_cnn(model: ResidualCNN) -> list[list[str]]:
-    """Makes the zoo's CNN quant-ready in place; returns the module groups to fuse (conv+bn[+relu])."""
-    groups = [["stem.0", "stem.1", "stem.2"]]
-    stages = model.stages
-    for index, block in enumerate(list(stages)):
-        ready = _QuantReadyResidualBlock(cast(_ResidualBlock, block))
-        stages[index] = ready
-        prefix = f"stages.{index}"
-        groups += [[f"{prefix}.conv1", f"{prefix}.bn1", f"{prefix}.relu1"], [f"{prefix}.conv2", f"{prefix}.bn2"]]
-        if isinstance(ready.shortcut, nn.Sequential):
-            groups.append([f"{prefix}.shortcut.0", f"{prefix}.shortcut.1"])
-    return groups
+def _fp16(graph: onnx.ModelProto, _: Path, __: list[torch.Tensor]) -> onnx.ModelProto:
+    # Stored half, computed float: this CPU has no fp16 arithmetic (model.half() measured 0.12-0.40x
+    # float), so the running graph is the float one and the artifact about half its size.
+    if not store_half(graph):
+        raise QuantizationUnavailableError("fp16 found no float weights of 16 elements or more to store half")
+    return graph
 
 
-def _fp16(model: nn.Module) -> nn.Module:
-    # Every float tensor is rounded to half first, so the accuracy measured here is the accuracy of
-    # what is stored, and storing half (ml/quantization/persistence.py) then loading loses nothing further.
-    with torch.no_grad():
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half())
-    swap_encoder_layers(model)
-    if not any(type(m) is nn.Linear for m in model.modules()):
-        return model  # nothing for the fp16 GEMM; the artifact is still stored half
-    # fbgemm's fp16 GEMM: weights packed half, activations and accumulation float (no fp16 ALUs here).
-    return _quantize_linear_layers(model, torch.float16)
+def store_half(graph: onnx.ModelProto) -> int:
+    """Stores every float initializer of 16 elements or more as float16 behind a Cast to float, which
+    ONNX Runtime constant-folds when the session loads: the graph computes in float as before, from
+    weights rounded to half. The int8 variants use it for what they leave float (biases, embeddings,
+    positions), the fp16 variant for everything. Returns how many tensors it halved."""
+    body = graph.graph
+    casts: list[onnx.NodeProto] = []
+    for tensor in list(body.initializer):
+        if tensor.data_type != TensorProto.FLOAT or int(np.prod(tensor.dims)) < _FP16_MIN_ELEMENTS:
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), f"{tensor.name}.fp16")
+        body.initializer.remove(tensor)
+        body.initializer.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [tensor.name], to=TensorProto.FLOAT))
+    # Prepended, so the graph stays topologically sorted.
+    nodes = casts + list(body.node)
+    del body.node[:]
+    body.node.extend(nodes)
+    return len(casts)
 
 
-def _quantize_linear_layers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    with torch_ao_quiet():
-        quantized = ao_quant.quantize_dynamic(model, {nn.Linear}, dtype=dtype, inplace=True)  # type: ignore[no-untyped-call]
-    return cast(nn.Module, quantized)
+_BUILDERS = {"dynamic": _dynamic_int8, "static": _static_int8, "fp16": _fp16}
 
 
 def quantize(model: nn.Module, variant: Variant, calibration: Iterable[torch.Tensor] = ()) -> nn.Module:
     """A CPU copy of `model` (never modified) transformed into `variant`.
 
     `static` calibrates its activation ranges over every batch in `calibration` (take as many as the
-    spec's calibration_batches); the other variants use the first batch, if any, to check they run.
-    QuantizationUnavailableError says why a variant cannot be applied to this architecture.
+    spec's calibration_batches); the other variants export with the first batch, if any, and check
+    that the result runs on it. QuantizationUnavailableError says why a variant cannot be applied.
     """
     check_variant(variant)
     batches = [_check_batch(batch, index) for index, batch in enumerate(calibration)]
     if variant == "static" and not batches:
         raise InvalidInputError("static quantization needs at least one calibration batch")
-    return apply_variant(model, variant, batches)
+    working = copy.deepcopy(model).cpu().eval()
+    if variant == "none":
+        return working
+    # Two rows: torch.export specialises a dimension traced at size 1, and the batch axis must stay dynamic.
+    example = batches[0][:2] if batches else _example_input(working, variant)
+    example = example if example.shape[0] >= 2 else torch.cat([example, example])
+    swap_encoder_layers(working)
+    try:
+        graph = export_onnx(working, example)
+    except ExportError as e:
+        raise QuantizationUnavailableError(f"{variant} needs an ONNX export, and {e}") from e
+    if variant == "dynamic":
+        graph = gemm_as_matmul(graph)
+    weights = weight_map(model, graph)
+    with tempfile.TemporaryDirectory(prefix="retrainer-quantize-") as folder:
+        try:
+            transformed = _BUILDERS[variant](graph, Path(folder), batches)
+        except QuantizationUnavailableError:
+            raise
+        except Exception as e:  # ONNX Runtime's tools fail in many ways on graphs they do not cover
+            raise QuantizationUnavailableError(
+                f"{variant} failed in ONNX Runtime's quantization tools on {type(model).__name__}: {first_line(e)}"
+            ) from e
+    if variant != "fp16":
+        if not any(node.op_type in _INT8_OPERATORS for node in transformed.graph.node):
+            raise QuantizationUnavailableError(
+                f"{variant} int8 found nothing to quantize in {type(model).__name__} (no MatMul, Gemm or Conv weights)"
+            )
+        store_half(transformed)
+    _stamp(transformed, variant, model, weights)
+    quantized = OnnxModule(transformed.SerializeToString(), variant=variant, parameter_count=parameter_count(model))
+    try:
+        with torch.inference_mode():
+            quantized(example)
+    except Exception as e:  # a graph ONNX Runtime cannot run is unavailable, with ORT's reason
+        raise QuantizationUnavailableError(
+            f"{variant} does not run on {type(model).__name__} in ONNX Runtime: {first_line(e)}"
+        ) from e
+    return quantized.eval()
+
+
+def _stamp(graph: onnx.ModelProto, variant: Variant, model: nn.Module, weights: str) -> None:
+    """What the loader checks before it builds a session (format, variant, the float skeleton), and
+    where the float weights are (ml/quantization/weights.py)."""
+    values = {
+        "retrainer.format": ONNX_FORMAT,
+        "retrainer.variant": variant,
+        "retrainer.skeleton": skeleton_signature(model),
+        "retrainer.parameter_count": str(parameter_count(model)),
+        WEIGHTS_KEY: weights,
+    }
+    onnx.helper.set_model_props(graph, values)
 
 
 def quantize_each(
@@ -184,25 +256,19 @@ def quantize_each(
     return built, unavailable
 
 
-def apply_variant(model: nn.Module, variant: Variant, batches: list[torch.Tensor]) -> nn.Module:
-    """The transform itself, on a CPU copy of `model`, for `quantize` and for the loader."""
-    # Without batches (the loader's case) static int8 gets placeholder qparams that the saved state replaces.
-    working = copy.deepcopy(model).cpu().eval()
-    if variant == "none":
-        return working
-    if variant == "static":
-        return _static_int8(working, batches)
-    result = _dynamic_int8(working) if variant == "dynamic" else _fp16(working)
-    if batches:
-        try:
-            with torch.inference_mode(), torch_ao_quiet():
-                result(batches[0][:2])
-        except (RuntimeError, NotImplementedError) as e:
-            raise QuantizationUnavailableError(
-                f"{variant} does not run on {type(model).__name__} with the {torch.backends.quantized.engine} "
-                f"quantized engine: {first_line(e)}"
-            ) from e
-    return result.eval()
+def _example_input(model: nn.Module, variant: Variant) -> torch.Tensor:
+    """Two rows the exporter can trace with, when the caller passed no batch: from the model's own
+    `input_shape` (the zoo's CNN), or from the width of its first layer when that is an nn.Linear."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, Sequence) and shape and all(isinstance(size, int) for size in shape):
+        return torch.zeros(2, *shape)
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if isinstance(first, nn.Linear):
+        return torch.zeros(2, first.in_features)
+    raise InvalidInputError(
+        f"{variant} exports {type(model).__name__} to ONNX and needs an example of its input; "
+        "pass one calibration batch"
+    )
 
 
 def _check_batch(batch: object, index: int) -> torch.Tensor:
@@ -213,4 +279,4 @@ def _check_batch(batch: object, index: int) -> torch.Tensor:
             else type(batch).__name__
         )
         raise InvalidInputError(f"calibration batch {index} must be a float tensor [batch, ...] (got {described})")
-    return batch.detach().cpu()
+    return batch.detach().cpu().float()

@@ -1,20 +1,20 @@
-"""The names every quantization module shares: the variants, their error, and torch.ao's warnings.
+"""The names every quantization module shares: the variants, their error, the artifact formats.
 
 `Variant` is a spec's `quantization.type` minus `all`; `variants_for` turns a spec's type into the
-variants to try. `torch_ao_quiet` silences torch.ao's deprecation chatter around our own calls only.
+variants to try. `FORMAT` marks the float model's artifact (a torch state dict), `ONNX_FORMAT` the
+quantized variants' (an ONNX graph; ml/quantization/persistence.py).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal, cast, get_args
 
 from domain.errors import InvalidInputError
 
 Variant = Literal["none", "dynamic", "static", "fp16"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
+FORMAT = "retrainer.quantized/1"  # the float model's state dict; was also torch.ao's variants, before ONNX
+ONNX_FORMAT = "retrainer.quantized/2"  # a quantized variant as an ONNX graph, in the graph's metadata
 
 
 class QuantizationUnavailableError(InvalidInputError):
@@ -43,19 +43,3 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's text (torch's can run to pages), for a message that names the cause."""
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-@contextmanager
-def torch_ao_quiet() -> Iterator[None]:
-    # torch.ao.quantization warns on every call that it is deprecated in favour of torchao. We use it
-    # on purpose (ml/quantization/__init__.py: torchao's int8 path is slower than float on CPU without
-    # torch.compile), so the warning says nothing new; it is silenced here only, never process-wide.
-    # (Before Python 3.14 catch_warnings swaps a process-global filter list: quantize from one thread.)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-        # The x86 default qconfig itself still passes reduce_range, which the observers call deprecated.
-        warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max")
-        # The loader converts an uncalibrated skeleton whose qparams are then overwritten by the saved state.
-        warnings.filterwarnings("ignore", message=r"must run observer before calling calculate_qparams")
-        yield

@@ -1,25 +1,32 @@
-"""Quantized variants: round trips without pickled code, the selection rule, honest unavailability."""
+"""Quantized variants (ONNX Runtime): round trips of data only, the selection rule, honest unavailability."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
+from onnx import TensorProto
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from domain.errors import ArtifactIntegrityError, ArtifactNotFoundError, InvalidInputError
+from ml.evaluation import evaluate, evaluate_regression
 from ml.quantization import (
     FORMAT,
     VARIANTS,
+    MetricBudget,
+    OnnxModule,
     QuantizationUnavailableError,
     Variant,
     VariantScore,
+    float_weights,
     load_quantized,
     quantize,
     quantize_and_select,
@@ -36,7 +43,7 @@ TINY = {
     "cnn": ({"channels": [4, 8]}, [1, 6, 6]),
     "transformer": ({"vocab_size": 17, "d_model": 16, "nhead": 2, "num_layers": 1, "dim_feedforward": 32}, [8]),
 }
-UNAVAILABLE = {("transformer", "static")}
+UNAVAILABLE: set[tuple[str, str]] = set()  # every zoo model exports, and ONNX Runtime quantizes each one
 
 
 def _builder(architecture: str) -> Callable[[], nn.Module]:
@@ -80,6 +87,7 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path, architecture: str, v
     x = _inputs(architecture, 5)
     with torch.inference_mode():
         assert torch.equal(reloaded(x), model(x))
+        assert torch.equal(copy.deepcopy(reloaded)(x), model(x))  # a copy gets its own session
 
 
 @pytest.mark.parametrize("architecture", list(TINY))
@@ -97,22 +105,44 @@ def test_variants_stay_close_to_float_and_leave_the_original_alone(architecture:
             assert (out - reference).abs().max().item() < 0.25, variant
     after = original.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
-    assert not any(isinstance(m, DynamicLinear) for m in original.modules())
+    if architecture == "transformer":  # the encoder layers were swapped on a copy only
+        assert type(original.encoder.layers[0]) is nn.TransformerEncoderLayer
+
+
+def _graph(model: nn.Module) -> onnx.ModelProto:
+    assert isinstance(model, OnnxModule)
+    return onnx.load_model_from_string(model.onnx_bytes)
 
 
 def test_dynamic_reaches_every_linear_of_the_transformer_including_attention() -> None:
-    model = quantize(_builder("transformer")(), "dynamic")
-    assert not any(type(m) is nn.Linear for m in model.modules())
-    assert sum(isinstance(m, DynamicLinear) for m in model.modules()) == 5  # qkv, out, ff1, ff2, head
+    model = quantize(_builder("transformer")(), "dynamic", _calibration("transformer"))
+    graph = _graph(model)
+    int8 = Counter(
+        node.op_type for node in graph.graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+    )
+    assert sum(int8.values()) == 5  # qkv, out, ff1, ff2, head
+    weights = {tensor.name for tensor in graph.graph.initializer}
+    assert not any(node.op_type in ("MatMul", "Gemm") and node.input[1] in weights for node in graph.graph.node)
+    assert {e.key: e.value for e in graph.metadata_props}["retrainer.variant"] == "dynamic"
 
 
 def test_fp16_stores_half_and_computes_float() -> None:
-    model = nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.Linear(128, 4)).eval()  # big enough to
-    fp16 = quantize(model, "fp16")  # outweigh the zip container's per-tensor overhead
+    model = nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.Linear(128, 4)).eval()
+    fp16 = quantize(model, "fp16")  # the example input comes from the first Linear's width
     assert serialized_size(fp16, "fp16") < 0.6 * serialized_size(quantize(model, "none"), "none")
-    packed = [m for m in fp16.modules() if isinstance(m, DynamicLinear)]
-    assert len(packed) == 2 and all(m._packed_params.dtype == torch.float16 for m in packed)
-    assert fp16(torch.randn(2, 128)).dtype == torch.float32
+    large = [t for t in _graph(fp16).graph.initializer if t.dims and int(torch.tensor(list(t.dims)).prod()) >= 16]
+    assert large and all(t.data_type == TensorProto.FLOAT16 for t in large)
+    out = fp16(torch.randn(2, 128))
+    assert out.dtype == torch.float32 and out.shape == (2, 4)
+
+
+def test_int8_variants_are_at_least_three_and_a_half_times_smaller() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", {"hidden_sizes": [512, 512]}, [64], 10).eval()
+    float_size = serialized_size(quantize(model, "none"), "none")
+    for variant in ("dynamic", "static"):
+        quantized = quantize(model, variant, [torch.randn(16, 64)])
+        assert float_size / serialized_size(quantized, variant) >= 3.5, variant
 
 
 def test_attention_swap_matches_multihead_attention_with_masks() -> None:
@@ -132,35 +162,41 @@ def test_attention_swap_matches_multihead_attention_with_masks() -> None:
             torch.testing.assert_close(swapped(x, **kwargs), encoder(x, **kwargs), atol=1e-5, rtol=1e-5)
 
 
-def test_transformer_static_is_reported_unavailable_with_the_reason() -> None:
-    with pytest.raises(QuantizationUnavailableError) as info:
-        quantize(_builder("transformer")(), "static", _calibration("transformer"))
-    assert info.value.code == "quantization_unavailable"
-    assert isinstance(info.value, InvalidInputError)
-    assert "Embedding" in info.value.message
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.export cannot trace it, so no ONNX graph exists for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
 
 
-def test_static_on_a_model_without_quantized_kernels_is_unavailable_not_faked() -> None:
-    class Residual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.linear(x)  # `+` has no kernel for quantized tensors
-
-    with pytest.raises(QuantizationUnavailableError) as info:
-        quantize(Residual(), "static", [torch.randn(4, 4)])
-    assert "static int8 does not run on Residual" in info.value.message
+def test_a_model_the_exporter_cannot_trace_is_unavailable_with_the_reason() -> None:
+    for variant in ("dynamic", "static", "fp16"):
+        with pytest.raises(QuantizationUnavailableError) as info:
+            quantize(_Branchy(), variant, [torch.randn(4, 4)])
+        assert info.value.code == "quantization_unavailable" and isinstance(info.value, InvalidInputError)
+        assert "cannot be exported to ONNX" in info.value.message and "_Branchy" in info.value.message
 
 
-def test_quantizing_contains_the_torch_ao_deprecation_warnings(tmp_path: Path) -> None:
+def test_int8_without_any_weight_to_quantize_is_unavailable_not_faked() -> None:
+    with pytest.raises(QuantizationUnavailableError, match="found nothing to quantize"):
+        quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), "dynamic", [torch.randn(2, 1, 5, 5)])
+
+
+def test_quantize_and_evaluate_raise_no_deprecation_warning(tmp_path: Path) -> None:
     build = _builder("cnn")
+    x, labels = _inputs("cnn", 40), torch.arange(40) % 3
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
         for variant in VARIANTS:
             model = quantize(build(), variant, _calibration("cnn"))
-            load_quantized(save_quantized(model, variant, tmp_path / f"{variant}.pt").path, build, variant)
+            report = evaluate(model, x, labels, num_classes=3, latency_budget_s=0.05)
+            assert report.metrics["parameter_count"] == sum(p.numel() for p in build().parameters())
+            load_quantized(save_quantized(model, variant, tmp_path / f"{variant}.bin").path, build, variant)
 
 
 # ---------------------------------------------------------------- selection
@@ -168,12 +204,7 @@ def test_quantizing_contains_the_torch_ao_deprecation_warnings(tmp_path: Path) -
 
 def _which(model: nn.Module) -> Variant:
     """Tells the variant from the module itself, as an evaluator sees it."""
-    if any(type(m).__name__ == "_StaticInt8" for m in model.modules()):
-        return "static"
-    for module in model.modules():
-        if isinstance(module, DynamicLinear):
-            return "fp16" if module._packed_params.dtype == torch.float16 else "dynamic"
-    return "none"
+    return model.variant if isinstance(model, OnnxModule) else "none"  # type: ignore[return-value]
 
 
 def _fake_evaluator(
@@ -211,10 +242,11 @@ def test_fastest_eligible_variant_is_chosen() -> None:
     assert report.chosen == "dynamic" and _which(outcome.model) == "dynamic"
     assert "dynamic is the fastest" in report.reason and "2.50x" in report.reason
     fp16 = report.result("fp16")
-    assert fp16.available and not fp16.eligible and fp16.accuracy_drop == pytest.approx(0.05)
+    assert fp16.available and not fp16.eligible and fp16.drop == pytest.approx(0.05)
     assert "5.00 points > 1.00 points" in fp16.reason
     assert report.result("dynamic").speedup_b32 == pytest.approx(2.5)
-    assert json.loads(json.dumps(report.to_dict()))["chosen"] == "dynamic"
+    stored = json.loads(json.dumps(report.to_dict()))
+    assert stored["chosen"] == "dynamic" and stored["metric"] == "accuracy" and stored["max_accuracy_drop"] == 0.01
 
 
 def test_all_ineligible_keeps_float_with_the_reason() -> None:
@@ -246,10 +278,14 @@ def test_kind_none_evaluates_only_the_float_model() -> None:
 
 
 def test_unavailable_variant_is_reported_and_float_kept() -> None:
-    outcome, seen = _select("static", {"none": (0.9, 1.0)}, arch="transformer")
+    evaluate, seen = _fake_evaluator({"none": (0.9, 1.0)})
+    outcome = quantize_and_select(
+        _Branchy(), kind="static", calibration=[torch.randn(4, 4)], evaluate=evaluate, max_accuracy_drop=0.01
+    )
     static = outcome.report.result("static")
     assert seen == ["none"]
-    assert not static.available and not static.eligible and static.score is None and "Embedding" in static.reason
+    assert not static.available and not static.eligible and static.score is None
+    assert "cannot be exported to ONNX" in static.reason
     assert outcome.report.chosen == "none" and "static unavailable" in outcome.report.reason
 
 
@@ -274,6 +310,12 @@ def test_variants_for_each_kind() -> None:
         lambda: VariantScore(accuracy=90.0, latency_p50_ms_b32=1.0, size_bytes=1),
         lambda: VariantScore(accuracy=0.9, latency_p50_ms_b32=0.0, size_bytes=1),
         lambda: VariantScore(accuracy=float("nan"), latency_p50_ms_b32=1.0, size_bytes=1),
+        lambda: VariantScore(None, 1.0, 1, {"rmse": float("nan")}),
+        lambda: VariantScore(None, 1.0, 1, {"rmse": 1.0}).metric("mae"),
+        lambda: MetricBudget("rmse", -0.1, higher_is_better=False),
+        lambda: MetricBudget("", 0.1),
+        lambda: select_variant({"none": VariantScore(0.9, 1.0, 1)}, {}),
+        lambda: select_variant({"none": VariantScore(0.9, 1.0, 1)}, {}, 0.01, budget=MetricBudget("accuracy", 0.01)),
     ],
 )
 def test_bad_input_is_invalid_input(call: Callable[[], object]) -> None:
@@ -321,3 +363,114 @@ def test_a_file_that_needs_code_to_unpickle_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="cannot be loaded safely") as info:
         load_quantized(path, _builder("mlp"), "none")
     assert info.value.code == "invalid_input"
+
+
+def test_a_variant_saved_by_the_torch_ao_backend_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"format": FORMAT, "variant": "dynamic", "engine": "x86", "state": {}}, path)
+    with pytest.raises(InvalidInputError) as info:
+        load_quantized(path, _builder("mlp"), "dynamic")
+    assert info.value.code == "invalid_input"
+    assert "torch.ao" in info.value.message and "retrain the pipeline" in info.value.message
+
+
+def _resave(graph: onnx.ModelProto, path: Path) -> str:
+    data = graph.SerializeToString()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_graph_that_reaches_outside_itself_is_refused(tmp_path: Path) -> None:
+    build = _builder("mlp")
+    graph = _graph(quantize(build(), "dynamic"))
+
+    custom = onnx.ModelProto()
+    custom.CopyFrom(graph)
+    custom.opset_import.append(onnx.helper.make_opsetid("evil.ops", 1))
+    custom.graph.node.append(onnx.helper.make_node("Payload", [], ["unused"], domain="evil.ops"))
+    digest = _resave(custom, tmp_path / "custom.onnx")
+    with pytest.raises(InvalidInputError, match=r"custom domains \['evil.ops'\]") as info:
+        load_quantized(tmp_path / "custom.onnx", build, "dynamic", expected_sha256=digest)
+    assert info.value.code == "invalid_input"
+
+    external = onnx.ModelProto()
+    external.CopyFrom(graph)
+    tensor = next(t for t in external.graph.initializer if t.data_type == TensorProto.FLOAT16)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.append(onnx.StringStringEntryProto(key="location", value="/etc/passwd"))
+    _resave(external, tmp_path / "external.onnx")
+    with pytest.raises(InvalidInputError, match="external files"):
+        load_quantized(tmp_path / "external.onnx", build, "dynamic")
+
+    foreign = onnx.ModelProto()
+    foreign.CopyFrom(graph)
+    del foreign.metadata_props[:]
+    _resave(foreign, tmp_path / "foreign.onnx")
+    with pytest.raises(InvalidInputError, match=r"not a retrainer\.quantized/2 variant"):
+        load_quantized(tmp_path / "foreign.onnx", build, "dynamic")
+
+
+def test_the_budget_is_on_a_named_metric_with_its_direction() -> None:
+    scores = {
+        "none": VariantScore(None, 10.0, 100, {"rmse": 2.0}),
+        "dynamic": VariantScore(None, 3.0, 25, {"rmse": 2.6}),  # rmse up 0.6: over a 0.5 budget
+        "static": VariantScore(None, 4.0, 25, {"rmse": 2.4}),
+        "fp16": VariantScore(None, 8.0, 50, {"rmse": 1.9}),  # better than float: a negative drop
+    }
+    report = select_variant(scores, {}, budget=MetricBudget("rmse", 0.5, higher_is_better=False))
+    assert report.chosen == "static" and report.max_accuracy_drop is None
+    assert report.result("dynamic").reason == "rmse drop 0.6 > 0.5"
+    assert report.result("fp16").drop == pytest.approx(-0.1) and report.result("fp16").eligible
+    assert "static is the fastest variant within the rmse budget" in report.reason
+    stored = json.loads(json.dumps(report.to_dict()))
+    assert (stored["metric"], stored["higher_is_better"], stored["max_drop"]) == ("rmse", False, 0.5)
+    assert stored["results"][0]["score"]["metrics"] == {"rmse": 2.0}
+
+    higher = select_variant(
+        {"none": VariantScore(None, 2.0, 1, {"r2": 0.9}), "dynamic": VariantScore(None, 1.0, 1, {"r2": 0.7})},
+        {},
+        budget=MetricBudget("r2", 0.1),
+    )
+    assert higher.chosen == "none" and "dynamic lost too much r2" in higher.reason
+
+
+def test_a_regression_model_is_quantized_and_chosen_on_rmse() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(256, 12)
+    targets = features[:, :1] * 3.0 + 1.0
+    model = build_model("mlp", {"hidden_sizes": [32], "dropout": 0.0}, [12], 1)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimiser.zero_grad()
+        nn.functional.mse_loss(model(features), targets).backward()
+        optimiser.step()
+
+    def score(candidate: nn.Module) -> VariantScore:
+        report = evaluate_regression(candidate, features, targets, latency_budget_s=0.05)
+        return VariantScore(None, report.metrics["latency_p50_ms_b32"], 1, {"rmse": report.metrics["rmse"]})
+
+    outcome = quantize_and_select(
+        model.eval(),
+        kind="all",
+        calibration=[features[:64]],
+        evaluate=score,
+        budget=MetricBudget("rmse", 0.05, higher_is_better=False),
+    )
+    results = {r.variant: r for r in outcome.report.results}
+    assert set(results) == set(VARIANTS) and all(r.available for r in results.values())
+    assert all(abs(r.drop) < 0.05 for r in results.values() if r.drop is not None)  # int8 stays close on rmse
+    assert outcome.report.to_dict()["metric"] == "rmse"
+    assert _which(outcome.model) == outcome.report.chosen
+
+
+@pytest.mark.parametrize("variant", ["dynamic", "fp16"])
+def test_the_float_weights_come_back_under_the_float_keys(variant: Variant) -> None:
+    original = _builder("transformer")()
+    quantized = quantize(original, variant, _calibration("transformer"))
+    assert isinstance(quantized, OnnxModule)
+    state = float_weights(quantized.onnx_bytes, source="champion v1")
+    expected = original.state_dict()
+    assert set(state) == set(expected)  # every weight, the swapped attention's and the position table included
+    for key, tensor in expected.items():
+        assert state[key].shape == tensor.shape and torch.allclose(state[key], tensor, atol=0.02), key
