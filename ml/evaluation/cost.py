@@ -67,34 +67,9 @@ def state_dict_size(model: nn.Module) -> int:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Parameters, including the packed weights of quantized modules.
-
-    `quantize_dynamic` moves Linear weights into packed params that `model.parameters()` no longer
-    lists; counting only `parameters()` would report ~0 for a quantized model and make it look
-    incomparable with its float original.
-    """
-    # A quantized variant run by ONNX Runtime (ml.quantization.OnnxModule) has no torch parameters
-    # at all; it carries its float original's count.
+    """The model's parameters; a quantized variant run by ONNX Runtime (ml.quantization.OnnxModule)
+    has no torch parameters and carries its float original's count, so the two stay comparable."""
     declared = getattr(model, "parameter_count", None)
     if isinstance(declared, int):
         return declared
-    # Keyed by id but holding the tensors: getters return fresh tensors, and an id is only unique
-    # while its object is alive.
-    seen: dict[int, torch.Tensor] = {}
-    total = 0
-    for parameter in model.parameters():
-        seen[id(parameter)] = parameter
-        total += parameter.numel()
-    for module in model.modules():
-        for attribute in ("weight", "bias"):
-            getter = getattr(module, attribute, None)
-            if getter is None or isinstance(getter, torch.Tensor) or not callable(getter):
-                continue
-            try:
-                value = getter()
-            except (RuntimeError, TypeError):
-                continue
-            if isinstance(value, torch.Tensor) and id(value) not in seen:
-                seen[id(value)] = value
-                total += value.numel()
-    return total
+    return sum(parameter.numel() for parameter in model.parameters())
