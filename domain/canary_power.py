@@ -48,6 +48,7 @@ from domain.distributions import (
 )
 from domain.sequential import CheckName, SpendingPlan, alpha_for
 from domain.spec import CanarySpec, PipelineSpec
+from domain.task import Task
 
 POWERED_CHECKS: tuple[CheckName, ...] = ("error_rate", "latency", "prediction_drift", "accuracy")
 _TAIL = 0.01  # 1 - the p99's quantile
@@ -136,15 +137,17 @@ def _psi_noise(n: int, m: int, classes: int, confidence: float) -> float:
 
 
 def canary_power(
-    policy: CanarySpec, confidence: float, classes: int, plan: SpendingPlan | None = None
+    policy: CanarySpec, confidence: float, classes: int, plan: SpendingPlan | None = None, task: Task = "classification"
 ) -> tuple[CheckPower, ...]:
     """Each check's power at each step where the plan tests it (see the module docstring).
 
-    `classes`: the number of predicted classes (or regression bins) the drift check compares.
+    `classes`: the number of predicted classes (or regression bins) the drift check compares. A
+    regression plan tests `mae` where a classifier's tests accuracy; its power depends on the spread
+    of the absolute errors, unknown before traffic, so it is not figured here.
     """
     if classes < 2:
         raise ValueError(f"prediction drift compares at least 2 classes or bins (got {classes})")
-    plan = plan or SpendingPlan.for_policy(policy.steps, confidence)
+    plan = plan or SpendingPlan.for_policy(policy.steps, confidence, task=task)
     setting = _Setting(policy, confidence, confidence, classes, BASELINE_ACCURACY)
     results: list[CheckPower] = []
     for step, percent in enumerate(policy.steps):
@@ -281,11 +284,15 @@ def _sizes(min_requests: int, percent: float) -> tuple[int, int]:
 
 
 def power_problems(
-    policy: CanarySpec, confidence: float, classes: int, checks: tuple[CheckName, ...] = POWERED_CHECKS
+    policy: CanarySpec,
+    confidence: float,
+    classes: int,
+    checks: tuple[CheckName, ...] = POWERED_CHECKS,
+    task: Task = "classification",
 ) -> list[str]:
     """One validator line per unsound check among `checks`, at the step that needs the most samples."""
     worst: dict[CheckName, CheckPower] = {}
-    for result in canary_power(policy, confidence=confidence, classes=classes):
+    for result in canary_power(policy, confidence=confidence, classes=classes, task=task):
         if result.check in checks and not result.sound:
             known = worst.get(result.check)
             if known is None or result.min_samples > known.min_samples:
@@ -298,4 +305,6 @@ def spec_power_problems(spec: PipelineSpec) -> list[str]:
     regression model's prediction bins)."""
     if spec.canary is None:
         return []
-    return power_problems(spec.canary, confidence=spec.canary.confidence, classes=spec.prediction_categories)
+    return power_problems(
+        spec.canary, confidence=spec.canary.confidence, classes=spec.prediction_categories, task=spec.task
+    )

@@ -43,6 +43,7 @@ from domain.task import (
     task_problems,
 )
 from domain.trigger_spec import TriggersSpec
+from domain.tuning_spec import TuningSpec, tuning_problems
 
 ParamChecker = Callable[[str, dict[str, Any]], list[tuple[str, str]]]
 """(architecture, params) → [(param key, problem)]; ml.zoo.constructor_problems is one."""
@@ -311,6 +312,7 @@ class PipelineSpec(_Strict):
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     canary: CanarySpec | None = None
     triggers: TriggersSpec = Field(default_factory=TriggersSpec)
+    tuning: TuningSpec | None = Field(default=None, description="A hyperparameter search (domain/tuning_spec.py).")
 
     @field_validator("name")
     @classmethod
@@ -439,7 +441,7 @@ def parse_spec(document: Any, *, source: str, param_checker: ParamChecker | None
 
 
 def semantic_problems(document: dict[str, Any], param_checker: ParamChecker | None) -> list[str]:
-    """Checks beyond the schema: model params against the constructor, gate metric names."""
+    """Checks beyond the schema: model params against the constructor, gate metric names, tuning ranges."""
     problems: list[str] = []
     model = document.get("model")
     if param_checker is not None and isinstance(model, dict) and isinstance(model.get("architecture"), str):
@@ -461,7 +463,7 @@ def semantic_problems(document: dict[str, Any], param_checker: ParamChecker | No
             problem = metric_problem(task, str(metric), known)
             if problem is not None:
                 problems.append(f"gates.{section}.{metric}: {problem}")
-    return problems
+    return problems + tuning_problems(document, param_checker)
 
 
 def _kind(value: Any) -> str:

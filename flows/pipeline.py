@@ -12,11 +12,10 @@ any earlier point leaves it untouched.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -32,18 +31,32 @@ from sqlalchemy.orm import Session
 
 from domain import entities as e
 from domain.errors import ConflictError, RetrainerError
-from domain.gate import ChampionEvidence, DifferenceInterval, GateDecision, ModelEvidence, decide_promotion
+from domain.gate import ChampionEvidence, GateDecision, decide_promotion
 from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
+from domain.task import QUALITY_METRICS
 from flows.context import FlowContext
+from flows.evaluation import (
+    PairedReports,
+    Report,
+    TestRows,
+    evaluate_one,
+    evaluate_pair,
+    expected_drift,
+    gate_evidence,
+    intervals,
+    quality_metrics,
+)
+from flows.tuning import search
 from flows.warm_start import StartingWeights, resolve_starting_weights, with_champion_preprocessing
-from ml.data import PreparedData, Table, prepare
-from ml.evaluation import BUILTIN_METRICS, EvalReport, compare, disagreement, evaluate
+from ml.data import PreparedData, RegressionTable, Table, prepare
+from ml.evaluation import RegressionReport
 from ml.loaders import load_data
-from ml.package import load_package, manifest_for, save_package
-from ml.quantization import QuantizationOutcome, VariantScore, quantize_and_select
-from ml.training import TrainingData, TrainProgress, TrainResult, seed_everything, train
-from ml.zoo import build_model, constructor_problems
+from ml.losses import Objective
+from ml.package import RegressionOutputs, manifest_for, prediction_bin_edges, save_package
+from ml.quantization import MetricBudget, QuantizationOutcome, VariantScore, quantize_and_select
+from ml.training import TrainProgress, TrainResult, seed_everything, train
+from ml.zoo import build_for_spec, constructor_problems
 from storage import repositories as repo
 from storage.artifacts.fetch import fetch_uri
 
@@ -156,88 +169,65 @@ def train_candidate(
             last_reported[0] = done
 
     seed_everything(spec.data.seed)
-    model = build_model(
-        spec.model.architecture, dict(spec.model.params), spec.model.input_shape, spec.model.output_classes
-    )
+    model = build_for_spec(spec)
     if start is not None:
         start.load_into(model, spec)
     result = train(
         model,
-        TrainingData(data.train.features, data.train.labels, data.validation.features, data.validation.labels),
+        data.training_data(),
         spec,
         checkpoint_dir,
         resume=True,
         progress=report,
         on_checkpoint=upload,
+        objective=Objective.for_spec(spec),
     )
     update_progress_artifact(progress_id, progress=100.0)
     return result
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
-def quantize_candidate(spec: PipelineSpec, model: torch.nn.Module, data: PreparedData) -> QuantizationOutcome:
+def quantize_candidate(
+    spec: PipelineSpec, model: torch.nn.Module, table: Table | RegressionTable, data: PreparedData
+) -> QuantizationOutcome:
+    rows = TestRows.of(table, data)
+
     def score(candidate: torch.nn.Module) -> VariantScore:
-        report = evaluate(
+        report = evaluate_one(
+            spec,
             candidate,
             data.test.features,
-            data.test.labels,
-            num_classes=spec.model.output_classes,
+            rows,
+            inverse=data.target_standardizer,
             latency_budget_s=spec.evaluation.latency_budget_seconds / 4,
+            custom=False,
         )
         return VariantScore(
-            report.metrics["accuracy"], report.metrics["latency_p50_ms_b32"], int(report.metrics["size_bytes"])
+            report.metrics.get("accuracy"),
+            report.metrics["latency_p50_ms_b32"],
+            int(report.metrics["size_bytes"]),
+            metrics={name: report.metrics[name] for name in QUALITY_METRICS[spec.task]},
         )
 
     calibration = list(torch.split(data.train.features, spec.hyperparameters.batch_size))
+    metric, max_drop = spec.quantization.budget(spec.task)
     return quantize_and_select(
         model,
         kind=spec.quantization.type,
         calibration=calibration,
         evaluate=score,
-        max_accuracy_drop=spec.quantization.max_accuracy_drop,
+        budget=MetricBudget(metric, max_drop, QUALITY_METRICS[spec.task][metric]),
         calibration_batches=spec.quantization.calibration_batches,
     )
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_both(
-    ctx: FlowContext, inputs: RunInputs, model: torch.nn.Module, table: Table, data: PreparedData, workdir: Path
-) -> tuple[EvalReport, EvalReport | None, str | None]:
-    """The candidate and the champion on the same raw test rows, each with its own preprocessing.
-    Returns (candidate, champion or None, why the champion could not be evaluated)."""
-    spec = inputs.spec
-    raw = table.features[data.splits.test]
-    labels = torch.from_numpy(table.labels[data.splits.test])
-    same_rows = hashlib.sha256(raw.tobytes() + labels.numpy().tobytes()).hexdigest()
-    custom = spec.evaluation.custom_metrics
-    candidate = evaluate(
-        model,
-        data.test.features,
-        labels,
-        num_classes=spec.model.output_classes,
-        custom_metrics=custom,
-        latency_budget_s=spec.evaluation.latency_budget_seconds,
-        data_fingerprint=same_rows,
-    )
-    if inputs.champion is None:
-        return candidate, None, None
-    champion = inputs.champion
-    try:
-        path = ctx.champion_package(champion, workdir)
-        champion_model, standardizer = load_package(path, champion.manifest, champion.sha256)
-        features = torch.from_numpy(standardizer.transform(raw))
-        report = evaluate(
-            champion_model,
-            features,
-            labels,
-            num_classes=spec.model.output_classes,
-            custom_metrics=custom,
-            latency_budget_s=spec.evaluation.latency_budget_seconds,
-            data_fingerprint=same_rows,
-        )
-    except RetrainerError as error:  # unreadable, tampered or incompatible: the gate fails closed
-        return candidate, None, f"champion v{champion.version} could not be evaluated: {error}"
-    return candidate, report, None
+    ctx: FlowContext, inputs: RunInputs, model: torch.nn.Module, rows: TestRows, data: PreparedData, workdir: Path
+) -> PairedReports:
+    """The candidate and the champion on the same raw test rows, each with its own preprocessing
+    (flows/evaluation.py); the champion's report is None, with the reason, when it cannot be evaluated."""
+    return evaluate_pair(ctx, inputs.spec, inputs.champion, model, rows, data, workdir)
 
 
 @task(name="gate-and-record", cache_policy=NO_CACHE)
@@ -246,22 +236,28 @@ def gate_and_record(
     inputs: RunInputs,
     trained: TrainResult,
     quantized: QuantizationOutcome,
-    reports: tuple[EvalReport, EvalReport | None, str | None],
+    reports: PairedReports,
     data: PreparedData,
     workdir: Path,
     start: StartingWeights | None = None,
 ) -> dict[str, Any]:
     spec, run_id = inputs.spec, inputs.run.id
-    candidate, champion, champion_error = reports
-    intervals = _intervals(spec, candidate, champion)
+    candidate, champion, champion_error = reports.candidate, reports.champion, reports.champion_error
+    paired = intervals(spec, candidate, champion)
     decision = decide_promotion(
-        _evidence(candidate),
+        gate_evidence(candidate),
         None
         if inputs.champion is None
-        else ChampionEvidence(_evidence(champion) if champion else None, intervals, champion_error),
+        else ChampionEvidence(gate_evidence(champion) if champion else None, paired, champion_error),
         spec.gates,
     )
-    manifest = manifest_for(spec, quantized.report.chosen, data.standardizer, data.feature_names)
+    manifest = manifest_for(
+        spec,
+        quantized.report.chosen,
+        data.standardizer,
+        data.feature_names,
+        regression=_regression_outputs(data, candidate),
+    )
     saved = save_package(quantized.model, manifest, workdir / "model.pt")
     ref = ctx.store.put_file(saved.path)
     evidence = {
@@ -284,15 +280,9 @@ def gate_and_record(
             "report": champion.to_dict() if champion else None,
             "error": champion_error,
         },
-        "comparisons": {k: v.to_dict() for k, v in intervals.items()},
+        "comparisons": {k: v.to_dict() for k, v in paired.items()},
         # what the canary's drift check allows: a better model changes this share of predictions
-        "disagreement": None
-        if inputs.champion is None or champion is None
-        else {
-            "rate": disagreement(candidate, champion),
-            "rows": candidate.n_examples,
-            "champion_version": inputs.champion.version,
-        },
+        "disagreement": expected_drift(reports, None if inputs.champion is None else inputs.champion.version),
         "quantization": quantized.report.to_dict(),
     }
     with ctx.tx() as session:
@@ -341,7 +331,7 @@ def _execute(ctx: FlowContext, pipeline: str, run_id: str) -> dict[str, Any]:
     inputs = resolve_inputs(ctx, pipeline, run_id)
     spec = inputs.spec
     path = fetch_data(ctx, inputs.dataset, workdir)
-    table = load_data(path, spec.data)
+    table = load_data(path, spec.data, task=spec.task, input_shape=spec.model.input_shape)
     data = prepare(
         table,
         input_shape=spec.model.input_shape,
@@ -350,12 +340,17 @@ def _execute(ctx: FlowContext, pipeline: str, run_id: str) -> dict[str, Any]:
         test_fraction=spec.data.test_fraction,
         seed=spec.data.seed,
         standardize=spec.data.standardize,
+        task=spec.task,
+        outputs=spec.model.outputs,
     )
     start = resolve_init(ctx, inputs, workdir)
     data = with_champion_preprocessing(start, data, table)
+    if spec.tuning is not None:  # the best trial's configuration is the one trained and gated (flows/tuning.py)
+        spec = search(ctx, spec, data, run_id, start)
+        inputs = replace(inputs, spec=spec)
     trained = train_candidate(ctx, spec, data, run_id, workdir, start)
-    quantized = quantize_candidate(spec, trained.model, data)
-    reports = evaluate_both(ctx, inputs, quantized.model, table, data, workdir)
+    quantized = quantize_candidate(spec, trained.model, table, data)
+    reports = evaluate_both(ctx, inputs, quantized.model, TestRows.of(table, data), data, workdir)
     outcome = gate_and_record(ctx, inputs, trained, quantized, reports, data, workdir, start)
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("run finished: %s", outcome["status"], extra={"outcome": outcome})
@@ -402,37 +397,11 @@ def _mark_failed(ctx: FlowContext, run_id: str, error: BaseException) -> None:
         log.exception("could not mark run %s failed", run_id)
 
 
-def _evidence(report: EvalReport | None) -> ModelEvidence:
-    if report is None:
-        return ModelEvidence({}, {}, 0)
-    recall = {cls: float(v["recall"]) for cls, v in report.per_class.items()}
-    return ModelEvidence(dict(report.metrics), recall, report.n_examples)
-
-
-def _intervals(spec: PipelineSpec, candidate: EvalReport, champion: EvalReport | None) -> dict[str, DifferenceInterval]:
-    if champion is None:
-        return {}
-    by_confidence: dict[float, list[str]] = {}
-    custom = {path.rpartition(":")[2]: path for path in spec.evaluation.custom_metrics}
-    for metric, rule in spec.gates.vs_champion.items():
-        if rule.min_delta is not None and (metric in BUILTIN_METRICS or metric in custom):
-            by_confidence.setdefault(rule.confidence, []).append(custom.get(metric, metric))
-    intervals: dict[str, DifferenceInterval] = {}
-    for confidence, metrics in by_confidence.items():
-        results = compare(
-            candidate,
-            champion,
-            metrics=metrics,
-            n_resamples=spec.evaluation.bootstrap_resamples,
-            confidence=confidence,
-            seed=spec.data.seed,
-        )
-        for key, c in results.items():
-            name = key.rpartition(":")[2]
-            intervals[name] = DifferenceInterval(
-                name, c.difference, c.ci_low, c.ci_high, c.confidence, c.n_examples, c.higher_is_better
-            )
-    return intervals
+def _regression_outputs(data: PreparedData, candidate: Report) -> RegressionOutputs | None:
+    """A regression model's manifest additions; its prediction bins come from its test predictions."""
+    if data.target_standardizer is None or not isinstance(candidate, RegressionReport):
+        return None
+    return RegressionOutputs(data.target_names, data.target_standardizer, prediction_bin_edges(candidate.predictions))
 
 
 def _decide_outcome(
@@ -517,15 +486,15 @@ def _jsonable(outcome: dict[str, Any]) -> dict[str, Any]:
 def _markdown_report(
     spec: PipelineSpec,
     inputs: RunInputs,
-    candidate: EvalReport,
-    champion: EvalReport | None,
+    candidate: Report,
+    champion: Report | None,
     decision: GateDecision,
     quantized: QuantizationOutcome,
     outcome: dict[str, Any],
     version: e.ModelVersion,
 ) -> None:
     rows = ["| metric | candidate | champion |", "|---|---|---|"]
-    for metric in ("accuracy", "macro_f1", "roc_auc", "pr_auc", "log_loss", "ece", "latency_p99_ms", "size_bytes"):
+    for metric in quality_metrics(spec.task):
         champ = f"{champion.metrics[metric]:.4g}" if champion and metric in champion.metrics else "—"
         rows.append(f"| {metric} | {candidate.metrics.get(metric, float('nan')):.4g} | {champ} |")
     gate = ["| check | metric | verdict | reason |", "|---|---|---|---|"]

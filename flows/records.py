@@ -43,6 +43,8 @@ def decision_record(session: Session, run_id: str) -> dict[str, Any]:
     dataset = repo.get_dataset_version(session, run.dataset_version_id) if run.dataset_version_id else None
     decision: dict[str, Any] = {"dataset": None if dataset is None else _pick(dataset, _DATASET)}
     decision.update({key: evidence.get(key) for key in _EVIDENCE_BEFORE_GATE})
+    if "tuning" in evidence:  # only a spec with a tuning section searches (flows/tuning.py)
+        decision["tuning"] = evidence["tuning"]
     decision["gate"] = [_pick(verdict, _GATE_VERDICT) for verdict in repo.gate_verdicts(session, run_id)]
     decision["outcome"] = evidence.get("outcome")
     decision["alias_moves"] = [_pick(move, _ALIAS_MOVE) for move in repo.alias_moves_of_run(session, run_id)]

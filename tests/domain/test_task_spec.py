@@ -116,3 +116,21 @@ def test_classification_keys_refuse_regression_ones() -> None:
         "gates.max.rmse: rmse is a regression metric but the task is classification",
     ):
         assert any(expected in line for line in found), (expected, found)
+
+
+def test_a_regression_canary_is_not_held_to_the_accuracy_labels_rule() -> None:
+    from domain.canary_power import spec_power_problems
+
+    few_labels = {"steps": [50, 100], "interval_seconds": 4, "min_requests": 150, "min_labels": 30}
+    spec = parse_spec(regression(canary=few_labels), source="spec.yaml")
+    assert not any("max_accuracy_drop" in line for line in spec_power_problems(spec))
+    classifier = parse_spec(
+        {
+            "name": "digits",
+            "dataset": "digits",
+            "model": {"architecture": "mlp", "input_shape": [64], "output_classes": 10},
+            "canary": few_labels,
+        },
+        source="spec.yaml",
+    )
+    assert any("canary.min_labels" in line for line in spec_power_problems(classifier))
