@@ -36,6 +36,14 @@ class DataSpec(BaseModel):
     test_fraction: float = Field(default=0.15, gt=0, lt=1)
     seed: int = 0
     standardize: bool = Field(default=True, description="False for token-id inputs (transformer).")
+    text_column: str | None = Field(
+        default=None,
+        description="A text pipeline's column of strings (csv/parquet), tokenised to model.input_shape [T] token ids.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="With text_column: a tokenizer.json or its folder; default: the bundled MiniLM tokenizer.",
+    )
 
     @property
     def target_columns(self) -> list[str]:
@@ -71,6 +79,32 @@ class DataSpec(BaseModel):
         if isinstance(document, dict) and document.get("loader") is not None and "format" not in document:
             return {**document, "format": "loader"}
         return document
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_not_standardized(cls, document: Any) -> Any:
+        # Token ids are categories, not measurements: a text pipeline leaves them unscaled by default.
+        if isinstance(document, dict) and document.get("text_column") is not None and "standardize" not in document:
+            return {**document, "standardize": False}
+        return document
+
+    @model_validator(mode="after")
+    def _text(self) -> DataSpec:
+        if self.text_column is None:
+            if self.tokenizer is not None:
+                raise ValueError("data.tokenizer tokenises data.text_column: set data.text_column or remove it")
+            return self
+        if self.format not in ("csv", "parquet") or self.loader is not None:
+            raise ValueError(
+                f"data.text_column reads a csv or parquet table (data.format is {self.format!r}): use csv or parquet"
+            )
+        if self.text_column in self.target_columns:
+            raise ValueError(f"data.text_column {self.text_column!r} is also data.target: name the text column")
+        if self.columns is not None:
+            raise ValueError("data.columns selects numeric features; a text pipeline reads data.text_column only")
+        if self.standardize:
+            raise ValueError("data.standardize: token ids of data.text_column must not be standardized; remove it")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> DataSpec:

@@ -29,6 +29,7 @@ from ml.imports import resolve_callable
 from ml.readers import Table, finish, load_table
 from ml.regression_readers import load_regression_table, regression_table, split_targets, target_matrix
 from ml.table_files import Columns, array_numbers, did_you_mean, index_row
+from ml.text import TextTokenizer, load_text_table
 
 KEY = "data.loader"
 _SHAPE_FIX = "return (features [rows, features], targets [rows])"
@@ -37,18 +38,31 @@ _REGRESSION_TARGETS = "targets must be [rows] or [rows, outputs], one column per
 
 
 @overload
-def load_data(path: Path, data: DataSpec, task: Literal["classification"] = ...) -> Table: ...
+def load_data(
+    path: Path, data: DataSpec, task: Literal["classification"] = ..., input_shape: Sequence[int] = ...
+) -> Table: ...
 @overload
-def load_data(path: Path, data: DataSpec, task: Literal["regression"]) -> RegressionTable: ...
+def load_data(
+    path: Path, data: DataSpec, task: Literal["regression"], input_shape: Sequence[int] = ...
+) -> RegressionTable: ...
 @overload
-def load_data(path: Path, data: DataSpec, task: Task) -> Table | RegressionTable: ...
-def load_data(path: Path, data: DataSpec, task: Task = "classification") -> Table | RegressionTable:
+def load_data(path: Path, data: DataSpec, task: Task, input_shape: Sequence[int] = ...) -> Table | RegressionTable: ...
+def load_data(
+    path: Path, data: DataSpec, task: Task = "classification", input_shape: Sequence[int] = ()
+) -> Table | RegressionTable:
     """The fetched data (file or folder) as a checked table, read as the spec's `data` section says.
 
     Classification gives a `Table` of class ids from the one `data.target` column; regression a
-    `RegressionTable` of float targets, one column per `data.target` name, in that order.
+    `RegressionTable` of float targets, one column per `data.target` name, in that order. A text
+    pipeline (`data.text_column`) gives a `Table` of token ids, `input_shape` [T] (model.input_shape)
+    tokens per row (ml/text.py).
     """
     targets = data.target_columns
+    if data.text_column is not None:
+        if task != "classification" or len(targets) > 1:
+            raise InvalidInputError("data.text_column: text pipelines are classifiers with one data.target column")
+        tokenizer = TextTokenizer.for_data(data.tokenizer, input_shape)
+        return load_text_table(path, data.format, data.text_column, targets[0], tokenizer)
     if task == "regression":
         if data.loader is None:
             return load_regression_table(path, data.format, targets, data.columns)

@@ -3,10 +3,12 @@
 The manifest (JSON-safe, stored with the model version in the metadata database) names the
 task, the architecture, its parameters, the input shape and classes (a regression model: its
 outputs, target names, target standardizer and prediction bins), the quantization variant and the
-standardizer fitted on the training split. Keys added since the first manifests are optional:
-a manifest without `task` is a classifier's. Loading rebuilds the float skeleton from the zoo,
-applies the same variant transform and loads the weights with `weights_only=True`, after
-verifying the file's sha256. Serving and the champion re-evaluation both load through here.
+standardizer fitted on the training split; a text model (data.text_column) also its tokenizer
+(`tokenizer`: source, sha256, sequence length and the tokenizer.json, ml/text.py), checked at
+load. Keys added since the first manifests are optional: a manifest without `task` is a
+classifier's. Loading rebuilds the float skeleton from the zoo, applies the same variant
+transform and loads the weights with `weights_only=True`, after verifying the file's sha256.
+Serving and the champion re-evaluation both load through here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from domain.spec import PipelineSpec
 from domain.task import REGRESSION_DRIFT_BINS, Task
 from ml.quantization import SavedVariant, Variant, load_quantized, save_quantized
 from ml.standardizer import Standardizer, TargetStandardizer
+from ml.text import TextTokenizer
 from ml.zoo import build_model
 
 MANIFEST_FORMAT = "retrainer.model/1"
@@ -49,6 +52,9 @@ def manifest_for(
         "standardizer": standardizer.to_dict(),
         "feature_names": list(feature_names),
     }
+    if spec.data.text_column is not None:
+        # The tokenizer that made the training rows is the one serving must use: it goes with the version.
+        manifest["tokenizer"] = TextTokenizer.for_data(spec.data.tokenizer, spec.model.input_shape).to_manifest()
     if spec.task == "classification":
         return {**manifest, "output_classes": spec.output_width}
     if regression is None:
@@ -88,6 +94,12 @@ def target_standardizer_of(manifest: dict[str, Any], source: str = "manifest") -
     if manifest_task(manifest) != "regression":
         return None
     return TargetStandardizer.from_dict(manifest["target_standardizer"], source=f"{source} target_standardizer")
+
+
+def tokenizer_of(manifest: dict[str, Any], source: str = "manifest") -> TextTokenizer | None:
+    """A text model's tokenizer, verified against its sha256 (None for a model of numeric features)."""
+    entry = manifest.get("tokenizer")
+    return None if entry is None else TextTokenizer.from_manifest(entry, f"{source} tokenizer")
 
 
 def prediction_bin_edges(predictions: npt.NDArray[np.float64], bins: int = REGRESSION_DRIFT_BINS) -> list[float]:

@@ -274,7 +274,8 @@ def create_serving_app(
             state = registry.state(pipeline)
             versions = [m.version for m in (state.champion, state.canary) if m is not None]
             model = routed.model
-            return model_metadata(pipeline, versions, model.input_shape, model.task, model.width)
+            text = model.tokenizer is not None
+            return model_metadata(pipeline, versions, model.input_shape, model.task, model.width, text=text)
 
     @app.get("/v2/models/{pipeline}")
     async def model_metadata_route(pipeline: str) -> dict[str, Any]:
@@ -295,7 +296,7 @@ def create_serving_app(
             model = routed.model
             started = time.perf_counter()
             try:
-                rows = parsed.rows_for(model.input_shape)
+                rows = model.rows_of(parsed)
                 outputs, binary_outputs = parsed.outputs_for(OUTPUT_NAMES[model.task])
             except InvalidInputError:
                 metrics.rejected(pipeline, routed.variant, model.version)

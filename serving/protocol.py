@@ -12,6 +12,12 @@ a regression model's (`task: regression` in its manifest):
 - `prediction`: FP32 `[N, outputs]`, the model's outputs in the target's own units (mapped back by
   the target standardizer fitted at training).
 
+A text model (one whose manifest carries a tokenizer, ml/text.py) takes instead one input named
+`input`, datatype `BYTES`, shape `[N]` (or `[N, 1]`): one UTF-8 string per row, `data` a JSON array of
+strings, or in binary form each string as a 4-byte little-endian length and its bytes (as Triton's
+clients send them). The server tokenises it with the model version's own tokenizer. FP32 sent to a
+text model, or BYTES to a numeric one, is refused naming the input and the datatype to send.
+
 Binary tensor data (Triton's and KServe's extension): with the header `Inference-Header-Content-Length:
 H` the body is H bytes of JSON followed by the raw bytes of each input whose `parameters.binary_data_size`
 is set, in input order (little-endian, row-major; FP32 is 4 bytes a value). Outputs asked for with
@@ -40,6 +46,7 @@ from domain.task import Task
 
 INPUT_NAME = "input"
 INPUT_DATATYPE = "FP32"
+TEXT_DATATYPE = "BYTES"
 PROBABILITIES = "probabilities"
 PREDICTED_CLASS = "predicted_class"
 PREDICTION = "prediction"
@@ -63,6 +70,7 @@ class InferRequest:
     outputs: tuple[str, ...] = ()  # the outputs named, in order (none: all of the model's)
     binary_flags: tuple[bool | None, ...] = ()  # each named output's parameters.binary_data (None: not given)
     binary_default: bool = False  # the request's parameters.binary_data_output
+    texts: tuple[str, ...] | None = None  # a BYTES input's strings, one per row (then `values` is empty)
 
     def outputs_for(self, available: Sequence[str]) -> tuple[tuple[str, ...], frozenset[str]]:
         """The outputs to answer for a model with `available` outputs, and those to answer as binary
@@ -78,6 +86,11 @@ class InferRequest:
 
     def rows_for(self, input_shape: Sequence[int]) -> torch.Tensor:
         """[N, F] float32 rows for a model with `input_shape`; InvalidInputError if the shape does not fit."""
+        if self.texts is not None:
+            raise InvalidInputError(
+                f"inputs[0].datatype: {TEXT_DATATYPE!r} (strings) is for text models; this model takes numbers: "
+                f"send datatype {INPUT_DATATYPE!r} with shape [N, {', '.join(map(str, input_shape))}]"
+            )
         expected = [-1, *input_shape]
         if list(self.shape[1:]) != list(input_shape):
             raise InvalidInputError(
@@ -85,6 +98,15 @@ class InferRequest:
                 f"(N rows of {list(input_shape)}); reshape the data"
             )
         return torch.from_numpy(self.values.reshape(self.shape[0], math.prod(input_shape)))
+
+    def texts_for_text_model(self) -> tuple[str, ...]:
+        """The strings a text model tokenises; InvalidInputError naming the fix when numbers were sent."""
+        if self.texts is None:
+            raise InvalidInputError(
+                f"inputs[0].datatype: {INPUT_DATATYPE!r} is not accepted by this text model, which tokenises strings "
+                f"itself: send datatype {TEXT_DATATYPE!r} with shape [N] and one UTF-8 string per row"
+            )
+        return self.texts
 
 
 def parse_json(body: bytes) -> Any:
@@ -140,9 +162,73 @@ def parse_infer_request(payload: Any, binary: memoryview | None = None) -> Infer
                                 f"{INPUT_NAME!r}")  # fmt: skip
     if len(inputs) > 1:
         raise InvalidInputError(f"inputs: {INPUT_NAME!r} is given {len(inputs)} times; send it once")
-    shape, values = _parse_input(inputs[0], binary)
+    texts = None
+    shape: tuple[int, ...]
+    if isinstance(inputs[0], dict) and inputs[0].get("datatype") == TEXT_DATATYPE:
+        texts = _parse_texts(inputs[0], binary)
+        shape, values = (len(texts),), np.zeros(0, np.float32)
+    else:
+        shape, values = _parse_input(inputs[0], binary)
     outputs, flags = _parse_outputs(payload.get("outputs"))
-    return InferRequest(request_id, shape, values, outputs, flags, bool(_flag(payload, "binary_data_output", "")))
+    binary_default = bool(_flag(payload, "binary_data_output", ""))
+    return InferRequest(request_id, shape, values, outputs, flags, binary_default, texts)
+
+
+def _parse_texts(item: dict[str, Any], binary: memoryview | None) -> tuple[str, ...]:
+    """A BYTES input's strings: shape [N] or [N, 1]; JSON strings, or Triton's length-prefixed binary form."""
+    shape = item.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (1, 2)
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or shape[0] < 1
+        or shape[1:] not in ([], [1])
+    ):
+        raise InvalidInputError(
+            f"inputs[0].shape: {shape!r} does not fit a {TEXT_DATATYPE} input; send [N] (or [N, 1]), one string per row"
+        )
+    if shape[0] > MAX_ROWS:
+        raise InvalidInputError(f"inputs[0].shape: {shape[0]} rows in one request; send at most {MAX_ROWS}")
+    size = _parameters(item, "inputs[0].").get("binary_data_size")
+    if size is not None:
+        if binary is None or "data" in item or size != len(binary):
+            raise InvalidInputError(
+                f"inputs[0].parameters.binary_data_size: {size!r}, but {0 if binary is None else len(binary)} bytes "
+                "follow the JSON header; send the strings once, length-prefixed, with the "
+                f"{HEADER_LENGTH_HEADER} header"
+            )
+        texts = _length_prefixed(binary)
+    else:
+        _binary_values(item, binary, 0)  # refuses bytes after the header that no input claims
+        data = item.get("data")
+        if not isinstance(data, list) or not all(isinstance(text, str) for text in data):
+            raise InvalidInputError(
+                f"inputs[0].data: a {TEXT_DATATYPE} input's data must be a JSON array of strings, one per row"
+            )
+        texts = [str(text) for text in data]
+    if len(texts) != shape[0]:
+        raise InvalidInputError(f"inputs[0].data: {len(texts)} strings for shape {shape}; send one string per row")
+    return tuple(texts)
+
+
+def _length_prefixed(binary: memoryview) -> list[str]:
+    """Triton's serialised BYTES tensor: per element a 4-byte little-endian length, then that many bytes."""
+    texts: list[str] = []
+    at = 0
+    while at < len(binary):
+        if at + 4 > len(binary):
+            raise InvalidInputError("inputs[0]: binary BYTES data ends inside a length prefix; send whole elements")
+        length = int.from_bytes(binary[at : at + 4], "little")
+        if at + 4 + length > len(binary):
+            raise InvalidInputError(
+                f"inputs[0]: binary BYTES element {len(texts)} declares {length} bytes past the end; fix the lengths"
+            )
+        try:
+            texts.append(bytes(binary[at + 4 : at + 4 + length]).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(f"inputs[0]: BYTES element {len(texts)} is not UTF-8 ({e}); send UTF-8 text") from e
+        at += 4 + length
+    return texts
 
 
 def _flag(item: dict[str, Any], name: str, where: str) -> bool | None:
@@ -192,7 +278,10 @@ def _binary_values(item: dict[str, Any], binary: memoryview | None, expected: in
 def _parse_input(item: dict[str, Any], binary: memoryview | None) -> tuple[tuple[int, ...], npt.NDArray[np.float32]]:
     datatype = item.get("datatype")
     if datatype != INPUT_DATATYPE:
-        raise InvalidInputError(f"inputs[0].datatype: {datatype!r} is not supported; use {INPUT_DATATYPE!r}")
+        raise InvalidInputError(
+            f"inputs[0].datatype: {datatype!r} is not supported; use {INPUT_DATATYPE!r} ({TEXT_DATATYPE!r} for a "
+            "text model)"
+        )
     shape = item.get("shape")
     if (
         not isinstance(shape, list)
@@ -315,9 +404,10 @@ def encode_answer(answer: dict[str, Any], binary_outputs: frozenset[str]) -> tup
 
 
 def model_metadata(
-    name: str, versions: Sequence[str], input_shape: Sequence[int], task: Task, width: int
+    name: str, versions: Sequence[str], input_shape: Sequence[int], task: Task, width: int, *, text: bool = False
 ) -> dict[str, Any]:
-    """OIP v2 model metadata; `width`: a classifier's classes, a regression model's outputs."""
+    """OIP v2 model metadata; `width`: a classifier's classes, a regression model's outputs; `text`: a
+    text model's input is BYTES [-1], one string per row."""
     outputs = (
         [{"name": PREDICTION, "datatype": "FP32", "shape": [-1, width]}]
         if task == "regression"
@@ -330,6 +420,10 @@ def model_metadata(
         "name": name,
         "versions": list(versions),
         "platform": "pytorch",
-        "inputs": [{"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, *input_shape]}],
+        "inputs": [
+            {"name": INPUT_NAME, "datatype": TEXT_DATATYPE, "shape": [-1]}
+            if text
+            else {"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, *input_shape]}
+        ],
         "outputs": outputs,
     }

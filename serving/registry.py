@@ -8,9 +8,10 @@ that nothing in the server refers to it and its memory is freed.
 
 A classifier answers probabilities and a class per row; a regression model (`RegressionServing`)
 answers floats in its target's units: its outputs mapped back by the target standardizer fitted at
-training (`ml.standardizer.TargetStandardizer.inverse`). For the canary's prediction drift a routed
-request also carries the bin edges its regression predictions are counted in: the champion's
-`prediction_bins` for both variants (`Routed.drift_edges`).
+training (`ml.standardizer.TargetStandardizer.inverse`). A text model (a manifest with a tokenizer)
+takes strings (OIP v2 BYTES) and tokenises them with its version's own tokenizer (`rows_of`).
+For the canary's prediction drift a routed request also carries the bin edges its regression
+predictions are counted in: the champion's `prediction_bins` for both variants (`Routed.drift_edges`).
 
 Traffic split: a request goes to the canary with probability `canary_weight` percent. With a
 sticky key (the `X-Retrainer-Sticky` header) a hash of pipeline and key decides instead, so one
@@ -39,9 +40,11 @@ from torch import nn
 from domain.entities import ModelVersion
 from domain.errors import InvalidInputError, NotFoundError, RetrainerError
 from domain.task import Task
-from ml.package import load_package, manifest_task, output_width, target_standardizer_of
+from ml.package import load_package, manifest_task, output_width, target_standardizer_of, tokenizer_of
 from ml.standardizer import Standardizer, TargetStandardizer
+from ml.text import TextTokenizer
 from serving.batching import BatchingConfig, DynamicBatcher
+from serving.protocol import InferRequest
 from storage.artifacts.base import ArtifactStore
 
 Variant = Literal["champion", "canary"]
@@ -94,6 +97,7 @@ class LoadedModel:
         batching: BatchingConfig | None = None,
         version_id: int | None = None,
         regression: RegressionServing | None = None,
+        tokenizer: TextTokenizer | None = None,
     ) -> None:
         if not input_shape or any(int(d) < 1 for d in input_shape):
             raise InvalidInputError(f"{pipeline} v{version}: input_shape must be positive sizes (got {input_shape})")
@@ -104,6 +108,7 @@ class LoadedModel:
         self.version_id = version_id
         self.model = model.eval()
         self.standardizer = standardizer
+        self.tokenizer = tokenizer
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_features = math.prod(self.input_shape)
         self.output_classes = output_classes
@@ -119,6 +124,14 @@ class LoadedModel:
         self._leases = 0
         self._retired = False
         self._lock = threading.Lock()
+
+    def rows_of(self, request: InferRequest) -> torch.Tensor:
+        """A request's [N, F] float32 rows: a text model tokenises its strings with its own tokenizer
+        (token ids as floats, the data path's convention); InvalidInputError when the input does not fit."""
+        if self.tokenizer is None:
+            return request.rows_for(self.input_shape)
+        ids = self.tokenizer.encode(request.texts_for_text_model())
+        return torch.from_numpy(ids.astype("float32"))
 
     async def infer(self, rows: torch.Tensor) -> list[RowAnswer]:
         """One answer per row of [N, F] `rows`, through the batcher when batching is on."""
@@ -247,6 +260,7 @@ def load_version(
         path = store.download(ref, Path(tmp) / "model.pt")
         model, standardizer = load_package(path, manifest, version.sha256)
     target = target_standardizer_of(manifest, source=f"model {version.pipeline} v{version.version}")
+    tokenizer = tokenizer_of(manifest, source=f"model {version.pipeline} v{version.version}")
     regression = (
         None
         if target is None
@@ -264,6 +278,7 @@ def load_version(
         batching=batching,
         version_id=version.id,
         regression=regression,
+        tokenizer=tokenizer,
     )
 
 

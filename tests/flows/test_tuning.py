@@ -161,7 +161,8 @@ def test_on_postgresql_the_study_lives_in_its_own_schema(
     engine = create_db_engine(postgres_url)
     revision = current_revision(engine)
     document = tuned(trials=2)
-    document["name"] = f"digits-{uuid.uuid4().hex[:8]}"  # the PostgreSQL database is shared by the suite
+    suffix = uuid.uuid4().hex[:8]  # the PostgreSQL database is shared by the suite (and by earlier runs)
+    document["name"], document["dataset"] = f"digits-{suffix}", f"digits-{suffix}"
     run_id = event_run(make_sessions(engine), document, "v1", digits["v1"])
 
     outcome = run_pipeline(document["name"], run_id)
