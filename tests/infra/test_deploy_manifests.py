@@ -4,8 +4,10 @@ Nothing here starts Docker or Kubernetes (neither is needed to run the tests). T
 structural and take a second or two: every YAML parses; every RETRAINER_* variable is a
 field of `domain.settings.Settings` and every value set for one passes its validation; every
 `retrainer …` command line exists in the Typer app with the options it is given; no container
-runs inline Python (each runs a CLI command); compose dependencies, Kubernetes selectors, Service ports, probes, the
-HPA target and the kustomization's resource list are consistent with each other.
+runs inline Python (each runs a CLI command); compose dependencies, Kubernetes selectors, Service ports, the
+HPA target and the kustomization's resource list are consistent with each other. The schemas of
+Kubernetes and Compose, the probes and metrics ports and the Prefect workers' command lines are
+checked in test_manifests_schema.py.
 """
 
 from __future__ import annotations
@@ -402,18 +404,14 @@ def test_no_container_runs_inline_python(
         assert not re.search(r"^\s*python3? ", process.script, flags=re.MULTILINE), process.where
 
 
-def test_one_work_pool_everywhere(
+def test_pipelines_are_deployed_on_the_work_pool(
     services: dict[str, dict[str, Any]], k8s_objects: list[tuple[str, dict[str, Any]]]
 ) -> None:
+    """The workers' side (`prefect worker start --pool`) is parsed by Prefect's own CLI parser in
+    test_manifests_schema.py."""
     processes = [*_compose_processes(services), *_k8s_processes(k8s_objects)]
-    workers = [p for p in processes if p.program == "prefect"]
-    assert len(workers) == 2, "one Prefect worker in compose and one in k8s"
     deploys = [p for p in processes if p.program == "retrainer" and p.argv[:2] == ("pipelines", "deploy")]
     assert len(deploys) == 2, "one `retrainer pipelines deploy` in compose and one in k8s"
-    for worker in workers:
-        argv = list(worker.argv)
-        assert argv[argv.index("--pool") + 1] == WORK_POOL, worker.where
-        assert argv[argv.index("--type") + 1] == "process", worker.where
     for deploy in deploys:
         argv = list(deploy.argv)
         assert argv[argv.index("--pool") + 1] == WORK_POOL, deploy.where
@@ -575,21 +573,6 @@ def test_k8s_services_target_declared_container_ports(k8s_objects: list[tuple[st
         _deployment_selected_by(k8s_objects, pdb["spec"]["selector"]["matchLabels"])
 
 
-def _configmap_data(objects: list[tuple[str, dict[str, Any]]], workload: dict[str, Any]) -> dict[str, str]:
-    """The ConfigMap variables a workload's containers get through envFrom."""
-    names = {
-        source["configMapRef"]["name"]
-        for container in _containers(workload)
-        for source in container.get("envFrom", [])
-        if "configMapRef" in source
-    }
-    data: dict[str, str] = {}
-    for configmap in _of_kind(objects, "ConfigMap"):
-        if configmap["metadata"]["name"] in names:
-            data.update(configmap.get("data") or {})
-    return data
-
-
 def _deployment_running(objects: list[tuple[str, dict[str, Any]]], command: str) -> dict[str, Any]:
     (deployment,) = [
         d
@@ -599,15 +582,10 @@ def _deployment_running(objects: list[tuple[str, dict[str, Any]]], command: str)
     return deployment
 
 
-def test_model_server_probes_resources_and_autoscaler(k8s_objects: list[tuple[str, dict[str, Any]]]) -> None:
+def test_model_server_resources_and_autoscaler(k8s_objects: list[tuple[str, dict[str, Any]]]) -> None:
+    """(Its probes and metrics port: test_manifests_schema.py.)"""
     deployment = _deployment_running(k8s_objects, "serve-models")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    ports = _container_ports(deployment)
-    serving_port = int(_configmap_data(k8s_objects, deployment)["RETRAINER_SERVING_ADDRESS"].rsplit(":", 1)[1])
-    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
-        http = container[probe]["httpGet"]
-        assert http["path"] == path, probe
-        assert ports.get(http["port"]) == serving_port == 8081, f"{probe} must reach the model server's port"
     resources = container["resources"]
     assert resources["requests"]["cpu"] and resources["requests"]["memory"], "requests (the HPA needs cpu)"
     assert resources["limits"]["cpu"] and resources["limits"]["memory"], "limits"
@@ -626,14 +604,10 @@ def test_model_server_probes_resources_and_autoscaler(k8s_objects: list[tuple[st
         for m in hpa["spec"]["metrics"]
     ), "the HPA scales on CPU utilisation"
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count; a fixed one fights it"
-
-
-def test_api_probes_and_address(k8s_objects: list[tuple[str, dict[str, Any]]]) -> None:
-    deployment = _deployment_running(k8s_objects, "api")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    api_port = int(_configmap_data(k8s_objects, deployment)["RETRAINER_API_ADDRESS"].rsplit(":", 1)[1])
-    assert _container_ports(deployment).get(container["readinessProbe"]["httpGet"]["port"]) == api_port
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    (pdb,) = _of_kind(k8s_objects, "PodDisruptionBudget")
+    assert pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow", (
+        "model servers are unready until the first champion; they must not block a node drain"
+    )
 
 
 def test_kustomization_lists_exactly_the_manifests(k8s_objects: list[tuple[str, dict[str, Any]]]) -> None:
@@ -660,34 +634,6 @@ LONG_RUNNING = {
 
 def _port(address: str) -> int:
     return int(address.rpartition(":")[2])
-
-
-def _k8s_deployment_of(objects: list[tuple[str, dict[str, Any]]], words: tuple[str, ...]) -> dict[str, Any]:
-    (deployment,) = [
-        d
-        for d in _of_kind(objects, "Deployment")
-        if any(tuple((c.get("args") or [])[: len(words)]) == words for c in _containers(d))
-    ]
-    return deployment
-
-
-def test_every_long_running_k8s_process_serves_health_and_is_scraped(
-    k8s_objects: list[tuple[str, dict[str, Any]]],
-) -> None:
-    for words, setting in LONG_RUNNING.items():
-        deployment = _k8s_deployment_of(k8s_objects, words)
-        where = f"Deployment {deployment['metadata']['name']} (retrainer {' '.join(words)})"
-        port = _port(_configmap_data(k8s_objects, deployment)[setting])
-        ports = _container_ports(deployment)
-        assert port in ports.values(), f"{where}: {setting} port {port} is not a containerPort"
-        annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
-        assert annotations.get("prometheus.io/scrape") == "true", f"{where}: not scraped"
-        assert annotations.get("prometheus.io/port") == str(port), f"{where}: scraped on another port than {port}"
-        assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
-        if setting == HEALTH_SETTING:
-            (container,) = [c for c in _containers(deployment) if tuple(c["args"][: len(words)]) == words]
-            probe = container["readinessProbe"]["httpGet"]
-            assert probe["path"] == "/healthz" and ports[probe["port"]] == port, f"{where}: readiness is not /healthz"
 
 
 def test_every_long_running_compose_process_is_scraped_and_health_checked(
