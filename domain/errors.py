@@ -88,6 +88,16 @@ class TrainingError(RetrainerError, code="training_failed"):
     """Training cannot produce a trustworthy model (NaN/inf loss, diverged, out of memory at batch 1)."""
 
 
+class WorkerFailedError(InfrastructureError, code="worker_failed", retryable=True):
+    """A training worker process (one torchrun rank) exited with an error or was killed; the message
+    names the rank, its exit code and its last log lines. A retry resumes from the last checkpoint,
+    unless the worker's own error said retrying cannot help (`retryable` is then False)."""
+
+    def __init__(self, message: str, *, rank: int | None, exit_code: int, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.rank, self.exit_code, self.retryable = rank, exit_code, retryable
+
+
 # ---------------------------------------------------------------- refusals at an HTTP boundary
 # Raised by the API's and the model server's middleware; here so both processes share one class
 # (and one status) per refusal.

@@ -98,6 +98,17 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(
         default=5.0, gt=0, description="How long to wait for a backing service before giving up."
     )
+    ddp_nnodes: int = Field(
+        default=1, ge=1, description="Machines in a DDP training job when the spec's distributed.nnodes is unset."
+    )
+    ddp_node_rank: int = Field(
+        default=0, ge=0, description="This machine's rank in a DDP job when the spec's distributed.node_rank is unset."
+    )
+    ddp_rdzv_endpoint: str = Field(
+        default="",
+        description="HOST:PORT where a several-machine DDP job's ranks meet (node 0) when the spec's "
+        "distributed.rdzv_endpoint is unset; empty: one machine, a free local port.",
+    )
 
     @property
     def model_server_url(self) -> str:
@@ -138,6 +149,13 @@ class Settings(BaseSettings):
     @classmethod
     def _address(cls, value: str) -> str:
         split_address(value)
+        return value
+
+    @field_validator("ddp_rdzv_endpoint")
+    @classmethod
+    def _rdzv_endpoint(cls, value: str) -> str:
+        if value:
+            split_address(value)
         return value
 
     @model_validator(mode="after")

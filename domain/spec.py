@@ -31,6 +31,7 @@ from domain.errors import SpecError
 from domain.init_spec import InitSpec
 from domain.outcomes import RolloutStatus
 from domain.param_group_spec import ParamGroupSpec
+from domain.settings import split_address
 from domain.task import (
     BUILTIN_LOSSES,
     DEFAULT_LOSS,
@@ -160,13 +161,23 @@ class HardwareSpec(_Strict):
 
 
 class DistributedSpec(_Strict):
+    """`ddp`: the train task launches torchrun (flows/distributed.py). The node keys, when unset, come
+    from RETRAINER_DDP_NNODES / _NODE_RANK / _RDZV_ENDPOINT (domain/settings.py), else one node."""
+
     strategy: Literal["none", "ddp"] = "none"
-    num_workers: PositiveInt = 1
+    num_workers: PositiveInt = Field(default=1, description="Processes per node (torchrun --nproc-per-node).")
+    nnodes: PositiveInt | None = None
+    node_rank: int | None = Field(default=None, ge=0)
+    rdzv_endpoint: str | None = Field(default=None, description="HOST:PORT of node 0, where the ranks meet.")
 
     @model_validator(mode="after")
     def _workers(self) -> DistributedSpec:
         if self.strategy == "ddp" and self.num_workers < 2:
             raise ValueError(f"ddp needs num_workers >= 2 processes (got {self.num_workers}); or use strategy: none")
+        if self.rdzv_endpoint is not None:
+            split_address(self.rdzv_endpoint)
+        if self.nnodes is not None and self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes} (ranks count from 0)")
         return self
 
 

@@ -36,6 +36,7 @@ from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
 from domain.task import QUALITY_METRICS
 from flows.context import FlowContext
+from flows.distributed import train_distributed
 from flows.evaluation import (
     PairedReports,
     Report,
@@ -168,6 +169,19 @@ def train_candidate(
             update_progress_artifact(progress_id, progress=min(done, 100.0))
             last_reported[0] = done
 
+    if spec.distributed.strategy == "ddp":  # torchrun's processes train it (flows/distributed.py)
+        result = train_distributed(
+            spec,
+            data.training_data(),
+            checkpoint_dir,
+            ctx.settings,
+            job_id=run_id,
+            init_state=None if start is None else start.state,
+            progress=report,
+            on_checkpoint=upload,
+        )
+        update_progress_artifact(progress_id, progress=100.0)
+        return result
     seed_everything(spec.data.seed)
     model = build_for_spec(spec)
     if start is not None:
@@ -267,6 +281,7 @@ def gate_and_record(
             "stopped_early": trained.stopped_early,
             "global_steps": trained.global_steps,
             "resumed_from_step": trained.resumed_from_step,
+            "world_size": trained.world_size,
             "history": trained.history_dicts(),
             "warnings": trained.warnings,
             "init": None if start is None else start.report.to_dict(),

@@ -128,6 +128,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     trainable_parameters: int = 0
     frozen_parameters: int = 0
+    world_size: int = 1  # processes that trained it (DDP ranks)
 
     def history_dicts(self) -> list[dict[str, Any]]:
         return [asdict(m) for m in self.history]
@@ -492,6 +493,7 @@ class _Trainer:
             warnings=list(self.notes),
             trainable_parameters=counts.trainable,
             frozen_parameters=counts.frozen,
+            world_size=self.world,
         )
 
     def _should_stop(self) -> bool:

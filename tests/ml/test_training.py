@@ -260,16 +260,11 @@ def _free_port() -> int:
 
 
 def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
+    from ml.ddp_worker import WorkerInputs
+
     spec = make_spec(epochs=2, distributed={"strategy": "ddp", "num_workers": 2})
-    (tmp_path / "spec.json").write_text(json.dumps(spec.to_document()))
-    data = make_data()
-    np.savez(
-        tmp_path / "data.npz",
-        **{
-            name: getattr(data, name).numpy()
-            for name in ("train_features", "train_labels", "val_features", "val_labels")
-        },
-    )
+    inputs = WorkerInputs(tmp_path / "job", tmp_path / "ck")
+    inputs.write(spec, make_data())
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [
@@ -280,16 +275,7 @@ def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
             "127.0.0.1",
             "--master_port",
             str(_free_port()),
-            "-m",
-            "ml.ddp_worker",
-            "--spec",
-            str(tmp_path / "spec.json"),
-            "--data",
-            str(tmp_path / "data.npz"),
-            "--checkpoint-dir",
-            str(tmp_path / "ck"),
-            "--output",
-            str(tmp_path / "model.safetensors"),
+            *inputs.worker_args(),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -298,12 +284,12 @@ def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "model.json").read_text())
+    summary = json.loads(inputs.result.read_text())
     assert summary["world_size"] == 2 and len(summary["history"]) == 2
     assert summary["history"][1]["train_loss"] < summary["history"][0]["train_loss"]
     from safetensors.torch import load_file
 
-    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights = load_file(str(inputs.weights))
     model = fresh_model(spec)
     model.load_state_dict(weights)
     assert (tmp_path / "ck" / "last.pt").exists()
