@@ -29,15 +29,11 @@ import numpy as np
 import numpy.typing as npt
 
 from domain.errors import InvalidInputError
+from domain.task import QUALITY_METRICS
 from ml.evaluation.report import RegressionReport
 
-# Whether a larger value is better, for the regression metrics `compare` can resample.
-REGRESSION_METRICS: dict[str, bool] = {
-    "rmse": False,
-    "mae": False,
-    "r2": True,
-    "mape": False,
-}
+# Whether a larger value is better, for the regression metrics `compare` can resample (domain/task.py).
+REGRESSION_METRICS: dict[str, bool] = QUALITY_METRICS["regression"]
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from domain.task import QUALITY_METRICS
 from ml.evaluation.ranking import RANKING_METRICS, RankingEvidence, resampled_ranking
 from ml.evaluation.report import EvalReport
 
 ECE_BINS = 15
-# Whether a larger value is better, for the metrics `compare` can resample from per-example evidence.
-BUILTIN_METRICS: dict[str, bool] = {
-    "accuracy": True,
-    "macro_f1": True,
-    "log_loss": False,
-    "ece": False,
-    "roc_auc": True,
-    "pr_auc": True,
-}
+# Whether a larger value is better, for the metrics `compare` can resample from per-example evidence
+# (the classification task's quality metrics: domain/task.py is the one list).
+BUILTIN_METRICS: dict[str, bool] = QUALITY_METRICS["classification"]
 # Probabilities are stored as float32, so clip at float32's eps (as scikit-learn does for float32
 # input): a confidently wrong prediction costs ~15.9 nats instead of infinity.
 _PROB_EPS = float(np.finfo(np.float32).eps)

@@ -8,13 +8,69 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import httpx
+import pytest
+
+from domain.settings import Settings, load_settings
+from retrainer import demo as story
+from retrainer.service import free_port
 
 START_TIMEOUT_S = 240.0
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What a story through `retrainer serve` needs: the settings it runs with, the API and model
+    server addresses, and the data versions as s3:// URIs."""
+
+    settings: Settings
+    api: str
+    serving: str
+    data: dict[str, str]
+
+
+def production_stack(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    database: str,
+    s3_endpoint_url: str,
+    kafka_bootstrap: str,
+    prefix: str,
+    files: dict[str, Path],
+) -> Stack:
+    """The environment of `retrainer serve` on PostgreSQL, MinIO and Kafka (embedded defaults for the
+    rest), its topics created, and `files` uploaded under s3://datasets/<prefix>-<random>/."""
+    suffix = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    api, serving = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {
+        **story.demo_environment(tmp_path / "home"),
+        "RETRAINER_DATABASE_URL": database,
+        "RETRAINER_ARTIFACT_ROOT": f"s3://retrainer-test/{suffix}",
+        "RETRAINER_S3_ENDPOINT_URL": s3_endpoint_url,
+        "RETRAINER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "RETRAINER_API_ADDRESS": api,
+        "RETRAINER_SERVING_ADDRESS": serving,
+        "RETRAINER_LOG_LEVEL": "INFO",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the service starts its own Prefect server
+    settings = load_settings()
+    story.create_topics(settings)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint_url)
+    data = {}
+    for key, path in files.items():
+        s3.upload_file(str(path), "datasets", f"{suffix}/{path.name}")
+        data[key] = f"s3://datasets/{suffix}/{path.name}"
+    return Stack(settings, api, serving, data)
 
 
 @contextmanager

@@ -5,21 +5,17 @@ Prefect server and runner started by the service. Every decision is asserted.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 
 from domain import entities as e
 from domain.evidence import CheckOutcome
-from domain.settings import load_settings
 from flows.records import decision_record
 from retrainer import demo as story
-from retrainer.service import free_port
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
-from tests.integration.service import retrainer_serve
+from tests.integration.service import production_stack, retrainer_serve
 
 pytestmark = pytest.mark.integration
 
@@ -35,30 +31,12 @@ def test_the_story_through_retrainer_serve(
 ) -> None:
     from ml.demo_data import digits_versions
 
-    suffix = uuid.uuid4().hex[:8]
-    api, serving = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **story.demo_environment(tmp_path / "home"),
-        "RETRAINER_DATABASE_URL": e2e_database,
-        "RETRAINER_ARTIFACT_ROOT": f"s3://retrainer-test/e2e-{suffix}",
-        "RETRAINER_S3_ENDPOINT_URL": s3_endpoint_url,
-        "RETRAINER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "RETRAINER_API_ADDRESS": api,
-        "RETRAINER_SERVING_ADDRESS": serving,
-        "RETRAINER_LOG_LEVEL": "INFO",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the service starts its own Prefect server
-    settings = load_settings()
-    story.create_topics(settings)
-
     files = digits_versions(tmp_path / "data")  # the data lives in S3 too
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint_url)
-    data = {}
-    for key, path in files.items():
-        s3.upload_file(str(path), "datasets", f"e2e-{suffix}/{path.name}")
-        data[key] = f"s3://datasets/e2e-{suffix}/{path.name}"
+    stack = production_stack(
+        tmp_path, monkeypatch, database=e2e_database, s3_endpoint_url=s3_endpoint_url,
+        kafka_bootstrap=kafka_bootstrap, prefix="e2e", files=files,
+    )  # fmt: skip
+    settings, api, serving, data = stack.settings, stack.api, stack.serving, stack.data
     story.write_spec(settings.pipelines_dir, story.spec_for(SMALL[0]))
 
     with retrainer_serve(api, tmp_path / "serve.log") as health:
@@ -86,7 +64,7 @@ def test_the_story_through_retrainer_serve(
         assert versions[results[0].model_version].stage is e.ModelStage.RETIRED
         assert versions[results[2].model_version].stage is e.ModelStage.REJECTED
         assert versions[results[3].model_version].stage is e.ModelStage.ROLLED_BACK
-        assert champion.artifact_uri.startswith(f"s3://retrainer-test/e2e-{suffix}/")
+        assert champion.artifact_uri.startswith(stack.settings.artifact_root + "/")
 
         slow, good = rollouts[0], rollouts[1]  # newest first
         assert good.status is e.RolloutStatus.PROMOTED and [s.verdict for s in good.steps] == [e.Verdict.PASS] * 3

@@ -6,24 +6,20 @@ regression checks, an underfit one rejected by the paired RMSE gate; an outside 
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 import yaml
 
 from domain import entities as e
 from domain.evidence import CheckOutcome
-from domain.settings import load_settings
 from flows.records import decision_record
 from retrainer import demo as story
-from retrainer.service import free_port
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
-from tests.integration.service import retrainer_serve
+from tests.integration.service import production_stack, retrainer_serve
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,29 +66,12 @@ def test_a_regression_pipeline_through_retrainer_serve(
 
     from ml.demo_regression import diabetes_versions
 
-    suffix = uuid.uuid4().hex[:8]
-    api, serving = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **story.demo_environment(tmp_path / "home"),
-        "RETRAINER_DATABASE_URL": e2e_database,
-        "RETRAINER_ARTIFACT_ROOT": f"s3://retrainer-test/regression-{suffix}",
-        "RETRAINER_S3_ENDPOINT_URL": s3_endpoint_url,
-        "RETRAINER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "RETRAINER_API_ADDRESS": api,
-        "RETRAINER_SERVING_ADDRESS": serving,
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    settings = load_settings()
-    story.create_topics(settings)
-
     files = diabetes_versions(tmp_path / "data")
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint_url)
-    data = {}
-    for key, path in files.items():
-        s3.upload_file(str(path), "datasets", f"regression-{suffix}/{path.name}")
-        data[key] = f"s3://datasets/regression-{suffix}/{path.name}"
+    stack = production_stack(
+        tmp_path, monkeypatch, database=e2e_database, s3_endpoint_url=s3_endpoint_url,
+        kafka_bootstrap=kafka_bootstrap, prefix="regression", files=files,
+    )  # fmt: skip
+    settings, api, serving, data = stack.settings, stack.api, stack.serving, stack.data
     base = example_spec()
     story.write_spec(settings.pipelines_dir, story.spec_for(ACTS[0], base))
 
