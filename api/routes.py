@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import IdempotencyKeyReusedError, UnauthorizedError
 from api.middleware import API_KEY_HEADER
+from api.paging import MAX_CURSOR_CHARS, decode_run_cursor, encode_run_cursor
 from api.schemas import (
     AliasMoveOut,
     ErrorBody,
@@ -30,9 +31,11 @@ from api.schemas import (
     HealthOut,
     ModelVersionList,
     ModelVersionOut,
+    PipelineDetail,
     PipelineList,
     PipelineOut,
     PromoteBody,
+    ReplicaOut,
     RollbackBody,
     RolloutActionBody,
     RolloutOut,
@@ -47,6 +50,7 @@ from api.schemas import (
 )
 from domain import entities as e
 from domain.errors import ConflictError, NotFoundError
+from domain.evidence import ServingReplica
 from domain.settings import Settings
 from flows import champion, records
 from flows.triggers import RunSubmitter, TriggerRequest, request_run
@@ -98,6 +102,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "Body over the size limit."},
     429: {"model": ErrorBody, "description": "Rate limit of the key reached; see Retry-After."},
 }
+REPLICAS_SHOWN_FOR = timedelta(hours=1)  # a replica silent longer is gone, not worth a line
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "Unknown pipeline or run."}}
 _OVERRIDE_ERRORS: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND,
@@ -248,6 +253,11 @@ def trigger_train(
 
 # -------------------------------------------------------------------------------------- runs
 
+_RUN_PAGES = (
+    "Summaries without the decision record (GET /api/v1/runs/{run_id} has it). Pages: pass the answer's "
+    "`next_cursor` as `cursor` for the next page (null on the last one)."
+)
+
 
 @_route(
     "GET",
@@ -266,18 +276,23 @@ def show_run(run_id: str, state: State) -> RunDetail:
     "GET",
     API_PREFIX + "/runs",
     summary="Recent runs, newest first",
-    description="Summaries without the decision record (GET /api/v1/runs/{run_id} has it).",
-    responses=_NOT_FOUND,
+    description=_RUN_PAGES,
+    responses={**_NOT_FOUND, 400: {"model": ErrorBody, "description": "A cursor this API did not give out."}},
 )
 def list_runs(
     state: State,
     pipeline: Annotated[str | None, Query(max_length=200, description="Only this pipeline's runs.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many runs.")] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=MAX_CURSOR_CHARS, description="The previous page's `next_cursor`.")
+    ] = None,
 ) -> RunList:
+    after = decode_run_cursor(cursor) if cursor is not None else None
     with transaction(state.sessions) as session:
         version_of = _VersionNumbers(session)
-        runs = [_run_summary(run, version_of) for run in repo.list_runs(session, pipeline, limit)]
-    return RunList(runs=runs)
+        page, following = repo.runs_page(session, pipeline, limit, after=after)
+        runs = [_run_summary(run, version_of) for run in page]
+    return RunList(runs=runs, next_cursor=encode_run_cursor(following) if following else None)
 
 
 # --------------------------------------------------------------------------------- pipelines
@@ -297,6 +312,41 @@ def list_pipelines(state: State) -> PipelineList:
             for p in repo.list_pipelines(session)
         ]
     return PipelineList(pipelines=pipelines)
+
+
+@_route(
+    "GET",
+    API_PREFIX + "/pipelines/{name}",
+    summary="A pipeline, its champion, and the model-server replicas serving it",
+    responses=_NOT_FOUND,
+)
+def get_pipeline(name: str, state: State) -> PipelineDetail:
+    now = datetime.now(UTC)
+    with transaction(state.sessions) as session:
+        p = repo.get_pipeline(session, name)
+        champion_version = _VersionNumbers(session)(p.champion_version_id)
+        replicas = repo.serving_replicas(session, heard_since=now - REPLICAS_SHOWN_FOR, pipeline=name)
+    return PipelineDetail(
+        name=p.name,
+        dataset=p.dataset,
+        champion_version=champion_version,
+        frozen_until=_iso(p.frozen_until),
+        replicas=[_replica_out(r, name, now) for r in replicas],
+    )
+
+
+def _replica_out(replica: ServingReplica, pipeline: str, now: datetime) -> ReplicaOut:
+    served = replica.serving[pipeline]
+    return ReplicaOut(
+        replica=replica.replica,
+        address=replica.address,
+        champion_version=served.champion_version,
+        canary_version=served.canary_version,
+        canary_weight=served.canary_weight,
+        since=_iso(served.since),
+        heartbeat_age_seconds=round(replica.heartbeat_age_s(now), 3),
+        state=replica.state(now),
+    )
 
 
 @_route(

@@ -144,6 +144,9 @@ class RunDetail(RunSummary):
 
 class RunList(_Response):
     runs: list[RunSummary] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null when this page is the last."
+    )
 
 
 class PipelineOut(_Response):
@@ -155,6 +158,25 @@ class PipelineOut(_Response):
 
 class PipelineList(_Response):
     pipelines: list[PipelineOut]
+
+
+class ReplicaOut(_Response):
+    replica: str = Field(description="The model-server replica's id (host name, process id, suffix).")
+    address: str | None
+    champion_version: str | None = Field(description="The champion version this replica serves.")
+    canary_version: str | None
+    canary_weight: float = Field(description="Percent of this replica's traffic the canary gets.")
+    since: str | None = Field(description="When the replica began serving exactly this (ISO 8601).")
+    heartbeat_age_seconds: float
+    state: Literal["live", "missing", "stopped"] = Field(
+        description="missing: silent for over REPLICA_MISSING_AFTER_S seconds (domain/evidence.py) without stopping."
+    )
+
+
+class PipelineDetail(PipelineOut):
+    replicas: list[ReplicaOut] = Field(
+        description="Model-server replicas heard from in the last hour that serve this pipeline, and what each serves."
+    )
 
 
 class ModelVersionOut(_Response):

@@ -48,6 +48,7 @@ from domain.settings import Settings
 from flows.loop import LoopHealth, run_loop, stop_on_signals
 from storage import repositories as repo
 from storage.db import transaction
+from storage.notify import INBOX_CHANNEL, notify
 from storage.orm import SqlPipeline
 
 log = logging.getLogger("retrainer.consumers")
@@ -225,6 +226,8 @@ class DataChangeConsumer:
         ]
         with transaction(self.sessions) as session:
             stored, duplicates = repo.add_many_to_inbox(session, batch)
+            if stored:  # the trigger service wakes once these rows are committed, not at its next poll
+                notify(session, INBOX_CHANNEL)
         if duplicates:
             EVENTS_DUPLICATE.inc(duplicates)
             log.info("%d redelivered event(s) were already in the inbox", duplicates)

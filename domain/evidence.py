@@ -19,6 +19,8 @@ at a missing or mistyped key.
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
@@ -77,6 +79,32 @@ class VariantWindow(_Evidence):
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
 
+    def merged(self, *others: VariantWindow) -> VariantWindow:
+        """All these windows' samples together (replicas of one version): counts add, histograms merge
+        bucket by bucket and p50/p99 are read from the merged histogram (percentiles never average)."""
+        windows = (self, *others)
+        histograms = [w.latency_histogram for w in windows if w.latency_histogram is not None]
+        histogram = histograms[0].merged(*histograms[1:]) if histograms else None
+        classes: dict[str, int] = {}
+        for window in windows:
+            for cls, count in window.class_counts.items():
+                classes[cls] = classes.get(cls, 0) + count
+        alone = len(windows) == 1
+        return VariantWindow(
+            version=self.version,
+            requests=sum(w.requests for w in windows),
+            errors=sum(w.errors for w in windows),
+            rejected=sum(w.rejected for w in windows),
+            latency_p50_ms=histogram.quantile(0.5) if histogram else (self.latency_p50_ms if alone else None),
+            latency_p99_ms=histogram.quantile(0.99) if histogram else (self.latency_p99_ms if alone else None),
+            latency_histogram=histogram,
+            class_counts=dict(sorted(classes.items())),
+            labelled=sum(w.labelled for w in windows),
+            correct=sum(w.correct for w in windows),
+            abs_error_sum=math.fsum(w.abs_error_sum for w in windows),
+            abs_error_sq_sum=math.fsum(w.abs_error_sq_sum for w in windows),
+        )
+
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
@@ -130,6 +158,11 @@ class ServedWindow(VariantWindow):
         """The window alone (what the controller judges and stores)."""
         return VariantWindow.model_validate(self.model_dump(include=set(VariantWindow.model_fields)))
 
+    def merged_served(self, *others: ServedWindow) -> ServedWindow:
+        """`VariantWindow.merged`, keeping this window's pipeline and variant."""
+        merged = self.window().merged(*(other.window() for other in others))
+        return ServedWindow.model_validate({**merged.model_dump(), "pipeline": self.pipeline, "variant": self.variant})
+
 
 class ServedVersion(_Evidence):
     version: str
@@ -154,6 +187,49 @@ class ModelStats(_Evidence):
         return VariantWindow(version=wanted)
 
 
+REPLICA_MISSING_AFTER_S = 5.0  # five report intervals of the default 1 s (serving/reports.py)
+
+
+class ReplicaShare(_Evidence):
+    """One model-server replica's part of a canary window (the attempt's windows are the sums)."""
+
+    replica: str
+    canary_requests: int = Field(ge=0)
+    champion_requests: int = Field(ge=0)
+    labelled: int = Field(default=0, ge=0, description="Labelled rows, both variants.")
+
+
+class ReplicaServing(_Evidence):
+    """What one replica serves for one pipeline, as it last reported."""
+
+    champion_version: str | None = None
+    canary_version: str | None = None
+    canary_weight: float = 0.0
+    since: AwareDatetime | None = Field(default=None, description="When the replica began serving exactly this.")
+
+
+class ServingReplica(_Evidence):
+    """A model-server replica as it reports itself to the metadata database (`serving/reports.py`)."""
+
+    replica: str
+    address: str | None
+    started_at: AwareDatetime
+    heartbeat_at: AwareDatetime
+    stopped_at: AwareDatetime | None = None
+    reports_windows: bool = Field(description="Whether it reports canary windows (a server with metrics).")
+    serving: dict[str, ReplicaServing] = Field(default_factory=dict, description="By pipeline name.")
+
+    def heartbeat_age_s(self, now: datetime) -> float:
+        return max(0.0, (now - self.heartbeat_at).total_seconds())
+
+    def missing(self, now: datetime, after_s: float = REPLICA_MISSING_AFTER_S) -> bool:
+        """Not stopped, yet silent for more than `after_s` seconds."""
+        return self.stopped_at is None and self.heartbeat_age_s(now) > after_s
+
+    def state(self, now: datetime) -> Literal["live", "missing", "stopped"]:
+        return "stopped" if self.stopped_at is not None else ("missing" if self.missing(now) else "live")
+
+
 class CanaryAttempt(_Evidence):
     """One analysed window of a rollout step; the last attempt of a finished step decided it."""
 
@@ -169,6 +245,14 @@ class CanaryAttempt(_Evidence):
         default=(), description="Each statistical check's evidence (empty in rows stored before the tests existed)."
     )
     server_error: str | None = Field(default=None, description="Why the model server's window could not be read.")
+    replicas: tuple[ReplicaShare, ...] = Field(
+        default=(), description="Each model-server replica's share of the window (empty: one server read over HTTP)."
+    )
+    missing_replicas: tuple[str, ...] = Field(
+        default=(),
+        description="Replicas whose heartbeat stopped: their unreported traffic is not in the window, and a step "
+        "passes only on a window that starts after the last of them was heard.",
+    )
 
     @property
     def psi(self) -> float | None:

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     )
     api_address: str = Field(default="127.0.0.1:8080", description="HOST:PORT of the HTTP API.")
     serving_address: str = Field(default="127.0.0.1:8081", description="HOST:PORT of the model server.")
+    serving_grpc_address: str = Field(
+        default="",
+        description="HOST:PORT of the model server's OIP v2 gRPC service (beside its HTTP one); empty: no gRPC.",
+    )
     health_address: str = Field(
         default="127.0.0.1:8083",
         description="HOST:PORT of /healthz and /metrics of `consume`, `triggers` and `rollout supervise`.",
@@ -151,9 +155,9 @@ class Settings(BaseSettings):
         split_address(value)
         return value
 
-    @field_validator("ddp_rdzv_endpoint")
+    @field_validator("ddp_rdzv_endpoint", "serving_grpc_address")
     @classmethod
-    def _rdzv_endpoint(cls, value: str) -> str:
+    def _optional_address(cls, value: str) -> str:
         if value:
             split_address(value)
         return value

@@ -3,9 +3,11 @@ rolled back (`canary_rollout`, a Prefect flow; `drive_rollout` is the same loop 
 
 Each pass reads the rollout from SQL, opens its step in progress if needed, asks the model server
 to apply it (`POST /v2/repository/models/{pipeline}/load`: the server re-reads the canary weight
-from SQL), reads both variants' stats since the step began (`GET /v2/models/{pipeline}/stats`),
-and lets `domain.canary.next_canary_step` decide, with each check a statistical test whose evidence
-is stored with the window (the drift check allows the candidate/champion disagreement the gate
+from SQL), reads both variants' window since the step began, summed over every replica that
+reports to the metadata database (`flows/fleet.py`; a replica gone silent delays a pass, never
+makes one), or from the one server's `GET /v2/models/{pipeline}/stats` when none reports, and
+lets `domain.canary.next_canary_step` decide, with each check a statistical test whose evidence is
+stored with the window (the drift check allows the candidate/champion disagreement the gate
 measured on the same test rows, read from the run's evidence; the pipeline spec's `task` decides
 the delayed-label check: accuracy, or a regression model's mean absolute error):
 
@@ -26,6 +28,7 @@ fails closed at the step's deadline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -45,9 +48,11 @@ from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgres
 from domain.errors import ConflictError, InfrastructureError, TransientInfraError
 from domain.evidence import CanaryAttempt, ModelStats
 from domain.logcontext import log_context
+from domain.spec import CanarySpec
 from domain.task import Task
 from flows.champion import end_rollout, promote_candidate
 from flows.context import FlowContext
+from flows.fleet import MISSING_AFTER_S, FleetWindow, heard_since, read_fleet_window
 from flows.loop import PassIncomplete
 from storage import repositories as repo
 from storage.db import transaction
@@ -106,7 +111,9 @@ class RolloutResult:
 StepListener = Callable[[e.Rollout, CanaryStep, CanaryAttempt], None]
 
 
-def _attempt(decision: CanaryStep, window: CanaryWindow, server_error: str | None) -> CanaryAttempt:
+def _attempt(
+    decision: CanaryStep, window: CanaryWindow, server_error: str | None, fleet: FleetWindow | None = None
+) -> CanaryAttempt:
     return CanaryAttempt(
         action=decision.action,
         reason=decision.reason,
@@ -118,6 +125,8 @@ def _attempt(decision: CanaryStep, window: CanaryWindow, server_error: str | Non
         checks=decision.checks,
         evidence=decision.evidence,
         server_error=server_error,
+        replicas=fleet.shares if fleet is not None else (),
+        missing_replicas=fleet.missing if fleet is not None else (),
     )
 
 
@@ -168,8 +177,10 @@ def drive_rollout(
     on_decision: StepListener | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     sleep: Callable[[float], None] = time.sleep,
+    missing_after_s: float = MISSING_AFTER_S,
 ) -> RolloutResult | None:
-    """Runs the pipeline's active rollout to its end; None if it has none. Resumable at any point."""
+    """Runs the pipeline's active rollout to its end; None if it has none. Resumable at any point.
+    A replica silent for `missing_after_s` seconds is missing (`flows/fleet.py`)."""
     poll = poll_seconds if poll_seconds is not None else ctx.settings.canary_poll_seconds
     applied: tuple[int, int] | None = None  # (rollout, step) the server was last told about
     # per rollout: the gate's disagreement (fixed once the run is gated) and the pipeline's task
@@ -199,22 +210,13 @@ def drive_rollout(
                 task = pipeline_task(repo.get_pipeline(session, pipeline))
                 judged[rollout.id] = (expected_disagreement(run, champion), task)
         with log_context(pipeline=pipeline, run_id=rollout.run_id):
-            elapsed = (clock() - step.started_at).total_seconds()
-            try:
-                stats = client.stats(pipeline, elapsed)
-                server_error = None
-            except InfrastructureError as err:
-                log.warning("canary window unreadable: %s", err)
-                stats = ModelStats(name=pipeline, champion=None, canary=None, window_seconds=elapsed)
-                server_error = err.message
-                applied = None  # tell the server again once it answers
-            window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
             progress = RolloutProgress(rollout.current_step, _failures(rollout))
-            disagreement, task = judged[rollout.id]
-            decision = next_canary_step(
-                progress, window, rollout.canary_policy, expected_disagreement=disagreement, task=task
-            )
-            attempt = _attempt(decision, window, server_error)
+            judge = functools.partial(_decide, progress, rollout.canary_policy, *judged[rollout.id])
+            read = _WindowRead(ctx, client, rollout, (candidate, champion), missing_after_s)
+            decision, window, server_error, fleet = read.judged(step.started_at, clock(), judge)
+            if server_error is not None:
+                applied = None  # tell the server again once it answers
+            attempt = _attempt(decision, window, server_error, fleet)
             if decision.action is not CanaryAction.WAIT:
                 try:
                     _apply(ctx, rollout, decision, attempt)
@@ -229,6 +231,63 @@ def drive_rollout(
                 on_decision(rollout, decision, attempt)
             if decision.action is CanaryAction.WAIT:
                 sleep(poll)
+
+
+def _decide(
+    progress: RolloutProgress, policy: CanarySpec, disagreement: float | None, task: Task, window: CanaryWindow
+) -> CanaryStep:
+    return next_canary_step(progress, window, policy, expected_disagreement=disagreement, task=task)
+
+
+@dataclass(frozen=True, slots=True)
+class _WindowRead:
+    """Reads a step's window: summed over the replicas that report to the metadata database
+    (`flows/fleet.py`), or, when none does, the one model server's own window over HTTP."""
+
+    ctx: FlowContext
+    client: ServingClient
+    rollout: e.Rollout
+    versions: tuple[int, int | None]  # candidate, champion
+    missing_after_s: float
+
+    def fleet(self, since: datetime, now: datetime) -> FleetWindow | None:
+        candidate, champion = self.versions
+        heard = heard_since(self.rollout.started_at, self.missing_after_s)
+        with self.ctx.tx() as session:
+            return read_fleet_window(
+                session, self.rollout.pipeline, since=since, now=now, candidate=candidate, champion=champion,
+                heard_since=heard, missing_after_s=self.missing_after_s,
+            )  # fmt: skip
+
+    def judged(
+        self, started_at: datetime, now: datetime, judge: Callable[[CanaryWindow], CanaryStep]
+    ) -> tuple[CanaryStep, CanaryWindow, str | None, FleetWindow | None]:
+        """The decision on the window since `started_at`, that window, why the server could not be
+        read (None: it could), and the fleet's window (None: one server over HTTP)."""
+        candidate, champion = self.versions
+        elapsed = (now - started_at).total_seconds()
+        fleet = self.fleet(started_at, now)
+        if fleet is None:
+            try:
+                stats = self.client.stats(self.rollout.pipeline, elapsed)
+                server_error = None
+            except InfrastructureError as err:
+                log.warning("canary window unreadable: %s", err)
+                stats = ModelStats(name=self.rollout.pipeline, champion=None, canary=None, window_seconds=elapsed)
+                server_error = err.message
+            window = CanaryWindow(stats.window("canary", candidate), stats.window("champion", champion), elapsed)
+            return judge(window), window, server_error, None
+        window = CanaryWindow(fleet.canary, fleet.champion, elapsed)
+        decision = judge(window)
+        cut = fleet.complete_since
+        if cut is not None and decision.action in (CanaryAction.ADVANCE, CanaryAction.PROMOTE):
+            # A replica went silent during this window and its last traffic may be unreported: a
+            # pass must rest on a window that every replica still reporting covers, from then on.
+            later = self.fleet(cut, now)
+            if later is not None:
+                fleet, window = later, CanaryWindow(later.canary, later.champion, (now - cut).total_seconds())
+                decision = judge(window)
+        return decision, window, None, fleet
 
 
 def _tell_server(client: ServingClient, pipeline: str, rollout_id: int, step_index: int) -> tuple[int, int] | None:

@@ -22,7 +22,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -124,8 +124,11 @@ def run_loop(
     interval_s: float = 1.0,
     once: bool = False,
     health: LoopHealth | None = None,
+    pause: Callable[[threading.Event, float], object] | None = None,
 ) -> None:
-    """Runs `service.run_once()` every `interval_s` until `stop` is set (see the module docstring)."""
+    """Runs `service.run_once()` every `interval_s` until `stop` is set (see the module docstring).
+    `pause(stop, interval_s)` replaces the wait between passes (a service woken by notifications
+    returns early); it must return once `stop` is set."""
     health = health or LoopHealth.for_interval(service.name, interval_s)
 
     def one_pass() -> None:
@@ -146,8 +149,12 @@ def run_loop(
         for attempt in until_stopped(stop, log, f"{service.name} pass"):
             with attempt:
                 one_pass()
-        stop.wait(interval_s)
+        (pause or _pause_until_stopped)(stop, interval_s)
     log.info("%s: stopped", service.name)
+
+
+def _pause_until_stopped(stop: threading.Event, seconds: float) -> None:
+    stop.wait(seconds)
 
 
 def stop_on_signals(stop: threading.Event) -> None:

@@ -10,18 +10,25 @@
 Both steps run even when the first could not finish every dataset; the pass then ends with
 `PassIncomplete` naming every dataset and run that failed. The runner retries it with a back-off;
 the process never exits for it.
+
+`run_forever` runs a pass as soon as the consumer stores events (`storage/notify.py`: an in-process
+wake-up inside `retrainer serve`, PostgreSQL LISTEN/NOTIFY across processes), and at the latest
+every `interval_s` (the fallback, and all there is across processes on SQLite), so with
+`debounce_seconds: 0` a run is created and submitted within milliseconds of the insert.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
-from flows.loop import PassIncomplete
+from flows.loop import LoopHealth, PassIncomplete, run_loop
 from flows.triggers import RunSubmitter, process_pending_events, submit_unsubmitted_runs
+from storage.notify import INBOX_CHANNEL, Wakeup, Wakeups
 
 log = logging.getLogger("retrainer.flows.trigger_service")
 
@@ -42,19 +49,124 @@ class TriggerService:
 
     def __init__(self, sessions: sessionmaker[Session], submit: RunSubmitter | None) -> None:
         self.sessions, self.submit = sessions, submit
+        self.wakeups = Wakeups(sessions, INBOX_CHANNEL)
+
+    def run_forever(self, stop: threading.Event, *, interval_s: float, health: LoopHealth | None = None) -> None:
+        """Passes until `stop` is set: on every inbox wake-up, and every `interval_s` without one.
+
+        Creating runs and submitting them are two loops (two threads): a submission waits on Prefect
+        (tens of ms), and an event that arrives meanwhile must not wait for it to become a run. The
+        creation loop wakes the submission loop when it created runs; both report into `health`, which
+        holds the failure of either until that loop passes again."""
+        health = health or LoopHealth.for_interval(self.name, interval_s)
+        if self.submit is None:  # runs only: another process submits them
+            with self.wakeups:
+                run_loop(_Creation(self, None), stop, interval_s=interval_s, health=health, pause=self._pause)
+            return
+        created, parts = Wakeup(), _SharedHealth(health)
+        submissions = _Submission(self, created)
+        thread = threading.Thread(
+            target=run_loop,
+            args=(submissions, stop),
+            kwargs={"interval_s": interval_s, "health": parts.part("submission"), "pause": submissions.pause},
+            name="trigger-submission",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            with self.wakeups:
+                creation = _Creation(self, created)
+                run_loop(creation, stop, interval_s=interval_s, health=parts.part("creation"), pause=self._pause)
+        finally:
+            thread.join(timeout=30)
+
+    def _pause(self, stop: threading.Event, seconds: float) -> None:
+        self.wakeups.wakeup.wait(seconds, stop)
+
+    def create_runs(self) -> tuple[tuple[e.Run, ...], list[tuple[str, BaseException]]]:
+        """Step 1: (the runs created, the datasets that failed)."""
+        try:
+            return tuple(r.run for r in process_pending_events(self.sessions) if r.created), []
+        except PassIncomplete as partial:  # the runs of the other datasets exist: submit them
+            return (), partial.failures
+
+    def submit_runs(self) -> tuple[tuple[str, ...], list[tuple[str, BaseException]]]:
+        """Step 2: (the runs submitted, the runs whose submission failed)."""
+        if self.submit is None:
+            return (), []
+        try:
+            return tuple(submit_unsubmitted_runs(self.sessions, self.submit)), []
+        except PassIncomplete as partial:
+            return (), partial.failures
 
     def run_once(self) -> TriggerPass:
-        failures: list[tuple[str, BaseException]] = []
-        try:
-            created = tuple(r.run for r in process_pending_events(self.sessions) if r.created)
-        except PassIncomplete as partial:  # the runs of the other datasets exist: submit them
-            created, failures = (), partial.failures
-        submitted: tuple[str, ...] = ()
-        if self.submit is not None:
-            try:
-                submitted = tuple(submit_unsubmitted_runs(self.sessions, self.submit))
-            except PassIncomplete as partial:
-                failures += partial.failures
-        if failures:
-            raise PassIncomplete("trigger items", failures)
+        """Both steps, one after the other (`--once`, and tests)."""
+        created, failures = self.create_runs()
+        submitted, more = self.submit_runs()
+        if failures or more:
+            raise PassIncomplete("trigger items", failures + more)
         return TriggerPass(created, submitted)
+
+
+class _Creation:
+    """The creation loop's pass: debounce the inbox into runs, then wake the submission loop."""
+
+    name = TriggerService.name
+
+    def __init__(self, service: TriggerService, created: Wakeup | None) -> None:
+        self.service, self.created = service, created
+
+    def run_once(self) -> None:
+        runs, failures = self.service.create_runs()
+        if runs and self.created is not None:
+            self.created.set()
+        if failures:
+            raise PassIncomplete("datasets", failures)
+
+
+class _Submission:
+    """The submission loop's pass: submit every queued run without a flow run."""
+
+    name = "trigger-submission"
+
+    def __init__(self, service: TriggerService, created: Wakeup) -> None:
+        self.service, self.created = service, created
+
+    def run_once(self) -> None:
+        _, failures = self.service.submit_runs()
+        if failures:
+            raise PassIncomplete("runs", failures)
+
+    def pause(self, stop: threading.Event, seconds: float) -> None:
+        self.created.wait(seconds, stop)
+
+
+class _SharedHealth:
+    """One LoopHealth (what /healthz probes) fed by two loops: failing while either's last pass
+    failed, passing once both last passed."""
+
+    def __init__(self, health: LoopHealth) -> None:
+        self.health, self.failing, self.lock = health, dict[str, BaseException](), threading.Lock()
+
+    def part(self, name: str) -> LoopHealth:
+        shared = self
+
+        class Part(LoopHealth):
+            def passed(self) -> None:
+                shared.report(name, None)
+
+            def failed(self, error: BaseException) -> None:
+                shared.report(name, error)
+
+        return Part(f"{self.health.name}/{name}", stale_after_s=self.health.stale_after_s)
+
+    def report(self, part: str, error: BaseException | None) -> None:
+        with self.lock:
+            if error is None:
+                self.failing.pop(part, None)
+            else:
+                self.failing[part] = error
+            if self.failing:
+                self.health.failed(next(iter(self.failing.values())))
+            else:
+                self.health.passed()

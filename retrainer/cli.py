@@ -145,6 +145,34 @@ def pipelines_list() -> None:
     out.print(table)
 
 
+@pipelines_app.command("show")
+def pipelines_show(name: PipelineName) -> None:
+    """A pipeline's champion and the model-server replicas serving it: what each serves (champion,
+    canary and weight, since when) and how long ago it was heard (missing: silent, not stopped)."""
+    from datetime import UTC, datetime, timedelta
+
+    from storage import repositories as repo
+
+    now = datetime.now(UTC)
+    with _unit_of_work() as session:
+        pipeline = repo.get_pipeline(session, name)
+        champion = repo.get_champion(session, name)
+        replicas = repo.serving_replicas(session, heard_since=now - timedelta(hours=1), pipeline=name)
+    out.print(
+        f"{pipeline.name} (dataset {pipeline.dataset}): champion {f'v{champion.version}' if champion else 'none yet'}",
+        highlight=False,
+    )
+    table = Table("replica", "address", "champion", "canary", "weight %", "since", "heard", "state")
+    for replica in replicas:
+        served = replica.serving[name]
+        since = served.since.isoformat(timespec="seconds") if served.since else "-"
+        table.add_row(
+            replica.replica, replica.address or "-", served.champion_version or "-", served.canary_version or "-",
+            f"{served.canary_weight:g}", since, f"{replica.heartbeat_age_s(now):.1f} s ago", replica.state(now),
+        )  # fmt: skip
+    out.print(table if replicas else "no model-server replica has reported serving it in the last hour")
+
+
 @pipelines_app.command("freeze")
 def pipelines_freeze(
     name: PipelineName,
@@ -343,6 +371,11 @@ def rollout_show(pipeline: PipelineName) -> None:
         )
     out.print(table)
     print_decisive_checks(rollout)
+    latest = next((step.analysis.decisive for step in reversed(rollout.steps) if step.analysis.decisive), None)
+    if latest is not None and latest.replicas:
+        shares = ", ".join(f"{r.replica} {r.canary_requests}+{r.champion_requests}" for r in latest.replicas)
+        missing = f"; missing: {', '.join(latest.missing_replicas)}" if latest.missing_replicas else ""
+        out.print(f"latest window by replica (canary+champion requests): {shares}{missing}", highlight=False)
     out.print(f"candidate v{candidate}: {rollout.status.value} {rollout.reason or ''}", highlight=False)
 
 

@@ -97,7 +97,7 @@ def triggers(
     if prefect_url:
         probes["prefect"] = wiring.prefect_probe(prefect_url)
     with health_endpoint(settings, probes):
-        run_loop(service, stop, interval_s=interval, health=health)
+        service.run_forever(stop, interval_s=interval, health=health)
 
 
 def api() -> None:
@@ -117,9 +117,10 @@ def serve_models(
 ) -> None:
     """Run the model server (Open Inference Protocol v2) on RETRAINER_SERVING_ADDRESS with each
     pipeline's champion from the metadata database, reloading when the champion moves; /healthz
-    and /metrics on the same address."""
+    and /metrics on the same address; OIP v2 over gRPC too when RETRAINER_SERVING_GRPC_ADDRESS is set."""
     from retrainer import wiring
     from serving.app import create_serving_app
+    from serving.grpc_server import grpc_beside
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import serve_models as serve
@@ -132,10 +133,11 @@ def serve_models(
     for pipeline, what in follower.sync().items():
         err.print(f"{pipeline}: {what}", highlight=False)
     follower.start(refresh)
-    app = create_serving_app(follower.registry, reload=follower.sync)
+    app = create_serving_app(follower.registry, reload=follower.sync, reporter=follower.reporter)
     add_health_route(app, {"database": wiring.database_probe(settings), follower.name: follower.probe})
     try:
-        serve(app, settings.serving_address)
+        with grpc_beside(app, settings.serving_grpc_address):
+            serve(app, settings.serving_address)
     finally:
         follower.stop()
 

@@ -240,6 +240,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from retrainer import wiring
     from retrainer.processes import SUPERVISE_INTERVAL_S
     from serving.app import create_serving_app
+    from serving.grpc_server import grpc_beside
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import running_server, tune_process
@@ -271,8 +272,9 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         follower.start(serving_refresh_s)
         stack.callback(follower.registry.close)
         stack.callback(follower.stop)
-        serving_app = create_serving_app(follower.registry, reload=follower.sync)
+        serving_app = create_serving_app(follower.registry, reload=follower.sync, reporter=follower.reporter)
         serving_url = stack.enter_context(running_server(serving_app, settings.serving_address))
+        grpc_url = stack.enter_context(grpc_beside(serving_app, settings.serving_grpc_address))
 
         runner_env = {**env, "RETRAINER_SERVING_URL": serving_url}
         runner = spawn(
@@ -290,7 +292,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
             consumer.run_forever()
 
         def triggers() -> None:
-            run_loop(TriggerService(sessions, submitter), stop, health=trigger_health)
+            TriggerService(sessions, submitter).run_forever(stop, interval_s=1.0, health=trigger_health)
 
         supervisor = RolloutSupervisor(sessions, serving_url)
         supervisor_health = LoopHealth.for_interval(supervisor.name, SUPERVISE_INTERVAL_S)
@@ -318,7 +320,9 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         }
         api_app = create_app(sessions=sessions, settings=settings, submit=submitter, health_probes=probes)
         api_url = stack.enter_context(running_api(api_app, settings.api_address))
-        log.info("retrainer serving: api %s, models %s, prefect %s", api_url, serving_url, prefect_url)
+        log.info(
+            "retrainer serving: api %s, models %s (gRPC %s), prefect %s", api_url, serving_url, grpc_url, prefect_url
+        )
         yield Running(api_url, serving_url, prefect_url, probes, stop)
 
 

@@ -19,7 +19,8 @@ Without a version, `infer` is routed champion/canary by the canary weight, or by
 `X-Retrainer-Sticky` header when present; the answer's `model_version` says which version served it.
 Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}` with the status from
 `ERROR_CODE_TO_HTTP_STATUS` (bad input 400, unknown model or version 404, body over the limit
-413, no champion yet 503); malformed input never produces a 500.
+413, no champion yet 503); malformed input never produces a 500. What answers a parsed request
+(routing, batching, counting) is `Inference`, which the gRPC service (`serving/grpc_server.py`) shares.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,7 @@ from serving.metrics import FeedbackStore, Prediction, ServingMetrics, is_label
 from serving.protocol import (
     HEADER_LENGTH_HEADER,
     OUTPUT_NAMES,
+    InferRequest,
     Tensor,
     classifier_tensors,
     encode_answer,
@@ -60,6 +63,7 @@ from serving.protocol import (
     regression_tensors,
 )
 from serving.registry import ModelRegistry, Routed, RowAnswer
+from serving.reports import ReplicaReporter
 from web.errors import MODEL_FAILED, InternalServerError, MethodNotAllowedError, status_for
 
 log = logging.getLogger("retrainer.serving")
@@ -67,24 +71,31 @@ log = logging.getLogger("retrainer.serving")
 STICKY_HEADER = "X-Retrainer-Sticky"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 SERVER_NAME = "retrainer"
+SERVER_METADATA: Mapping[str, Any] = {"name": SERVER_NAME, "version": "2", "extensions": ["binary_tensor_data"]}
 
 
 class ModelFailedError(RetrainerError, code=MODEL_FAILED):
     """The model raised or produced non-finite output for a valid request."""
 
 
-def _refusal(error: Exception) -> tuple[int, bytes, dict[str, str]]:
-    """Status, OIP error body and extra headers for any exception: a RetrainerError by its code's
-    status in `web.errors`, anything else (a bug) as an InternalServerError logged with its traceback."""
+def as_refusal(error: Exception) -> RetrainerError:
+    """Any exception as the RetrainerError a client is answered with (by its code's status in
+    `web.errors`, on every transport): anything else (a bug) as an InternalServerError logged with its
+    traceback; a server-side failure is logged too."""
     if not isinstance(error, RetrainerError):
         log.error("unexpected error in the model server", exc_info=error)
         error = InternalServerError(f"internal error ({type(error).__name__}); see the server log")
-    status = status_for(error)
-    if status >= 500 and not isinstance(error, InternalServerError):
+    elif status_for(error) >= 500:
         log.warning("inference request failed: %s: %s", error.code, error.message)
+    return error
+
+
+def _refusal(error: Exception) -> tuple[int, bytes, dict[str, str]]:
+    """Status, OIP error body and extra headers for any exception (`as_refusal`)."""
+    error = as_refusal(error)
     headers = error.headers if isinstance(error, MethodNotAllowedError) else {}
     # the standard library with ASCII escapes: an error message can quote any input, and must always encode
-    return status, json.dumps({"error": error.message}).encode(), headers
+    return status_for(error), json.dumps({"error": error.message}).encode(), headers
 
 
 def error_response(error: Exception) -> Response:
@@ -213,84 +224,46 @@ async def _send_json(
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_serving_app(
-    registry: ModelRegistry,
-    *,
-    metrics: ServingMetrics | None = None,
-    feedback: FeedbackStore | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    reload: Callable[[], Mapping[str, str]] | None = None,
-) -> FastAPI:
-    """The OIP v2 app over `registry`. `metrics` and `feedback` are created if not given; they are
-    also reachable as `app.state.metrics` and `app.state.feedback` for an in-process controller.
-    `reload` (e.g. `MetadataFollower.sync`) re-reads the models from the metadata database; the
-    canary controller calls it through `POST /v2/repository/models/{pipeline}/load` after each step."""
-    metrics = metrics or ServingMetrics()
-    feedback = feedback or FeedbackStore()
-    metrics.registry.register(_ForwardPassCollector(registry))
-    app = ModelServerApp(title="Retrainer model server", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.registry, app.state.metrics, app.state.feedback = registry, metrics, feedback
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """One inference's OIP v2 answer (`serving.protocol.infer_response`), the outputs asked for as
+    binary data, and the variant that served it."""
 
-    async def any_error(_request: Request, exc: Exception) -> Response:
-        return error_response(exc)
+    answer: dict[str, Any]
+    binary_outputs: frozenset[str]
+    variant: str
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            return error_response(
-                NotFoundError("no such endpoint; see /v2/models/{model}/infer (Open Inference Protocol v2)")
-            )
-        if exc.status_code == 405:
-            allow = tuple(method for method in (exc.headers or {}).get("Allow", "").split(", ") if method)
-            message = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allow)}"
-            return error_response(MethodNotAllowedError(message, allow))
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    app.add_exception_handler(RetrainerError, any_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, any_error)
+class Inference:
+    """What every transport (HTTP here, gRPC in `serving/grpc_server.py`) answers with: routing to a
+    variant, batching, per-variant counting and the remembered predictions for feedback. Sharing one
+    instance is what makes a request count in the canary's window whichever transport carried it."""
 
-    @app.get("/v2")
-    async def server_metadata() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": "2", "extensions": ["binary_tensor_data"]}
+    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics, feedback: FeedbackStore) -> None:
+        self.registry, self.metrics, self.feedback = registry, metrics, feedback
 
-    @app.get("/v2/health/live")
-    async def live() -> dict[str, bool]:
-        return {"live": True}
+    def server_ready(self) -> bool:
+        return self.registry.is_ready() and bool(self.registry.pipelines())
 
-    @app.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        is_ready = registry.is_ready() and bool(registry.pipelines())
-        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    def model_ready(self, pipeline: str, version: str | None = None) -> bool:
+        """The pipeline has a champion (or serves `version`); NotFoundError if it is not served here."""
+        state = self.registry.state(pipeline)
+        if version is None:
+            return state.champion is not None
+        return any(m is not None and m.version == version for m in (state.champion, state.canary))
 
-    @app.get("/v2/models/{pipeline}/ready")
-    async def model_ready(pipeline: str) -> JSONResponse:
-        registry.state(pipeline)  # 404 if unknown
-        is_ready = registry.is_ready(pipeline)
-        return JSONResponse({"name": pipeline, "ready": is_ready}, status_code=200 if is_ready else 503)
-
-    def metadata(pipeline: str, version: str | None) -> dict[str, Any]:
-        with registry.route(pipeline, version=version) as routed:
-            state = registry.state(pipeline)
+    def metadata(self, pipeline: str, version: str | None) -> dict[str, Any]:
+        with self.registry.route(pipeline, version=version) as routed:
+            state = self.registry.state(pipeline)
             versions = [m.version for m in (state.champion, state.canary) if m is not None]
             model = routed.model
             text = model.tokenizer is not None
             return model_metadata(pipeline, versions, model.input_shape, model.task, model.width, text=text)
 
-    @app.get("/v2/models/{pipeline}")
-    async def model_metadata_route(pipeline: str) -> dict[str, Any]:
-        return metadata(pipeline, None)
-
-    @app.get("/v2/models/{pipeline}/versions/{version}")
-    async def version_metadata_route(pipeline: str, version: str) -> dict[str, Any]:
-        return metadata(pipeline, version)
-
-    async def infer(
-        pipeline: str, version: str | None, body: bytes, sticky_key: str | None, header_length: str | None
-    ) -> tuple[bytes, int | None, str]:
-        """One inference request (JSON, or binary with `header_length`): the encoded OIP v2 answer, its
-        JSON header's length when it carries binary outputs, and the variant that served it."""
-        parsed = parse_body(body, header_length)
+    async def infer(self, pipeline: str, version: str | None, parsed: InferRequest, sticky_key: str | None) -> Answered:
+        """One parsed request, routed (by `version`, else the canary weight or `sticky_key`), batched,
+        counted for its variant and remembered for feedback."""
+        registry, metrics = self.registry, self.metrics
         request_id = parsed.id or uuid.uuid4().hex
         with registry.route(pipeline, sticky_key=sticky_key, version=version) as routed:
             model = routed.model
@@ -317,10 +290,89 @@ def create_serving_app(
                 ) from e
             categories, tensors, prediction = _answered(routed, answers)
             metrics.observe(pipeline, routed.variant, model.version, time.perf_counter() - started, categories)
-            feedback.remember(request_id, prediction)
+            self.feedback.remember(request_id, prediction)
             answer = infer_response(pipeline, model.version, request_id, tensors, outputs)
-            payload, json_length = encode_answer(answer, binary_outputs)
-            return payload, json_length, routed.variant
+            return Answered(answer, binary_outputs, routed.variant)
+
+
+def create_serving_app(
+    registry: ModelRegistry,
+    *,
+    metrics: ServingMetrics | None = None,
+    feedback: FeedbackStore | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    reload: Callable[[], Mapping[str, str]] | None = None,
+    reporter: ReplicaReporter | None = None,
+) -> FastAPI:
+    """The OIP v2 app over `registry`. `metrics` and `feedback` are created if not given; they are
+    also reachable as `app.state.metrics` and `app.state.feedback` for an in-process controller.
+    `reload` (e.g. `MetadataFollower.sync`) re-reads the models from the metadata database; the
+    canary controller calls it through `POST /v2/repository/models/{pipeline}/load` after each step.
+    `reporter` (`MetadataFollower.reporter`) gets the metrics, so the replica's canary windows reach
+    the metadata database and the controller judges every replica's traffic together."""
+    metrics = metrics or ServingMetrics()
+    feedback = feedback or FeedbackStore()
+    metrics.registry.register(_ForwardPassCollector(registry))
+    app = ModelServerApp(title="Retrainer model server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry, app.state.metrics, app.state.feedback = registry, metrics, feedback
+    app.state.reporter = reporter
+    inference = app.state.inference = Inference(registry, metrics, feedback)  # also for serving/grpc_server.py
+    if reporter is not None:
+        reporter.attach(metrics)
+
+    async def any_error(_request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return error_response(
+                NotFoundError("no such endpoint; see /v2/models/{model}/infer (Open Inference Protocol v2)")
+            )
+        if exc.status_code == 405:
+            allow = tuple(method for method in (exc.headers or {}).get("Allow", "").split(", ") if method)
+            message = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allow)}"
+            return error_response(MethodNotAllowedError(message, allow))
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(RetrainerError, any_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, any_error)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return dict(SERVER_METADATA)
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        is_ready = inference.server_ready()
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v2/models/{pipeline}/ready")
+    async def model_ready(pipeline: str) -> JSONResponse:
+        is_ready = inference.model_ready(pipeline)  # 404 if unknown
+        return JSONResponse({"name": pipeline, "ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v2/models/{pipeline}")
+    async def model_metadata_route(pipeline: str) -> dict[str, Any]:
+        return inference.metadata(pipeline, None)
+
+    @app.get("/v2/models/{pipeline}/versions/{version}")
+    async def version_metadata_route(pipeline: str, version: str) -> dict[str, Any]:
+        return inference.metadata(pipeline, version)
+
+    async def infer(
+        pipeline: str, version: str | None, body: bytes, sticky_key: str | None, header_length: str | None
+    ) -> tuple[bytes, int | None, str]:
+        """One inference request (JSON, or binary with `header_length`): the encoded OIP v2 answer, its
+        JSON header's length when it carries binary outputs, and the variant that served it."""
+        answered = await inference.infer(pipeline, version, parse_body(body, header_length), sticky_key)
+        payload, json_length = encode_answer(answered.answer, answered.binary_outputs)
+        return payload, json_length, answered.variant
 
     # POST /v2/models/{pipeline}[/versions/{version}]/infer: answered by ModelServerApp.__call__
     app.infer_handler, app.max_body_bytes = infer, max_body_bytes

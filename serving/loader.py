@@ -9,7 +9,9 @@ a restarted server comes back at the same weight.
 
 `MetadataFollower` keeps the problem of its last pass (the database did not answer, a version
 could not be loaded) until a pass succeeds, and `probe` reports it on /healthz: a server that
-serves a stale champion is up (/v2/health/ready) but not healthy.
+serves a stale champion is up (/v2/health/ready) but not healthy. Its `reporter`
+(`serving/reports.py`) tells the metadata database, every second while started, that this replica is
+alive, what it serves, and (once the app attached its metrics) its canary windows.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.errors import RetrainerError, TransientInfraError
 from serving.batching import BatchingConfig
 from serving.registry import ModelRegistry, load_version
+from serving.reports import ReplicaReporter
 from storage import repositories as repo
 from storage.artifacts.base import ArtifactStore
 from storage.db import transaction
+from storage.notify import SERVING_CHANNEL, Wakeups
 
 log = logging.getLogger("retrainer.serving.loader")
 
@@ -105,8 +109,10 @@ class MetadataFollower:
         store: ArtifactStore,
         *,
         batching: BatchingConfig | None = None,
+        report_seconds: float = 1.0,
     ) -> None:
         self.registry, self._sessions, self._store, self._batching = registry, sessions, store, batching
+        self.reporter = ReplicaReporter(sessions, registry, interval_s=report_seconds)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,17 +142,24 @@ class MetadataFollower:
             )
 
     def start(self, refresh_seconds: float) -> None:
+        # A champion or rollout move is pushed (storage/notify.py); the refresh is the fallback.
+        wakeups = Wakeups(self._sessions, SERVING_CHANNEL)
+
         def loop() -> None:
-            while not self._stop.wait(refresh_seconds):
-                try:
-                    self.sync()
-                except Exception:  # a database hiccup must not end the follower; the next pass retries
-                    log.exception("reloading models from the metadata database failed; retrying")
+            with wakeups:
+                while wakeups.next_pass(refresh_seconds, self._stop):
+                    try:
+                        self.sync()
+                    except Exception:  # a database hiccup must not end the follower; the next pass retries
+                        log.exception("reloading models from the metadata database failed; retrying")
 
         self._thread = threading.Thread(target=loop, name="retrainer-model-follower", daemon=True)
         self._thread.start()
+        self.reporter.start()
 
-    def stop(self) -> None:
+    def stop(self, *, final_report: bool = True) -> None:
+        """Stops following and reporting; without `final_report` the replica just goes silent (as if killed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.reporter.stop(final_report=final_report)

@@ -15,7 +15,9 @@ themselves `retrainer_serving_forward_passes_total` and `retrainer_serving_forwa
 mergeable histogram (`domain.histogram`: what the canary's latency test reads), predicted-class (or
 regression bin) counts and labelled rows (right answers, or a regression model's summed absolute
 errors and their squares) over the last `window_s` seconds, from bounded in-memory event windows (no
-Prometheus scrape needed). The stats endpoint answers them to the canary controller.
+Prometheus scrape needed). The stats endpoint answers them to the canary controller. `take_report()`
+gives the same windows for the events since its previous call: what a replica writes to the metadata
+database (`serving/reports.py`) so the controller sums every replica's traffic.
 
 Delayed labels: `FeedbackStore` remembers the predictions of the last `capacity` requests (LRU by
 request id); a label sent later is scored against the prediction of the variant that actually
@@ -93,6 +95,7 @@ class ServingMetrics:
         )
         self._clock = clock
         self._windows: dict[tuple[str, str, str], _Window] = {}
+        self._reported_until = -math.inf
         self._lock = threading.Lock()
 
     def _window(self, key: tuple[str, str, str]) -> _Window:
@@ -146,20 +149,39 @@ class ServingMetrics:
 
     def snapshot(self, pipeline: str, window_s: float = 60.0) -> list[ServedWindow]:
         """Windows per (variant, version) seen in the last `window_s` seconds, champion first."""
-        since = self._clock() - window_s
         with self._lock:
-            items = [(key, window) for key, window in self._windows.items() if key[0] == pipeline]
-            copies = [
-                (key, [e for e in w.served if e[0] >= since], sum(1 for t in w.rejected if t >= since),
-                 [f for f in w.feedback if f[0] >= since])
-                for key, w in items
-            ]  # fmt: skip
+            now = self._clock()
+            return self._between(now - window_s, now, pipeline)
+
+    def take_report(self) -> list[ServedWindow]:
+        """Every pipeline's windows since the previous call (the first: since these metrics began).
+        Consecutive reports are disjoint in time, so a replica's reports add up without counting an
+        event twice (`serving/reports.py` stores them for the canary controller)."""
+        with self._lock:
+            now = self._clock()
+            since, self._reported_until = self._reported_until, now
+            return self._between(since, now, None, inclusive_start=False)
+
+    def _between(
+        self, since: float, until: float, pipeline: str | None, *, inclusive_start: bool = True
+    ) -> list[ServedWindow]:
+        """Windows of events in [since, until] ((since, until] when not `inclusive_start`); the lock is held."""
+
+        def inside(t: float) -> bool:
+            return (t >= since if inclusive_start else t > since) and t <= until
+
+        copies = [
+            (key, [e for e in w.served if inside(e[0])], sum(1 for t in w.rejected if inside(t)),
+             [f for f in w.feedback if inside(f[0])])
+            for key, w in self._windows.items()
+            if pipeline is None or key[0] == pipeline
+        ]  # fmt: skip
         windows = [
             _served_window(key, served, rejected, feedback)
             for key, served, rejected, feedback in copies
             if served or rejected or feedback
         ]
-        windows.sort(key=lambda w: (w.variant != "champion", w.version))
+        windows.sort(key=lambda w: (w.pipeline, w.variant != "champion", w.version))
         return windows
 
 

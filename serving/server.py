@@ -54,8 +54,16 @@ def _close_registry(app: FastAPI) -> None:
         registry.close()
 
 
+def _announce(app: FastAPI, address: str) -> None:
+    """The address the replica reports to the metadata database (`serving/reports.py`), when it reports."""
+    reporter = getattr(app.state, "reporter", None)
+    if reporter is not None:
+        reporter.address = address
+
+
 def serve_models(app: FastAPI, address: str, *, log_level: str = "info") -> None:
     """Serves `app` on "HOST:PORT" (e.g. `load_settings().serving_address`) until SIGINT/SIGTERM."""
+    _announce(app, address)
     try:
         server.serve(app, address, SETTING, log_level=log_level, **_OPTIONS)
     finally:
@@ -71,4 +79,5 @@ def running_server(
     with server.running(
         app, address, SETTING, name="the model server", log_level=log_level, start_timeout=start_timeout, **_OPTIONS
     ) as url:
+        _announce(app, url)
         yield url

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -132,7 +133,18 @@ class SqlEvent(Base):
     """The inbox: one row per distinct CloudEvent id, written before the Kafka offset is committed."""
 
     __tablename__ = "events"
-    __table_args__ = (Index(None, "dataset", "status"),)
+    __table_args__ = (
+        Index(None, "dataset", "status"),
+        # The debouncer's reads (which datasets wait, a dataset's waiting events in order) touch only
+        # the few events still pending, however many the inbox has linked or ignored (revision 0006).
+        Index(
+            "ix_events_pending_dataset_id",
+            "dataset",
+            "id",
+            sqlite_where=text("status = 'received'"),
+            postgresql_where=text("status = 'received'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     event_id: Mapped[str] = mapped_column(String(200), unique=True)
@@ -177,7 +189,10 @@ class SqlRun(Base):
     __tablename__ = "runs"
     __table_args__ = (
         UniqueConstraint("pipeline_id", "dedupe_key"),
-        Index(None, "pipeline_id", "created_at"),
+        # Both run lists walk an index in their order (created_at, id): a page and its cursor cost
+        # the same on the 100,000th run as on the first (revision 0006).
+        Index(None, "pipeline_id", "created_at", "id"),
+        Index(None, "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -393,7 +408,8 @@ class SqlRolloutStep(Base):
 
 class SqlAliasMove(Base):
     __tablename__ = "alias_history"
-    __table_args__ = (Index(None, "pipeline_id", "moved_at"),)
+    # run_id: the decision record reads a run's alias moves (revision 0006).
+    __table_args__ = (Index(None, "pipeline_id", "moved_at"), Index(None, "run_id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"))
@@ -443,3 +459,39 @@ class SqlApiKey(Base):
             revoked_at=self.revoked_at,
             last_used_at=self.last_used_at,
         )
+
+
+class SqlServingReplica(Base):
+    """A model-server replica: its heartbeat and what it serves per pipeline (`serving/reports.py`)."""
+
+    __tablename__ = "serving_replicas"
+
+    replica_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    address: Mapped[str | None] = mapped_column(String(500))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reports_windows: Mapped[bool] = mapped_column(Boolean, default=False)
+    serving: Mapped[dict[str, Any]] = mapped_column(JSONDict)
+
+
+class SqlReplicaWindow(Base):
+    """One replica's traffic of one variant between two consecutive reports: disjoint slices, so a
+    step's window over the fleet is the plain sum of the slices that began after it opened."""
+
+    __tablename__ = "replica_windows"
+    __table_args__ = (
+        UniqueConstraint("replica_id", "seq", "pipeline", "variant", "version"),
+        Index(None, "pipeline", "window_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(200))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    variant: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(50))
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    requests: Mapped[int] = mapped_column(Integer)
+    window: Mapped[dict[str, Any]] = mapped_column(JSONDict)

@@ -48,6 +48,7 @@ from storage.repositories.pipelines import (
     spec_digest,
     upsert_pipeline,
 )
+from storage.repositories.replicas import fleet_windows, prune_replica_windows, report_replica, serving_replicas
 from storage.repositories.rollouts import (
     active_rollout,
     begin_rollout_step,
@@ -60,6 +61,7 @@ from storage.repositories.rollouts import (
 )
 from storage.repositories.runs import (
     SUBMITTING,
+    RunPosition,
     claim_submission,
     create_run,
     get_run,
@@ -68,6 +70,7 @@ from storage.repositories.runs import (
     new_run_id,
     release_submission,
     run_events,
+    runs_page,
     unsubmitted_runs,
     update_run,
 )
@@ -76,6 +79,7 @@ __all__ = [
     "CHAMPION_ALIAS",
     "SUBMITTING",
     "NewInboxEvent",
+    "RunPosition",
     "active_rollout",
     "add_many_to_inbox",
     "add_to_inbox",
@@ -87,6 +91,7 @@ __all__ = [
     "create_api_key",
     "create_run",
     "finish_rollout",
+    "fleet_windows",
     "gate_verdicts",
     "get_champion",
     "get_dataset_version",
@@ -107,14 +112,18 @@ __all__ = [
     "new_run_id",
     "pending_events",
     "pipelines_for_dataset",
+    "prune_replica_windows",
     "record_dataset_version",
     "record_gate_checks",
     "record_rollout_step",
     "record_step_attempt",
     "register_model_version",
     "release_submission",
+    "report_replica",
     "revoke_api_key",
     "run_events",
+    "runs_page",
+    "serving_replicas",
     "set_dataset_sha256",
     "set_event_status",
     "set_freeze",

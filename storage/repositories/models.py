@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
+from storage.notify import SERVING_CHANNEL, notify
 from storage.orm import SqlAliasMove, SqlModelVersion, SqlPipeline, utcnow
 from storage.repositories.pipelines import find_pipeline_row
 
@@ -153,6 +154,7 @@ def move_champion(
     session.add(move)
     session.flush()
     session.refresh(pipeline_row)
+    notify(session, SERVING_CHANNEL, pipeline)  # the model servers load the new champion at once
     return move.to_entity()
 
 

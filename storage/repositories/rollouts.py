@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
 from domain.evidence import CanaryAttempt, StepAnalysis
+from storage.notify import SERVING_CHANNEL, notify
 from storage.orm import SqlRollout, SqlRolloutStep, utcnow
 from storage.repositories.pipelines import find_pipeline_row
 
@@ -45,6 +46,7 @@ def start_rollout(
             "finish or abort it first"
         ) from err
     session.refresh(row)
+    notify(session, SERVING_CHANNEL, pipeline)  # the model servers load the canary at once
     return row.to_entity()
 
 
@@ -112,6 +114,7 @@ def record_rollout_step(
         raise ConflictError(f"rollout {rollout_id} step {step_index} is already recorded") from err
     rollout.current_step = max(rollout.current_step, step_index + 1)
     session.flush()
+    notify(session, SERVING_CHANNEL, rollout.pipeline.name)  # the canary's weight moved
     return step.to_entity()
 
 
@@ -188,6 +191,7 @@ def record_step_attempt(
         step.verdict, step.finished_at = verdict.value, utcnow()
         if next_step is not None:
             rollout.current_step = next_step
+            notify(session, SERVING_CHANNEL, rollout.pipeline.name)  # the canary's weight moved
     session.flush()
     session.refresh(step)
     return step.to_entity()
@@ -207,5 +211,6 @@ def finish_rollout(session: Session, rollout_id: int, status: e.RolloutStatus, r
         open_step.finished_at = row.finished_at
         open_step.store_analysis(open_step.typed_analysis().model_copy(update={"action": status, "reason": reason}))
     session.flush()
+    notify(session, SERVING_CHANNEL, row.pipeline.name)  # the canary leaves the model servers
     session.refresh(row)
     return row.to_entity()

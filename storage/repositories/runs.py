@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, literal, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
@@ -120,13 +121,44 @@ def get_run(session: Session, run_id: str) -> e.Run:
     return find_run_row(session, run_id).to_entity()
 
 
-def list_runs(session: Session, pipeline: str | None = None, limit: int = 50) -> list[e.Run]:
+@dataclass(frozen=True, slots=True)
+class RunPosition:
+    """A place in the run lists' order (newest first: created_at, then id): where a page ended."""
+
+    created_at: datetime
+    run_id: str
+
+
+def list_runs(
+    session: Session, pipeline: str | None = None, limit: int = 50, *, after: RunPosition | None = None
+) -> list[e.Run]:
+    """Runs newest first (only `pipeline`'s if given), starting after `after` when given."""
+    return runs_page(session, pipeline, limit, after=after)[0]
+
+
+def runs_page(
+    session: Session, pipeline: str | None = None, limit: int = 50, *, after: RunPosition | None = None
+) -> tuple[list[e.Run], RunPosition | None]:
+    """A page of `list_runs` and where the next page starts (None: this is the last one). Keyset
+    paging over the (pipeline_id,) created_at, id indexes: a deep page costs what the first does."""
     if not 1 <= limit <= 1000:
         raise InvalidInputError(f"limit must be between 1 and 1000 (got {limit})")
-    query = select(SqlRun).order_by(SqlRun.created_at.desc(), SqlRun.id.desc()).limit(limit)
+    query = (
+        select(SqlRun)
+        .options(selectinload(SqlRun.events))  # one query for every run's events, not one per run
+        .order_by(SqlRun.created_at.desc(), SqlRun.id.desc())
+        .limit(limit + 1)
+    )
     if pipeline is not None:
         query = query.where(SqlRun.pipeline_id == find_pipeline_row(session, pipeline).id)
-    return [row.to_entity() for row in session.scalars(query)]
+    if after is not None:
+        # A row-value comparison, so PostgreSQL starts the index scan at the position.
+        position = tuple_(literal(after.created_at, SqlRun.created_at.type), literal(after.run_id, SqlRun.id.type))
+        query = query.where(tuple_(SqlRun.created_at, SqlRun.id) < position)
+    rows = session.scalars(query).all()
+    runs = [row.to_entity() for row in rows[:limit]]
+    more = len(rows) > limit
+    return runs, RunPosition(runs[-1].created_at, runs[-1].id) if more else None
 
 
 def update_run(

@@ -121,8 +121,11 @@ class Stack:
         return Traffic(self.url, PIPELINE, ROWS, clients=3, rate_per_second=240, **options)
 
 
-@pytest.fixture
-def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+def metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, str], sessionmaker[Session], ArtifactStore]:
+    """A migrated SQLite database with the pipeline registered and a local artifact store, in the
+    environment (for `FlowContext.open`): the settings, sessions and store."""
     url = f"sqlite:///{tmp_path / 'retrainer.db'}"
     env = {
         "RETRAINER_DATABASE_URL": url,
@@ -136,6 +139,12 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     store = open_artifact_store(env["RETRAINER_ARTIFACT_ROOT"], load_settings())
     with transaction(sessions) as session:
         repo.upsert_pipeline(session, PIPELINE, PIPELINE, {"name": PIPELINE})
+    return env, sessions, store
+
+
+@pytest.fixture
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    env, sessions, store = metadata(tmp_path, monkeypatch)
     follower = MetadataFollower(ModelRegistry(), sessions, store)
     follower.start(0.5)
     app = create_serving_app(follower.registry, reload=follower.sync)

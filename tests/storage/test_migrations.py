@@ -33,6 +33,8 @@ EXPECTED_TABLES = {
     "rollout_steps",
     "alias_history",
     "api_keys",
+    "serving_replicas",
+    "replica_windows",
 }
 
 
