@@ -394,7 +394,12 @@ def _duplicate_refusing_loader() -> type:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError as e:  # YAML allows a list or mapping as a key (`? [a, b]`); Python cannot hash it
+                problem = f"a {key_node.id} used as a key; keys must be plain names"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark) from e
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return loader.construct_mapping(node, deep=deep)

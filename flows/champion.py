@@ -58,8 +58,11 @@ def rollback(session: Session, pipeline: str, *, to_version: int | None, actor: 
         target = repo.get_model_version_by_id(session, former[0])
     else:
         target = repo.get_model_version(session, pipeline, to_version)
+        # The alias history decides, not the request's shape: a conflict with the state (409), like "no champion".
+        if target.id == current.id:
+            raise ConflictError(f"{pipeline} v{to_version} is the champion already; roll back to an earlier champion")
         if target.id not in former:
-            raise InvalidInputError(
+            raise ConflictError(
                 f"{pipeline} v{to_version} was never a champion; roll back to an earlier champion or force-promote it"
             )
     return repo.move_champion(

@@ -323,7 +323,7 @@ def _json_values(item: dict[str, Any]) -> npt.NDArray[np.float32]:
         raise InvalidInputError("inputs[0].data: must be a JSON array of numbers (flat or nested, row-major)")
     try:
         array = np.asarray(data, dtype=np.float64)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # OverflowError: an integer past any float, 10**400
         raise InvalidInputError(
             f"inputs[0].data: must hold only numbers, nested as a rectangular array or flat ({str(e).splitlines()[0]})"
         ) from e
