@@ -1,7 +1,7 @@
 """The API's one error body.
 
 Every refusal, whether raised by a route, by the domain below it or by the API's own middleware
-(auth, body size, rate limit), leaves as `{"error": {"code": ..., "message": ...}}` with the
+(auth, scope, body size, rate limit), leaves as `{"error": {"code": ..., "message": ...}}` with the
 status from the one table the model server uses too (`web/errors.py`). The refusals of the HTTP
 boundary (`UnauthorizedError`, `RateLimitedError`, …) are domain errors, re-exported here.
 """
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from domain.errors import (
+    ForbiddenError,
     IdempotencyKeyReusedError,
     NotFoundError,
     PayloadTooLargeError,
@@ -36,6 +37,7 @@ from web.errors import (
 __all__ = [
     "ERROR_CODE_TO_HTTP_STATUS",
     "UNHEALTHY",
+    "ForbiddenError",
     "IdempotencyKeyReusedError",
     "PayloadTooLargeError",
     "RateLimitedError",
@@ -105,6 +107,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         code, message = NotFoundError.code, f"no route {request.url.path!r}; see /openapi.json for the routes"
     elif exc.status_code == 405:
         code, message = METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path!r}"
+    elif exc.status_code == 400:
+        # FastAPI's one 400: a body it cannot decode (not UTF-8). Malformed JSON is already a 422
+        # invalid_request, and so is this: the status the schema documents for a bad body.
+        status = ERROR_CODE_TO_HTTP_STATUS[INVALID_REQUEST]
+        message = f"request body cannot be read ({exc.detail}); send UTF-8 JSON (see /openapi.json for the shape)"
+        return JSONResponse(error_body(INVALID_REQUEST, message), status_code=status)
     else:
         code, message = f"http_{exc.status_code}", str(exc.detail)
     return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)

@@ -5,7 +5,8 @@ Both are plain ASGI middleware, so they run before FastAPI parses anything:
 - `ApiKeyMiddleware` protects every path except the public ones (`/healthz`, `/metrics`), so a
   route added later is protected by default, and an unknown path or a malformed body answers 401
   to a caller without a key rather than revealing anything. The authenticated key's entity is left
-  in `request.state.api_key` for routes (the actor of an override).
+  in `request.state.api_key` for routes: the actor of an override, and the scopes each route checks
+  (`api.routes.requires`, 403 naming the scope missing).
 - `BodySizeLimitMiddleware` refuses a declared Content-Length over the limit at once and counts
   the bytes of a streamed body, reading at most limit + 1 bytes before answering 413.
 

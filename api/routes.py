@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import IdempotencyKeyReusedError, UnauthorizedError
+from api.errors import ForbiddenError, IdempotencyKeyReusedError, UnauthorizedError
 from api.middleware import API_KEY_HEADER
 from api.paging import MAX_CURSOR_CHARS, decode_run_cursor, encode_run_cursor
 from api.schemas import (
@@ -49,10 +49,12 @@ from api.schemas import (
     TriggerInfo,
 )
 from domain import entities as e
+from domain.apikeys import Scope
 from domain.errors import ConflictError, NotFoundError
 from domain.evidence import ServingReplica
 from domain.settings import Settings
 from flows import champion, records
+from flows.tracing import span
 from flows.triggers import RunSubmitter, TriggerRequest, request_run
 from storage import repositories as repo
 from storage.db import transaction
@@ -94,11 +96,26 @@ def current_key(request: Request, _declared: Annotated[str | None, Depends(_api_
     return key
 
 
+def requires(scope: Scope) -> Callable[..., None]:
+    """A dependency that refuses (403, naming `scope`) a key without `scope`."""
+
+    def check(key: Annotated[e.ApiKey, Depends(current_key)]) -> None:
+        if not key.allows(scope):
+            held = ", ".join(sorted(key.scopes)) or "none"
+            raise ForbiddenError(
+                f"API key {key.name!r} lacks the {scope.value!r} scope this needs (it has: {held}); "
+                f"use a key created with `retrainer apikey create NAME --scope {scope.value}`"
+            )
+
+    return check
+
+
 State = Annotated[ApiState, Depends(get_state)]
 Key = Annotated[e.ApiKey, Depends(current_key)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+    403: {"model": ErrorBody, "description": "The key lacks the scope this operation needs."},
     413: {"model": ErrorBody, "description": "Body over the size limit."},
     429: {"model": ErrorBody, "description": "Rate limit of the key reached; see Retry-After."},
 }
@@ -125,13 +142,16 @@ class _Route:
 _ROUTES: list[_Route] = []
 
 
-def _route(method: str, path: str, *, public: bool = False, **options: Any) -> Callable[[Endpoint], Endpoint]:
+def _route(
+    method: str, path: str, *, public: bool = False, scope: Scope = Scope.READ, **options: Any
+) -> Callable[[Endpoint], Endpoint]:
     """Records a route for `add_routes`. Non-public routes declare the API key (OpenAPI) and the
-    refusals every protected route can answer; the check itself is ApiKeyMiddleware's."""
+    refusals every protected route can answer, and need `scope` (403 without it); the key itself
+    is checked by ApiKeyMiddleware."""
 
     def record(endpoint: Endpoint) -> Endpoint:
         if not public:
-            options["dependencies"] = [Depends(current_key), *options.get("dependencies", ())]
+            options["dependencies"] = [Depends(requires(scope)), *options.get("dependencies", ())]
             options["responses"] = {**_ERRORS, **options.get("responses", {})}
         _ROUTES.append(_Route(method, path, endpoint, options))
         return endpoint
@@ -140,8 +160,15 @@ def _route(method: str, path: str, *, public: bool = False, **options: Any) -> C
 
 
 def _override(path: str, summary: str, description: str) -> Callable[[Endpoint], Endpoint]:
-    """An operator's override (POST under the API prefix): answers the override refusals too."""
-    return _route("POST", API_PREFIX + path, summary=summary, description=description, responses=_OVERRIDE_ERRORS)
+    """An operator's override (POST under the API prefix, `operate` scope): answers the override refusals too."""
+    return _route(
+        "POST",
+        API_PREFIX + path,
+        scope=Scope.OPERATE,
+        summary=summary,
+        description=description,
+        responses=_OVERRIDE_ERRORS,
+    )
 
 
 def add_routes(app: FastAPI) -> None:
@@ -216,6 +243,7 @@ def _actor(key: e.ApiKey, claimed: str | None) -> str:
 @_route(
     "POST",
     API_PREFIX + "/trigger/train",
+    scope=Scope.TRIGGER,
     status_code=202,
     summary="Trigger a training run of a pipeline",
     description="Queues a manual run. With an Idempotency-Key, the same key and body again return the "
@@ -231,6 +259,10 @@ def trigger_train(
         str | None,
         Header(alias="Idempotency-Key", min_length=1, max_length=200, description="Makes retries safe."),
     ] = None,
+    traceparent: Annotated[
+        str | None,
+        Header(description="W3C Trace Context: the run continues this trace (an invalid one starts a new trace)."),
+    ] = None,
 ) -> TriggerAccepted:
     reason = f"{body.reason or 'manual trigger'} (API key {key.name})"
     request = TriggerRequest(
@@ -240,7 +272,8 @@ def trigger_train(
         request_sha256=request_digest(body),
     )
     try:
-        result = request_run(state.sessions, body.pipeline, request, state.submit)
+        with span("trigger", parent=traceparent, pipeline=body.pipeline, api_key=key.name):
+            result = request_run(state.sessions, body.pipeline, request, state.submit)
     except ConflictError as err:
         # create_run's only conflict is an Idempotency-Key reused for another request; the
         # contract answers that with 422, other conflicts keep 409 (see api.errors).

@@ -46,6 +46,7 @@ from domain.errors import ConfigurationError, TransientInfraError
 from domain.events import DEFAULT_MAX_BYTES, DataChange, InvalidEvent
 from domain.settings import Settings
 from flows.loop import LoopHealth, run_loop, stop_on_signals
+from flows.tracing import ConsumeSpans
 from storage import repositories as repo
 from storage.db import transaction
 from storage.notify import INBOX_CHANNEL, notify
@@ -190,21 +191,22 @@ class DataChangeConsumer:
         valid: list[tuple[Any, DataChange]] = []
         dead = 0
         known = self.known_datasets()
-        for record in records:
-            try:
-                event = parse_data_change(record.value, record.headers, max_bytes=self.max_event_bytes)
-                if event.dataset not in known:
-                    listed = ", ".join(sorted(known)) or "none"
-                    raise InvalidEvent(
-                        "unknown_dataset", f"no pipeline listens to dataset {event.dataset!r} (known: {listed})"
-                    )
-                valid.append((record, event))
-            except InvalidEvent as invalid:
-                self._dead_letter(record, invalid)
-                dead += 1
-        stored, duplicates = self._store(valid)
-        self.producer.flush(timeout=30)  # the DLQ copies are durable before the offsets move
-        self.consumer.commit()
+        with ConsumeSpans() as spans:  # a trace per event, ended once the batch is committed
+            for record in records:
+                try:
+                    event = parse_data_change(record.value, record.headers, max_bytes=self.max_event_bytes)
+                    if event.dataset not in known:
+                        listed = ", ".join(sorted(known)) or "none"
+                        raise InvalidEvent(
+                            "unknown_dataset", f"no pipeline listens to dataset {event.dataset!r} (known: {listed})"
+                        )
+                    valid.append((record, spans.add(event, topic=record.topic, offset=record.offset)))
+                except InvalidEvent as invalid:
+                    self._dead_letter(record, invalid)
+                    dead += 1
+            stored, duplicates = self._store(valid)
+            self.producer.flush(timeout=30)  # the DLQ copies are durable before the offsets move
+            self.consumer.commit()
         return BatchResult(len(records), stored, duplicates, dead)
 
     def _store(self, valid: list[tuple[Any, DataChange]]) -> tuple[int, int]:

@@ -217,3 +217,7 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    scopes: frozenset[str] = frozenset()  # domain.apikeys.Scope values
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes

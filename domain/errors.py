@@ -107,6 +107,10 @@ class UnauthorizedError(RetrainerError, code="unauthorized"):
     """The request carries no X-API-Key header, or a key that is unknown or revoked."""
 
 
+class ForbiddenError(RetrainerError, code="forbidden"):
+    """The API key is valid but lacks the scope the request needs; the message names that scope."""
+
+
 class PayloadTooLargeError(InvalidInputError, code="payload_too_large"):
     """The request body is larger than the server accepts."""
 

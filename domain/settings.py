@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="API key the CLI sends to the HTTP API (`retrainer trigger`)."
     )
+    serving_require_key: bool = Field(
+        default=False,
+        description="The model server answers inference only with an API key that has the `infer` scope "
+        "(feedback, stats and load always need their scopes).",
+    )
+    controller_api_key: SecretStr | None = Field(
+        default=None,
+        description="API key (scope `operate`) the canary controller sends to the model server; unset: the "
+        "controller's process provisions its own (`retrainer-canary-controller`) in the metadata database.",
+    )
     home_dir: Path = Field(
         default=Path("./.retrainer"), description="Folder for embedded state (SQLite, local artifacts, Prefect)."
     )

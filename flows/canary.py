@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
+from domain.apikeys import CONTROLLER_KEY_NAME, Scope
 from domain.canary import CanaryAction, CanaryStep, CanaryWindow, RolloutProgress, next_canary_step
 from domain.errors import ConflictError, InfrastructureError, TransientInfraError
 from domain.evidence import CanaryAttempt, ModelStats
@@ -54,6 +56,7 @@ from flows.champion import end_rollout, promote_candidate
 from flows.context import FlowContext
 from flows.fleet import MISSING_AFTER_S, FleetWindow, heard_since, read_fleet_window
 from flows.loop import PassIncomplete
+from flows.tracing import run_traceparent, span
 from storage import repositories as repo
 from storage.db import transaction
 from web.canary_checks import markdown_table
@@ -64,9 +67,10 @@ log = logging.getLogger("retrainer.flows.canary")
 class ServingClient:
     """The two model-server calls the controller makes, over HTTP (the server may be another process)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"X-API-Key": api_key} if api_key else {}  # an `operate` key: stats and load need one
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -155,7 +159,7 @@ def _failures(rollout: e.Rollout) -> int:
 def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, attempt: CanaryAttempt) -> None:
     """Stores the decision in one transaction (the model server follows what is stored)."""
     step = rollout.current_step
-    with ctx.tx() as session:
+    with ctx.tx() as session, _step_span(session, rollout, decision):
         if decision.action is CanaryAction.REPEAT:
             repo.record_step_attempt(session, rollout.id, step, attempt)
         elif decision.action is CanaryAction.ADVANCE:
@@ -165,7 +169,21 @@ def _apply(ctx: FlowContext, rollout: e.Rollout, decision: CanaryStep, attempt: 
             end_rollout(session, rollout, e.RolloutStatus.ROLLED_BACK, decision.reason)
         elif decision.action is CanaryAction.PROMOTE:
             repo.record_step_attempt(session, rollout.id, step, attempt, verdict=e.Verdict.PASS)
-            promote_candidate(session, rollout, actor="canary controller", reason=decision.reason)
+            with span("alias move", rollout_id=rollout.id, actor="canary controller"):
+                promote_candidate(session, rollout, actor="canary controller", reason=decision.reason)
+
+
+def _step_span(session: Session, rollout: e.Rollout, decision: CanaryStep) -> AbstractContextManager[object]:
+    """A `rollout step` span in the trace of the run that started the rollout."""
+    run = repo.get_run(session, rollout.run_id) if rollout.run_id else None
+    return span(
+        "rollout step",
+        parent=run_traceparent(run.evidence) if run else None,
+        rollout_id=rollout.id,
+        step=rollout.current_step + 1,
+        action=decision.action.value,
+        traffic_percent=decision.traffic_percent,
+    )
 
 
 def drive_rollout(
@@ -308,12 +326,30 @@ def _last_result(ctx: FlowContext, pipeline: str) -> RolloutResult | None:
     return RolloutResult(last.id, last.status, last.reason or "", last.steps)
 
 
+_provisioned_lock = threading.Lock()
+_provisioned: dict[str, str] = {}  # metadata database URL → this process's own controller key there
+
+
+def controller_api_key(ctx: FlowContext) -> str:
+    """The key the controller sends to the model server: RETRAINER_CONTROLLER_API_KEY, else one this
+    process provisions once (`CONTROLLER_KEY_NAME`, scope operate) and shares between its controllers.
+    Re-provisioning re-issues the secret, so one controller process per deployment (the rule anyway)."""
+    if ctx.settings.controller_api_key is not None:
+        return ctx.settings.controller_api_key.get_secret_value()
+    database = ctx.settings.database_url
+    with _provisioned_lock:
+        if database not in _provisioned:
+            with ctx.tx() as session:
+                _key, _provisioned[database] = repo.provision_api_key(session, CONTROLLER_KEY_NAME, [Scope.OPERATE])
+        return _provisioned[database]
+
+
 @flow(name="canary-rollout", log_prints=False)
 def canary_rollout(pipeline: str, serving_url: str | None = None, poll_seconds: float | None = None) -> dict[str, Any]:
     """Prefect flow: drives the pipeline's active rollout to promote or rollback, with a progress
     artifact (steps done / steps) and a markdown artifact of each analysed window."""
     ctx = FlowContext.open()
-    client = ServingClient(serving_url or ctx.settings.model_server_url)
+    client = ServingClient(serving_url or ctx.settings.model_server_url, api_key=controller_api_key(ctx))
     progress: dict[int, Any] = {}
 
     def report(rollout: e.Rollout, decision: CanaryStep, attempt: CanaryAttempt) -> None:

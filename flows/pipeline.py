@@ -35,6 +35,7 @@ from domain.gate import ChampionEvidence, GateDecision, decide_promotion
 from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
 from domain.task import QUALITY_METRICS
+from flows import tracing
 from flows.context import FlowContext
 from flows.distributed import train_distributed
 from flows.evaluation import (
@@ -77,6 +78,7 @@ class RunInputs:
 
 
 @task(name="resolve-inputs", cache_policy=NO_CACHE)
+@tracing.traced("resolve-inputs")
 def resolve_inputs(ctx: FlowContext, pipeline: str, run_id: str) -> RunInputs:
     """Marks the run running and finds its dataset version: the newest of its events, else the
     latest known version of the pipeline's dataset (schedule and manual runs)."""
@@ -118,6 +120,7 @@ def retry_unless_final(task: object, task_run: object, state: State[Any]) -> boo
 
 
 @task(name="fetch-data", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE)
+@tracing.traced("fetch-data")
 def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Path:
     dest = workdir / "data" / Path(dataset.uri).name
     # The artifact store keeps a folder's manifest, so a later mismatch can name the file that changed.
@@ -131,12 +134,14 @@ def fetch_data(ctx: FlowContext, dataset: e.DatasetVersion, workdir: Path) -> Pa
 @task(
     name="resolve-init", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE
 )
+@tracing.traced("resolve-init")
 def resolve_init(ctx: FlowContext, inputs: RunInputs, workdir: Path) -> StartingWeights:
     """`model.init` verified and tried on the model before training (flows/warm_start.py)."""
     return resolve_starting_weights(ctx, inputs.spec, inputs.champion, workdir)
 
 
 @task(name="train", retries=1, retry_delay_seconds=0, retry_condition_fn=retry_unless_final, cache_policy=NO_CACHE)
+@tracing.traced("train")
 def train_candidate(
     ctx: FlowContext,
     spec: PipelineSpec,
@@ -201,6 +206,7 @@ def train_candidate(
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
+@tracing.traced("quantize")
 def quantize_candidate(
     spec: PipelineSpec, model: torch.nn.Module, table: Table | RegressionTable, data: PreparedData
 ) -> QuantizationOutcome:
@@ -236,6 +242,7 @@ def quantize_candidate(
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
+@tracing.traced("evaluate")
 def evaluate_both(
     ctx: FlowContext, inputs: RunInputs, model: torch.nn.Module, rows: TestRows, data: PreparedData, workdir: Path
 ) -> PairedReports:
@@ -245,6 +252,7 @@ def evaluate_both(
 
 
 @task(name="gate-and-record", cache_policy=NO_CACHE)
+@tracing.traced("gate-and-record")
 def gate_and_record(
     ctx: FlowContext,
     inputs: RunInputs,
@@ -258,13 +266,15 @@ def gate_and_record(
     spec, run_id = inputs.spec, inputs.run.id
     candidate, champion, champion_error = reports.candidate, reports.champion, reports.champion_error
     paired = intervals(spec, candidate, champion)
-    decision = decide_promotion(
-        gate_evidence(candidate),
-        None
-        if inputs.champion is None
-        else ChampionEvidence(gate_evidence(champion) if champion else None, paired, champion_error),
-        spec.gates,
-    )
+    with tracing.span("gate", champion=inputs.champion.version if inputs.champion else None) as gate_span:
+        decision = decide_promotion(
+            gate_evidence(candidate),
+            None
+            if inputs.champion is None
+            else ChampionEvidence(gate_evidence(champion) if champion else None, paired, champion_error),
+            spec.gates,
+        )
+        gate_span.set_attribute("retrainer.passed", decision.passed)
     manifest = manifest_for(
         spec,
         quantized.report.chosen,
@@ -331,7 +341,12 @@ def run_pipeline(pipeline: str, run_id: str | None = None) -> dict[str, Any]:
     ctx = FlowContext.open()
     try:
         run_id = run_id or _scheduled_run(ctx, pipeline)
-        with log_context(pipeline=pipeline, run_id=run_id):
+        with ctx.tx() as session:  # the trace the run's submission (or trigger) left for it to continue
+            parent = tracing.run_traceparent(repo.get_run(session, run_id).evidence)
+        with (
+            tracing.span("pipeline", parent=parent, pipeline=pipeline, run_id=run_id),
+            log_context(pipeline=pipeline, run_id=run_id),
+        ):
             try:
                 return _execute(ctx, pipeline, run_id)
             except BaseException as error:
@@ -457,7 +472,7 @@ def _decide_outcome(
                 "rollout_id": rollout.id,
             }
     try:
-        with ctx.tx() as session:
+        with ctx.tx() as session, tracing.span("alias move", to_version=version.version, actor="gate"):
             repo.move_champion(
                 session,
                 spec.name,

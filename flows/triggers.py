@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import entities as e
 from domain.errors import ConfigurationError
 from domain.trigger_spec import EventTriggerSpec
+from flows import tracing
 from flows.loop import PassIncomplete, describe
 from storage import repositories as repo
 from storage.db import transaction
@@ -89,7 +90,7 @@ def request_run(
     sessions: sessionmaker[Session], pipeline: str, request: TriggerRequest, submit: RunSubmitter | None
 ) -> TriggerResult:
     with transaction(sessions) as session:
-        run, created = repo.create_run(session, pipeline, request.kind, **request.row_fields())
+        run, created = _create_run(session, pipeline, request)
     if created:
         RUNS_CREATED.labels(request.kind.value).inc()
     # A run whose submission failed earlier (Prefect down) is submitted by the next identical
@@ -112,9 +113,18 @@ def _submit_claimed(sessions: sessionmaker[Session], run: e.Run, submit: RunSubm
     None when another caller holds the claim or the submitter returned no id (claim released). A
     submitter that raises releases the claim too, so a later pass retries; one that finds no
     deployment fails the run, naming the deployment and the fix, and raises."""
+    parent = tracing.run_traceparent(run.evidence)
+    with tracing.span("submit", parent=parent, pipeline=run.pipeline, run_id=run.id):
+        return _submit_traced(sessions, run, submit)
+
+
+def _submit_traced(sessions: sessionmaker[Session], run: e.Run, submit: RunSubmitter) -> e.Run | None:
     with transaction(sessions) as session:
         if not repo.claim_submission(session, run.id):
             return None
+        # the flow run reads this before it starts: its spans are the submission's children
+        if traceparent := tracing.current_traceparent():
+            repo.update_run(session, run.id, evidence={"traceparent": traceparent})
     try:
         flow_run_id = submit(run)
     except DeploymentNotFoundError as missing:
@@ -210,6 +220,14 @@ def process_pending_events(
     return results
 
 
+def _create_run(session: Session, pipeline: str, request: TriggerRequest) -> tuple[e.Run, bool]:
+    """`repo.create_run`; a new run records the current span's traceparent, where its submission continues."""
+    run, created = repo.create_run(session, pipeline, request.kind, **request.row_fields())
+    if created and (traceparent := tracing.current_traceparent()):
+        run = repo.update_run(session, run.id, evidence={"traceparent": traceparent})
+    return run, created
+
+
 def _process_dataset(sessions: sessionmaker[Session], dataset: str, now: datetime) -> list[TriggerResult]:
     """Creates the window's runs of every pipeline in the transaction that locks its events: all of
     them or none (linking marks the events, so a run created alone would strand the others)."""
@@ -230,6 +248,7 @@ def _process_dataset(sessions: sessionmaker[Session], dataset: str, now: datetim
             return []  # no pipeline listens to this dataset (yet): keep the events pending
         first, last = rows[0], rows[-1]
         event_ids = tuple(row.event_id for row in rows)
+        traceparents = [tracing.run_traceparent(row.payload) for row in rows]
         waiting = False
         for pipeline in pipelines:
             policy = EventTriggerSpec.model_validate(pipeline.spec.get("triggers", {}).get("events", {}))
@@ -261,8 +280,10 @@ def _process_dataset(sessions: sessionmaker[Session], dataset: str, now: datetim
             )
         if not waiting and not requests:  # every pipeline skipped the window
             repo.set_event_status(session, event_ids, e.EventStatus.IGNORED)
-        for name, request in requests:
-            results.append(TriggerResult(*repo.create_run(session, name, request.kind, **request.row_fields())))
+        if requests:  # the runs continue the trace of the window's first traced event, linked to the others'
+            parent = next((tp for tp in traceparents if tp), None)
+            with tracing.span("debounce", parent=parent, links=traceparents, dataset=dataset, events=len(rows)):
+                results += [TriggerResult(*_create_run(session, name, request)) for name, request in requests]
         received_at = first.received_at
     for result in results:
         if result.created:

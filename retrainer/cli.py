@@ -64,15 +64,55 @@ def db_upgrade(revision: Annotated[str, typer.Option(help="Alembic revision to u
     out.print(f"database {wiring.redacted_db(settings)} is at revision {wiring.current_revision(settings)}")
 
 
+ScopeOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--scope",
+        help="What the key may do, repeatable: read, trigger, operate (approvals, rollouts, freezes, champion "
+        "moves; the model server's stats and load), admin, infer, feedback. Default: read only.",
+    ),
+]
+KeyName = Annotated[str, typer.Argument(help="The key's name, as given at `retrainer apikey create`.")]
+
+
 @apikey_app.command("create")
-def apikey_create(name: Annotated[str, typer.Argument(help="Who or what the key is for, e.g. ci-bot.")]) -> None:
-    """Create an API key and print it once (only its hash is stored)."""
+def apikey_create(
+    name: Annotated[str, typer.Argument(help="Who or what the key is for, e.g. ci-bot.")], scope: ScopeOption = None
+) -> None:
+    """Create an API key with its scopes and print it once (only its hash is stored)."""
+    from domain.apikeys import DEFAULT_SCOPES, format_scopes
     from storage import repositories as repo
 
     with _unit_of_work() as session:
-        key, plaintext = repo.create_api_key(session, name)
-    err.print(f"API key {key.name!r} created; it is shown once, store it now:")
+        key, plaintext = repo.create_api_key(session, name, scope or DEFAULT_SCOPES)
+    err.print(f"API key {key.name!r} ({format_scopes(key.scopes)}) created; it is shown once, store it now:")
     out.print(plaintext, highlight=False, soft_wrap=True)
+
+
+@apikey_app.command("list")
+def apikey_list() -> None:
+    """Every API key: name, scopes, when created, last used (by the HTTP API) and revoked."""
+    from domain.apikeys import format_scopes
+    from storage import repositories as repo
+
+    with _unit_of_work() as session:
+        keys = repo.list_api_keys(session)
+    table = Table("name", "prefix", "scopes", "created", "last used", "revoked")
+    for key in keys:
+        moments = (key.created_at, key.last_used_at, key.revoked_at)
+        when = [moment.isoformat(timespec="seconds") if moment else "-" for moment in moments]
+        table.add_row(key.name, key.prefix, format_scopes(key.scopes), *when)
+    out.print(table)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(name: KeyName) -> None:
+    """Revoke an API key: refused (401) from the next request on, by the API and the model servers."""
+    from storage import repositories as repo
+
+    with _unit_of_work() as session:
+        key = repo.revoke_api_key(session, name)
+    out.print(f"API key {key.name!r} revoked", highlight=False)
 
 
 @pipelines_app.command("validate")

@@ -42,6 +42,7 @@ from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
+from domain.apikeys import TRAFFIC_KEY_NAME, Scope
 from domain.errors import InfrastructureError, RetrainerError
 from domain.settings import Settings, load_settings
 from flows.records import decision_record
@@ -112,6 +113,9 @@ class Act:
 
 SLOW = {
     "model": {"architecture": "ml.demo_models:LookupMLP", "params": {"lookup_ms": 50.0}},
+    # served as the float torch model: an ONNX export traces tensor operations only, so a quantized
+    # variant would drop the Python-side lookup and with it the slowness this act is about
+    "quantization": {"type": "none"},
     "gates": {"vs_champion": {"accuracy": {"min_delta": -0.03, "confidence": 0.95, "mode": "non_inferiority"}}},
 }
 ACTS = (
@@ -166,7 +170,7 @@ def read_rows(path: Path, spec: dict[str, Any] | None = None) -> tuple[np.ndarra
     from ml.loaders import load_data
 
     parsed = PipelineSpec.model_validate(spec or DEMO_SPEC)
-    table = load_data(path, parsed.data, task=parsed.task)
+    table = load_data(path, parsed.data, task=parsed.task, input_shape=parsed.model.input_shape)
     if isinstance(table, RegressionTable):
         targets = np.asarray(table.targets, dtype=np.float64).reshape(table.num_rows, -1)
         return table.features, targets[:, 0] if targets.shape[1] == 1 else targets
@@ -236,6 +240,8 @@ def run_story(
 
     say = progress or (lambda _act, _text: None)
     rows, labels = read_rows(traffic_rows, base_spec)
+    with transaction(sessions) as session:  # the load generator's own key: its labels need `feedback`
+        _key, traffic_key = repo.provision_api_key(session, TRAFFIC_KEY_NAME, [Scope.INFER, Scope.FEEDBACK])
     results: list[ActResult] = []
     for act in acts:
         started = time.monotonic()
@@ -252,7 +258,7 @@ def run_story(
         watch = _ActWatch(sessions, document["name"], event_id, act.key, say)
         new_traffic = functools.partial(
             Traffic, serving_url, document["name"], rows, labels=labels, feedback_fraction=0.3, clients=3,
-            rate_per_second=100, rows_per_request=8, seed=len(results),
+            rate_per_second=100, rows_per_request=8, seed=len(results), api_key=traffic_key,
         )  # fmt: skip
         try:
             run = poll_until(

@@ -3,7 +3,8 @@ the terminal while a command shows a progress view there (`logs_to_file`).
 
 Each line is one JSON object with a timestamp, level, logger, message, the context fields
 bound with `domain.logcontext.log_context` (pipeline, run_id, event_id — present as null
-when unbound, so every line can be filtered by them), and any `extra={...}` fields.
+when unbound, so every line can be filtered by them), the OpenTelemetry `trace_id` and `span_id` of
+the current span (`flows/tracing.py`; null without one), and any `extra={...}` fields.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from domain.logcontext import current_log_context
+from flows.tracing import current_ids
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _context() -> dict[str, Any]:
+    """The bound context fields, then the current span's ids (a trace's lines are found by its id)."""
+    trace_id, span_id = current_ids() or (None, None)
+    return {**current_log_context(), "trace_id": trace_id, "span_id": span_id}
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,7 +39,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
-            **current_log_context(),
+            **_context(),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
@@ -45,7 +53,7 @@ class ConsoleFormatter(logging.Formatter):
     """For people at a terminal: the same fields, one readable line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        context = " ".join(f"{k}={v}" for k, v in current_log_context().items() if v is not None)
+        context = " ".join(f"{k}={v}" for k, v in _context().items() if v is not None)
         line = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
         return f"{line}  [{context}]" if context else line
 

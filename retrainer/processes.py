@@ -121,6 +121,7 @@ def serve_models(
     from retrainer import wiring
     from serving.app import create_serving_app
     from serving.grpc_server import grpc_beside
+    from serving.keys import KeyCheck
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import serve_models as serve
@@ -129,16 +130,19 @@ def serve_models(
 
     settings = load()
     tune_process(settings.serving_torch_threads)
-    follower = MetadataFollower(ModelRegistry(), wiring.sessions(settings), wiring.artifact_store(settings))
+    sessions = wiring.sessions(settings)
+    follower = MetadataFollower(ModelRegistry(), sessions, wiring.artifact_store(settings))
     for pipeline, what in follower.sync().items():
         err.print(f"{pipeline}: {what}", highlight=False)
     follower.start(refresh)
-    app = create_serving_app(follower.registry, reload=follower.sync, reporter=follower.reporter)
+    keys = KeyCheck(sessions, require_for_infer=settings.serving_require_key).start()
+    app = create_serving_app(follower.registry, reload=follower.sync, reporter=follower.reporter, keys=keys)
     add_health_route(app, {"database": wiring.database_probe(settings), follower.name: follower.probe})
     try:
         with grpc_beside(app, settings.serving_grpc_address):
             serve(app, settings.serving_address)
     finally:
+        keys.stop()
         follower.stop()
 
 

@@ -5,7 +5,8 @@ stopped in reverse.
                       unless PREFECT_API_URL points at one that answers
     Prefect runner    subprocess serving each pipeline's deployment with its cron schedule
                       (`python -m retrainer.runner`); it executes the flow runs
-    model server      OIP v2 on RETRAINER_SERVING_ADDRESS, following champions and rollouts in SQL
+    model server      OIP v2 on RETRAINER_SERVING_ADDRESS, following champions and rollouts in SQL,
+                      checking API keys' scopes (`serving/keys.py`)
     HTTP API          on RETRAINER_API_ADDRESS; /healthz probes every part listed here
     Kafka consumer    data-change events → inbox (invalid ones → dead-letter topic)
     trigger service   debounced inbox events → one run per pipeline per window → Prefect, and
@@ -241,6 +242,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from retrainer.processes import SUPERVISE_INTERVAL_S
     from serving.app import create_serving_app
     from serving.grpc_server import grpc_beside
+    from serving.keys import KeyCheck
     from serving.loader import MetadataFollower
     from serving.registry import ModelRegistry
     from serving.server import running_server, tune_process
@@ -272,7 +274,10 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         follower.start(serving_refresh_s)
         stack.callback(follower.registry.close)
         stack.callback(follower.stop)
-        serving_app = create_serving_app(follower.registry, reload=follower.sync, reporter=follower.reporter)
+        # the model server checks API keys; its controller provisions a key of its own (flows/canary.py)
+        keys = KeyCheck(sessions, require_for_infer=settings.serving_require_key).start()
+        stack.callback(keys.stop)
+        serving_app = create_serving_app(follower.registry, reload=follower.sync, reporter=follower.reporter, keys=keys)
         serving_url = stack.enter_context(running_server(serving_app, settings.serving_address))
         grpc_url = stack.enter_context(grpc_beside(serving_app, settings.serving_grpc_address))
 

@@ -5,7 +5,8 @@ the tests.
 HTTP connection each), cycling through the given rows, optionally at most `rate_per_second` in
 total, until stopped. With labels it also sends the delayed label of a fraction of the answers to
 the feedback endpoint, as a labelling team would: class ids for a classifier, float targets for a
-regression model. It counts what came back per served version.
+regression model. It counts what came back per served version. `api_key` goes with every request
+(X-API-Key): feedback needs a `feedback` key, and inference an `infer` key where the server requires one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Traffic:
         rate_per_second: float | None = None,
         rows_per_request: int = 1,
         seed: int = 0,
+        api_key: str | None = None,
     ) -> None:
         if rows.ndim < 2 or len(rows) == 0:
             raise ValueError("Traffic needs a non-empty 2-D (or more) array of input rows")
@@ -53,6 +55,7 @@ class Traffic:
         self.clients, self.rate, self.rows_per_request = clients, rate_per_second, rows_per_request
         self.stats = TrafficStats()
         self._seed = seed
+        self._headers = {"X-API-Key": api_key} if api_key else {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -77,7 +80,7 @@ class Traffic:
         rng = np.random.default_rng(self._seed + index)
         interval = self.clients / self.rate if self.rate else 0.0
         url = f"/v2/models/{self.pipeline}/infer"
-        with httpx.Client(base_url=self.base_url, timeout=10.0) as http:
+        with httpx.Client(base_url=self.base_url, headers=self._headers, timeout=10.0) as http:
             next_at = time.monotonic()
             while not self._stop.is_set():
                 picks = rng.integers(0, len(self.rows), size=self.rows_per_request)

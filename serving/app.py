@@ -14,6 +14,11 @@
     POST /v2/repository/models/{pipeline}/load re-read champion/canary/weight from the metadata now
     GET  /metrics                              Prometheus text
 
+API keys (`X-API-Key`, the API's keys and scopes, checked by `serving/keys.py` when the app is given
+a `KeyCheck`, as every server of a deployment is): feedback needs `feedback`, stats and load need
+`operate`, and infer needs `infer` when RETRAINER_SERVING_REQUIRE_KEY is set; 401 without a valid
+key, 403 naming the scope a key lacks.
+
 `infer` takes JSON or binary tensor data (`Inference-Header-Content-Length`, see `serving.protocol`).
 Without a version, `infer` is routed champion/canary by the canary weight, or by a hash of the
 `X-Retrainer-Sticky` header when present; the answer's `model_version` says which version served it.
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -46,8 +51,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from domain.apikeys import Scope as KeyScope
 from domain.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError, RetrainerError
 from domain.evidence import ModelStats, ServedVersion
+from flows.tracing import finished_span
+from serving.keys import API_KEY_HEADER, KeyCheck
 from serving.metrics import FeedbackStore, Prediction, ServingMetrics, is_label
 from serving.protocol import (
     HEADER_LENGTH_HEADER,
@@ -158,6 +166,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 # when outputs go as binary data, variant)
 InferHandler = Callable[[str, str | None, bytes, str | None, str | None], Awaitable[tuple[bytes, int | None, str]]]
 _HEADER_LENGTH = HEADER_LENGTH_HEADER.lower().encode()
+_API_KEY = API_KEY_HEADER.lower().encode()
 INFER_PATH = re.compile(r"/v2/models/(?P<pipeline>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -169,6 +178,7 @@ class ModelServerApp(FastAPI):
 
     infer_handler: InferHandler | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    infer_keys: KeyCheck | None = None  # set when inference needs an `infer` key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.infer_handler is not None:
@@ -186,6 +196,9 @@ class ModelServerApp(FastAPI):
         headers: dict[bytes, bytes] = dict(scope["headers"])
         extra: list[tuple[bytes, bytes]] = []
         try:
+            if self.infer_keys is not None:
+                presented = headers.get(_API_KEY)
+                await self.infer_keys.authorize(presented.decode("latin-1") if presented else None, KeyScope.INFER)
             length = headers.get(b"content-length")
             body = await _receive_body(length.decode("latin-1") if length else None, receive, self.max_body_bytes)
             sticky = headers.get(STICKY_HEADER.lower().encode())
@@ -239,6 +252,8 @@ class Inference:
     variant, batching, per-variant counting and the remembered predictions for feedback. Sharing one
     instance is what makes a request count in the canary's window whichever transport carried it."""
 
+    infer_keys: KeyCheck | None = None  # set when inference needs an `infer` key, on every transport
+
     def __init__(self, registry: ModelRegistry, metrics: ServingMetrics, feedback: FeedbackStore) -> None:
         self.registry, self.metrics, self.feedback = registry, metrics, feedback
 
@@ -289,7 +304,9 @@ class Inference:
                     f"model {pipeline!r} version {model.version} failed on this input ({type(e).__name__}: {e})"
                 ) from e
             categories, tensors, prediction = _answered(routed, answers)
-            metrics.observe(pipeline, routed.variant, model.version, time.perf_counter() - started, categories)
+            elapsed = time.perf_counter() - started
+            metrics.observe(pipeline, routed.variant, model.version, elapsed, categories)
+            finished_span("infer", elapsed, pipeline=pipeline, variant=routed.variant, version=model.version)
             self.feedback.remember(request_id, prediction)
             answer = infer_response(pipeline, model.version, request_id, tensors, outputs)
             return Answered(answer, binary_outputs, routed.variant)
@@ -303,13 +320,16 @@ def create_serving_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     reload: Callable[[], Mapping[str, str]] | None = None,
     reporter: ReplicaReporter | None = None,
+    keys: KeyCheck | None = None,
 ) -> FastAPI:
     """The OIP v2 app over `registry`. `metrics` and `feedback` are created if not given; they are
     also reachable as `app.state.metrics` and `app.state.feedback` for an in-process controller.
     `reload` (e.g. `MetadataFollower.sync`) re-reads the models from the metadata database; the
     canary controller calls it through `POST /v2/repository/models/{pipeline}/load` after each step.
     `reporter` (`MetadataFollower.reporter`) gets the metrics, so the replica's canary windows reach
-    the metadata database and the controller judges every replica's traffic together."""
+    the metadata database and the controller judges every replica's traffic together. `keys` guards
+    feedback, stats, load and (if it says so) infer with API keys; without it (an app with no metadata
+    database, in a unit test) every endpoint is open."""
     metrics = metrics or ServingMetrics()
     feedback = feedback or FeedbackStore()
     metrics.registry.register(_ForwardPassCollector(registry))
@@ -319,6 +339,16 @@ def create_serving_app(
     inference = app.state.inference = Inference(registry, metrics, feedback)  # also for serving/grpc_server.py
     if reporter is not None:
         reporter.attach(metrics)
+
+    def needs(scope: KeyScope) -> list[Any]:
+        """The dependency of a route that needs an API key with `scope` (none without `keys`)."""
+        if keys is None:
+            return []
+
+        async def check(request: Request) -> None:
+            await keys.authorize(request.headers.get(API_KEY_HEADER), scope)
+
+        return [Depends(check)]
 
     async def any_error(_request: Request, exc: Exception) -> Response:
         return error_response(exc)
@@ -376,8 +406,9 @@ def create_serving_app(
 
     # POST /v2/models/{pipeline}[/versions/{version}]/infer: answered by ModelServerApp.__call__
     app.infer_handler, app.max_body_bytes = infer, max_body_bytes
+    app.infer_keys = inference.infer_keys = keys if keys is not None and keys.require_for_infer else None
 
-    @app.post("/v2/models/{pipeline}/feedback")
+    @app.post("/v2/models/{pipeline}/feedback", dependencies=needs(KeyScope.FEEDBACK))
     async def feedback_route(request: Request, pipeline: str) -> dict[str, Any]:
         payload = parse_json(await _read_body(request, max_body_bytes))
         registry.state(pipeline)  # 404 if unknown
@@ -415,13 +446,13 @@ def create_serving_app(
             variants=tuple(metrics.snapshot(pipeline, window_seconds)) if window_seconds > 0 else (),
         )
 
-    @app.get("/v2/models/{pipeline}/stats")
+    @app.get("/v2/models/{pipeline}/stats", dependencies=needs(KeyScope.OPERATE))
     async def stats_route(pipeline: str, window_seconds: float = 60.0) -> ModelStats:
         if not math.isfinite(window_seconds) or not 0 < window_seconds <= 86_400:
             raise InvalidInputError("window_seconds: must be a number of seconds in (0, 86400]")
         return served(pipeline, window_seconds)
 
-    @app.post("/v2/repository/models/{pipeline}/load")
+    @app.post("/v2/repository/models/{pipeline}/load", dependencies=needs(KeyScope.OPERATE))
     async def load_route(pipeline: str) -> dict[str, Any]:
         if reload is None:
             raise ConflictError("this model server does not follow a metadata database; nothing to reload")

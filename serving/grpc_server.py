@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 
+from domain.apikeys import Scope as KeyScope
 from domain.errors import ConfigurationError, InfrastructureError, InvalidInputError
 from serving.app import DEFAULT_MAX_BODY_BYTES, SERVER_METADATA, STICKY_HEADER, Inference, ModelServerApp, as_refusal
+from serving.keys import GRPC_METADATA_KEY
 from serving.protocol import BINARY_DTYPES, INPUT_DATATYPE, TEXT_DATATYPE, parse_infer_request
 from web.errors import status_for
 from web.server import parse_address
@@ -157,8 +159,11 @@ class _Service:
         return self.json_format.ParseDict(metadata, self.pb.ModelMetadataResponse())
 
     async def model_infer(self, request: Any, context: Any) -> Any:
+        metadata = dict(context.invocation_metadata() or ())
+        if self.inference.infer_keys is not None:  # the HTTP transport's rule, from `x-api-key` metadata
+            await self.inference.infer_keys.authorize(metadata.get(GRPC_METADATA_KEY), KeyScope.INFER)
         payload, binary = request_payload(request)
-        sticky = next((value for key, value in context.invocation_metadata() or () if key == _STICKY), None)
+        sticky = metadata.get(_STICKY)
         answered = await self.inference.infer(
             request.model_name, request.model_version or None, parse_infer_request(payload, binary), sticky
         )

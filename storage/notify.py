@@ -16,7 +16,8 @@ across processes: there the waiter falls back to its poll interval, which stays 
 
 Channels: `INBOX_CHANNEL` (events stored in the inbox; the trigger service waits on it) and
 `SERVING_CHANNEL` (a champion alias or a rollout's weight moved, payload the pipeline; the model
-server's follower waits on it).
+server's follower waits on it), `KEYS_CHANNEL` (an API key revoked or re-issued, payload its name;
+the model server's key cache forgets its verdicts).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger("retrainer.storage.notify")
 
 INBOX_CHANNEL = "retrainer_inbox"
 SERVING_CHANNEL = "retrainer_serving"
+KEYS_CHANNEL = "retrainer_keys"
 
 # How often a waiter looks at its stop event while no wake-up comes, and how long the listener's
 # connection blocks before it does the same: the bound on how long a stop takes, not on latency.

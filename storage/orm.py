@@ -449,6 +449,7 @@ class SqlApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scopes: Mapped[str] = mapped_column(String(200))  # space-separated domain.apikeys.Scope values
 
     def to_entity(self) -> e.ApiKey:
         return e.ApiKey(
@@ -458,6 +459,7 @@ class SqlApiKey(Base):
             created_at=self.created_at,
             revoked_at=self.revoked_at,
             last_used_at=self.last_used_at,
+            scopes=frozenset(self.scopes.split()),
         )
 
 

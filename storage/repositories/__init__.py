@@ -11,7 +11,13 @@ re-exports every public function of its modules so they need not know which modu
 
 from __future__ import annotations
 
-from storage.repositories.api_keys import authenticate_api_key, create_api_key, revoke_api_key
+from storage.repositories.api_keys import (
+    authenticate_api_key,
+    create_api_key,
+    list_api_keys,
+    provision_api_key,
+    revoke_api_key,
+)
 from storage.repositories.datasets import (
     get_dataset_version,
     latest_dataset_version,
@@ -104,6 +110,7 @@ __all__ = [
     "latest_dataset_version",
     "latest_rollout",
     "link_events",
+    "list_api_keys",
     "list_model_versions",
     "list_pipelines",
     "list_rollouts",
@@ -112,6 +119,7 @@ __all__ = [
     "new_run_id",
     "pending_events",
     "pipelines_for_dataset",
+    "provision_api_key",
     "prune_replica_windows",
     "record_dataset_version",
     "record_gate_checks",

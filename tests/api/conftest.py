@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from api.app import create_app
 from domain import entities as e
+from domain.apikeys import API_SCOPES
 from domain.settings import Settings, load_settings
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
@@ -84,7 +85,7 @@ def pipeline(sessions: sessionmaker[Session]) -> e.Pipeline:
 @pytest.fixture
 def api_key(sessions: sessionmaker[Session]) -> str:
     with transaction(sessions) as session:
-        _key, plaintext = repo.create_api_key(session, KEY_NAME)
+        _key, plaintext = repo.create_api_key(session, KEY_NAME, API_SCOPES)
     return plaintext
 
 

@@ -19,6 +19,7 @@ from api.app import create_app
 from api.client import ApiError, RetrainerClient
 from api.server import parse_address, running_api
 from domain import entities as e
+from domain.apikeys import Scope
 from domain.errors import ConfigurationError, TransientInfraError
 from domain.settings import Settings, load_settings
 from storage import repositories as repo
@@ -46,7 +47,7 @@ def test_100_concurrent_identical_triggers_make_one_run(backend: tuple[sessionma
     pipeline = f"digits-{suffix}"
     with transaction(sessions) as session:
         repo.upsert_pipeline(session, pipeline, f"digits-{suffix}", {**SPEC, "name": pipeline})
-        _key, api_key = repo.create_api_key(session, f"load-{suffix}")
+        _key, api_key = repo.create_api_key(session, f"load-{suffix}", [Scope.TRIGGER])
     submitter = FakeSubmitter()
     app = create_app(sessions=sessions, settings=settings, submit=submitter, rate_limit_per_minute=10_000)
 

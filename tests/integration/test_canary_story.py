@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from domain import entities as e
+from domain.apikeys import Scope
 from domain.canary_power import power_problems
 from domain.settings import load_settings
 from domain.spec import CanarySpec
@@ -387,7 +388,7 @@ def test_canary_verdicts_over_twenty_rollouts_of_four_candidates(tmp_path: Path,
     with retrainer_serve(settings.api_address, tmp_path / "serve.log"), ExitStack() as stack:
         sessions = make_sessions(create_db_engine(settings.database_url))
         with transaction(sessions) as session:
-            _key, api_key = repo.create_api_key(session, "canary-story")
+            _key, api_key = repo.create_api_key(session, "canary-story", [Scope.READ, Scope.OPERATE])
         api = stack.enter_context(
             httpx.Client(base_url=f"http://{settings.api_address}", headers={"X-API-Key": api_key}, timeout=10)
         )
@@ -395,7 +396,10 @@ def test_canary_verdicts_over_twenty_rollouts_of_four_candidates(tmp_path: Path,
         for case in cases:
             with transaction(sessions) as session:
                 story_.ensure_champion(session, case.pipeline)
-            assert httpx.post(f"{serving}/v2/repository/models/{case.pipeline}/load", timeout=30).status_code == 200
+            loaded = httpx.post(
+                f"{serving}/v2/repository/models/{case.pipeline}/load", headers={"X-API-Key": api_key}, timeout=30
+            )
+            assert loaded.status_code == 200
         loads = [
             Traffic(serving, c.pipeline, models.rows, clients=3, rate_per_second=RATE_PER_PIPELINE, seed=i).start()
             for i, c in enumerate(cases)
