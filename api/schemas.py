@@ -20,7 +20,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, 
 from pydantic.config import JsonDict
 
 from domain.evidence import StepAnalysis
-from flows.champion import MIN_REASON_CHARS
+from flows.champion import BLANK, FILLED, MIN_REASON_CHARS
 
 
 class _Request(BaseModel):
@@ -32,8 +32,12 @@ class _Request(BaseModel):
 # the schema states the rule (minLength, and a pattern for "that many once stripped") without the
 # model enforcing it a second time with another status.
 
-_NOT_BLANK = r"\S"
-_JUSTIFICATION: JsonDict = {"minLength": MIN_REASON_CHARS, "pattern": rf"\S[\s\S]{{{MIN_REASON_CHARS - 2},}}\S"}
+_FILLED = FILLED  # a character that is not stripped (flows.champion.BLANK)
+_NOT_BLANK = _FILLED
+_JUSTIFICATION: JsonDict = {
+    "minLength": MIN_REASON_CHARS,
+    "pattern": rf"{_FILLED}[\s\S]{{{MIN_REASON_CHARS - 2},}}{_FILLED}",
+}
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)", re.ASCII
 )
@@ -56,7 +60,7 @@ def _rfc3339(value: object) -> object:
 
 
 # Lengths and patterns are checked on the string as sent (what the schema states), then it is stripped.
-_Stripped = AfterValidator(str.strip)
+_Stripped = AfterValidator(lambda value: value.strip(BLANK))
 Version = Annotated[int, Field(strict=True, ge=1, le=MAX_VERSION), BeforeValidator(_json_integer)]
 Moment = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=_NOT_BLANK), _Stripped]

@@ -17,12 +17,17 @@ from domain.errors import ConflictError, InvalidInputError
 from storage import repositories as repo
 
 MIN_REASON_CHARS = 10  # an operator's justification, once stripped (the API schema states it too)
+# What "stripped" strips: ASCII whitespace only. Python's str.strip() also takes control characters
+# such as \x1c and JSON Schema's \s (ECMA 262) takes no-break spaces: a rule the schema states must
+# mean the same in both, so neither's \s is used.
+BLANK = " \t\n\r\f\v"
+FILLED = r"[^ \t\n\r\f\v]"  # the regex of a character BLANK does not hold, read alike by Python and ECMA 262
 
 
 def _require_reason(reason: str, what: str) -> str:
-    if len(reason.strip()) < MIN_REASON_CHARS:
+    if len(reason.strip(BLANK)) < MIN_REASON_CHARS:
         raise InvalidInputError(f"{what} needs a justification of at least {MIN_REASON_CHARS} characters (--reason)")
-    return reason.strip()
+    return reason.strip(BLANK)
 
 
 def force_promote(session: Session, pipeline: str, version: int, *, actor: str, reason: str) -> e.AliasMove:

@@ -15,11 +15,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# kcat (Debian) is the outside producer in the Kafka tests.
-if ! command -v kcat >/dev/null; then
-  if [[ "$(id -u)" != 0 ]]; then echo "[test] kcat is missing: sudo apt-get install -y kcat" >&2; exit 1; fi
-  echo "[test] installing kcat (Debian)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat; } >/dev/null
+# kcat (Debian) is the outside producer in the Kafka tests; nginx the load balancer in front of the
+# model-server replicas in tests/integration/test_split_deployment.py.
+missing=()
+command -v kcat >/dev/null || missing+=(kcat)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+if ((${#missing[@]})); then
+  if [[ "$(id -u)" != 0 ]]; then echo "[test] missing: sudo apt-get install -y ${missing[*]}" >&2; exit 1; fi
+  echo "[test] installing ${missing[*]} (Debian)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null
 fi
 
 bash infra/local/services.sh start --record "$started"
