@@ -43,7 +43,7 @@ from storage.db import create_db_engine, make_sessions, transaction
 from storage.orm import SqlEvent
 from tests.integration.split import Fleet, answered_by_upstream, bin_path, start_nginx, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # a dozen processes on two cores
 
 PIPELINES = {"split-a": "digits-split-a", "split-b": "digits-split-b"}  # pipeline → dataset
 EPOCHS = {"v1": 3, "v2": 12, "v3": 8}  # as the end-to-end story: v2 beats v1 with confidence

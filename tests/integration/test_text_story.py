@@ -22,7 +22,7 @@ from storage.db import create_db_engine, make_sessions, transaction
 from tests.integration.service import production_stack, retrainer_serve
 
 pytest.importorskip("transformers", reason="the text extra is not installed: pip install 'retrainer[text]'")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # fine-tunes a 22M-parameter model twice on CPU
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = [
     "The striker scored twice in the cup final.",
