@@ -39,10 +39,25 @@ SPEC = PipelineSpec.model_validate(
 NOISE = np.random.default_rng(3).normal(0.0, 5.0, size=len(ROWS))
 
 
+_WEIGHTS: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def _net(seed: int) -> torch.nn.Module:
+    """The zoo MLP of `seed`, the same weights every time it is asked for: built once and copied after,
+    since other threads of this process (a server, an earlier test's leftovers) may draw from torch's
+    global generator between a `manual_seed` here and the initialisation that follows it."""
+    net = build_model("mlp", PARAMS, [FEATURES], 1)
+    if seed not in _WEIGHTS:
+        torch.manual_seed(seed)
+        net = build_model("mlp", PARAMS, [FEATURES], 1)
+        _WEIGHTS[seed] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(_WEIGHTS[seed])
+    return net
+
+
 def _predictions(seed: int, mean: float) -> np.ndarray:
     """What the server answers for ROWS with the zoo MLP of `seed` and a target mean of `mean`."""
-    torch.manual_seed(seed)
-    net = build_model("mlp", PARAMS, [FEATURES], 1).eval()
+    net = _net(seed).eval()
     with torch.inference_mode():
         raw = net(STANDARDIZER.transform_tensor(torch.from_numpy(ROWS))).numpy()
     return raw * 40.0 + mean
@@ -55,8 +70,7 @@ def _register(stack: Stack, seed: int, mean: float) -> int:
         SPEC, "none", STANDARDIZER, [f"f{i}" for i in range(FEATURES)],
         regression=RegressionOutputs(["demand"], targets, bins),
     )  # fmt: skip
-    torch.manual_seed(seed)
-    return stack.store_version(build_model("mlp", PARAMS, [FEATURES], 1), manifest, f"reg-{seed}-{mean}")
+    return stack.store_version(_net(seed), manifest, f"reg-{seed}-{mean}")
 
 
 def _regression_champion(stack: Stack) -> int:
