@@ -30,6 +30,7 @@ from ml.data import PreparedData, RegressionTable, Table
 from ml.evaluation import EvalReport, RegressionReport, compare, disagreement, evaluate, evaluate_regression
 from ml.package import load_package, manifest_task, prediction_bin_edges, target_standardizer_of
 from ml.standardizer import TargetStandardizer
+from ml.text import TextTokenizer
 
 Report = EvalReport | RegressionReport
 
@@ -116,6 +117,7 @@ def evaluate_pair(
                 "a champion of another task cannot be compared: promote by hand (retrainer champion set) or "
                 "start a new pipeline"
             )
+        _check_same_tokens(spec, champion)
         path = ctx.champion_package(champion, workdir)
         champion_model, standardizer = load_package(path, champion.manifest, champion.sha256)
         features = torch.from_numpy(standardizer.transform(rows.raw_features))
@@ -128,6 +130,21 @@ def evaluate_pair(
         stored = champion.manifest.get("prediction_bins")
         bins = [float(v) for v in stored] if isinstance(stored, list) else prediction_bin_edges(report.predictions)
     return PairedReports(candidate, report, None, bins)
+
+
+def _check_same_tokens(spec: PipelineSpec, champion: e.ModelVersion) -> None:
+    """A text champion sees the candidate's token ids: right only when both tokenise alike (same
+    tokenizer file and sequence length); otherwise the comparison would judge it on inputs it never saw."""
+    stored = champion.manifest.get("tokenizer")
+    if spec.data.text_column is None or not isinstance(stored, dict):
+        return
+    ours = TextTokenizer.for_data(spec.data.tokenizer, spec.model.input_shape)
+    if (stored.get("sha256"), stored.get("max_length")) != (ours.sha256, ours.max_length):
+        raise InvalidInputError(
+            f"it tokenises with tokenizer sha256 {stored.get('sha256')} at {stored.get('max_length')} tokens and this "
+            f"run with {ours.sha256} at {ours.max_length}: the two cannot be compared on the same rows; keep "
+            "data.tokenizer and model.input_shape, or promote by hand (retrainer champion set)"
+        )
 
 
 def gate_evidence(report: Report | None) -> ModelEvidence:
