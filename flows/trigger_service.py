@@ -149,16 +149,7 @@ class _SharedHealth:
         self.health, self.failing, self.lock = health, dict[str, BaseException](), threading.Lock()
 
     def part(self, name: str) -> LoopHealth:
-        shared = self
-
-        class Part(LoopHealth):
-            def passed(self) -> None:
-                shared.report(name, None)
-
-            def failed(self, error: BaseException) -> None:
-                shared.report(name, error)
-
-        return Part(f"{self.health.name}/{name}", stale_after_s=self.health.stale_after_s)
+        return _PartHealth(f"{self.health.name}/{name}", stale_after_s=self.health.stale_after_s, shared=self)
 
     def report(self, part: str, error: BaseException | None) -> None:
         with self.lock:
@@ -170,3 +161,18 @@ class _SharedHealth:
                 self.health.failed(next(iter(self.failing.values())))
             else:
                 self.health.passed()
+
+
+@dataclass
+class _PartHealth(LoopHealth):
+    """One loop's health, reported into the `_SharedHealth` it belongs to."""
+
+    shared: _SharedHealth | None = None
+
+    def passed(self) -> None:
+        assert self.shared is not None
+        self.shared.report(self.name, None)
+
+    def failed(self, error: BaseException) -> None:
+        assert self.shared is not None
+        self.shared.report(self.name, error)

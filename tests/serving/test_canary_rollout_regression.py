@@ -46,11 +46,11 @@ def _net(seed: int) -> torch.nn.Module:
     """The zoo MLP of `seed`, the same weights every time it is asked for: built once and copied after,
     since other threads of this process (a server, an earlier test's leftovers) may draw from torch's
     global generator between a `manual_seed` here and the initialisation that follows it."""
-    net = build_model("mlp", PARAMS, [FEATURES], 1)
     if seed not in _WEIGHTS:
         torch.manual_seed(seed)
-        net = build_model("mlp", PARAMS, [FEATURES], 1)
-        _WEIGHTS[seed] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        first = build_model("mlp", PARAMS, [FEATURES], 1)
+        _WEIGHTS[seed] = {k: v.detach().clone() for k, v in first.state_dict().items()}
+    net = build_model("mlp", PARAMS, [FEATURES], 1)
     net.load_state_dict(_WEIGHTS[seed])
     return net
 
