@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -53,6 +55,25 @@ SCOPE = "retrainer"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class SystemRandomIds(RandomIdGenerator):
+    """Trace and span ids from the operating system's generator. The SDK's default draws them from
+    Python's global `random`, which training seeds (`ml.training.seed_everything`) in this same process:
+    two runs of one spec then drew the same span ids, and a collector merged spans that were not one."""
+
+    _source = random.SystemRandom()
+
+    def generate_span_id(self) -> int:
+        return self._nonzero(64)  # 0 is the invalid span id
+
+    def generate_trace_id(self) -> int:
+        return self._nonzero(128)
+
+    def _nonzero(self, bits: int) -> int:
+        while not (drawn := self._source.getrandbits(bits)):
+            pass
+        return drawn
 
 
 class _State:
@@ -92,7 +113,8 @@ def configure_tracing(environ: Mapping[str, str] | None = None) -> bool:
 
             # The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES over this default name.
             provider = TracerProvider(
-                resource=Resource.create({"service.name": from_env.get("OTEL_SERVICE_NAME") or SCOPE})
+                resource=Resource.create({"service.name": from_env.get("OTEL_SERVICE_NAME") or SCOPE}),
+                id_generator=SystemRandomIds(),
             )
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             _State.provider, _State.tracer = provider, provider.get_tracer(SCOPE)

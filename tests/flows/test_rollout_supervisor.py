@@ -54,7 +54,10 @@ def test_a_controller_that_died_fails_the_next_pass_naming_its_pipeline_and_is_s
     assert unhealthy.value.code == "infrastructure_unavailable"
     assert "canary-supervisor: last pass failed" in unhealthy.value.message
     assert "digits-classifier" in unhealthy.value.message
-    assert supervisor.controllers["digits-classifier"] is not first  # the rollout is still active: started again
+    again = supervisor.controllers["digits-classifier"]
+    assert again is not first  # the rollout is still active: started again
+    again.join(120)  # it dies on the same policy; left running, it would read the next test's database
+    assert not again.is_alive()
 
 
 def test_a_scan_without_active_rollouts_starts_nothing_and_passes(env: sessionmaker[Session]) -> None:

@@ -34,6 +34,7 @@ from flows import tracing
 from flows.pipeline import run_pipeline
 from flows.trigger_service import TriggerService
 from flows.triggers import process_pending_events
+from ml.training import seed_everything
 from retrainer.logs import JsonFormatter
 from storage import repositories as repo
 from storage.db import transaction
@@ -316,3 +317,20 @@ def test_a_window_of_events_continues_the_first_traced_one_and_links_the_others(
     assert debounce.attributes["retrainer.events"] == 3
     # where the run's submission continues: the debounce span
     assert created.run.evidence == {"traceparent": f"00-{PRODUCER_TRACE}-{debounce.span_id}-01"}
+
+
+def test_span_ids_do_not_follow_the_seed_training_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training seeds Python's `random` in the process that exports spans; two runs of one spec
+    must still draw different span and trace ids."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # never reached: nothing is flushed
+    tracing.configure_tracing()
+    try:
+        ids = []
+        for _ in range(2):
+            seed_everything(0)
+            with tracing.span("train") as current:
+                ids.append((current.get_span_context().trace_id, current.get_span_context().span_id))
+        assert ids[0][0] != ids[1][0] and ids[0][1] != ids[1][1]
+    finally:
+        tracing.shutdown_tracing()
