@@ -21,6 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import apikeys, approvals  # noqa: F401 - importing them adds their routes to add_routes' table
+from api.dashboard import add_dashboard
 from api.errors import install_error_handlers
 from api.middleware import PUBLIC_PATHS, ApiKeyMiddleware, BodySizeLimitMiddleware, TokenBucketLimiter
 from api.routes import ApiState, HealthProbe, add_routes
@@ -68,6 +70,7 @@ def create_app(
     )
     app.state.retrainer = ApiState(sessions=sessions, settings=settings, submit=submit, health_probes=probes)
     add_routes(app)
+    add_dashboard(app)  # /ui: the web dashboard, behind its own sign-in (api/dashboard.py)
     install_error_handlers(app)
     # add_middleware wraps: the last one added is the outermost, so the key is checked first.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)

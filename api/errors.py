@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from domain.errors import (
     ForbiddenError,
@@ -107,6 +108,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         code, message = NotFoundError.code, f"no route {request.url.path!r}; see /openapi.json for the routes"
     elif exc.status_code == 405:
         code, message = METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path!r}"
+        return JSONResponse(error_body(code, message), status_code=405, headers={"Allow": _allowed(request)})
     elif exc.status_code == 400:
         # FastAPI's one 400: a body it cannot decode (not UTF-8). Malformed JSON is already a 422
         # invalid_request, and so is this: the status the schema documents for a bad body.
@@ -116,6 +118,16 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         code, message = f"http_{exc.status_code}", str(exc.detail)
     return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+def _allowed(request: Request) -> str:
+    """Every method the routes of this path answer: Starlette's 405 names only the first route's, and a
+    path can have several (GET and POST /api/v1/apikeys)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -35,6 +35,9 @@ from storage.db import transaction
 
 API_KEY_HEADER = "X-API-Key"
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
+# A browser cannot send X-API-Key: the dashboard's pages check the key behind their own session
+# cookie instead (api/dashboard.py), page by page, with the same scopes.
+DASHBOARD_PREFIX = "/ui"
 
 
 @dataclass(slots=True)
@@ -74,6 +77,10 @@ class TokenBucketLimiter:
             return (1.0 - bucket.tokens) / self.rate_per_second
 
 
+def _is_dashboard(path: str) -> bool:
+    return path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
+
+
 class ApiKeyMiddleware:
     """Authenticates `X-API-Key` (hashed, constant-time, in the database) and applies the key's rate."""
 
@@ -91,7 +98,8 @@ class ApiKeyMiddleware:
         self.public_paths = frozenset(public_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._route_path(scope) in self.public_paths:
+        path = self._route_path(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path in self.public_paths or _is_dashboard(path):
             await self.app(scope, receive, send)
             return
         try:

@@ -16,7 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -173,9 +176,42 @@ def _override(path: str, summary: str, description: str) -> Callable[[Endpoint],
 
 def add_routes(app: FastAPI) -> None:
     """Adds every route to `app` directly (not through an included router), so `app.routes` lists
-    each one with its full path and methods: what the auth test walks."""
+    each one with its full path and methods: what the auth test walks. A route with query parameters
+    refuses any other: a misspelt `?pipline=` would otherwise list every pipeline's runs."""
     for route in _ROUTES:
-        app.add_api_route(route.path, route.endpoint, methods=[route.method], **route.options)
+        options = {
+            **route.options,
+            "dependencies": [*route.options.get("dependencies", ()), Depends(declared_query_only)],
+        }
+        app.add_api_route(route.path, route.endpoint, methods=[route.method], **options)
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def declared_query_only(request: Request) -> None:
+    """422 invalid_request naming a query parameter the route does not declare (and those it does)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _query_names(route.dependant)
+    unknown = [name for name in request.query_params if name not in declared]
+    if declared and unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter; this operation takes {', '.join(sorted(declared))}",
+                    "input": request.query_params[name],
+                }
+                for name in unknown
+            ]
+        )
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -23,6 +23,7 @@ back (closed loop) for a fixed time per cell; requests that start in the warm-up
    glibc's default, adaptive threshold.
 
 Targets: batching ON/OFF >= 3x at 64 clients; p99 <= 20 ms at 16 clients (batching ON).
+MLServer as a peer on JSON, binary tensors and gRPC, and the request decoder: bench/serving_oip.py.
 
     .venv/bin/python bench/serving.py [--seconds 2.5] [--rounds 2] [--peer-rounds 1] [--quick] [--no-litserve]
 """
@@ -119,6 +120,8 @@ def _serve_retrainer(batching: bool, params: dict[str, Any], work: Path) -> None
     from domain.entities import ModelStage, ModelVersion
     from ml.package import MANIFEST_FORMAT, save_package
     from serving.app import create_serving_app
+    from serving.grpc_server import SETTING as GRPC_SETTING
+    from serving.grpc_server import grpc_beside
     from serving.registry import LoadedModel, ModelRegistry, load_version
     from serving.server import running_server, tune_process
     from storage.artifacts.local import LocalArtifactStore
@@ -183,8 +186,8 @@ def _serve_retrainer(batching: bool, params: dict[str, Any], work: Path) -> None
     registry = ModelRegistry([PIPELINE], rng=random.Random(0))  # noqa: S311
     registry.set_champion(load(1))
     app = create_serving_app(registry)
-    with running_server(app) as url:
-        print(f"{CHILD_TAG}ready {url}", flush=True)
+    with running_server(app) as url, grpc_beside(app, os.environ.get(GRPC_SETTING, "")) as grpc_address:
+        print(f"{CHILD_TAG}ready {url} {grpc_address or '-'}", flush=True)  # gRPC: bench/serving_oip.py
         for line in sys.stdin:
             command = line.split()
             if not command or command[0] == "quit":
@@ -250,13 +253,20 @@ def serve_litserve(batching: bool, port: int) -> None:
 class Server:
     """A server child process (its own session, so LitServe's workers stop with it)."""
 
-    def __init__(self, label: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        argv: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        program: list[str] | None = None,  # another program than this script (MLServer's `mlserver start`)
+    ) -> None:
         self.label = label
-        self.obeys_stdin = "retrainer" in argv  # ours quits on end of input; LitServe needs SIGINT
+        self.obeys_stdin = "retrainer" in argv  # ours quits on end of input; LitServe and MLServer need SIGINT
         self.log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '-', label)}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv],
+            [*(program or [sys.executable, str(Path(__file__).resolve())]), *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -425,7 +435,7 @@ async def _client(url: str, requests: list[bytes], warm_until: float, stop_at: f
             writer.write(requests[i % len(requests)])
             i += 1
             head = await reader.readuntil(b"\r\n\r\n")
-            status, length, variant = int(head[9:12]), -1, ""
+            status, length, variant, json_length = int(head[9:12]), -1, "", 0  # json_length: binary answers
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
@@ -433,6 +443,8 @@ async def _client(url: str, requests: list[bytes], warm_until: float, stop_at: f
                     length = int(value)
                 elif name == b"x-retrainer-variant":
                     variant = value.strip().decode()
+                elif name == b"inference-header-content-length":
+                    json_length = int(value)
             if length < 0:
                 raise RuntimeError(f"{url}: answer without Content-Length: {head!r}")
             body = await reader.readexactly(length)
@@ -444,8 +456,8 @@ async def _client(url: str, requests: list[bytes], warm_until: float, stop_at: f
                     print(f"   ! {url}: HTTP {status}: {body[:200]!r}", file=sys.stderr)
                 continue
             if not checked and requests[0].startswith(b"POST"):
-                answer = json.loads(body)
-                assert len(answer["outputs"][0]["data"]) == CLASSES, answer
+                answer = json.loads(body[: json_length or length])
+                assert answer["outputs"][0]["shape"][-1] == CLASSES, answer
                 checked = True
             if started >= warm_until:
                 cell.requests += 1
@@ -467,9 +479,15 @@ async def _load(url: str, requests: list[bytes], clients: int, warm_up: float, s
 
 
 def load(
-    server: Server, clients: int, warm_up: float, seconds: float, path: str = INFER_PATH, get: bool = False
+    server: Server,
+    clients: int,
+    warm_up: float,
+    seconds: float,
+    path: str = INFER_PATH,
+    get: bool = False,
+    requests: list[bytes] | None = None,  # whole HTTP requests to send instead (bench/serving_oip.py)
 ) -> Cell:
-    requests = raw_requests(server.url, path, None if get else request_bodies())
+    requests = requests or raw_requests(server.url, path, None if get else request_bodies())
     server_cpu, client_cpu = session_cpu_s(server.proc.pid), time.process_time()
     cell = asyncio.run(_load(server.url, requests, clients, warm_up, seconds))
     cell.server_cpu_s = session_cpu_s(server.proc.pid) - server_cpu

@@ -1,20 +1,21 @@
-"""Trigger path benchmarks against the real local broker (`make services`) and an embedded
-SQLite inbox, printing one comparison table.
+"""Trigger path benchmarks against the real local broker (`make services`), printing comparison tables.
 
 1. Trigger latency, produce → Run row → Prefect flow run submitted (debounce 0, 200 events, one at
    a time), p50/p99, through the real consumer and trigger service in both topologies: one process
    as `retrainer serve` (SQLite; the consumer's commit wakes the trigger service in-process) and
    the split deployment (PostgreSQL; the trigger service in its own process, woken by LISTEN/NOTIFY).
    Peer: Prefect's own event path on the same machine (`emit_event` → deployment event trigger →
-   flow run), measured the same way.
+   flow run), measured the same way. Then where the one-process latency goes, stage by stage
+   (`StageClock`: send → poll → inbox commit → creation pass → Run row → submission → seen).
 2. Ingestion throughput of valid events into the inbox vs a bare kafka-python consume loop over
-   the same topic (the ceiling), as a ratio.
+   the same topic (3 partitions, the same messages; the ceiling): one consumer in-process on SQLite,
+   and one vs two consumer processes of one group on PostgreSQL (as `retrainer consume` runs).
 3. The consumer's resident memory at the 10,000th and 100,000th event (must stay flat).
 
-    .venv/bin/python bench/triggers.py [--latency-events 200] [--throughput-events 20000] [--rss-events 100000]
-        [--latency-only]
+    .venv/bin/python bench/triggers.py [--latency-events 200] [--peer-events 20] [--throughput-events 20000]
+        [--rss-events 100000] [--latency-only | --throughput-only]
 
-The PostgreSQL database is created for the run on RETRAINER_BENCH_POSTGRES_URL's server (default the
+The PostgreSQL databases are created for the run on RETRAINER_BENCH_POSTGRES_URL's server (default the
 local test server) and dropped afterwards.
 """
 
@@ -93,7 +94,25 @@ def setup_db(url: str, dataset: str, triggers: dict[str, Any] | None = None) -> 
 # ------------------------------------------------------------------------- throughput
 
 
+class Rate:
+    """Events per second from the end of the first batch on: the group join and the first fetch
+    before it are no consuming, and every loop below is timed the same way."""
+
+    def __init__(self) -> None:
+        self.started, self.timed = 0.0, 0
+
+    def batch(self, events: int) -> None:
+        if self.started:
+            self.timed += events
+        elif events:
+            self.started = time.perf_counter()
+
+    def per_second(self) -> float:
+        return self.timed / (time.perf_counter() - self.started)
+
+
 def bare_loop(topic: str, count: int) -> float:
+    """A bare kafka-python loop that decodes each record and commits each batch: the ceiling."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
@@ -104,35 +123,81 @@ def bare_loop(topic: str, count: int) -> float:
         enable_auto_commit=False,
         max_poll_records=500,
     )
-    seen, started = 0, time.perf_counter()
+    seen, rate = 0, Rate()
     while seen < count:
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                json.loads(record.value)  # the same minimum of work: decode what was read
-                seen += 1
+        batch = [record for records in consumer.poll(timeout_ms=500).values() for record in records]
+        for record in batch:
+            json.loads(record.value)  # the same minimum of work: decode what was read
         consumer.commit()
-    elapsed = time.perf_counter() - started
+        seen += len(batch)
+        rate.batch(len(batch))
     consumer.close()
-    return count / elapsed
+    return rate.per_second()
 
 
 def inbox_loop(topic: str, sessions: Any, count: int, settings: Any) -> float:
+    """One consumer storing into the inbox, in this process."""
+    from consumers.consumer import DataChangeConsumer
+
+    consumer = DataChangeConsumer(settings, sessions, max_records=500)
+    stored, rate = 0, Rate()
+    while stored < count:
+        batch = consumer.run_once().stored
+        stored += batch
+        rate.batch(batch)
+    per_second = rate.per_second()
+    consumer.close()
+    return per_second
+
+
+def consume_child(url: str, count: int) -> None:
+    """`retrainer consume` in a process of its own: stores into the inbox at `url` until it holds
+    `count` events (whichever consumer of the group stored them)."""
     from sqlalchemy import func, select
 
     from consumers.consumer import DataChangeConsumer
-    from storage.db import transaction
+    from domain.settings import load_settings
+    from storage.db import create_db_engine, make_sessions
     from storage.orm import SqlEvent
 
-    consumer = DataChangeConsumer(settings, sessions, max_records=500)
-    consumer.connect()  # as the raw loop's client, connected before timing
-    stored, started = 0, time.perf_counter()
-    while stored < count:
-        stored += consumer.run_once().stored
-    elapsed = time.perf_counter() - started
+    sessions = make_sessions(create_db_engine(url))
+    consumer = DataChangeConsumer(load_settings(), sessions, max_records=500)
+    total = select(func.count()).select_from(SqlEvent)
+    while True:
+        consumer.run_once()
+        with sessions() as session:
+            if (session.scalar(total) or 0) >= count:
+                break
     consumer.close()
-    with transaction(sessions) as session:
-        assert session.scalar(select(func.count()).select_from(SqlEvent)) >= count
-    return count / elapsed
+
+
+def consumer_processes(topic: str, dataset: str, count: int, processes: int) -> float:
+    """Events/s into a PostgreSQL inbox by `processes` consumer processes of one group, from the
+    first stored event to the last (their own `received_at`): the join before it is no consuming."""
+    from sqlalchemy import func, select
+
+    from storage.orm import SqlEvent
+
+    with postgres_database("retrainer_bench_consume") as url:
+        sessions = setup_db(url, dataset)
+        env = {
+            **os.environ,
+            "RETRAINER_KAFKA_TOPIC": topic,
+            "RETRAINER_KAFKA_CONSUMER_GROUP": f"n{processes}-{url[-8:]}",
+        }
+        children = [
+            subprocess.Popen([sys.executable, __file__, "--consume-child", url, str(count)], env=env)
+            for _ in range(processes)
+        ]
+        for child in children:
+            if child.wait(600) != 0:
+                raise RuntimeError(f"a consumer process exited with {child.returncode}")
+        with sessions() as session:
+            first, last, stored = session.execute(
+                select(func.min(SqlEvent.received_at), func.max(SqlEvent.received_at), func.count())
+            ).one()
+        sessions.kw["bind"].dispose()
+    return (stored - 1) / (last - first).total_seconds()
 
 
 # ---------------------------------------------------------------------------- latency
@@ -141,7 +206,83 @@ def inbox_loop(topic: str, sessions: Any, count: int, settings: Any) -> float:
 TRIGGER_INTERVAL_S = 1.0  # the services' poll interval: only the fallback now that inserts wake them
 
 
-def our_latency(events: int, url: str, split: bool) -> tuple[list[float], list[float]]:
+class StageClock:
+    """Per-stage timestamps (perf_counter) of the one-process topology, taken by wrapping the real
+    consumer's and trigger service's methods: where an event's latency goes."""
+
+    STAGES = (
+        ("send → consumer poll returned", "polled"),
+        ("poll → inbox committed (+ notify)", "stored"),
+        ("inbox commit → creation pass starts (wake-up)", "pass"),
+        ("creation pass (Run row committed)", "created"),
+        ("Run row → submission call starts (claim)", "submit"),
+        ("submission call (Prefect)", "submitted"),
+        ("call returned → flow run id seen by the watcher", None),
+    )
+
+    def __init__(self) -> None:
+        self.stamps: dict[str, list[float]] = {name: [] for _, name in self.STAGES if name}
+        self.lock = threading.Lock()
+        self.events: list[tuple[float, float]] = []
+
+    def stamp(self, name: str) -> None:
+        with self.lock:
+            self.stamps[name].append(time.perf_counter())
+
+    def timed(
+        self, inner: Any, before: str | None, after: str | None, enter_if: Any = None, leave_if: Any = None
+    ) -> Any:
+        """`inner`, stamping `before` on entry when `enter_if(*args)` holds and `after` on return
+        when `leave_if(result)` holds (both default to always)."""
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if before and (enter_if is None or enter_if(*args)):
+                self.stamp(before)
+            result = inner(*args, **kwargs)
+            if after and (leave_if is None or leave_if(result)):
+                self.stamp(after)
+            return result
+
+        return wrapped
+
+    def breakdown(self) -> list[tuple[str, list[float]]]:
+        """Per stage, its duration (ms) for each event: `events` holds (sent, flow run seen)."""
+        from bisect import bisect_left, bisect_right
+
+        ordered = {name: sorted(values) for name, values in self.stamps.items()}
+
+        def first_after(name: str, t: float) -> float:
+            values = ordered[name]
+            i = bisect_left(values, t)
+            return values[i] if i < len(values) else float("nan")
+
+        rows: dict[str, list[float]] = {label: [] for label, _ in self.STAGES}
+        for sent, seen in self.events:
+            polled = first_after("polled", sent)
+            stored = first_after("stored", polled)
+            created = first_after("created", stored)
+            starts = ordered["pass"]
+            started = starts[max(0, bisect_right(starts, created) - 1)]
+            submit = first_after("submit", created)
+            submitted = first_after("submitted", submit)
+            for (label, _), (a, b) in zip(
+                self.STAGES,
+                (
+                    (sent, polled),
+                    (polled, stored),
+                    (stored, started),
+                    (started, created),
+                    (created, submit),
+                    (submit, submitted),
+                    (submitted, seen),
+                ),
+                strict=True,
+            ):
+                rows[label].append((b - a) * 1000)
+        return list(rows.items())
+
+
+def our_latency(events: int, url: str, split: bool, clock: StageClock) -> tuple[list[float], list[float]]:
     """(produce → Run row, produce → Prefect flow run submitted) in ms, one event at a time, through
     the real consumer and trigger service: in one process as `retrainer serve` runs them (the
     in-process wake-up), or with the trigger service in a process of its own as `retrainer triggers`
@@ -155,6 +296,7 @@ def our_latency(events: int, url: str, split: bool) -> tuple[list[float], list[f
     from flows.trigger_service import TriggerService
     from flows.triggers import prefect_submitter
     from storage.orm import SqlEvent, SqlRun, SqlRunEvent
+    from storage.repositories.runs import SUBMITTING
 
     dataset = f"lat-{uuid.uuid4().hex[:6]}"
     run_of = select(SqlRun.prefect_flow_run_id).join(SqlRunEvent).join(SqlEvent)
@@ -169,7 +311,11 @@ def our_latency(events: int, url: str, split: bool) -> tuple[list[float], list[f
         env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
         child = subprocess.Popen([sys.executable, __file__, "--trigger-child", url], env=env)
     else:
-        service = TriggerService(sessions, prefect_submitter())
+        # the stage clock wraps the real methods on these instances (a few µs per call)
+        consumer._handle = clock.timed(consumer._handle, "polled", None, enter_if=lambda batches: any(batches.values()))  # type: ignore[method-assign]
+        consumer._store = clock.timed(consumer._store, None, "stored", leave_if=lambda result: result[0] > 0)  # type: ignore[method-assign]
+        service = TriggerService(sessions, clock.timed(prefect_submitter(), "submit", "submitted"))
+        service.create_runs = clock.timed(service.create_runs, "pass", "created", leave_if=lambda result: result[0])  # type: ignore[method-assign]
         threads.append(
             threading.Thread(target=service.run_forever, args=(stop,), kwargs={"interval_s": TRIGGER_INTERVAL_S})
         )
@@ -177,16 +323,18 @@ def our_latency(events: int, url: str, split: bool) -> tuple[list[float], list[f
         thread.start()
     producer = KafkaProducer(bootstrap_servers=BOOTSTRAP, acks=1, linger_ms=0)  # connected before timing
 
+    watch = sessions.kw["bind"].connect()  # one connection: no pool checkout, ping or ORM session per look
+
     def wait_for(event_id: str, timeout_s: float) -> tuple[float, float]:
         """When the run of `event_id` was visible and when it was submitted (perf_counter); one
         light query every millisecond, so the watching costs the services little CPU."""
         run_at, deadline = None, time.perf_counter() + timeout_s
         while time.perf_counter() < deadline:
-            with sessions() as session:
-                found = session.execute(run_of.where(SqlEvent.event_id == event_id)).first()
+            found = watch.execute(run_of.where(SqlEvent.event_id == event_id)).first()
+            watch.commit()  # the next look sees what was committed since
             if found is not None:
                 run_at = run_at or time.perf_counter()
-                if found.prefect_flow_run_id:
+                if found.prefect_flow_run_id not in (None, SUBMITTING):  # the claim's marker is no flow run
                     return run_at, time.perf_counter()
             time.sleep(0.001)
         raise TimeoutError(f"no flow run for event {event_id} within {timeout_s:.0f} s")
@@ -199,9 +347,11 @@ def our_latency(events: int, url: str, split: bool) -> tuple[list[float], list[f
             started, sent[f"lat-{i}-0"] = time.perf_counter(), datetime.now(UTC)
             produce(topic, dataset, 1, f"lat-{i}", producer)
             run_at, flow_at = wait_for(f"lat-{i}-0", 30)
+            clock.events.append((started, flow_at))
             to_run.append((run_at - started) * 1000)
             to_flow.append((flow_at - started) * 1000)
     finally:
+        watch.close()
         producer.close()
         stop.set()
         consumer.stop_requested.set()
@@ -302,8 +452,9 @@ def rss_child(topic: str, db_dir: str, count: int) -> None:
     print(json.dumps(marks))
 
 
-def latencies(events: int, workdir: Path) -> dict[str, tuple[list[float], list[float]]]:
-    """Both topologies' trigger latencies, measured against one Prefect server."""
+def latencies(events: int, workdir: Path, clock: StageClock) -> dict[str, tuple[list[float], list[float]]]:
+    """Both topologies' trigger latencies, measured against one Prefect server (the one-process
+    topology's stages into `clock`)."""
     from prefect.testing.utilities import prefect_test_harness
 
     from domain.spec import parse_spec
@@ -312,9 +463,15 @@ def latencies(events: int, workdir: Path) -> dict[str, tuple[list[float], list[f
     model = {"architecture": "mlp", "input_shape": [8], "output_classes": 2}
     with prefect_test_harness(server_startup_timeout=120):
         deployments([parse_spec({"name": "bench", "dataset": "any", "model": model}, source="bench")])[0].apply()
-        measured = {"retrainer serve (one process, SQLite)": our_latency(events, sqlite_database(workdir), split=False)}
+        measured = {
+            "retrainer serve (one process, SQLite)": our_latency(
+                events, sqlite_database(workdir), split=False, clock=clock
+            )
+        }
         with postgres_database("retrainer_bench_triggers") as url:
-            measured["split: consume | triggers (PostgreSQL)"] = our_latency(events, url, split=True)
+            measured["split: consume | triggers (PostgreSQL)"] = our_latency(
+                events, url, split=True, clock=StageClock()
+            )
     return measured
 
 
@@ -348,6 +505,8 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="Only the trigger latency table.")
     parser.add_argument("--rss-child", nargs=3, metavar=("TOPIC", "DB_DIR", "COUNT"))
     parser.add_argument("--trigger-child", metavar="DATABASE_URL")
+    parser.add_argument("--consume-child", nargs=2, metavar=("DATABASE_URL", "COUNT"))
+    parser.add_argument("--throughput-only", action="store_true", help="Only the consumer throughput and memory.")
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]))
@@ -355,17 +514,26 @@ def main() -> None:
     if args.trigger_child:
         trigger_child(args.trigger_child)
         return
+    if args.consume_child:
+        consume_child(args.consume_child[0], int(args.consume_child[1]))
+        return
     from domain.settings import load_settings
 
     workdir = Path(tempfile.mkdtemp(prefix="retrainer-bench-"))
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    (workdir / "lat").mkdir()
-    measured = latencies(args.latency_events, workdir / "lat")
-    peer = prefect_event_latency(args.peer_events)
-    print(f"\nTrigger latency on this machine (broker {BOOTSTRAP}, debounce 0, Prefect test server)\n")
-    latency_table(measured, peer)
+    if not args.throughput_only:
+        (workdir / "lat").mkdir()
+        clock = StageClock()
+        measured = latencies(args.latency_events, workdir / "lat", clock)
+        peer = prefect_event_latency(args.peer_events)
+        print(f"\nTrigger latency on this machine (broker {BOOTSTRAP}, debounce 0, Prefect test server)\n")
+        latency_table(measured, peer)
+        print("\nWhere the one-process latency goes, per stage (ms)\n")
+        print(f"{'stage':<62}{'p50':>8}{'p99':>8}")
+        for label, values in clock.breakdown():
+            print(f"{label:<62}{percentile(values, 50):>8.1f}{percentile(values, 99):>8.1f}")
     if args.latency_only:
         return
 
@@ -378,6 +546,7 @@ def main() -> None:
     os.environ.update(RETRAINER_KAFKA_TOPIC=topic, RETRAINER_KAFKA_CONSUMER_GROUP=f"tp-{dataset}")
     bare = bare_loop(topic, args.throughput_events)
     ours = inbox_loop(topic, sessions, args.throughput_events, load_settings())
+    split = {n: consumer_processes(topic, dataset, args.throughput_events, n) for n in (1, 2)}
 
     # RSS
     rss_dataset = f"rss-{uuid.uuid4().hex[:6]}"
@@ -400,12 +569,15 @@ def main() -> None:
     marks = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     growth = marks[args.rss_events] / marks[10_000] - 1
 
-    print("\nConsumer throughput and memory (SQLite inbox)\n")
+    print(f"\nConsumer throughput ({args.throughput_events} events, one topic of 3 partitions) and memory\n")
     print(f"{'bare kafka-python consume loop (events/s)':<58}{bare:>14.0f}")
     print(
-        f"{'consumer → inbox, committed (events/s)':<58}{ours:>14.0f}  "
+        f"{'consumer → SQLite inbox, in-process, committed (events/s)':<58}{ours:>14.0f}  "
         f"ratio {ours / bare:.2f} (>= 0.50: {'met' if ours / bare >= 0.5 else 'NOT met'})"
     )
+    for n, rate in split.items():
+        label = f"{n} consumer process{'es' if n > 1 else ''}, one group → PostgreSQL inbox (events/s)"
+        print(f"{label:<58}{rate:>14.0f}  ratio {rate / bare:.2f}, {rate / split[1]:.2f}x one process")
     print(
         f"{'consumer RSS at 10k / ' + str(args.rss_events // 1000) + 'k events (MB)':<58}"
         f"{marks[10_000]:>6.1f} /{marks[args.rss_events]:>6.1f}  growth {growth:+.1%} "

@@ -4,6 +4,10 @@ The producer is idempotent-minded: acks=all, the dataset as the record key (one 
 stay ordered in one partition), and the event id chosen by the caller so a retried publish of the
 same change is deduplicated by the consumer's inbox. Structured mode by default; binary mode is
 the same event with its attributes in `ce_*` headers (`consumers/binding.py`).
+
+An event carries a W3C `traceparent` (the CloudEvents distributed-tracing extension) when there is a
+trace to continue (`with_traceparent`): the consumer's `consume` span and the run made from the event
+then join the publisher's trace (flows/tracing.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from kafka.errors import KafkaError
 from consumers.binding import Mode, as_data_change, to_kafka_message
 from domain.errors import InvalidInputError, TransientInfraError
 from domain.events import EVENT_TYPE
+from flows.tracing import SystemRandomIds, current_traceparent
+
+_IDS = SystemRandomIds()
 
 
 def data_changed_event(
@@ -52,6 +59,20 @@ def data_changed_event(
     return event
 
 
+def with_traceparent(event: BaseCloudEvent, *, new_trace: bool = False) -> BaseCloudEvent:
+    """The event with a `traceparent`: its own when it has one; else the current span's (tracing on, or
+    a `traceparent` received and passed on); else, with `new_trace`, one of a new trace (sampled, so a
+    consumer with traces on records its spans); else the event unchanged."""
+    if event.get_extension("traceparent"):
+        return event
+    traceparent = current_traceparent()
+    if traceparent is None and new_trace:
+        traceparent = f"00-{_IDS.generate_trace_id():032x}-{_IDS.generate_span_id():016x}-01"
+    if traceparent is None:
+        return event
+    return CloudEvent({**event.get_attributes(), "traceparent": traceparent}, event.get_data())
+
+
 def publish_data_changed(
     bootstrap_servers: str,
     topic: str,
@@ -60,8 +81,9 @@ def publish_data_changed(
     *,
     mode: Mode = "structured",
 ) -> str:
-    """Sends one CloudEvent and waits for the broker's acknowledgement; returns its id."""
-    message = to_kafka_message(event, mode)
+    """Sends one CloudEvent (with the current span's `traceparent` when it has none, `with_traceparent`)
+    and waits for the broker's acknowledgement; returns its id."""
+    message = to_kafka_message(with_traceparent(event), mode)
     try:
         producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers.split(","), acks="all", max_block_ms=int(timeout_s * 1000), retries=5

@@ -25,10 +25,12 @@ class TriggerKind(StrEnum):
 
 
 class RunStatus(StrEnum):
-    """CONTRACT section 3. queued/running are in progress; the rest are final."""
+    """CONTRACT sections 3 and 7. queued, running, awaiting_approval (a person approves or rejects,
+    flows/approvals.py) and canary are in progress; the rest are final."""
 
     QUEUED = "queued"
     RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
     REJECTED = "rejected"
     CANARY = "canary"
     PROMOTED = "promoted"
@@ -38,11 +40,12 @@ class RunStatus(StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self not in (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.CANARY)
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.AWAITING_APPROVAL, RunStatus.CANARY)
 
 
 class ModelStage(StrEnum):
     CANDIDATE = "candidate"
+    AWAITING_APPROVAL = "awaiting_approval"  # passed the gate; a person decides (flows/approvals.py)
     REJECTED = "rejected"
     CANARY = "canary"
     CHAMPION = "champion"

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(
         default=5.0, gt=0, description="How long to wait for a backing service before giving up."
     )
+    run_max_resubmits: int = Field(
+        default=1,
+        ge=0,
+        description="How many times a run whose Prefect flow run crashed (its process or worker died) is "
+        "submitted again as a new flow run, resuming from its stored checkpoint, before it ends `failed`.",
+    )
     ddp_nnodes: int = Field(
         default=1, ge=1, description="Machines in a DDP training job when the spec's distributed.nnodes is unset."
     )

@@ -239,11 +239,22 @@ class FreezeWindowSpec(_Strict):
         return self
 
 
+class ApprovalSpec(_Strict):
+    """A person approves each candidate that passes the gate before its canary or promotion
+    (flows/approvals.py); the run waits as `awaiting_approval` meanwhile."""
+
+    required: bool = Field(default=False, description="Wait for an approve or reject after the gate passes.")
+    timeout_seconds: float = Field(
+        default=86400, gt=0, description="Unanswered this long after the gate passed: rejected (fail closed)."
+    )
+
+
 class PromotionSpec(_Strict):
     """Guards on moving the champion (an extension of the contract's spec)."""
 
     cooldown_seconds: float = Field(default=0, ge=0, description="Minimum time between two promotions.")
     freeze_windows: list[FreezeWindowSpec] = Field(default_factory=list)
+    approval: ApprovalSpec = Field(default_factory=ApprovalSpec)
 
 
 class CanarySpec(_Strict):

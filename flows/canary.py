@@ -52,6 +52,7 @@ from domain.evidence import CanaryAttempt, ModelStats
 from domain.logcontext import log_context
 from domain.spec import CanarySpec
 from domain.task import Task
+from flows.approvals import expire_overdue_approvals
 from flows.champion import end_rollout, promote_candidate
 from flows.context import FlowContext
 from flows.fleet import MISSING_AFTER_S, FleetWindow, heard_since, read_fleet_window
@@ -386,10 +387,11 @@ class RolloutSupervisor:
     """A canary controller (`canary_rollout`) for every active rollout, each in a thread of its own;
     one per deployment (`retrainer serve` in-process, `retrainer rollout supervise` on its own).
 
-    A loop service (`flows/loop.py`): each pass is one scan that reaps the controllers that ended,
-    starts one for each active rollout that has none (a controller resumes at the stored step, so
-    one that ended while its rollout is still active is simply started again), and raises
-    PassIncomplete naming every controller that died with an error since the last pass."""
+    A loop service (`flows/loop.py`): each pass rejects the runs whose approval is overdue
+    (flows/approvals.py), then is one scan that reaps the controllers that ended, starts one for
+    each active rollout that has none (a controller resumes at the stored step, so one that ended
+    while its rollout is still active is simply started again), and raises PassIncomplete naming
+    every controller that died with an error since the last pass."""
 
     name = "canary-supervisor"
 
@@ -405,6 +407,7 @@ class RolloutSupervisor:
             del self.controllers[name]
         with self._lock:
             died, self._died = self._died, {}
+        expire_overdue_approvals(self.sessions)  # no answer by the deadline rejects (flows/approvals.py)
         with transaction(self.sessions) as session:
             active = [p.name for p in repo.list_pipelines(session) if repo.active_rollout(session, p.name)]
         started = [name for name in active if name not in self.controllers]

@@ -6,8 +6,8 @@
 
 Tasks are thin: the ML work is `ml/`, the rules are `domain/`, the rows are `storage/`. The Run
 row's status is true at every moment (queued → running → promoted | rejected | canary | skipped |
-failed), and nothing touches the champion except the final compare-and-set move, so a crash at
-any earlier point leaves it untouched.
+failed | awaiting_approval, see flows/approvals.py), and nothing touches the champion except the
+final compare-and-set move, so a crash at any earlier point leaves it untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -27,15 +27,14 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run as current_flow_run
-from sqlalchemy.orm import Session
 
 from domain import entities as e
-from domain.errors import ConflictError, RetrainerError
+from domain.errors import RetrainerError
 from domain.gate import ChampionEvidence, GateDecision, decide_promotion
 from domain.logcontext import log_context
 from domain.spec import PipelineSpec, parse_spec
 from domain.task import QUALITY_METRICS
-from flows import tracing
+from flows import approvals, tracing
 from flows.context import FlowContext
 from flows.distributed import train_distributed
 from flows.evaluation import (
@@ -418,6 +417,12 @@ def _describe_flow_run(pipeline: str, trigger: str, version: str) -> None:
 
 
 def _mark_failed(ctx: FlowContext, run_id: str, error: BaseException) -> None:
+    """Ends the run `failed` when the code failed. A crash (SystemExit, an interrupt or termination
+    signal: no Exception) leaves it in progress: Prefect marks the flow run CRASHED, and the
+    reconciler (flows/reconcile.py) submits it again to resume from its checkpoint, or fails it."""
+    if not isinstance(error, Exception):
+        log.warning("run %s crashed (%s); the run reconciler settles it", run_id, type(error).__name__)
+        return
     try:
         with ctx.tx() as session:
             run = repo.get_run(session, run_id)
@@ -437,76 +442,15 @@ def _regression_outputs(data: PreparedData, candidate: Report) -> RegressionOutp
 def _decide_outcome(
     ctx: FlowContext, inputs: RunInputs, decision: GateDecision, version: e.ModelVersion
 ) -> dict[str, Any]:
-    """Turns the gate decision into stages, alias moves and the run's final status."""
-    spec, run_id = inputs.spec, inputs.run.id
-    champion_id = inputs.champion.id if inputs.champion else None
+    """Turns the gate decision into stages, alias moves and the run's status: a passed gate goes on
+    as flows/approvals.py says (a hold, an approval to wait for, a canary rollout or a champion move)."""
     with ctx.tx() as session:
         if not decision.passed:
             repo.set_model_stage(session, version.id, e.ModelStage.REJECTED)
             return {"status": e.RunStatus.REJECTED, "reason": decision.reason, "version": version.version}
-        held = _promotion_hold(session, spec)
-        if held:
-            return {"status": e.RunStatus.SKIPPED, "reason": f"gate passed but {held}", "version": version.version}
-        if spec.canary is not None and champion_id is not None:  # a first model has no champion to canary against
-            try:
-                rollout = repo.start_rollout(
-                    session,
-                    spec.name,
-                    candidate_version_id=version.id,
-                    champion_version_id=champion_id,
-                    policy=spec.canary.model_dump(mode="json"),
-                    run_id=run_id,
-                )
-            except ConflictError as busy:  # one rollout at a time per pipeline (the database says so)
-                return {
-                    "status": e.RunStatus.SKIPPED,
-                    "version": version.version,
-                    "reason": f"gate passed but not rolled out: {busy}",
-                }
-            repo.set_model_stage(session, version.id, e.ModelStage.CANARY)
-            steps = ", ".join(f"{s:g}" for s in spec.canary.steps)
-            return {
-                "status": e.RunStatus.CANARY,
-                "reason": f"gate passed; canary rollout {rollout.id} started ({steps} % of traffic)",
-                "version": version.version,
-                "rollout_id": rollout.id,
-            }
-    try:
-        with ctx.tx() as session, tracing.span("alias move", to_version=version.version, actor="gate"):
-            repo.move_champion(
-                session,
-                spec.name,
-                version.id,
-                expected_from_version_id=champion_id,
-                actor="gate",
-                reason=decision.reason,
-                run_id=run_id,
-            )
-    except ConflictError as conflict:  # another run promoted since we read the champion: our evidence is stale
-        with ctx.tx() as session:
-            repo.set_model_stage(session, version.id, e.ModelStage.REJECTED)
-        return {
-            "status": e.RunStatus.REJECTED,
-            "version": version.version,
-            "reason": f"champion changed while this run was evaluating ({conflict}); not promoted on stale evidence",
-        }
-    return {"status": e.RunStatus.PROMOTED, "reason": decision.reason, "version": version.version}
-
-
-def _promotion_hold(session: Session, spec: PipelineSpec) -> str | None:
-    now = datetime.now(UTC)
-    pipeline = repo.get_pipeline(session, spec.name)
-    if pipeline.frozen_until is not None and pipeline.frozen_until > now:
-        return f"promotions are frozen until {pipeline.frozen_until.isoformat()}"
-    for window in spec.promotion.freeze_windows:
-        if window.start <= now < window.end:
-            return f"promotions are frozen by the spec until {window.end.isoformat()}"
-    if spec.promotion.cooldown_seconds:
-        last = repo.last_promotion_at(session, spec.name)
-        if last is not None and now - last < timedelta(seconds=spec.promotion.cooldown_seconds):
-            ago, cooldown = (now - last).total_seconds(), spec.promotion.cooldown_seconds
-            return f"the last promotion was {ago:.0f} s ago (cooldown {cooldown:.0f} s)"
-    return None
+        champion_id = inputs.champion.id if inputs.champion else None
+        passed = approvals.PassedCandidate(inputs.run.id, version, champion_id, decision.reason)
+        return approvals.after_gate(session, inputs.spec, passed)
 
 
 def _jsonable(outcome: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ The trace crosses processes through stored W3C `traceparent`s, never through mem
 payload keeps the CloudEvent's `traceparent` (the distributed-tracing extension; the consumer writes
 its own span's there when the producer sent none), and the Run row's `evidence["traceparent"]` says
 where the run's next step continues (the debounce or trigger span, then the submission's span). The
-model server adds an `infer` span per request with its variant and version (serving/app.py).
+model server adds an `infer` span per request with its variant and version (serving/app.py), a
+child of the client's span when the request carries a `traceparent` (HTTP header or gRPC metadata).
 
 Off unless a standard variable asks for it (`OTEL_EXPORTER_OTLP_ENDPOINT`,
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, or
@@ -216,14 +217,23 @@ def traced(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return decorate
 
 
-def finished_span(name: str, seconds: float, *, kind: SpanKind = SpanKind.SERVER, **attributes: str | int) -> None:
+def finished_span(
+    name: str,
+    seconds: float,
+    *,
+    parent: str | None = None,
+    kind: SpanKind = SpanKind.SERVER,
+    **attributes: str | int,
+) -> None:
     """Records a span that ended now after `seconds` (a hot path adds it after the work, with nothing
-    to wrap or unwind); nothing at all when tracing is off."""
+    to wrap or unwind), child of `parent` (the caller's W3C traceparent; without one, or an invalid one,
+    it starts a trace); nothing at all when tracing is off."""
     if not enabled():
         return
     end = time.time_ns()
     started = _State.tracer.start_span(
         name,
+        context=parent_context(parent),
         kind=kind,
         start_time=end - int(seconds * 1e9),
         attributes={f"retrainer.{k}": v for k, v in attributes.items()},

@@ -6,6 +6,9 @@
 2. submits every queued run that has no flow run yet to its pipeline's Prefect deployment
    (`submit_unsubmitted_runs`): the runs just created, and those whose submission failed earlier.
    A Prefect outage leaves runs queued, never lost, and the first pass after it submits them.
+3. with a `Reconciler` (flows/reconcile.py), at most every few seconds, settles the runs whose flow
+   run ended while the run did not (its worker died): submitted again to resume from their
+   checkpoint, or ended `failed` with the reason. It runs in the submission loop.
 
 Both steps run even when the first could not finish every dataset; the pass then ends with
 `PassIncomplete` naming every dataset and run that failed. The runner retries it with a back-off;
@@ -27,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from flows.loop import LoopHealth, PassIncomplete, run_loop
+from flows.reconcile import Reconciler
 from flows.triggers import RunSubmitter, process_pending_events, submit_unsubmitted_runs
 from storage.notify import INBOX_CHANNEL, Wakeup, Wakeups
 
@@ -42,13 +46,15 @@ class TriggerPass:
 
 
 class TriggerService:
-    """`run_once()`: one debounce + submission pass. `submit=None` only creates runs (for a
-    deployment where another process submits them)."""
+    """`run_once()`: one debounce + submission (+ reconciliation) pass. `submit=None` only creates
+    runs (for a deployment where another process submits them)."""
 
     name = "trigger-service"
 
-    def __init__(self, sessions: sessionmaker[Session], submit: RunSubmitter | None) -> None:
-        self.sessions, self.submit = sessions, submit
+    def __init__(
+        self, sessions: sessionmaker[Session], submit: RunSubmitter | None, reconciler: Reconciler | None = None
+    ) -> None:
+        self.sessions, self.submit, self.reconciler = sessions, submit, reconciler
         self.wakeups = Wakeups(sessions, INBOX_CHANNEL)
 
     def run_forever(self, stop: threading.Event, *, interval_s: float, health: LoopHealth | None = None) -> None:
@@ -99,10 +105,22 @@ class TriggerService:
         except PassIncomplete as partial:
             return (), partial.failures
 
+    def reconcile_runs(self, *, when_due: bool = False) -> list[tuple[str, BaseException]]:
+        """Step 3, if the service has a reconciler (and, `when_due`, its interval has passed): the
+        runs (or the Prefect query) that failed."""
+        if self.submit is None or self.reconciler is None or (when_due and not self.reconciler.due()):
+            return []
+        try:
+            self.reconciler.run_once()
+        except PassIncomplete as partial:
+            return partial.failures
+        return []
+
     def run_once(self) -> TriggerPass:
-        """Both steps, one after the other (`--once`, and tests)."""
+        """All steps, one after the other (`--once`, and tests)."""
         created, failures = self.create_runs()
         submitted, more = self.submit_runs()
+        more += self.reconcile_runs()
         if failures or more:
             raise PassIncomplete("trigger items", failures + more)
         return TriggerPass(created, submitted)
@@ -125,7 +143,7 @@ class _Creation:
 
 
 class _Submission:
-    """The submission loop's pass: submit every queued run without a flow run."""
+    """The submission loop's pass: submit every queued run without a flow run, then reconcile (when due)."""
 
     name = "trigger-submission"
 
@@ -134,6 +152,7 @@ class _Submission:
 
     def run_once(self) -> None:
         _, failures = self.service.submit_runs()
+        failures += self.service.reconcile_runs(when_due=True)
         if failures:
             raise PassIncomplete("runs", failures)
 

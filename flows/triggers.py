@@ -3,7 +3,8 @@ idempotently (the database decides: a unique Idempotency-Key, a unique (pipeline
 debounce window or schedule slot). `request_run(sessions, pipeline, request, submit)` is the door of
 single requests (the API): it also submits the flow run at once. Submission is claimed in the
 database, so one caller submits a run, with the run id as Prefect's idempotency key, so a retry
-can never start a second flow run.
+can never start a second flow run (a run submitted again after its flow run crashed,
+flows/reconcile.py, uses `{run_id}:{attempt}`).
 
 `process_pending_events` is the debouncer: per dataset it waits for a quiet period of
 `debounce_seconds` after the newest pending event, bounded by `max_wait_seconds` after the
@@ -23,10 +24,12 @@ the next pass.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
@@ -143,30 +146,92 @@ def _submit_traced(sessions: sessionmaker[Session], run: e.Run, submit: RunSubmi
         return None
 
 
+def attempts_of(run: e.Run) -> int:
+    """How many times the run was submitted again after its flow run crashed (flows/reconcile.py)."""
+    return len((run.evidence or {}).get("resubmits", []))
+
+
+def submission_key(run: e.Run) -> str:
+    """Prefect's idempotency key of the run's flow run: the run id, then `{run_id}:{attempt}` for
+    each resubmission, so a resubmission is a new flow run and a retried one is the same one."""
+    attempts = attempts_of(run)
+    return f"{run.id}:{attempts}" if attempts else run.id
+
+
 def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
-    """Submits to the pipeline's deployment (`retrainer-pipeline/<pipeline>`); the run id is
-    Prefect's idempotency key, so submitting the same run twice creates one flow run."""
+    """Submits to the pipeline's deployment (`retrainer-pipeline/<pipeline>`) with
+    `submission_key(run)` as Prefect's idempotency key, so submitting the same run twice creates one
+    flow run.
 
-    def submit(run: e.Run) -> str | None:
-        from prefect.deployments import run_deployment
-        from prefect.exceptions import ObjectNotFound
+    One call per submission: the flow run is created on a Prefect client kept open between calls
+    (its connections stay alive) from the deployment id resolved once per pipeline, where
+    `run_deployment` opens a client and looks the deployment up by name every time. A cached id
+    that Prefect no longer knows (the deployment was deleted or re-created) is resolved again once;
+    a client that failed is replaced at the next call."""
+    import httpx
+    from prefect.client.base import PrefectHttpxSyncClient
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.exceptions import ObjectNotFound
 
-        name = f"{flow_name}/{run.pipeline}"
+    lock = threading.Lock()
+    deployment_ids: dict[str, UUID] = {}
+    open_client: list[SyncPrefectClient] = []  # at most one, opened by the first submission
+
+    def client() -> SyncPrefectClient:
+        with lock:
+            if not open_client:
+                open_client.append(get_client(sync_client=True).__enter__())
+            return open_client[0]
+
+    def forget_client(failed: SyncPrefectClient) -> None:
+        with lock:
+            if failed in open_client:
+                open_client.remove(failed)
+                failed.__exit__(None, None, None)
+
+    def deployment_id(prefect: SyncPrefectClient, name: str, run: e.Run) -> UUID:
+        if (known := deployment_ids.get(name)) is not None:
+            return known
         try:
-            flow_run = run_deployment(
-                name=name,
-                parameters={"pipeline": run.pipeline, "run_id": run.id},
-                timeout=0,
-                idempotency_key=run.id,
-                tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
-            )
+            deployment_ids[name] = prefect.read_deployment_by_name(name).id
         except ObjectNotFound as err:
             raise DeploymentNotFoundError(
                 f"Prefect has no deployment {name!r}, so run {run.id} cannot start; create it with "
                 "`retrainer pipelines deploy` (work pools) or start the runner (`retrainer serve`, "
                 "`python -m retrainer.runner`), then trigger the pipeline again"
             ) from err
-        return str(flow_run.id)  # type: ignore[union-attr]
+        return deployment_ids[name]
+
+    def create(prefect: SyncPrefectClient, name: str, run: e.Run) -> str:
+        flow_run = prefect.create_flow_run_from_deployment(
+            deployment_id(prefect, name, run),
+            parameters={"pipeline": run.pipeline, "run_id": run.id},
+            idempotency_key=submission_key(run),
+            tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
+        )
+        return str(flow_run.id)
+
+    def submit(run: e.Run) -> str | None:
+        name = f"{flow_name}/{run.pipeline}"
+        prefect = client()
+        # Prefect's client retries a refused connection with back-off (about a minute in all) once
+        # it has connected before, which a kept-open client always has: a Prefect outage would hold
+        # every submission, and the API request making it, that long. Refused fails fast, as with a
+        # new client per call; the run stays queued for the next pass.
+        if isinstance(prefect._client, PrefectHttpxSyncClient):
+            prefect._client._has_connected = False
+        try:
+            try:
+                return create(prefect, name, run)
+            except httpx.HTTPStatusError as err:
+                if err.response.status_code != 404 or deployment_ids.pop(name, None) is None:
+                    raise
+                return create(prefect, name, run)  # the cached id is gone: look the name up again
+        except DeploymentNotFoundError:
+            raise
+        except Exception:
+            forget_client(prefect)
+            raise
 
     return submit
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from domain.entities import Rollout
 
 from domain.errors import InvalidInputError, RetrainerError
-from retrainer import processes
+from retrainer import approvals_cli, processes
 from retrainer.console import err, out, print_decisive_checks
 from retrainer.console import settings as _settings
 from retrainer.console import unit_of_work as _unit_of_work
@@ -47,6 +47,7 @@ app.add_typer(apikey_app, name="apikey")
 app.add_typer(pipelines_app, name="pipelines")
 
 processes.register(app, rollout_app)
+approvals_cli.register(runs_app)
 
 PipelineName = Annotated[str, typer.Argument(help="Pipeline name.")]
 Actor = Annotated[str, typer.Option(help="Who is doing this.")]
@@ -448,15 +449,30 @@ def publish_data_changed(
     version: Annotated[str | None, typer.Option(help="Version label (data.version).")] = None,
     event_id: Annotated[str | None, typer.Option("--id", help="CloudEvent id (idempotency key); default: new.")] = None,
     rows: Annotated[int | None, typer.Option(help="Row count (data.rows).")] = None,
+    traceparent: Annotated[
+        bool,
+        typer.Option(
+            "--traceparent",
+            help="Start a trace even when tracing is off (no OTEL_* variables): the event carries a new W3C "
+            "traceparent, which the consumer and the run continue. With tracing on it carries this command's span's.",
+        ),
+    ] = False,
 ) -> None:
     """Publish one data-change CloudEvent (structured mode) to the data-change topic."""
-    from consumers.publisher import data_changed_event
+    from opentelemetry.trace import SpanKind
+
+    from consumers.publisher import data_changed_event, with_traceparent
     from consumers.publisher import publish_data_changed as publish
+    from flows.tracing import span
 
     settings = _settings()
-    event = data_changed_event(dataset, uri, version=version, rows=rows, event_id=event_id)
-    published = publish(settings.kafka_bootstrap_servers, settings.kafka_topic, event)
-    out.print(f"published {published} to {settings.kafka_topic}", highlight=False)
+    with span("publish", kind=SpanKind.PRODUCER, topic=settings.kafka_topic, dataset=dataset):
+        built = data_changed_event(dataset, uri, version=version, rows=rows, event_id=event_id)
+        event = with_traceparent(built, new_trace=traceparent)
+        published = publish(settings.kafka_bootstrap_servers, settings.kafka_topic, event)
+    sent = event.get_extension("traceparent")
+    trace = f" (traceparent {sent})" if sent else ""
+    out.print(f"published {published} to {settings.kafka_topic}{trace}", highlight=False, soft_wrap=True)
 
 
 @app.command("trigger")

@@ -76,6 +76,7 @@ def triggers(
     """Run the trigger service: pending events become one run per pipeline per window, and runs
     whose submission to Prefect failed are submitted again; errors are logged and retried."""
     from flows.loop import LoopHealth, run_loop, stop_on_signals
+    from flows.reconcile import prefect_reconciler
     from flows.trigger_service import TriggerService
     from flows.triggers import prefect_submitter
     from retrainer import wiring
@@ -86,7 +87,9 @@ def triggers(
     except ConfigurationError as refusal:  # a usage error: one line and exit 2, before anything starts
         err.print(f"error: {refusal}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from refusal
-    service = TriggerService(wiring.sessions(settings), prefect_submitter() if submit else None)
+    sessions, submitter = wiring.sessions(settings), prefect_submitter() if submit else None
+    reconciler = None if submitter is None else prefect_reconciler(sessions, submitter, settings)
+    service = TriggerService(sessions, submitter, reconciler)
     stop = threading.Event()
     if once:
         run_loop(service, stop, once=True)

@@ -235,6 +235,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from api.server import running_api
     from consumers.consumer import DataChangeConsumer
     from flows.loop import LoopHealth, run_loop
+    from flows.reconcile import prefect_reconciler
     from flows.registry import load_specs, sync_pipelines
     from flows.trigger_service import TriggerService
     from flows.triggers import prefect_submitter
@@ -297,7 +298,8 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
             consumer.run_forever()
 
         def triggers() -> None:
-            TriggerService(sessions, submitter).run_forever(stop, interval_s=1.0, health=trigger_health)
+            reconciler = prefect_reconciler(sessions, submitter, settings)
+            TriggerService(sessions, submitter, reconciler).run_forever(stop, interval_s=1.0, health=trigger_health)
 
         supervisor = RolloutSupervisor(sessions, serving_url)
         supervisor_health = LoopHealth.for_interval(supervisor.name, SUPERVISE_INTERVAL_S)

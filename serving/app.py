@@ -20,11 +20,12 @@ a `KeyCheck`, as every server of a deployment is): feedback needs `feedback`, st
 key, 403 naming the scope a key lacks.
 
 `infer` takes JSON or binary tensor data (`Inference-Header-Content-Length`, see `serving.protocol`).
-Without a version, `infer` is routed champion/canary by the canary weight, or by a hash of the
-`X-Retrainer-Sticky` header when present; the answer's `model_version` says which version served it.
-Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}` with the status from
-`ERROR_CODE_TO_HTTP_STATUS` (bad input 400, unknown model or version 404, body over the limit
-413, no champion yet 503); malformed input never produces a 500. What answers a parsed request
+A W3C `traceparent` header makes the request's `infer` span (flows/tracing.py) a child of the
+client's span. Without a version, `infer` is routed champion/canary by the canary weight, or by a
+hash of the `X-Retrainer-Sticky` header when present; the answer's `model_version` says which
+version served it. Refusals use OIP's error body `{"error": "<what is wrong and how to fix it>"}`
+with the status from `ERROR_CODE_TO_HTTP_STATUS` (bad input 400, unknown model or version 404, body
+over the limit 413, no champion yet 503); malformed input never produces a 500. What answers a parsed request
 (routing, batching, counting) is `Inference`, which the gRPC service (`serving/grpc_server.py`) shares.
 """
 
@@ -162,11 +163,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return await _receive_body(request.headers.get("content-length"), request.receive, limit)
 
 
-# (pipeline, version, body, sticky key, Inference-Header-Content-Length) -> (body, its JSON header's length
-# when outputs go as binary data, variant)
-InferHandler = Callable[[str, str | None, bytes, str | None, str | None], Awaitable[tuple[bytes, int | None, str]]]
+# (pipeline, version, body, sticky key, Inference-Header-Content-Length, traceparent) -> (body, its JSON
+# header's length when outputs go as binary data, variant)
+InferHandler = Callable[
+    [str, str | None, bytes, str | None, str | None, str | None], Awaitable[tuple[bytes, int | None, str]]
+]
 _HEADER_LENGTH = HEADER_LENGTH_HEADER.lower().encode()
 _API_KEY = API_KEY_HEADER.lower().encode()
+TRACEPARENT_HEADER = "traceparent"  # W3C Trace Context: the client's span, which `infer` continues
+_TRACEPARENT = TRACEPARENT_HEADER.encode()
 INFER_PATH = re.compile(r"/v2/models/(?P<pipeline>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -203,12 +208,14 @@ class ModelServerApp(FastAPI):
             body = await _receive_body(length.decode("latin-1") if length else None, receive, self.max_body_bytes)
             sticky = headers.get(STICKY_HEADER.lower().encode())
             header_length = headers.get(_HEADER_LENGTH)
+            traceparent = headers.get(_TRACEPARENT)
             payload, json_length, variant = await self.infer_handler(
                 pipeline,
                 version,
                 body,
                 sticky.decode("latin-1") if sticky else None,
                 header_length.decode("latin-1") if header_length is not None else None,
+                traceparent.decode("latin-1") if traceparent else None,
             )
             extra.append((b"x-retrainer-variant", variant.encode()))
         except ClientDisconnect:
@@ -275,9 +282,17 @@ class Inference:
             text = model.tokenizer is not None
             return model_metadata(pipeline, versions, model.input_shape, model.task, model.width, text=text)
 
-    async def infer(self, pipeline: str, version: str | None, parsed: InferRequest, sticky_key: str | None) -> Answered:
+    async def infer(
+        self,
+        pipeline: str,
+        version: str | None,
+        parsed: InferRequest,
+        sticky_key: str | None,
+        traceparent: str | None = None,
+    ) -> Answered:
         """One parsed request, routed (by `version`, else the canary weight or `sticky_key`), batched,
-        counted for its variant and remembered for feedback."""
+        counted for its variant and remembered for feedback; its `infer` span continues the client's
+        `traceparent` when it sent one."""
         registry, metrics = self.registry, self.metrics
         request_id = parsed.id or uuid.uuid4().hex
         with registry.route(pipeline, sticky_key=sticky_key, version=version) as routed:
@@ -306,7 +321,9 @@ class Inference:
             categories, tensors, prediction = _answered(routed, answers)
             elapsed = time.perf_counter() - started
             metrics.observe(pipeline, routed.variant, model.version, elapsed, categories)
-            finished_span("infer", elapsed, pipeline=pipeline, variant=routed.variant, version=model.version)
+            finished_span(
+                "infer", elapsed, parent=traceparent, pipeline=pipeline, variant=routed.variant, version=model.version
+            )
             self.feedback.remember(request_id, prediction)
             answer = infer_response(pipeline, model.version, request_id, tensors, outputs)
             return Answered(answer, binary_outputs, routed.variant)
@@ -396,11 +413,16 @@ def create_serving_app(
         return inference.metadata(pipeline, version)
 
     async def infer(
-        pipeline: str, version: str | None, body: bytes, sticky_key: str | None, header_length: str | None
+        pipeline: str,
+        version: str | None,
+        body: bytes,
+        sticky_key: str | None,
+        header_length: str | None,
+        traceparent: str | None,
     ) -> tuple[bytes, int | None, str]:
         """One inference request (JSON, or binary with `header_length`): the encoded OIP v2 answer, its
         JSON header's length when it carries binary outputs, and the variant that served it."""
-        answered = await inference.infer(pipeline, version, parse_body(body, header_length), sticky_key)
+        answered = await inference.infer(pipeline, version, parse_body(body, header_length), sticky_key, traceparent)
         payload, json_length = encode_answer(answered.answer, answered.binary_outputs)
         return payload, json_length, answered.variant
 

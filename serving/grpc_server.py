@@ -4,7 +4,8 @@ ModelInfer, on `RETRAINER_SERVING_GRPC_ADDRESS`, beside the HTTP app in the same
 
 Requests go through the HTTP app's own `serving.app.Inference` (`app.state.inference`): the same
 parser (`serving.protocol`, fed the request as its JSON form plus `raw_input_contents` as binary
-tensor data), routing between champion and canary (sticky per `x-retrainer-sticky` metadata), dynamic
+tensor data), routing between champion and canary (sticky per `x-retrainer-sticky` metadata), the
+`infer` span continuing a `traceparent` in the call's metadata (W3C Trace Context), dynamic
 batching (gRPC and HTTP requests share forward passes), per-variant counting, and predictions
 remembered for `feedback` by the answer's `id`. So gRPC requests are canary evidence like HTTP ones.
 Outputs are answered in `raw_output_contents` (little-endian, row-major), as Triton answers them;
@@ -34,7 +35,15 @@ from fastapi import FastAPI
 
 from domain.apikeys import Scope as KeyScope
 from domain.errors import ConfigurationError, InfrastructureError, InvalidInputError
-from serving.app import DEFAULT_MAX_BODY_BYTES, SERVER_METADATA, STICKY_HEADER, Inference, ModelServerApp, as_refusal
+from serving.app import (
+    DEFAULT_MAX_BODY_BYTES,
+    SERVER_METADATA,
+    STICKY_HEADER,
+    TRACEPARENT_HEADER,
+    Inference,
+    ModelServerApp,
+    as_refusal,
+)
 from serving.keys import GRPC_METADATA_KEY
 from serving.protocol import BINARY_DTYPES, INPUT_DATATYPE, TEXT_DATATYPE, parse_infer_request
 from web.errors import status_for
@@ -165,7 +174,11 @@ class _Service:
         payload, binary = request_payload(request)
         sticky = metadata.get(_STICKY)
         answered = await self.inference.infer(
-            request.model_name, request.model_version or None, parse_infer_request(payload, binary), sticky
+            request.model_name,
+            request.model_version or None,
+            parse_infer_request(payload, binary),
+            sticky,
+            metadata.get(TRACEPARENT_HEADER),
         )
         await context.send_initial_metadata(((VARIANT_METADATA, answered.variant),))
         return infer_response(self.pb, answered.answer)

@@ -198,7 +198,7 @@ class SqlRun(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"))
     trigger_kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)  # 32: awaiting_approval is 17 (0008)
     reason: Mapped[str | None] = mapped_column(Text)
     # API Idempotency-Key; request_sha256 tells "same key, same body" from "same key, other body".
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
@@ -260,7 +260,7 @@ class SqlModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONDict)
     # How to rebuild and load the weights: architecture, params, shapes, variant, standardizer (0002).
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONDict)
-    stage: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[str] = mapped_column(String(32))  # 32: awaiting_approval is 17 (0008)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     stage_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -34,7 +34,7 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'n
 _TONES = {
     "good": {"pass", "promoted", "promote", "advance", "champion"},
     "bad": {"fail", "failed", "rejected", "rolled_back", "rollback", "aborted"},
-    "warn": {"repeat", "wait", "skipped", "not yet"},
+    "warn": {"repeat", "wait", "skipped", "not yet", "awaiting_approval"},
     "info": {"canary", "running", "queued", "active"},
 }
 

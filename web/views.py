@@ -1,6 +1,6 @@
-"""What the report (and the dashboard to come) shows, as plain frozen data: no SQL, no HTML.
+"""What the report and the dashboard show, as plain frozen data: no SQL, no HTML.
 
-`retrainer/report.py` collects these from the metadata database; `web/render.py` renders them
+`api/report_data.py` collects these from the metadata database; `web/render.py` renders them
 with the templates in `web/templates/`. Canary evidence is the domain's own typed model
 (`domain.evidence.StepAnalysis`); run evidence is read into the small records below. Which
 metrics a run shows, and which way is better, follow its task (`domain/task.py`).

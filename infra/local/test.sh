@@ -16,10 +16,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # kcat (Debian) is the outside producer in the Kafka tests; nginx the load balancer in front of the
-# model-server replicas in tests/integration/test_split_deployment.py.
+# model-server replicas in tests/integration/test_split_deployment.py; chromium the headless browser
+# Playwright drives in tests/integration/test_dashboard_browser.py (the system one: no browser download).
 missing=()
 command -v kcat >/dev/null || missing+=(kcat)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 if ((${#missing[@]})); then
   if [[ "$(id -u)" != 0 ]]; then echo "[test] missing: sudo apt-get install -y ${missing[*]}" >&2; exit 1; fi
   echo "[test] installing ${missing[*]} (Debian)"

@@ -122,16 +122,27 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def session_for(data: bytes) -> ort.InferenceSession:
-    """A CPU session over the graph's bytes, with torch's thread count (what the float model runs with)."""
+    """A CPU session over the graph's bytes, with torch's thread count (what the float model runs with).
+
+    Every variant, in evaluation, serving and the bench, runs through this one function."""
     options = ort.SessionOptions()
+    # All of ORT's graph rewrites (constant folding, which turns the fp16 Casts into float weights once;
+    # the int8 and LayerNorm/GELU fusions); one graph, run node after node: sequential execution with
+    # memory patterns and the arena, so a repeated batch shape reuses its buffers.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_mem_pattern = True
+    options.enable_cpu_mem_arena = True
     # Same threads as torch, so a variant is compared with the float model on equal terms; one
     # inter-op thread: these graphs are a chain, and a second pool would only compete for the cores.
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    # ORT's pool threads spin after each call waiting for the next; in a process that also runs torch
-    # (the float model, training, other variants) they take the cores torch needs: measured here, torch
-    # ran 3-7x slower between ORT calls with spinning on. Off: a request pays a thread wake-up instead.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Pool threads spin between the parallel sections of one call (a transformer has dozens; waking
+    # sleeping threads cost the MLP b32 0.157 vs 0.110 ms at best) and stop when the call returns: left
+    # spinning after it, they took the cores that torch (the float model, training, other variants in
+    # this process) needs, and torch ran 3-7x slower between ORT calls.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are about our exporter
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 

@@ -121,6 +121,25 @@ def get_run(session: Session, run_id: str) -> e.Run:
     return find_run_row(session, run_id).to_entity()
 
 
+def lock_run(session: Session, run_id: str) -> e.Run:
+    """The run as stored now, its row locked until the caller's transaction ends (SELECT … FOR
+    UPDATE; SQLite has one writer at a time anyway), so of two callers deciding one run at once the
+    second sees the first's decision."""
+    query = select(SqlRun).where(SqlRun.id == run_id).with_for_update().execution_options(populate_existing=True)
+    row = session.scalars(query).one_or_none()
+    if row is None:
+        raise NotFoundError(f"run {run_id!r} not found")
+    return row.to_entity()
+
+
+def runs_with_status(session: Session, status: e.RunStatus, pipeline: str | None = None) -> list[e.Run]:
+    """Every run with `status` (only `pipeline`'s if given), oldest first (the runs.status index)."""
+    query = select(SqlRun).where(SqlRun.status == status.value).order_by(SqlRun.created_at, SqlRun.id)
+    if pipeline is not None:
+        query = query.where(SqlRun.pipeline_id == find_pipeline_row(session, pipeline).id)
+    return [row.to_entity() for row in session.scalars(query)]
+
+
 @dataclass(frozen=True, slots=True)
 class RunPosition:
     """A place in the run lists' order (newest first: created_at, then id): where a page ended."""

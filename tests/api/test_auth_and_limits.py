@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from api.middleware import BodySizeLimitMiddleware, TokenBucketLimiter
+from api.dashboard import PUBLIC_PATHS as DASHBOARD_PUBLIC_PATHS
+from api.middleware import DASHBOARD_PREFIX, BodySizeLimitMiddleware, TokenBucketLimiter
 from domain import entities as e
 from storage import repositories as repo
 from storage.db import transaction
 from tests.api.conftest import PIPELINE, error_code
 
-PUBLIC = {"/healthz", "/metrics"}
+PUBLIC = {"/healthz", "/metrics", *DASHBOARD_PUBLIC_PATHS}  # the dashboard's sign-in page and static files
 CONTRACT_ROUTES = {
     ("POST", "/api/v1/trigger/train"),
     ("GET", "/api/v1/runs/{run_id}"),
@@ -68,6 +69,8 @@ def test_every_route_but_healthz_and_metrics_needs_a_key(
                 assert response.status_code == 200, (method, path, response.text)
                 continue
             assert response.status_code == 401, (method, path, response.text)
+            if path.startswith(DASHBOARD_PREFIX):  # a sign-in page, not JSON: tests/web/test_dashboard.py
+                continue
             assert error_code(response) == "unauthorized"
             assert "retrainer apikey create" in response.json()["error"]["message"]
             assert response.headers["WWW-Authenticate"].startswith("ApiKey")

@@ -127,3 +127,14 @@ def test_a_cursor_the_api_did_not_give_out_is_refused_naming_the_fix(client: Tes
         assert "next_cursor" in response.json()["error"]["message"]
     too_long = client.get(RUNS, params={"cursor": "A" * 201})
     assert too_long.status_code == 422 and error_code(too_long) == "invalid_request"
+
+
+def test_an_unknown_query_parameter_is_refused_naming_it_and_the_known_ones(client: TestClient) -> None:
+    """A misspelt filter (`?pipline=`) would otherwise be ignored and list every pipeline's runs
+    (schemathesis found `?=0` accepted: its schema for the query string allows no other key)."""
+    for params in [{"pipline": PIPELINE}, {"": "0"}]:
+        response = client.get(RUNS, params=params)
+        assert response.status_code == 422 and error_code(response) == "invalid_request", response.text
+        message = response.json()["error"]["message"]
+        assert "unknown query parameter" in message and "cursor, limit, pipeline" in message
+    assert client.get(RUNS, params={"pipeline": PIPELINE, "limit": 5}).status_code == 200

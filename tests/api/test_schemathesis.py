@@ -31,6 +31,7 @@ from domain import entities as e
 from domain.settings import Settings
 from storage import repositories as repo
 from storage.db import transaction
+from tests.api.approval_runs import APPROVAL_SPEC, waiting_run
 from tests.api.conftest import PIPELINE
 
 MAX_EXAMPLES = 30
@@ -45,10 +46,12 @@ STATE_REFUSALS = {
     ("GET", "/api/v1/runs"): (400, "invalid_input"),
 }
 SEEDED_RUN = "0f0e5eed-0000-4000-8000-000000000001"
+SPARE_KEY = "spare-reader"  # an API key that DELETE /api/v1/apikeys/{key_name} can revoke (never the test's own)
 
 
 def seed(sessions: sessionmaker[Session]) -> None:
-    """Versions 1-3 of the pipeline, v1 then v2 champion, v3 in an active canary, one manual run."""
+    """Versions 1-3 of the pipeline, v1 then v2 champion, v3 in an active canary, and one manual run
+    awaiting approval of its v4."""
     with transaction(sessions) as session:
         versions = [
             repo.register_model_version(
@@ -69,7 +72,10 @@ def seed(sessions: sessionmaker[Session]) -> None:
             champion_version_id=versions[1].id,
             policy={"steps": [50, 100]},
         )
-        repo.create_run(session, PIPELINE, e.TriggerKind.MANUAL, reason="seeded", run_id=SEEDED_RUN)
+        # the run awaits approval (v4) under a spec that asks for it, so approve and reject can succeed
+        repo.upsert_pipeline(session, PIPELINE, "digits", APPROVAL_SPEC)
+        waiting_run(session, run_id=SEEDED_RUN)
+        repo.create_api_key(session, SPARE_KEY, ["read"])
 
 
 # Values drawn for a parameter most of the time (the rest are generated), so requests meet the seeded state.
@@ -77,6 +83,7 @@ DICTIONARIES: dict[str, list[Any]] = {
     "pipelines": [PIPELINE],
     "runs": [SEEDED_RUN],
     "versions": [1, 2, 3],
+    "keys": [SPARE_KEY],
 }
 BINDINGS = {
     "path.name": ("pipelines", 0.8),
@@ -85,6 +92,7 @@ BINDINGS = {
     "body.pipeline": ("pipelines", 0.8),
     "body.version": ("versions", 0.8),
     "body.to_version": ("versions", 0.5),
+    "path.key_name": ("keys", 0.8),
 }
 CONFIG = SchemathesisConfig.from_dict(
     {

@@ -6,22 +6,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from cloudevents.core.v1.event import CloudEvent
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumers.binding import parse_data_change, to_kafka_message
@@ -42,85 +36,13 @@ from tests.consumers.conftest import delete_topics
 from tests.flows.conftest import WEAK, spec
 from tests.serving.test_canary_rollout import Stack, _champion, _disagreement, stack  # noqa: F401 (a fixture)
 
+if TYPE_CHECKING:
+    from tests.otlp_receiver import Receiver
+
 PRODUCER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PRODUCER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01"
-
-
-@dataclass(frozen=True)
-class ReceivedSpan:
-    name: str
-    trace_id: str
-    span_id: str
-    parent_span_id: str
-    attributes: dict[str, object]
-    service: str
-    links: list[tuple[str, str]]
-
-
-@dataclass
-class Receiver:
-    """An OTLP/HTTP collector: POST /v1/traces with an ExportTraceServiceRequest (protobuf)."""
-
-    url: str
-    spans: list[ReceivedSpan] = field(default_factory=list)
-
-    def named(self, name: str) -> list[ReceivedSpan]:
-        return [s for s in self.spans if s.name == name]
-
-
-@pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    received: list[ReceivedSpan] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.path != "/v1/traces" or self.headers["Content-Type"] != "application/x-protobuf":
-                self.send_response(404)
-                self.end_headers()
-                return
-            request = ExportTraceServiceRequest.FromString(body)
-            for resource in request.resource_spans:
-                service = next(a.value.string_value for a in resource.resource.attributes if a.key == "service.name")
-                for scope in resource.scope_spans:
-                    received.extend(
-                        ReceivedSpan(
-                            s.name,
-                            s.trace_id.hex(),
-                            s.span_id.hex(),
-                            s.parent_span_id.hex(),
-                            {
-                                a.key: getattr(a.value, a.value.WhichOneof("value") or "string_value")
-                                for a in s.attributes
-                            },
-                            service,
-                            [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
-                        )
-                        for s in scope.spans
-                    )
-            answer = ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args: object) -> None:  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("OTEL_SERVICE_NAME", "retrainer-test")
-    assert tracing.configure_tracing()
-    try:
-        yield Receiver(f"http://127.0.0.1:{server.server_address[1]}", received)
-    finally:
-        tracing.shutdown_tracing()
-        server.shutdown()
-        server.server_close()
+pytest_plugins = ("tests.otlp_receiver",)  # the `receiver` fixture
 
 
 @pytest.fixture

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
+from uuid import UUID
 
 import pytest
 import yaml
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
+from domain.spec import parse_spec
 from flows.registry import deployments, load_specs, sync_pipelines
 from flows.triggers import (
     DeploymentNotFoundError,
@@ -20,6 +27,7 @@ from flows.triggers import (
 from storage import repositories as repo
 from storage.db import transaction
 from tests.flows.conftest import spec
+from tests.retrainer.test_triggers_process import _pipe as pipe
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +101,94 @@ def test_a_pipeline_without_a_deployment_fails_its_run_naming_the_deployment_and
     with pytest.raises(DeploymentNotFoundError) as refused:  # the API's door says it too
         request_run(env, name, request, prefect_submitter())
     assert refused.value.code == "deployment_not_found"
+
+
+def _deploy(env: sessionmaker[Session], name: str) -> None:
+    with transaction(env) as session:
+        repo.upsert_pipeline(session, name, "digits", {**spec(), "name": name})
+    deployments([parse_spec({**spec(), "name": name}, source="test")])[0].apply()
+
+
+def _queued_run(env: sessionmaker[Session], name: str) -> e.Run:
+    with transaction(env) as session:
+        return repo.create_run(session, name, e.TriggerKind.MANUAL)[0]
+
+
+def test_a_re_created_deployment_is_looked_up_again_and_a_deleted_one_fails_the_run(
+    env: sessionmaker[Session],
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    name = "redeployed"
+    _deploy(env, name)
+    submit = prefect_submitter()
+    first = submit(_queued_run(env, name))  # resolves and caches the deployment's id
+    with get_client(sync_client=True) as client:
+        old = client.read_deployment_by_name(f"retrainer-pipeline/{name}")
+        client.delete_deployment(old.id)
+        _deploy(env, name)  # the same name, a new id
+        again = _queued_run(env, name)
+        second = submit(again)
+        assert first and second and second != first
+        flow_run = client.read_flow_run(UUID(second))
+        new = client.read_deployment_by_name(f"retrainer-pipeline/{name}")
+        assert flow_run.deployment_id == new.id != old.id
+        assert submit(again) == second  # the same run again: the same flow run (idempotency key)
+        client.delete_deployment(new.id)
+    gone = _queued_run(env, name)
+    assert submit_unsubmitted_runs(env, submit) == []  # the cached id is stale and the name is gone: no retry
+    with transaction(env) as session:
+        failed = repo.get_run(session, gone.id)
+    assert failed.status is e.RunStatus.FAILED and failed.error is not None
+    assert f"no deployment 'retrainer-pipeline/{name}'" in failed.error and "retrainer pipelines deploy" in failed.error
+
+
+class _Relay:
+    """A TCP relay on 127.0.0.1 to `target` that can be cut: a Prefect API that goes away."""
+
+    def __init__(self, target: str) -> None:
+        parsed = urlsplit(target)
+        self.target = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = parsed._replace(netloc=f"127.0.0.1:{self.server.getsockname()[1]}").geturl()
+        self.sockets: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # cut
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    def cut(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_prefect_outage_fails_the_kept_open_client_fast_and_it_recovers(
+    env: sessionmaker[Session], prefect_server: str
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    name = "outage"
+    _deploy(env, name)
+    relay = _Relay(prefect_server)
+    with temporary_settings({PREFECT_API_URL: relay.url}):
+        submit = prefect_submitter()
+        assert submit(_queued_run(env, name))  # connected once: Prefect's client would now retry refusals
+        relay.cut()
+        run = _queued_run(env, name)
+        started = time.monotonic()
+        request = TriggerRequest(e.TriggerKind.MANUAL, idempotency_key="k-outage", request_sha256="d" * 64)
+        deferred = request_run(env, name, request, submit)
+        assert time.monotonic() - started < 15  # not the client's minute of back-off
+        assert deferred.run.status is e.RunStatus.QUEUED and deferred.run.prefect_flow_run_id is None
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        assert set(submit_unsubmitted_runs(env, prefect_submitter())) >= {run.id, deferred.run.id}

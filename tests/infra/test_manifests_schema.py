@@ -334,6 +334,37 @@ def test_every_long_running_process_is_probed_on_its_own_health_routes(objects: 
     assert seen == set(HEALTH_ADDRESS_OF), f"no Deployment runs {sorted(set(HEALTH_ADDRESS_OF) - seen)}"
 
 
+GRPC_SETTING = "RETRAINER_SERVING_GRPC_ADDRESS"  # serving/grpc_server.py: empty serves no gRPC
+
+
+def test_the_model_servers_grpc_port_is_declared_where_its_setting_listens(objects: Objects) -> None:
+    """The OIP v2 gRPC service listens on the port of RETRAINER_SERVING_GRPC_ADDRESS as the model
+    server's container gets it; Kubernetes declares that port (a named container port, a Service port
+    on it) and compose publishes it, so `tritonclient.grpc` reaches the replicas. The HTTP probes stay
+    on the HTTP port (the test above)."""
+    config = _configmap(objects)
+    (deployment, container), *others = [
+        (obj, c) for _, obj in objects for c in _containers(obj) if _process_of(c) == ("serve-models",)
+    ]
+    assert not others, "one Deployment runs the model server"
+    env = {**config, **{item["name"]: str(item.get("value", "")) for item in container.get("env", [])}}
+    assert env.get(GRPC_SETTING), f"the model server's container sets no {GRPC_SETTING}: it would serve no gRPC"
+    address = load_settings(serving_grpc_address=env[GRPC_SETTING]).serving_grpc_address  # validated as read
+    port = int(address.rpartition(":")[2])
+    declared = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    assert declared.get("grpc") == port, f"{GRPC_SETTING} port {port} is not the container port 'grpc': {declared}"
+    assert port != int(config["RETRAINER_SERVING_ADDRESS"].rpartition(":")[2]), "gRPC needs a port of its own"
+    (service,) = [
+        o for _, o in objects if o["kind"] == "Service" and o["metadata"]["name"] == deployment["metadata"]["name"]
+    ]
+    targets = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+    assert targets.get("grpc") == (port, "grpc"), f"the Service does not expose gRPC on {port}: {targets}"
+
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["model-server"]
+    assert compose["environment"][GRPC_SETTING].rpartition(":")[2] == str(port), "compose listens elsewhere"
+    assert f"127.0.0.1:{port}:{port}" in compose["ports"], f"compose does not publish the gRPC port {port}"
+
+
 def _worker_arguments(command: list[str], where: str) -> dict[str, Any]:
     """The arguments Prefect's own CLI parser binds from `prefect worker start …` (nothing runs)."""
     assert command[:2] == ["worker", "start"], f"{where}: {command} is not `prefect worker start`"

@@ -11,7 +11,9 @@ promoted; one consumer is SIGKILLed, then v2 events for both arrive (the other c
 partitions over: every event in the inbox exactly once); pipeline A's better candidate goes
 through a canary with traffic sent through nginx, judged on both replicas' reports, and after its
 first step one replica is SIGKILLed: the rollout completes on the other. Pipeline B's worker is
-SIGKILLed while it trains its v2 run (see `test_the_split_deployment` for what Prefect does then).
+SIGKILLed while it trains its v2 run, after its first checkpoint is stored: Prefect marks that flow
+run CRASHED, and the trigger service's reconciler (flows/reconcile.py) submits the run again; the
+surviving worker resumes it from the checkpoint to a gate verdict.
 Finally a worse candidate (v3, flipped labels) is rejected and every live replica still serves the
 champion.
 """
@@ -59,11 +61,13 @@ CANARY = {
 # one flow run at a time per worker: two runs at once must land on both
 WORKER = ["worker", "start", "--pool", "retrainer", "--type", "process", "--limit", "1", "--with-healthcheck"]
 RUN_TIMEOUT_S = 240.0
-CRASH_BOUND_S = 120.0  # the run whose worker died must be final by then
+CRASH_BOUND_S = 240.0  # the run whose worker died must be final by then: crash seen, resubmitted, resumed
 
 
 def _spec(pipeline: str, version: str) -> dict[str, Any]:
-    document = story.merged(story.DEMO_SPEC, {"name": pipeline, "dataset": PIPELINES[pipeline], "canary": CANARY})
+    # only A rolls out through a canary: B's resumed v2 run is judged by its gate alone, with no traffic of its own
+    canary = CANARY if pipeline == "split-a" else None
+    document = story.merged(story.DEMO_SPEC, {"name": pipeline, "dataset": PIPELINES[pipeline], "canary": canary})
     document["hyperparameters"]["epochs"] = EPOCHS[version]
     return document
 
@@ -127,6 +131,18 @@ def _training(prefect_api: str, flow_run_id: str) -> bool:
     )
     answer.raise_for_status()
     return bool(answer.json())
+
+
+def _flow_runs(prefect_api: str, deployment: str) -> list[dict[str, Any]]:
+    """Prefect's flow runs of `retrainer-pipeline/<deployment>`."""
+    found = httpx.get(f"{prefect_api}/deployments/name/retrainer-pipeline/{deployment}", timeout=10)
+    found.raise_for_status()
+    answer = httpx.post(
+        f"{prefect_api}/flow_runs/filter", json={"deployments": {"id": {"any_": [found.json()["id"]]}}}, timeout=10
+    )
+    answer.raise_for_status()
+    runs: list[dict[str, Any]] = answer.json()
+    return runs
 
 
 def _served_version(url: str, pipeline: str) -> str:
@@ -247,8 +263,12 @@ def test_the_split_deployment(
         second = {pipeline: publish(pipeline, "v2") for pipeline in PIPELINES}
 
         def training_b() -> e.Run | None:
+            """B's v2 run while its train task runs, once a checkpoint of it is in the artifact store."""
             run = _run_of(sessions, "split-b", second["split-b"])
             if run is None or run.status is not e.RunStatus.RUNNING or not run.prefect_flow_run_id:
+                return None
+            stored = s3.list_objects_v2(Bucket="retrainer-test", Prefix=f"split-{suffix}/runs/{run.id}/checkpoints/")
+            if not stored.get("KeyCount"):
                 return None
             return run if _training(env["PREFECT_API_URL"], str(run.prefect_flow_run_id)) else None
 
@@ -313,13 +333,21 @@ def test_the_split_deployment(
         assert 0 < dead <= dead_nginx, (dead, dead_nginx)
 
         # B's worker died mid-training. Prefect's process worker runs the flow in a child process whose
-        # output it streams; the child outlives the SIGKILL but then exits (SystemExit 1), Prefect
-        # marks the flow run CRASHED and reschedules nothing, and the flow's own handler ends the run
-        # `failed` with that reason within a bound: never `running` for ever (no retry, no resume).
+        # output it streams; the child outlives the SIGKILL but then exits (SystemExit 1) and Prefect
+        # marks the flow run CRASHED, rescheduling nothing. The flow's handler leaves a crash alone; the
+        # trigger service's reconciler submits the run again as a new flow run (idempotency key
+        # `{run_id}:1`), which the surviving worker resumes from the stored checkpoint to a verdict.
         b_final = final_run("split-b", second["split-b"], CRASH_BOUND_S)
-        assert b_final.status is e.RunStatus.FAILED and b_final.error, _why(sessions, b_final)
-        b_flow = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{b_final.prefect_flow_run_id}", timeout=10).json()
-        assert b_flow["state_type"] == "CRASHED", b_flow["state"]
+        assert b_final.status in (e.RunStatus.PROMOTED, e.RunStatus.REJECTED), _why(sessions, b_final)
+        crashed = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{b_run.prefect_flow_run_id}", timeout=10).json()
+        assert crashed["state_type"] == "CRASHED", crashed["state"]
+        assert b_final.evidence is not None
+        [resubmit] = b_final.evidence["resubmits"]
+        assert resubmit["attempt"] == 1 and resubmit["crashed_flow_run"] == b_run.prefect_flow_run_id, resubmit
+        assert b_final.evidence["training"]["resumed_from_step"], b_final.evidence["training"]  # not from scratch
+        survivor = next(w.name for w in workers if w is not b_worker)
+        assert b_final.prefect_flow_run_id != b_run.prefect_flow_run_id
+        assert _worker_of(env["PREFECT_API_URL"], str(b_final.prefect_flow_run_id)) == survivor
 
         # --- act 3: a worse candidate is rejected; the champion is untouched on every live replica
         third = publish("split-a", "v3")
@@ -333,8 +361,11 @@ def test_the_split_deployment(
             )
             rollouts = repo.list_rollouts(session, "split-a")
         assert after is not None and after.version == champion_a.version
-        assert champion_b is not None and champion_b.id == runs["split-b"].model_version_id  # v1's, after v2 failed
-        assert [len(_runs(sessions, p)) for p in PIPELINES] == [3, 2]  # one run per event, none retried twice
+        b_champion = b_final if b_final.status is e.RunStatus.PROMOTED else runs["split-b"]  # else v1's is kept
+        assert champion_b is not None and champion_b.id == b_champion.model_version_id
+        assert [len(_runs(sessions, p)) for p in PIPELINES] == [3, 2]  # one run per event, B's retried in place
+        # one flow run per run, plus the one B's crashed run was submitted again as
+        assert [len(_flow_runs(env["PREFECT_API_URL"], p)) for p in PIPELINES] == [3, 3]
         assert [r.status for r in rollouts] == [e.RolloutStatus.PROMOTED], rollouts
         for replica, address in zip(replicas, replica_addresses, strict=True):
             if replica.alive:

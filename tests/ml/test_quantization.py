@@ -118,11 +118,16 @@ def test_dynamic_reaches_every_linear_of_the_transformer_including_attention() -
     model = quantize(_builder("transformer")(), "dynamic", _calibration("transformer"))
     graph = _graph(model)
     int8 = Counter(
-        node.op_type for node in graph.graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+        node.op_type
+        for node in graph.graph.node
+        if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")
     )
-    assert sum(int8.values()) == 5  # qkv, out, ff1, ff2, head
+    # The qkv projection is inside ORT's fused attention (ml/quantization/fusion.py); out, ff1, ff2, head.
+    assert int8 == Counter({"QAttention": 1, "MatMulInteger": 4})
     weights = {tensor.name for tensor in graph.graph.initializer}
-    assert not any(node.op_type in ("MatMul", "Gemm") and node.input[1] in weights for node in graph.graph.node)
+    assert not any(
+        node.op_type in ("MatMul", "Gemm", "Attention") and node.input[1] in weights for node in graph.graph.node
+    )
     assert {e.key: e.value for e in graph.metadata_props}["retrainer.variant"] == "dynamic"
 
 

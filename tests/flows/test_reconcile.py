@@ -1,0 +1,172 @@
+"""The run reconciler against the session's real Prefect: a crashed flow run is submitted again and
+resumes from its checkpoint; one with no attempts left, or one that failed, ends the run `failed`;
+Prefect not answering changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Crashed, Failed
+from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
+
+from domain import entities as e
+from domain.errors import TransientInfraError
+from domain.spec import parse_spec
+from flows.loop import PassIncomplete
+from flows.pipeline import run_pipeline
+from flows.reconcile import Reconciler, prefect_flow_run_states
+from flows.registry import deployments, sync_pipelines
+from flows.triggers import TriggerRequest, prefect_submitter, request_run
+from ml.zoo import MLP
+from retrainer.service import free_port
+from storage import repositories as repo
+from storage.db import create_db_engine, make_sessions, transaction
+from tests.flows.conftest import event_run, spec
+from tests.flows.test_trigger_service import _own_postgresql  # noqa: F401
+from tests.storage.conftest import wipe
+
+pytestmark = pytest.mark.integration
+
+
+class ExitOnce(nn.Module):
+    """Ends its process (SystemExit, as a worker's child does when the worker dies) once, mid-training."""
+
+    def __init__(self, input_shape: Sequence[int], output_classes: int, marker: str) -> None:
+        super().__init__()
+        self.net = MLP(input_shape, output_classes, hidden_sizes=(64,), dropout=0.0)
+        self.marker, self.calls = Path(marker), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == 30 and not self.marker.exists():
+                self.marker.touch()
+                raise SystemExit(1)
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def get(sessions: sessionmaker[Session], run_id: str) -> e.Run:
+    with transaction(sessions) as session:
+        return repo.get_run(session, run_id)
+
+
+def flow_run(flow_run_id: str | None) -> Any:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+
+
+def crash(flow_run_id: str | None, state: Any = None) -> None:
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, state or Crashed(message="worker died"), force=True)  # type: ignore[arg-type]
+
+
+def test_a_crashed_flow_run_is_submitted_again_and_resumes_from_its_checkpoint(
+    env: sessionmaker[Session], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    document = spec()
+    marker = {"marker": f"{tmp_path}/exited"}
+    document["model"].update(architecture="tests.flows.test_reconcile:ExitOnce", params=marker)
+    run_id = event_run(env, document, "v2", digits["v2"])
+    with pytest.raises(SystemExit):
+        run_pipeline("digits-classifier", run_id)
+    crashed = get(env, run_id)
+    # the flow's own handler leaves a crash to the reconciler: the run is still in progress
+    assert crashed.status is e.RunStatus.RUNNING and crashed.error is None
+    assert flow_run(crashed.prefect_flow_run_id).state.type.value == "CRASHED"
+
+    def in_process(run: e.Run) -> str | None:
+        """The new flow run as a worker would start it, here in this process."""
+        run_pipeline(run.pipeline, run.id)
+        return get(env, run.id).prefect_flow_run_id
+
+    done = Reconciler(env, in_process, prefect_flow_run_states, max_resubmits=1, grace_s=0).run_once()
+    assert done.resubmitted == (run_id,) and done.failed == ()
+    run = get(env, run_id)
+    assert run.status is e.RunStatus.PROMOTED, run.error
+    assert run.prefect_flow_run_id != crashed.prefect_flow_run_id
+    assert run.evidence is not None
+    assert run.evidence["training"]["resumed_from_step"] == 25  # the last checkpoint before the exit at step 30
+    [attempt] = run.evidence["resubmits"]
+    assert attempt["attempt"] == 1 and attempt["crashed_flow_run"] == crashed.prefect_flow_run_id
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, env: sessionmaker[Session]) -> Iterator[sessionmaker[Session]]:
+    """The metadata database of the reconciler tests: SQLite, and PostgreSQL (which locks rows)."""
+    if request.param == "sqlite":
+        yield env
+        return
+    engine = create_db_engine(request.getfixturevalue("_own_postgresql"))
+    wipe(engine)
+    yield make_sessions(engine)
+    engine.dispose()
+
+
+def deployed_runs(sessions: sessionmaker[Session], tmp_path: Path, count: int) -> list[e.Run]:
+    """`count` manual runs of a deployed pipeline, each submitted (its flow run waits: no worker
+    serves the deployment) and marked running, as a worker would have left them."""
+    pipelines = [parse_spec(spec(), source="the reconciler tests")]
+    with transaction(sessions) as session:
+        sync_pipelines(session, pipelines)
+    [deployment] = deployments(pipelines)
+    deployment.apply()
+    runs = []
+    for i in range(count):
+        request = TriggerRequest(e.TriggerKind.MANUAL, idempotency_key=f"{tmp_path.name}-{i}", request_sha256="c" * 64)
+        submitted = request_run(sessions, "digits-classifier", request, prefect_submitter()).run
+        with transaction(sessions) as session:
+            runs.append(repo.update_run(session, submitted.id, status=e.RunStatus.RUNNING))
+    return runs
+
+
+def test_crashed_runs_are_resubmitted_while_attempts_last_and_other_ends_fail_the_run(
+    database: sessionmaker[Session], tmp_path: Path
+) -> None:
+    env = database
+    crashing, failing, waiting = deployed_runs(env, tmp_path, 3)
+    crash(crashing.prefect_flow_run_id)
+    crash(failing.prefect_flow_run_id, Failed(message="flow code raised"))
+    reconciler = Reconciler(env, prefect_submitter(), prefect_flow_run_states, max_resubmits=1, grace_s=0)
+    assert Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=3600).run_once().resubmitted == ()
+
+    done = reconciler.run_once()
+    assert done.resubmitted == (crashing.id,) and done.failed == (failing.id,)
+    again = get(env, crashing.id)
+    assert again.status is e.RunStatus.QUEUED and again.prefect_flow_run_id not in (None, crashing.prefect_flow_run_id)
+    new = flow_run(again.prefect_flow_run_id)
+    assert new.idempotency_key == f"{crashing.id}:1"  # a new key per attempt: a new flow run, not the crashed one
+    assert new.parameters == {"pipeline": "digits-classifier", "run_id": crashing.id}
+    assert prefect_submitter()(again) == again.prefect_flow_run_id  # the same attempt again: the same flow run
+    failed = get(env, failing.id)
+    assert failed.status is e.RunStatus.FAILED and "ended FAILED" in str(failed.error), failed.error
+    assert get(env, waiting.id) == waiting  # its flow run is still scheduled: nothing to settle
+
+    crash(again.prefect_flow_run_id)  # the second flow run crashes too: no attempt left
+    assert reconciler.run_once().failed == (crashing.id,)
+    last = get(env, crashing.id)
+    assert last.status is e.RunStatus.FAILED
+    assert f"flow run {again.prefect_flow_run_id} crashed" in str(last.error), last.error
+    assert "submitted 2 time(s) (RETRAINER_RUN_MAX_RESUBMITS=1)" in str(last.error), last.error
+    assert last.evidence is not None and len(last.evidence["resubmits"]) == 1
+
+
+def test_prefect_not_answering_changes_nothing_and_the_next_pass_settles_the_run(
+    database: sessionmaker[Session], tmp_path: Path
+) -> None:
+    env = database
+    [run] = deployed_runs(env, tmp_path, 1)
+    crash(run.prefect_flow_run_id)
+    reconciler = Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=0)
+    nowhere = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    with temporary_settings({PREFECT_API_URL: nowhere}), pytest.raises(PassIncomplete) as down:
+        reconciler.run_once()
+    assert down.value.code == TransientInfraError.code
+    assert get(env, run.id) == run  # no answer is no evidence: neither resubmitted nor failed
+    assert reconciler.run_once().resubmitted == (run.id,)

@@ -1,0 +1,95 @@
+"""The exported attention blocks fused into ONNX Runtime's Attention (ml/quantization/fusion.py)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ml.quantization import OnnxModule, Variant, load_quantized, quantize, save_quantized, swap_encoder_layers
+from ml.quantization.fusion import MS_DOMAIN, fuse_attention
+from ml.quantization.onnx_graph import INPUT, export_onnx, session_for
+from ml.zoo import build_model
+
+PARAMS = {"vocab_size": 17, "d_model": 32, "nhead": 4, "num_layers": 2, "dim_feedforward": 64, "dropout": 0.0}
+
+
+def _build() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("transformer", PARAMS, [10], 3).eval()
+
+
+def _tokens(batch: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 17, (batch, 10), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def _ops(data: bytes) -> Counter[str]:
+    return Counter(f"{node.domain}:{node.op_type}" for node in onnx.load_model_from_string(data).graph.node)
+
+
+def _exported(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    exportable = copy.deepcopy(model)
+    swap_encoder_layers(exportable)
+    return export_onnx(exportable, example)
+
+
+def test_fusion_replaces_each_block_and_computes_the_same() -> None:
+    model, x = _build(), _tokens(6, 1)
+    graph = _exported(model, x[:2])
+    unfused = session_for(graph.SerializeToString()).run(None, {INPUT: x.numpy()})[0]
+
+    assert fuse_attention(graph) == 2
+    ops = _ops(graph.SerializeToString())
+    assert ops[f"{MS_DOMAIN}:Attention"] == 2 and ops[":Attention"] == 0 and ops[":Transpose"] == 0
+    fused = session_for(graph.SerializeToString()).run(None, {INPUT: x.numpy()})[0]
+    np.testing.assert_allclose(fused, unfused, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_variants_predict_as_the_float_model_and_load_from_their_artifact(tmp_path: Path) -> None:
+    model = _build()
+    calibration, x = [_tokens(16, seed) for seed in range(3)], _tokens(32, 7)
+    with torch.inference_mode():
+        reference = model(x)
+    cases: tuple[tuple[Variant, str, float], ...] = (("dynamic", "QAttention", 0.1), ("fp16", "Attention", 0.01))
+    for variant, fused_op, tolerance in cases:
+        quantized = quantize(model, variant, calibration)
+        assert isinstance(quantized, OnnxModule)
+        assert _ops(quantized.onnx_bytes)[f"{MS_DOMAIN}:{fused_op}"] == 2, variant
+        saved = save_quantized(quantized, variant, tmp_path / f"{variant}.onnx")
+        loaded = load_quantized(saved.path, _build, variant, expected_sha256=saved.sha256)
+        with torch.inference_mode():
+            out = loaded(x)
+            assert torch.equal(out, quantized(x)), variant  # what was saved is what runs
+        assert (out - reference).abs().max().item() < tolerance, variant
+        assert torch.equal(out.argmax(dim=1), reference.argmax(dim=1)), variant
+
+
+class _Causal(nn.Module):
+    """Causal self-attention: ORT's Attention would need its own flag for it, so the block stays as exported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.encoder(x, mask=mask, is_causal=True)  # type: ignore[no-any-return]
+
+
+def test_a_block_outside_the_pattern_is_left_as_exported() -> None:
+    torch.manual_seed(0)
+    model, x = _Causal().eval(), torch.randn(4, 5, 16)
+    graph = _exported(model, x[:2])
+    before = graph.SerializeToString()
+    assert fuse_attention(graph) == 0
+    assert graph.SerializeToString() == before
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session_for(before).run(None, {INPUT: x.numpy()})[0], expected, atol=1e-5)
