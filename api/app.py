@@ -15,20 +15,21 @@ served by a route of our own, behind the API key like everything but /healthz an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import apikeys, approvals  # noqa: F401 - importing them adds their routes to add_routes' table
-from api.dashboard import add_dashboard
+from api.dashboard import Dashboard, add_dashboard
 from api.errors import install_error_handlers
 from api.middleware import PUBLIC_PATHS, ApiKeyMiddleware, BodySizeLimitMiddleware, TokenBucketLimiter
 from api.routes import ApiState, HealthProbe, add_routes
 from domain.settings import Settings
 from flows.triggers import RunSubmitter
 from storage.db import database_probe
+from web.dashboard_views import DeadLetters
 
 DEFAULT_RATE_LIMIT_PER_MINUTE = 120
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
@@ -49,6 +50,7 @@ def create_app(
     health_probes: Mapping[str, HealthProbe] | None = None,
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    dead_letters: Callable[[], DeadLetters] | None = None,
 ) -> FastAPI:
     """The API application.
 
@@ -57,6 +59,8 @@ def create_app(
     - `health_probes` maps a dependency's name to a callable that raises a RetrainerError when it
       does not answer; default: the database only.
     - `rate_limit_per_minute` applies per API key, in this process; `max_body_bytes` to every body.
+    - `dead_letters` reads the dead-letter topic for the dashboard (`consumers.dead_letters.dead_letter_reader`;
+      None: its page says Kafka is not configured for this process).
     """
     probes = dict(health_probes) if health_probes is not None else {"database": database_probe(sessions)}
     app = FastAPI(
@@ -70,7 +74,8 @@ def create_app(
     )
     app.state.retrainer = ApiState(sessions=sessions, settings=settings, submit=submit, health_probes=probes)
     add_routes(app)
-    add_dashboard(app)  # /ui: the web dashboard, behind its own sign-in (api/dashboard.py)
+    # /ui: the web dashboard, behind its own sign-in (api/dashboard.py)
+    add_dashboard(app, Dashboard(prefect_ui_url=settings.prefect_ui_url or None, dead_letters=dead_letters))
     install_error_handlers(app)
     # add_middleware wraps: the last one added is the outermost, so the key is checked first.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)

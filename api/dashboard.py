@@ -15,7 +15,6 @@ the only paths answered without a session.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api import approvals, routes
-from api.dashboard_data import latest_rollout, models_page, pipeline_cards, run_page
+from api.dashboard_data import PIPELINES_PER_PAGE, latest_rollout, models_page, pipeline_cards, run_page
 from api.dashboard_sessions import COOKIE_NAME, DashboardSession, SessionStore
 from api.errors import ForbiddenError, UnauthorizedError, status_for
 from api.middleware import DASHBOARD_PREFIX
@@ -40,7 +39,7 @@ from domain.errors import NotFoundError, RetrainerError
 from storage import repositories as repo
 from storage.db import transaction
 from web.dashboard import ASSETS, SECURITY_HEADERS, render_page
-from web.dashboard_views import live_rollout
+from web.dashboard_views import DeadLetters, live_rollout
 from web.errors import INVALID_REQUEST
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -91,12 +90,13 @@ class Dashboard:
 
     sessions: SessionStore = field(default_factory=SessionStore)
     prefect_ui_url: str | None = None  # e.g. http://127.0.0.1:4200: run pages link their flow run there
+    dead_letters: Callable[[], DeadLetters] | None = None  # reads the DLQ topic; None: Kafka not configured
 
 
-def add_dashboard(app: FastAPI, *, dashboard: Dashboard | None = None) -> None:
-    """Adds the /ui routes to `app` (after the API's). Without `dashboard`, sessions live in this app
-    and run pages link to Prefect's UI at PREFECT_UI_URL when that (Prefect's own setting) is set."""
-    app.state.dashboard = dashboard or Dashboard(prefect_ui_url=os.environ.get("PREFECT_UI_URL") or None)
+def add_dashboard(app: FastAPI, dashboard: Dashboard) -> None:
+    """Adds the /ui routes to `app` (after the API's); `dashboard` holds its sessions and the Prefect
+    UI's address (`api.app.create_app` takes it from `Settings.prefect_ui_url`)."""
+    app.state.dashboard = dashboard
     for method, path, endpoint in _ROUTES:
         app.add_api_route(DASHBOARD_PREFIX + path, endpoint, methods=[method], include_in_schema=False)
 
@@ -288,9 +288,13 @@ for _name in ASSETS:
 
 @page("/")
 def pipelines(request: Request, state: ApiState, who: Who) -> Response:
+    asked = request.query_params.get("page", "1")
+    number = int(asked) if asked.isdigit() and int(asked) >= 1 else 1  # a page past the end shows none
     with transaction(state.sessions) as db:
-        cards = pipeline_cards(db, datetime.now(UTC))
-    return _html(request, "pipelines.html.j2", who, title="Pipelines", cards=cards)
+        cards, total = pipeline_cards(db, datetime.now(UTC), offset=(number - 1) * PIPELINES_PER_PAGE)
+    pages = max(1, -(-total // PIPELINES_PER_PAGE))
+    return _html(request, "pipelines.html.j2", who, title="Pipelines", cards=cards, total=total,
+                 page_number=number, pages=pages, first=(number - 1) * PIPELINES_PER_PAGE + 1)  # fmt: skip
 
 
 _register("GET", "")(pipelines)  # /ui as well as /ui/
@@ -330,6 +334,14 @@ def rollout_json(request: Request, state: ApiState, _who: Who) -> Response:
     with transaction(state.sessions) as db:
         shown = latest_rollout(db, name)
     return JSONResponse(live_rollout(name, shown), headers=SECURITY_HEADERS)
+
+
+@page("/dead-letters")
+def dead_letters(request: Request, _state: ApiState, who: Who) -> Response:
+    read = _dashboard(request).dead_letters
+    # a read is bounded (consumers/dead_letters.py); what goes wrong is said on the page, never a 500
+    shown = read() if read is not None else None
+    return _html(request, "dead_letters.html.j2", who, title="Dead letters", dlq=shown)
 
 
 # ---------------------------------------------------------------------------------------- actions

@@ -28,6 +28,8 @@ from web.dashboard_views import EpochPoint, EventRow, ModelsPage, PipelineCard, 
 from web.views import HEADLINE_METRIC, RolloutReport, task_named
 
 RECENT_RUNS = 5
+MODELS_SHOWN = 50  # the models page: the newest versions and alias moves, not a history that grows forever
+PIPELINES_PER_PAGE = 10  # the pipelines page costs a few queries per card: a page is bounded, not the registry
 ROLLOUTS_SEARCHED = 50  # a run's rollout is among its pipeline's latest ones
 
 
@@ -55,11 +57,24 @@ def _next_run(cron: str, timezone: str, now: datetime) -> datetime | None:
     return following
 
 
-def pipeline_cards(session: Session, now: datetime) -> tuple[PipelineCard, ...]:
-    """Every pipeline: champion, last runs, active rollout, freeze and cooldown, schedule and next run."""
+class _VersionsOnDemand(VersionNumbers):
+    """Version numbers looked up on first use: a card shows a handful of versions, so it never
+    reads the pipeline's whole model history (which grows with every run)."""
+
+    def __init__(self, session: Session, known: dict[int, int] | None = None) -> None:  # no super(): no preload
+        self.session = session
+        self.versions = dict(known or {})
+
+
+def pipeline_cards(
+    session: Session, now: datetime, *, offset: int = 0, limit: int = PIPELINES_PER_PAGE
+) -> tuple[tuple[PipelineCard, ...], int]:
+    """A page of pipelines (by name) and how many there are in all; each card: champion, last runs,
+    active rollout, freeze and cooldown, schedule and next run."""
+    pipelines = repo.list_pipelines(session)
     cards = []
-    for pipeline in repo.list_pipelines(session):
-        version_of = VersionNumbers(session, pipeline.name)
+    for pipeline in sorted(pipelines, key=lambda p: p.name)[offset : offset + limit]:
+        version_of = _VersionsOnDemand(session)
         spec = pipeline.spec
         schedule = as_dict(as_dict(spec.get("triggers")).get("schedule"))
         cron, timezone = as_str(schedule.get("cron")), as_str(schedule.get("timezone")) or "UTC"
@@ -83,7 +98,7 @@ def pipeline_cards(session: Session, now: datetime) -> tuple[PipelineCard, ...]:
                 rollout=collect_rollout(active, version_of) if active is not None else None,
             )
         )
-    return tuple(cards)
+    return tuple(cards), len(pipelines)
 
 
 def _training(evidence: dict[str, object], val_metric: str) -> tuple[EpochPoint, ...]:
@@ -104,7 +119,7 @@ def run_page(session: Session, run_id: str) -> RunPage:
     """One run's decision record; NotFoundError for an unknown run."""
     run = repo.get_run(session, run_id)
     pipeline = repo.get_pipeline(session, run.pipeline)
-    version_of = VersionNumbers(session, pipeline.name)
+    version_of = _VersionsOnDemand(session)
     rollout = next(
         (r for r in repo.list_rollouts(session, pipeline.name, ROLLOUTS_SEARCHED) if r.run_id == run.id), None
     )
@@ -128,15 +143,18 @@ def run_page(session: Session, run_id: str) -> RunPage:
 def models_page(session: Session, name: str) -> ModelsPage:
     """A pipeline's model versions and its champion's alias history; NotFoundError for an unknown one."""
     pipeline = repo.get_pipeline(session, name)
-    version_of = VersionNumbers(session, name)
     headline = HEADLINE_METRIC[task_named(pipeline.spec.get("task"))]
-    versions = repo.list_model_versions(session, name)
+    versions = repo.list_model_versions(session, name, limit=MODELS_SHOWN)
+    version_of = _VersionsOnDemand(session, {v.id: v.version for v in versions})
     return ModelsPage(
         pipeline=name,
         headline_metric=headline,
         champion_version=version_of(pipeline.champion_version_id),
-        versions=tuple((v, as_float(v.metrics.get(headline))) for v in sorted(versions, key=lambda v: -v.version)),
-        alias_moves=tuple(alias_move_report(m, version_of) for m in repo.alias_history(session, name)),
+        versions=tuple((v, as_float(v.metrics.get(headline))) for v in versions),  # newest first
+        alias_moves=tuple(
+            alias_move_report(m, version_of) for m in repo.alias_history(session, name, limit=MODELS_SHOWN)
+        ),
+        shown=MODELS_SHOWN,
     )
 
 
@@ -144,4 +162,4 @@ def latest_rollout(session: Session, name: str) -> RolloutReport | None:
     """The pipeline's current or last rollout (None: never had one); NotFoundError for an unknown pipeline."""
     repo.get_pipeline(session, name)
     rollout = repo.latest_rollout(session, name)
-    return collect_rollout(rollout, VersionNumbers(session, name)) if rollout is not None else None
+    return collect_rollout(rollout, _VersionsOnDemand(session)) if rollout is not None else None

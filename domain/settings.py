@@ -7,6 +7,7 @@ are honoured by their libraries and are not repeated here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -60,6 +61,22 @@ class Settings(BaseSettings):
     kafka_topic: str = Field(default="retrainer.data-changes", description="Topic of data-change events.")
     kafka_dlq_topic: str = Field(default="", description="Dead-letter topic; empty means the event topic plus '.dlq'.")
     kafka_consumer_group: str = Field(default="retrainer", description="Kafka consumer group id.")
+    decisions_topic: str = Field(
+        default="retrainer.decisions",
+        description="Topic the relay publishes decision events to (flows/relay.py); Kafka off (empty "
+        "RETRAINER_KAFKA_BOOTSTRAP_SERVERS): events go to webhooks only.",
+    )
+    webhook_attempts: int = Field(default=5, ge=1, le=20, description="Tries of one webhook delivery before it fails.")
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, description="Time one webhook try may take.")
+    prefect_ui: bool = Field(
+        default=True,
+        description="`retrainer serve` starts its embedded Prefect server with Prefect's web UI (false: API only).",
+    )
+    prefect_ui_url: str = Field(
+        default="",
+        description="Base URL of the Prefect UI the dashboard's run pages link to; empty: Prefect's own "
+        "PREFECT_UI_URL when set, else (under `retrainer serve` with prefect_ui) the embedded server's.",
+    )
     pipelines_dir: Path = Field(
         default=Path("./pipelines"), description="Folder of pipeline specs, one YAML file per pipeline."
     )
@@ -117,6 +134,13 @@ class Settings(BaseSettings):
         ge=0,
         description="How many times a run whose Prefect flow run crashed (its process or worker died) is "
         "submitted again as a new flow run, resuming from its stored checkpoint, before it ends `failed`.",
+    )
+    # ge=30: Prefect's minimum, a flow beats no faster whatever it is told (flows/reconcile.py)
+    run_heartbeat_s: int = Field(
+        default=180, ge=30, description="Seconds between heartbeats of the flows Retrainer launches."
+    )
+    run_heartbeat_misses: int = Field(
+        default=3, ge=2, description="Heartbeats a RUNNING flow run may miss before it is taken for dead."
     )
     ddp_nnodes: int = Field(
         default=1, ge=1, description="Machines in a DDP training job when the spec's distributed.nnodes is unset."
@@ -184,6 +208,12 @@ class Settings(BaseSettings):
             raise ValueError("RETRAINER_S3_ACCESS_KEY_ID and RETRAINER_S3_SECRET_ACCESS_KEY must be set together")
         if not self.kafka_dlq_topic:
             object.__setattr__(self, "kafka_dlq_topic", f"{self.kafka_topic}.dlq")
+        if not self.prefect_ui_url and os.environ.get("PREFECT_UI_URL"):  # Prefect's own setting, if set
+            object.__setattr__(self, "prefect_ui_url", os.environ["PREFECT_UI_URL"])
+        if self.prefect_ui_url and urlsplit(self.prefect_ui_url).scheme not in ("http", "https"):
+            raise ValueError(
+                f"RETRAINER_PREFECT_UI_URL must be an http:// or https:// URL (got {self.prefect_ui_url!r})"
+            )
         return self
 
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from domain.data_spec import DataSpec
 from domain.errors import SpecError
 from domain.init_spec import InitSpec
+from domain.notification_spec import NotificationsSpec
 from domain.outcomes import RolloutStatus
 from domain.param_group_spec import ParamGroupSpec
 from domain.settings import split_address
@@ -335,6 +336,9 @@ class PipelineSpec(_Strict):
     canary: CanarySpec | None = None
     triggers: TriggersSpec = Field(default_factory=TriggersSpec)
     tuning: TuningSpec | None = Field(default=None, description="A hyperparameter search (domain/tuning_spec.py).")
+    notifications: NotificationsSpec = Field(
+        default_factory=NotificationsSpec, description="Webhooks for decision events (domain/notification_spec.py)."
+    )
 
     @field_validator("name")
     @classmethod

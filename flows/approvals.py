@@ -31,7 +31,7 @@ from domain import entities as e
 from domain.errors import ConflictError
 from domain.spec import PipelineSpec, parse_spec
 from flows import tracing
-from flows.champion import _require_reason
+from flows.champion import require_reason
 from storage import repositories as repo
 from storage.db import transaction
 
@@ -132,7 +132,7 @@ def approve(session: Session, run_id: str, *, actor: str, reason: str, now: date
     """A person approves a waiting run: what its gate would have done now proceeds, unless a hold or
     a moved champion stops it (fail closed, the run ends skipped or rejected with the reason).
     ConflictError for a run that does not wait, InvalidInputError for a reason under 10 characters."""
-    reason = _require_reason(reason, "approving a run")
+    reason = require_reason(reason, "approving a run")
     run = _waiting(session, run_id, "approve")
     waited = _stored_outcome(run)
     passed = _passed(session, run, waited)
@@ -153,7 +153,7 @@ def approve(session: Session, run_id: str, *, actor: str, reason: str, now: date
 
 def reject(session: Session, run_id: str, *, actor: str, reason: str, now: datetime | None = None) -> e.Run:
     """A person rejects a waiting run: it ends rejected with their name and reason, the champion untouched."""
-    reason = _require_reason(reason, "rejecting a run")
+    reason = require_reason(reason, "rejecting a run")
     _waiting(session, run_id, "reject")
     return _decline(session, run_id, actor, reason, "rejected", now)
 

@@ -24,7 +24,7 @@ BLANK = " \t\n\r\f\v"
 FILLED = r"[^ \t\n\r\f\v]"  # the regex of a character BLANK does not hold, read alike by Python and ECMA 262
 
 
-def _require_reason(reason: str, what: str) -> str:
+def require_reason(reason: str, what: str) -> str:
     if len(reason.strip(BLANK)) < MIN_REASON_CHARS:
         raise InvalidInputError(f"{what} needs a justification of at least {MIN_REASON_CHARS} characters (--reason)")
     return reason.strip(BLANK)
@@ -32,7 +32,7 @@ def _require_reason(reason: str, what: str) -> str:
 
 def force_promote(session: Session, pipeline: str, version: int, *, actor: str, reason: str) -> e.AliasMove:
     """Makes `version` the champion without the gate, e.g. after a human review of its evidence."""
-    reason = _require_reason(reason, "force-promotion")
+    reason = require_reason(reason, "force-promotion")
     target = repo.get_model_version(session, pipeline, version)
     current = repo.get_champion(session, pipeline)
     if current is not None and current.id == target.id:
@@ -51,7 +51,7 @@ def force_promote(session: Session, pipeline: str, version: int, *, actor: str, 
 def rollback(session: Session, pipeline: str, *, to_version: int | None, actor: str, reason: str) -> e.AliasMove:
     """Moves the champion back to an earlier champion (the previous one by default); the current
     champion becomes rolled_back."""
-    reason = _require_reason(reason, "rollback")
+    reason = require_reason(reason, "rollback")
     current = repo.get_champion(session, pipeline)
     if current is None:
         raise ConflictError(f"{pipeline} has no champion to roll back")
@@ -143,7 +143,7 @@ def _active(session: Session, pipeline: str, what: str) -> e.Rollout:
 
 def abort_rollout(session: Session, pipeline: str, *, actor: str, reason: str) -> e.Rollout:
     """Stops the active rollout now: canary weight 0, candidate rolled_back, champion untouched."""
-    reason = _require_reason(reason, "aborting a rollout")
+    reason = require_reason(reason, "aborting a rollout")
     return end_rollout(
         session, _active(session, pipeline, "abort"), e.RolloutStatus.ABORTED, f"aborted by {actor}: {reason}"
     )
@@ -151,7 +151,7 @@ def abort_rollout(session: Session, pipeline: str, *, actor: str, reason: str) -
 
 def promote_rollout(session: Session, pipeline: str, *, actor: str, reason: str) -> e.Rollout:
     """Promotes the active rollout's candidate now, without waiting for the remaining steps."""
-    reason = _require_reason(reason, "promoting a rollout by hand")
+    reason = require_reason(reason, "promoting a rollout by hand")
     rollout = _active(session, pipeline, "promote")
     return promote_candidate(
         session,

@@ -95,9 +95,11 @@ def deployments(specs: list[PipelineSpec], *, module_entrypoint: bool = False) -
     return built
 
 
-def deploy_to_work_pool(specs: list[PipelineSpec], work_pool: str) -> list[str]:
+def deploy_to_work_pool(specs: list[PipelineSpec], work_pool: str, *, heartbeat_s: int) -> list[str]:
     """Registers each pipeline's deployment on `work_pool` (a `process` pool, created if missing),
-    where `prefect worker start --pool …` processes pick its runs up. Returns the deployment names."""
+    where `prefect worker start --pool …` processes pick its runs up, each flow run beating every
+    `heartbeat_s` (the interval the run reconciler expects, flows/reconcile.py). Returns the
+    deployment names."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -108,5 +110,6 @@ def deploy_to_work_pool(specs: list[PipelineSpec], work_pool: str) -> list[str]:
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
     for deployment in deployments(specs, module_entrypoint=True):
+        deployment.job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s)}}
         deployment.apply(work_pool_name=work_pool)
     return [f"retrainer-pipeline/{spec.name}" for spec in specs]

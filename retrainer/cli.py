@@ -168,7 +168,7 @@ def pipelines_deploy(
     specs = load_specs(settings.pipelines_dir)
     with transaction(wiring.sessions(settings)) as session:
         sync_pipelines(session, specs)
-    for name in deploy_to_work_pool(specs, pool):
+    for name in deploy_to_work_pool(specs, pool, heartbeat_s=settings.run_heartbeat_s):
         out.print(f"deployment {name} on work pool {pool}", highlight=False)
 
 
@@ -512,7 +512,8 @@ def serve() -> None:
     def ready(running: Running) -> None:
         err.print(
             f"retrainer is serving: API {running.api_url}, models {running.serving_url}, "
-            f"Prefect {running.prefect_api_url}",
+            f"Prefect {running.prefect_api_url} (UI {running.prefect_ui_url or 'off'}), "
+            f"dashboard {running.api_url}/ui/",
             highlight=False,
         )
 

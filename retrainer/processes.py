@@ -1,5 +1,5 @@
 """The long-running `retrainer` commands of a split deployment (compose, Kubernetes): `consume`,
-`triggers`, `api`, `serve-models`, `rollout supervise` (`retrainer serve` runs them all in one
+`triggers`, `api`, `serve-models`, `relay`, `rollout supervise` (`retrainer serve` runs them all in one
 process, `retrainer/service.py`). Each serves /healthz and /metrics: the API and the model server
 on their own address, the others on RETRAINER_HEALTH_ADDRESS.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,6 +18,12 @@ from domain.settings import Settings
 from retrainer.console import err
 from retrainer.console import settings as load
 from web.health import HealthProbe
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from flows.relay import DecisionRelay
+    from flows.webhooks import WebhookDispatcher
 
 HEALTH_SETTING = "RETRAINER_HEALTH_ADDRESS"
 ServingUrl = Annotated[
@@ -186,11 +192,67 @@ def rollout_run(
     out.print(f"{pipeline}: rollout {result.get('status') or 'none'}: {result.get('reason')}", highlight=False)
 
 
+RELAY_INTERVAL_S = 1.0
+# A webhook pass may wait out a dead endpoint's retries (minutes), which is not a stuck loop.
+WEBHOOK_STALE_AFTER_S = 900.0
+
+
+def decision_relay(settings: Settings, sessions: sessionmaker[Session]) -> tuple[DecisionRelay, WebhookDispatcher]:
+    """The decision relay (to Kafka, when RETRAINER_KAFKA_BOOTSTRAP_SERVERS is set) and the webhook sender."""
+    from consumers.decisions import KafkaDecisionSink
+    from flows.relay import DecisionRelay
+    from flows.webhooks import DeliveryPolicy, WebhookDispatcher
+
+    servers = settings.kafka_bootstrap_servers.strip()
+    timeout = settings.connect_timeout_seconds
+    sink = KafkaDecisionSink(servers, settings.decisions_topic, timeout_s=timeout) if servers else None
+    policy = DeliveryPolicy(attempts=settings.webhook_attempts, timeout_s=settings.webhook_timeout_seconds)
+    return DecisionRelay(sessions, sink), WebhookDispatcher(sessions, policy)
+
+
+def relay(
+    interval: Annotated[float, typer.Option(help="Seconds between passes.")] = RELAY_INTERVAL_S,
+    once: Annotated[bool, typer.Option(help="One pass of each loop, then exit (an error fails the command).")] = False,
+) -> None:
+    """Run the decision relay: outbox events to Kafka (RETRAINER_DECISIONS_TOPIC) and to the
+    pipelines' webhooks, at least once, each with its stable id; errors are logged and retried."""
+    from flows.loop import LoopHealth, run_loop, stop_on_signals
+    from retrainer import wiring
+
+    settings = load()
+    relay_service, webhooks = decision_relay(settings, wiring.sessions(settings))
+    stop = threading.Event()
+    if once:
+        run_loop(relay_service, stop, once=True)
+        run_loop(webhooks, stop, once=True)
+        return
+    stop_on_signals(stop)
+    relay_health = LoopHealth.for_interval(relay_service.name, interval)
+    webhook_health = LoopHealth(webhooks.name, stale_after_s=WEBHOOK_STALE_AFTER_S)
+    probes = {
+        "database": wiring.database_probe(settings),
+        relay_service.name: relay_health.probe,
+        webhooks.name: webhook_health.probe,
+    }
+    sender = threading.Thread(
+        target=run_loop,
+        args=(webhooks, stop),
+        kwargs={"interval_s": interval, "health": webhook_health},
+        name="webhook-deliveries",
+        daemon=True,
+    )
+    with health_endpoint(settings, probes):
+        sender.start()
+        run_loop(relay_service, stop, interval_s=interval, health=relay_health)
+        sender.join(timeout=30)
+
+
 def register(app: typer.Typer, rollout_app: typer.Typer) -> None:
     """Adds these commands to the `retrainer` CLI."""
     app.command("consume")(consume)
     app.command("triggers")(triggers)
     app.command("api")(api)
     app.command("serve-models")(serve_models)
+    app.command("relay")(relay)
     rollout_app.command("run")(rollout_run)
     rollout_app.command("supervise")(rollout_supervise)

@@ -12,6 +12,8 @@ stopped in reverse.
     trigger service   debounced inbox events → one run per pipeline per window → Prefect, and
                       re-submission of runs whose submission failed (`flows/trigger_service.py`)
     canary supervisor runs the canary controller flow for each active rollout (resumes after restart)
+    decision relay    outbox decision events → Kafka `retrainer.decisions`, and the pipelines'
+                      signed webhooks (`flows/relay.py`, `flows/webhooks.py`)
 
 The consumer, the trigger service and the supervisor are loop services run by `flows.loop.run_loop`,
 the same runner `retrainer consume`, `triggers` and `rollout supervise` use: an error is logged and
@@ -35,12 +37,16 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from domain.errors import ConfigurationError, InfrastructureError, RetrainerError, TransientInfraError
 from domain.settings import Settings
 from flows.retry import poll_until
+
+if TYPE_CHECKING:
+    from flows.loop import LoopService
 
 log = logging.getLogger("retrainer.service")
 
@@ -140,6 +146,7 @@ class Running:
     prefect_api_url: str
     probes: dict[str, Callable[[], None]]
     stop: threading.Event
+    prefect_ui_url: str | None = None  # None: the Prefect UI is off (RETRAINER_PREFECT_UI=false) or unknown
 
     def health(self) -> dict[str, str]:
         report: dict[str, str] = {}
@@ -152,20 +159,22 @@ class Running:
         return report
 
 
-def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> str:
-    """The Prefect API URL: PREFECT_API_URL if it answers, else a local server started here."""
+def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> tuple[str, str | None]:
+    """The Prefect API URL and its UI's (None: no UI known): PREFECT_API_URL if it answers (its UI
+    at RETRAINER_PREFECT_UI_URL or PREFECT_UI_URL), else a local server started here, with Prefect's
+    UI at its root unless RETRAINER_PREFECT_UI=false."""
     from retrainer.wiring import prefect_healthy
 
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
         if not prefect_healthy(configured):
             raise InfrastructureError(f"PREFECT_API_URL={configured} does not answer; unset it to start a local one")
-        return configured
+        return configured, settings.prefect_ui_url or None
     home = (settings.home_dir / "prefect").resolve()
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    server_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false"}
+    server_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": str(settings.prefect_ui).lower()}
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     server = spawn("prefect-server", command, settings.home_dir / "logs", server_env)
     stack.callback(server.stop)
@@ -175,7 +184,8 @@ def _prefect(settings: Settings, env: dict[str, str], stack: ExitStack) -> str:
         return prefect_healthy(url)
 
     poll_until(answers, timeout_s=PREFECT_START_TIMEOUT_S, what="the Prefect server answering")
-    return url
+    ui_url = (settings.prefect_ui_url or f"http://127.0.0.1:{port}") if settings.prefect_ui else None
+    return url, ui_url
 
 
 def _wait_for_deployments(prefect_url: str, pipelines: list[str], runner: Subprocess) -> None:
@@ -234,13 +244,14 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
     from api.app import create_app
     from api.server import running_api
     from consumers.consumer import DataChangeConsumer
+    from consumers.dead_letters import dead_letter_reader
     from flows.loop import LoopHealth, run_loop
     from flows.reconcile import prefect_reconciler
     from flows.registry import load_specs, sync_pipelines
     from flows.trigger_service import TriggerService
     from flows.triggers import prefect_submitter
     from retrainer import wiring
-    from retrainer.processes import SUPERVISE_INTERVAL_S
+    from retrainer.processes import RELAY_INTERVAL_S, SUPERVISE_INTERVAL_S, WEBHOOK_STALE_AFTER_S, decision_relay
     from serving.app import create_serving_app
     from serving.grpc_server import grpc_beside
     from serving.keys import KeyCheck
@@ -259,7 +270,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
 
     with ExitStack() as stack:
         env = {**os.environ}
-        prefect_url = _prefect(settings, env, stack)
+        prefect_url, prefect_ui_url = _prefect(settings, env, stack)
         stack.callback(_drain_prefect_workers)  # runs after every in-process flow ended, before the server stops
         os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"] = prefect_url
         # Prefect reads its settings once, when it is first imported: every module that imports
@@ -282,7 +293,12 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
         serving_url = stack.enter_context(running_server(serving_app, settings.serving_address))
         grpc_url = stack.enter_context(grpc_beside(serving_app, settings.serving_grpc_address))
 
-        runner_env = {**env, "RETRAINER_SERVING_URL": serving_url}
+        # its flows beat as often as the run reconciler expects (flows/reconcile.py)
+        runner_env = {
+            **env,
+            "RETRAINER_SERVING_URL": serving_url,
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.run_heartbeat_s),
+        }
         runner = spawn(
             "prefect-runner", [sys.executable, "-m", "retrainer.runner"], settings.home_dir / "logs", runner_env
         )
@@ -311,6 +327,7 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
             start_worker(consumer.name, consume, consumer.probe),
             start_worker(TriggerService.name, triggers, trigger_health.probe),
             start_worker(supervisor.name, supervise, supervisor_health.probe),
+            *_decision_workers(*decision_relay(settings, sessions), stop, RELAY_INTERVAL_S, WEBHOOK_STALE_AFTER_S),
         ]
         for worker in workers:
             stack.callback(worker.thread.join, 15)
@@ -325,12 +342,38 @@ def running_service(settings: Settings, *, serving_refresh_s: float = 5.0) -> It
             follower.name: follower.probe,
             **{w.name: w.probe for w in workers},
         }
-        api_app = create_app(sessions=sessions, settings=settings, submit=submitter, health_probes=probes)
+        linked = settings.model_copy(update={"prefect_ui_url": prefect_ui_url or ""})  # run pages link the UI
+        api_app = create_app(
+            sessions=sessions, settings=linked, submit=submitter, health_probes=probes,
+            dead_letters=dead_letter_reader(settings),
+        )  # fmt: skip
         api_url = stack.enter_context(running_api(api_app, settings.api_address))
         log.info(
-            "retrainer serving: api %s, models %s (gRPC %s), prefect %s", api_url, serving_url, grpc_url, prefect_url
-        )
-        yield Running(api_url, serving_url, prefect_url, probes, stop)
+            "retrainer serving: api %s (dashboard %s/ui/), models %s (gRPC %s), prefect %s (UI %s)",
+            api_url, api_url, serving_url, grpc_url, prefect_url, prefect_ui_url or "off",
+        )  # fmt: skip
+        yield Running(api_url, serving_url, prefect_url, probes, stop, prefect_ui_url)
+
+
+def _decision_workers(
+    relay: LoopService, webhooks: LoopService, stop: threading.Event, interval_s: float, webhook_stale_s: float
+) -> list[Worker]:
+    """The decision relay and the webhook sender, each a loop in its own thread (a slow webhook never
+    holds back the relay, nor the relay a decision)."""
+    from flows.loop import LoopHealth, run_loop
+
+    relay_health = LoopHealth.for_interval(relay.name, interval_s)
+    webhook_health = LoopHealth(webhooks.name, stale_after_s=webhook_stale_s)
+    return [
+        start_worker(
+            relay.name, lambda: run_loop(relay, stop, interval_s=interval_s, health=relay_health), relay_health.probe
+        ),
+        start_worker(
+            webhooks.name,
+            lambda: run_loop(webhooks, stop, interval_s=interval_s, health=webhook_health),
+            webhook_health.probe,
+        ),
+    ]
 
 
 def _raise_on_signal(signum: int, _frame: object) -> None:

@@ -172,8 +172,13 @@ class LoadedModel:
                 return torch.softmax(outputs, dim=-1)
             return self.regression.target_standardizer.inverse_tensor(outputs)
 
+    # requests a transport expects soon (serving/grpc_server.py: gRPC clients between two calls); the
+    # batcher waits for them as for leased ones
+    arrivals: Callable[[], int] | None = None
+
     def _lease_count(self) -> int:
-        return self._leases  # a plain int read: a stale value only costs or saves one short wait
+        arrivals = self.arrivals  # plain reads: a stale value only costs or saves one short wait
+        return self._leases if arrivals is None else self._leases + arrivals()
 
     # -- lifetime: leases taken by requests, retirement by the registry --------------------------
     def _acquire(self) -> None:

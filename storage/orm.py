@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from domain import entities as e
+from domain.decisions import DecisionEvent, DecisionType, DeliveryStatus, WebhookDelivery
 from domain.errors import InfrastructureError
 from domain.evidence import StepAnalysis
 
@@ -497,3 +498,65 @@ class SqlReplicaWindow(Base):
     window_end: Mapped[datetime] = mapped_column(UTCDateTime)
     requests: Mapped[int] = mapped_column(Integer)
     window: Mapped[dict[str, Any]] = mapped_column(JSONDict)
+
+
+def partial_index(name: str, *columns: str, where: str) -> Index:
+    """An index of only the rows `where` holds for, on SQLite and PostgreSQL alike."""
+    return Index(name, *columns, sqlite_where=text(where), postgresql_where=text(where))
+
+
+class SqlOutboxEvent(Base):
+    """A decision event (domain/decisions.py), written in the decision's transaction and relayed
+    to Kafka and webhooks afterwards (flows/relay.py); `sent_at` is set once the broker acked (0009)."""
+
+    __tablename__ = "outbox"
+    # The relay reads only the unsent rows, in order, however many were sent before.
+    __table_args__ = (partial_index("ix_outbox_unsent_id", "id", where="sent_at IS NULL"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    type: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str] = mapped_column(String(200))
+    pipeline: Mapped[str] = mapped_column(String(200))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONDict)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def to_entity(self) -> DecisionEvent:
+        return DecisionEvent(
+            self.event_id, DecisionType(self.type), self.pipeline, self.time, dict(self.data), self.source
+        )
+
+
+class SqlWebhookDelivery(Base):
+    """One decision event to one webhook: pending until delivered, or failed after its last try (0009)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("outbox_id", "url"), Index(None, "status", "id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    secret_env: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    event: Mapped[SqlOutboxEvent] = relationship(lazy="joined")
+
+    def to_entity(self) -> WebhookDelivery:
+        return WebhookDelivery(
+            id=self.id,
+            event=self.event.to_entity(),
+            url=self.url,
+            secret_env=self.secret_env,
+            status=DeliveryStatus(self.status),
+            attempts=self.attempts,
+            response_status=self.response_status,
+            error=self.error,
+            created_at=self.created_at,
+            finished_at=self.finished_at,
+        )

@@ -90,6 +90,7 @@ class ModelsPage:
     pipeline: str
     headline_metric: str
     champion_version: int | None
+    shown: int = 50  # at most this many versions and alias moves, the newest
 
 
 def _window(w: VariantWindow) -> dict[str, Any]:
@@ -134,3 +135,28 @@ def live_rollout(pipeline: str, rollout: RolloutReport | None) -> dict[str, Any]
             ],
         },
     }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    """One record of the dead-letter topic: where it came from and why the consumer refused it."""
+
+    partition: int
+    offset: int
+    timestamp: datetime | None
+    key: str | None
+    error: str  # the `retrainer-error` header: "reason: message"
+    original: str | None  # "topic[partition]@offset" of the refused event
+    value_preview: str  # the first bytes of the value, as text
+    value_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetters:
+    """What the dead-letter page shows: the topic's newest records, or why none could be read."""
+
+    topic: str
+    bootstrap_servers: str
+    per_partition: int
+    records: tuple[DeadLetterRow, ...] = ()  # newest first
+    problem: str | None = None  # Kafka unreachable, the topic missing: said on the page, never a 500

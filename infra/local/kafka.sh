@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Local single-node Apache Kafka (KRaft, combined broker+controller) on 127.0.0.1:9092.
 # The official broker jars come from Maven Central through infra/kafka/pom.xml.
-# `start` and `topics` create the event topic and its dead-letter topic wherever they are missing,
-# whoever started the broker; both names follow RETRAINER_KAFKA_TOPIC and RETRAINER_KAFKA_DLQ_TOPIC.
+# `start` and `topics` create the event topic, its dead-letter topic and the decision events' topic
+# wherever they are missing, whoever started the broker; the names follow RETRAINER_KAFKA_TOPIC,
+# RETRAINER_KAFKA_DLQ_TOPIC and RETRAINER_DECISIONS_TOPIC.
 # usage: kafka.sh start|stop|status|health|topics
 SERVICE=kafka
 source "$(dirname "$0")/common.sh"
@@ -19,6 +20,7 @@ PIDFILE="$CACHE_DIR/run/kafka.pid"
 POM="$REPO_ROOT/infra/kafka/pom.xml"
 TOPIC="${RETRAINER_KAFKA_TOPIC:-retrainer.data-changes}"
 DLQ_TOPIC="${RETRAINER_KAFKA_DLQ_TOPIC:-$TOPIC.dlq}"
+DECISIONS_TOPIC="${RETRAINER_DECISIONS_TOPIC:-retrainer.decisions}"
 HEAP="${RETRAINER_KAFKA_HEAP:-512m}"
 
 resolve_jars() {
@@ -89,13 +91,14 @@ topics() { run_class org.apache.kafka.tools.TopicCommand --bootstrap-server "$HO
 
 health() { port_open "$HOST" "$PORT" && topics --list >/dev/null 2>&1; }
 
-# ensure_topics: the event topic (3 partitions) and its dead-letter topic (1 partition), created where
-# missing. Automatic topic creation is off, and a broker that answers may have been started for other
-# topics (`make demo` starts it for a topic of its own), so this runs on every start, not only a fresh one.
+# ensure_topics: the event topic (3 partitions), its dead-letter topic (1 partition) and the decision
+# events' topic (3 partitions, flows/relay.py), created where missing. Automatic topic creation is
+# off, and a broker that answers may have been started for other topics (`make demo` starts it for a
+# topic of its own), so this runs on every start, not only a fresh one.
 ensure_topics() {
   local existing spec name created=()
   existing="$(topics --list 2>>"$LOG")" || fail_with_log "$LOG" "could not list the topics on $HOST:$PORT"
-  for spec in "$TOPIC:3" "$DLQ_TOPIC:1"; do
+  for spec in "$TOPIC:3" "$DLQ_TOPIC:1" "$DECISIONS_TOPIC:3"; do
     name="${spec%:*}"
     if grep -qxF -- "$name" <<<"$existing"; then continue; fi
     # --if-not-exists: another caller may create it between the listing and here
@@ -134,7 +137,7 @@ start() {
     launch
   fi
   ensure_topics
-  log "ready on $HOST:$PORT; topics $TOPIC (3 partitions), $DLQ_TOPIC"
+  log "ready on $HOST:$PORT; topics $TOPIC (3 partitions), $DLQ_TOPIC, $DECISIONS_TOPIC"
 }
 
 case "${1:-}" in

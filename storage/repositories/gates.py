@@ -9,19 +9,23 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domain import entities as e
+from domain.decisions import gate_event
 from storage.orm import SqlGateDecision
+from storage.repositories.outbox import record_decision
 from storage.repositories.runs import find_run_row
 
 
 def record_gate_checks(
     session: Session, run_id: str, checks: Sequence[e.GateCheck], *, model_version_id: int | None = None
 ) -> list[e.GateVerdict]:
-    find_run_row(session, run_id)
+    """Stores the gate's checks and its `gate.decided` event (domain/decisions.py), in the caller's transaction."""
+    run = find_run_row(session, run_id)
     # A GateCheck's fields are the row's columns, so a new check field needs only a new column.
     columns = [{**asdict(check), "verdict": check.verdict.value} for check in checks]
     rows = [SqlGateDecision(run_id=run_id, model_version_id=model_version_id, **values) for values in columns]
     session.add_all(rows)
     session.flush()
+    record_decision(session, gate_event(run.pipeline.name, run_id, checks, model_version_id))
     return [row.to_entity() for row in rows]
 
 

@@ -10,9 +10,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from domain import entities as e
+from domain.decisions import champion_event
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
 from storage.notify import SERVING_CHANNEL, notify
 from storage.orm import SqlAliasMove, SqlModelVersion, SqlPipeline, utcnow
+from storage.repositories.outbox import record_decision
 from storage.repositories.pipelines import find_pipeline_row
 
 CHAMPION_ALIAS = "champion"
@@ -75,12 +77,14 @@ def get_model_version_by_id(session: Session, version_id: int) -> e.ModelVersion
     return find_model_row(session, version_id).to_entity()
 
 
-def list_model_versions(session: Session, pipeline: str) -> list[e.ModelVersion]:
+def list_model_versions(session: Session, pipeline: str, *, limit: int | None = None) -> list[e.ModelVersion]:
+    """The pipeline's versions, newest first (the newest `limit` if given)."""
     pipeline_row = find_pipeline_row(session, pipeline)
     query = (
         select(SqlModelVersion)
         .where(SqlModelVersion.pipeline_id == pipeline_row.id)
         .order_by(SqlModelVersion.version.desc())
+        .limit(limit)
     )
     return [row.to_entity() for row in session.scalars(query)]
 
@@ -155,15 +159,19 @@ def move_champion(
     session.flush()
     session.refresh(pipeline_row)
     notify(session, SERVING_CHANNEL, pipeline)  # the model servers load the new champion at once
-    return move.to_entity()
+    moved = move.to_entity()
+    record_decision(session, champion_event(moved, rolled_back=previous_stage is e.ModelStage.ROLLED_BACK))
+    return moved
 
 
-def alias_history(session: Session, pipeline: str) -> list[e.AliasMove]:
+def alias_history(session: Session, pipeline: str, *, limit: int | None = None) -> list[e.AliasMove]:
+    """The pipeline's alias moves, newest first (the newest `limit` if given)."""
     pipeline_row = find_pipeline_row(session, pipeline)
     query = (
         select(SqlAliasMove)
         .where(SqlAliasMove.pipeline_id == pipeline_row.id)
         .order_by(SqlAliasMove.moved_at.desc(), SqlAliasMove.id.desc())
+        .limit(limit)
     )
     return [row.to_entity() for row in session.scalars(query)]
 

@@ -9,10 +9,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from domain import entities as e
+from domain.decisions import rollout_finished_event, rollout_step_event
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
 from domain.evidence import CanaryAttempt, StepAnalysis
 from storage.notify import SERVING_CHANNEL, notify
 from storage.orm import SqlRollout, SqlRolloutStep, utcnow
+from storage.repositories.outbox import record_decision
 from storage.repositories.pipelines import find_pipeline_row
 
 
@@ -194,7 +196,10 @@ def record_step_attempt(
             notify(session, SERVING_CHANNEL, rollout.pipeline.name)  # the canary's weight moved
     session.flush()
     session.refresh(step)
-    return step.to_entity()
+    decided = step.to_entity()
+    if verdict is not None:
+        record_decision(session, rollout_step_event(rollout.to_entity(), decided))
+    return decided
 
 
 def finish_rollout(session: Session, rollout_id: int, status: e.RolloutStatus, reason: str) -> e.Rollout:
@@ -213,4 +218,6 @@ def finish_rollout(session: Session, rollout_id: int, status: e.RolloutStatus, r
     session.flush()
     notify(session, SERVING_CHANNEL, row.pipeline.name)  # the canary leaves the model servers
     session.refresh(row)
-    return row.to_entity()
+    finished = row.to_entity()
+    record_decision(session, rollout_finished_event(finished))
+    return finished

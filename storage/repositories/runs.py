@@ -13,8 +13,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from domain import entities as e
+from domain.decisions import run_transition_events
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
 from storage.orm import SqlEvent, SqlRun, SqlRunEvent, utcnow
+from storage.repositories.outbox import record_decision
 from storage.repositories.pipelines import find_pipeline_row
 
 
@@ -73,7 +75,9 @@ def create_run(
         link_events(session, row.id, event_ids)
     session.flush()
     session.refresh(row)
-    return row.to_entity(), True
+    created = row.to_entity()
+    _record_transition(session, None, created)
+    return created, True
 
 
 def _existing_run(
@@ -125,7 +129,9 @@ def lock_run(session: Session, run_id: str) -> e.Run:
     """The run as stored now, its row locked until the caller's transaction ends (SELECT … FOR
     UPDATE; SQLite has one writer at a time anyway), so of two callers deciding one run at once the
     second sees the first's decision."""
-    query = select(SqlRun).where(SqlRun.id == run_id).with_for_update().execution_options(populate_existing=True)
+    # OF runs: PostgreSQL refuses to lock the nullable side of the outer joins SqlRun loads eagerly
+    query = select(SqlRun).where(SqlRun.id == run_id).with_for_update(of=SqlRun)
+    query = query.execution_options(populate_existing=True)
     row = session.scalars(query).one_or_none()
     if row is None:
         raise NotFoundError(f"run {run_id!r} not found")
@@ -191,8 +197,10 @@ def update_run(
     model_version_id: int | None = None,
     evidence: dict[str, Any] | None = None,
 ) -> e.Run:
-    """Moves a run forward. A final status is never left again (ConflictError)."""
+    """Moves a run forward. A final status is never left again (ConflictError). A new status writes
+    its decision events (run started or finished, approval requested or decided) in the same transaction."""
     row = find_run_row(session, run_id)
+    before = e.RunStatus(row.status)
     if status is not None and status.value != row.status:
         current = e.RunStatus(row.status)
         if current.is_final:
@@ -214,7 +222,14 @@ def update_run(
     if evidence is not None:
         row.evidence = {**(row.evidence or {}), **evidence}
     session.flush()
-    return row.to_entity()
+    run = row.to_entity()
+    _record_transition(session, before, run)
+    return run
+
+
+def _record_transition(session: Session, before: e.RunStatus | None, run: e.Run) -> None:
+    for event in run_transition_events(before, run):
+        record_decision(session, event)
 
 
 # Stands in the flow-run id while a submission is in flight; `submission_claimed_at` says since when.

@@ -1,18 +1,23 @@
 """The run reconciler against the session's real Prefect: a crashed flow run is submitted again and
-resumes from its checkpoint; one with no attempts left, or one that failed, ends the run `failed`;
+resumes from its checkpoint; one with no attempts left, or one that failed, ends the run `failed`; a
+RUNNING flow run whose process fell silent (no heartbeat) is crashed and settled the same way;
 Prefect not answering changes nothing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from prefect.client.orchestration import get_client
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Crashed, Failed
+from prefect.states import Crashed, Failed, Running
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -21,13 +26,22 @@ from domain.errors import TransientInfraError
 from domain.spec import parse_spec
 from flows.loop import PassIncomplete
 from flows.pipeline import run_pipeline
-from flows.reconcile import Reconciler, prefect_flow_run_states
+from flows.reconcile import (
+    HEARTBEAT,
+    Liveness,
+    ReconcilePass,
+    Reconciler,
+    prefect_flow_run_states,
+    prefect_heard_from,
+    prefect_mark_crashed,
+)
 from flows.registry import deployments, sync_pipelines
 from flows.triggers import TriggerRequest, prefect_submitter, request_run
 from ml.zoo import MLP
 from retrainer.service import free_port
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
+from storage.orm import SqlRun
 from tests.flows.conftest import event_run, spec
 from tests.flows.test_trigger_service import _own_postgresql  # noqa: F401
 from tests.storage.conftest import wipe
@@ -170,3 +184,77 @@ def test_prefect_not_answering_changes_nothing_and_the_next_pass_settles_the_run
     assert down.value.code == TransientInfraError.code
     assert get(env, run.id) == run  # no answer is no evidence: neither resubmitted nor failed
     assert reconciler.run_once().resubmitted == (run.id,)
+
+
+def running_flow_runs(sessions: sessionmaker[Session], tmp_path: Path, count: int) -> list[e.Run]:
+    """`deployed_runs` whose flow runs Prefect holds RUNNING, as a worker that started them would."""
+    runs = deployed_runs(sessions, tmp_path, count)
+    for run in runs:
+        crash(run.prefect_flow_run_id, Running())
+    return runs
+
+
+def beat(flow_run_id: str | None, at: datetime) -> None:
+    """A heartbeat of the flow run at `at`, as its process sends it; returns once Prefect shows it."""
+    emit_event(HEARTBEAT, resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"}, occurred=at)
+    EventsWorker.drain_all(timeout=10)
+    deadline = time.monotonic() + 30  # the server stores events in batches (every 5 s by default)
+    while str(flow_run_id) not in prefect_heard_from([str(flow_run_id)], at, at):
+        assert time.monotonic() < deadline, "Prefect never showed the heartbeat"
+        time.sleep(0.5)
+
+
+LIVENESS = Liveness(prefect_heard_from, prefect_mark_crashed, beat_s=30, misses=3)  # silent for 90 s: dead
+
+
+def test_a_silent_running_flow_run_is_crashed_then_resubmitted_or_failed_and_a_beating_one_is_left(
+    env: sessionmaker[Session], tmp_path: Path
+) -> None:
+    silent, spent, beating = running_flow_runs(env, tmp_path, 3)
+    with transaction(env) as session:  # `spent` was submitted again once already: no attempt left
+        session.get_one(SqlRun, spent.id).evidence = {"resubmits": [{"attempt": 1}]}
+    spent = get(env, spent.id)
+    later = datetime.now(UTC) + timedelta(seconds=120)  # every flow run entered RUNNING > 90 s before
+    beat(beating.prefect_flow_run_id, later - timedelta(seconds=20))
+    reconciler = Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=0, liveness=LIVENESS)
+
+    assert reconciler.run_once() == ReconcilePass()  # now: every flow run just started, none is silent
+    done = reconciler.run_once(later)
+    assert done.resubmitted == (silent.id,) and done.failed == (spent.id,)
+    dead = flow_run(silent.prefect_flow_run_id).state
+    assert dead.type.value == "CRASHED" and "sent no heartbeat for 90 s" in str(dead.message), dead
+    again = get(env, silent.id)
+    assert again.status is e.RunStatus.QUEUED and again.prefect_flow_run_id != silent.prefect_flow_run_id
+    assert again.evidence is not None
+    [attempt] = again.evidence["resubmits"]
+    assert (
+        attempt["crashed_flow_run"] == silent.prefect_flow_run_id
+        and "RETRAINER_RUN_HEARTBEAT_MISSES=3" in (attempt["message"])
+    )
+    failed = get(env, spent.id)
+    assert failed.status is e.RunStatus.FAILED, failed
+    assert f"flow run {spent.prefect_flow_run_id} crashed" in str(failed.error), failed.error
+    assert "sent no heartbeat for 90 s" in str(failed.error), failed.error
+    assert get(env, beating.id) == beating  # it beat 20 s ago: alive
+    assert flow_run(beating.prefect_flow_run_id).state.type.value == "RUNNING"
+
+
+def test_heartbeats_not_answering_change_nothing_and_the_next_pass_settles_the_run(
+    env: sessionmaker[Session], tmp_path: Path
+) -> None:
+    [run] = running_flow_runs(env, tmp_path, 1)
+    nowhere = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+
+    def heard_from_nowhere(ids: Sequence[str], since: datetime, until: datetime) -> set[str]:
+        with temporary_settings({PREFECT_API_URL: nowhere}):
+            return prefect_heard_from(ids, since, until)
+
+    down = Liveness(heard_from_nowhere, prefect_mark_crashed, beat_s=30, misses=3)
+    later = datetime.now(UTC) + timedelta(seconds=120)
+    with pytest.raises(PassIncomplete) as failed:
+        Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=0, liveness=down).run_once(later)
+    assert failed.value.code == TransientInfraError.code
+    assert get(env, run.id) == run  # no answer is no evidence: the flow run is not crashed
+    assert flow_run(run.prefect_flow_run_id).state.type.value == "RUNNING"
+    reconciler = Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=0, liveness=LIVENESS)
+    assert reconciler.run_once(later).resubmitted == (run.id,)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto
@@ -479,3 +480,17 @@ def test_the_float_weights_come_back_under_the_float_keys(variant: Variant) -> N
     assert set(state) == set(expected)  # every weight, the swapped attention's and the position table included
     for key, tensor in expected.items():
         assert state[key].shape == tensor.shape and torch.allclose(state[key], tensor, atol=0.02), key
+
+
+def test_every_variant_runs_with_the_measured_session_settings() -> None:
+    model = quantize(_builder("mlp")(), "dynamic", _calibration("mlp"))
+    assert isinstance(model, OnnxModule)
+    options = model._session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.intra_op_num_threads == torch.get_num_threads() and options.inter_op_num_threads == 1
+    # Spinning inside a call, stopped when it returns (ml/quantization/onnx_graph.py says why).
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    copied = copy.deepcopy(model)  # a copy builds its own session, with the same settings
+    assert copied._session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"

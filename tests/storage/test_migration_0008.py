@@ -30,7 +30,7 @@ def in_transaction(url: str, work: Callable[[Session], T]) -> T:
 
 def test_0008_keeps_every_link_and_its_downgrade_rejects_waiting_runs(empty_database_url: str) -> None:  # noqa: F811
     url = empty_database_url
-    migrations.upgrade(url, "0007")
+    migrations.upgrade(url)  # today's repositories write the decision outbox (0009): seed at the head,
 
     def promoted_run(session: Session) -> tuple[str, int]:
         repo.upsert_pipeline(session, PIPELINE, PIPELINE, {"name": PIPELINE})
@@ -44,6 +44,7 @@ def test_0008_keeps_every_link_and_its_downgrade_rejects_waiting_runs(empty_data
         return run.id, version.id
 
     run_id, version_id = in_transaction(url, promoted_run)
+    migrations.downgrade(url, "0007")  # then go below 0008 with the rows in place and copy them up again
     migrations.upgrade(url)
 
     def wait(session: Session) -> None:

@@ -35,6 +35,8 @@ EXPECTED_TABLES = {
     "api_keys",
     "serving_replicas",
     "replica_windows",
+    "outbox",
+    "webhook_deliveries",
 }
 
 

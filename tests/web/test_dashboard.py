@@ -304,3 +304,72 @@ def test_actions_validate_like_the_api_and_record_the_key(
         move = repo.alias_history(s, PIPELINE)[0]
         # the API's own record of who did it: the key's name (flows.champion adds what it was)
         assert move.actor.startswith("ops") and move.reason == "v2 misbehaves in prod"
+
+
+# -------------------------------------------------------------------------------- Prefect UI link
+
+
+@pytest.mark.parametrize(
+    ("ui_setting", "prefect_env", "link"),
+    [
+        ("http://prefect.example:4200/", None, "http://prefect.example:4200/runs/flow-run/fr-123"),
+        ("", "http://127.0.0.1:4300", "http://127.0.0.1:4300/runs/flow-run/fr-123"),  # Prefect's own setting
+        ("", None, None),
+    ],
+)
+def test_run_pages_link_the_prefect_ui_named_by_the_settings(
+    sessions: sessionmaker[Session],
+    seeded: Seeded,
+    monkeypatch: pytest.MonkeyPatch,
+    ui_setting: str,
+    prefect_env: str | None,
+    link: str | None,
+) -> None:
+    if prefect_env is None:
+        monkeypatch.delenv("PREFECT_UI_URL", raising=False)
+    else:
+        monkeypatch.setenv("PREFECT_UI_URL", prefect_env)
+    settings = Settings(prefect_ui_url=ui_setting)
+    with transaction(sessions) as s:
+        repo.update_run(s, seeded.live_run, prefect_flow_run_id="fr-123")
+    monkeypatch.setenv("PREFECT_UI_URL", "http://read-too-late.example")  # the app reads its settings, not os.environ
+    app = create_app(sessions=sessions, settings=settings, submit=None, health_probes={})
+    page = signed_in(app, new_key(sessions, "ops")).get(f"/ui/runs/{seeded.live_run}").text
+    if link is None:
+        assert "Prefect UI" not in page and "fr-123" in page  # the flow run's id, unlinked
+    else:
+        assert f'<a href="{link}" rel="noreferrer">' in page
+
+
+def test_a_prefect_ui_url_that_is_not_http_is_refused() -> None:
+    with pytest.raises(ValueError, match="RETRAINER_PREFECT_UI_URL must be an http"):
+        Settings(prefect_ui_url="prefect.example:4200")
+
+
+def test_the_pipelines_page_shows_ten_pipelines_a_page(sessions: sessionmaker[Session], app: FastAPI) -> None:
+    with transaction(sessions) as s:
+        for number in range(12):
+            name = f"extra-{number:02d}"
+            repo.upsert_pipeline(s, name, "digits", {"name": name})
+    client = signed_in(app, new_key(sessions, "reader", frozenset({Scope.READ})))
+    first, second = client.get("/ui/").text, client.get("/ui/?page=2").text
+    shown = [re.findall(r'<section class="card" id="pipeline-([^"]+)"', page) for page in (first, second)]
+    assert len(shown[0]) == 10 and shown[0] == sorted(shown[0])
+    assert len(shown[1]) == 4 and not set(shown[0]) & set(shown[1])  # 14 pipelines: the story's two and 12
+    assert "pipelines 1\u201310 of 14" in first and 'href="/ui/?page=2"' in first
+    assert "pipelines 11\u201314 of 14" in second and 'href="/ui/?page=1"' in second
+    assert client.get("/ui/?page=nonsense").status_code == 200  # read as the first page
+
+
+def test_the_models_page_shows_the_newest_fifty_versions(sessions: sessionmaker[Session], app: FastAPI) -> None:
+    with transaction(sessions) as s:
+        repo.upsert_pipeline(s, "many-models", "digits", {"name": "many-models"})
+        for number in range(55):
+            repo.register_model_version(
+                s, "many-models", artifact_uri=f"file:///m/{number}", sha256=f"{number:064x}", size_bytes=1,
+                metrics={"accuracy": 0.5},
+            )  # fmt: skip
+    page = signed_in(app, new_key(sessions, "reader", frozenset({Scope.READ}))).get("/ui/pipelines/many-models/models")
+    shown = [int(v) for v in re.findall(r"<tr><td>v(\d+)</td>", page.text)]
+    assert shown == list(range(55, 5, -1))  # v55 … v6, newest first
+    assert "the newest 50 versions" in page.text
