@@ -110,9 +110,20 @@ class DeliveryStatus(StrEnum):
 # ------------------------------------------------------------------------------ the data of each type
 
 
+def _outcome(run: e.Run) -> dict[str, Any]:
+    """The run's stored outcome; {} when absent or not a mapping (evidence written by older versions)."""
+    outcome = (run.evidence or {}).get("outcome")
+    return outcome if isinstance(outcome, dict) else {}
+
+
+def _approval(run: e.Run) -> dict[str, Any]:
+    approval = _outcome(run).get("approval")
+    return approval if isinstance(approval, dict) else {}
+
+
 def run_event(kind: DecisionType, run: e.Run) -> DecisionEvent:
     """run.created / run.started / run.finished: the run's state as of the decision."""
-    outcome = (run.evidence or {}).get("outcome") or {}
+    outcome = _outcome(run)
     data: dict[str, Any] = {"run_id": run.id, "status": run.status.value, "trigger": run.trigger_kind.value}
     if kind is DecisionType.RUN_FINISHED:
         data["reason"] = outcome.get("reason") or run.error or run.reason
@@ -155,14 +166,14 @@ def gate_event(
 
 
 def approval_requested_event(run: e.Run) -> DecisionEvent:
-    request = ((run.evidence or {}).get("outcome") or {}).get("approval") or {}
+    request = _approval(run)
     data = {"run_id": run.id, "model_version_id": run.model_version_id, "deadline": request.get("deadline")}
     return decision_event(DecisionType.APPROVAL_REQUESTED, run.pipeline, data)
 
 
 def approval_decided_event(run: e.Run) -> DecisionEvent:
     """approval.decided: approved, rejected, expired (the timeout) or superseded, by whom and why."""
-    decided = ((run.evidence or {}).get("outcome") or {}).get("approval") or {}
+    decided = _approval(run)
     data = {
         "run_id": run.id,
         "decision": decided.get("decision"),
