@@ -34,7 +34,7 @@ from torch import nn
 
 from domain.errors import InvalidInputError
 from ml.quantization.attention import swap_encoder_layers
-from ml.quantization.fusion import fuse_attention
+from ml.quantization.fusion import MS_DOMAIN, fuse_attention
 from ml.quantization.onnx_graph import INPUT, ExportError, OnnxModule, export_onnx, quiet_loggers
 from ml.quantization.variants import (
     ONNX_FORMAT,
@@ -93,8 +93,13 @@ def _dynamic_int8(graph: onnx.ModelProto, folder: Path, _: list[torch.Tensor]) -
     # ConvInteger made the zoo CNN 27x slower (6.0 ms vs 0.22 ms at b32); MatMul is where int8 pays.
     # Attention is ORT's fused one (fusion.py), which becomes QAttention: int8 qkv projection, the
     # attention itself in float (ORT's own choice: reduce_range weights there, its kernel needs them).
+    # The quantizer matches op types by name only: ONNX's own Attention (a block fusion left as
+    # exported, e.g. a causal one) would become a QAttention ORT cannot load, so it is excluded.
     source, target = folder / "float.onnx", folder / "dynamic.onnx"
     onnx.save_model(graph, source)
+    standard_attention = [
+        node.name for node in graph.graph.node if node.op_type == "Attention" and node.domain != MS_DOMAIN
+    ]
     with quantizer_quiet():
         quantize_dynamic(
             source,
@@ -102,6 +107,7 @@ def _dynamic_int8(graph: onnx.ModelProto, folder: Path, _: list[torch.Tensor]) -
             weight_type=QuantType.QInt8,
             per_channel=False,
             op_types_to_quantize=["MatMul", "Attention"],
+            nodes_to_exclude=standard_attention,
         )
     return onnx.load_model(target)
 

@@ -42,7 +42,7 @@ def test_the_story_through_retrainer_serve(
     with retrainer_serve(api, tmp_path / "serve.log") as health:
         assert set(health) == {
             "database", "prefect-server", "prefect-runner", "model-server", "model-follower",
-            "kafka-consumer", "trigger-service", "canary-supervisor",
+            "kafka-consumer", "trigger-service", "canary-supervisor", "decision-relay", "webhook-deliveries",
         }  # fmt: skip
         sessions = make_sessions(create_db_engine(e2e_database))
         results = story.run_story(

@@ -93,3 +93,21 @@ def test_a_block_outside_the_pattern_is_left_as_exported() -> None:
     with torch.inference_mode():
         expected = model(x).numpy()
     np.testing.assert_allclose(session_for(before).run(None, {INPUT: x.numpy()})[0], expected, atol=1e-5)
+
+
+def test_dynamic_int8_leaves_an_unfused_onnx_attention_in_float() -> None:
+    """ORT's quantizer matches op types by name: an ONNX Attention left as exported (here causal, with
+    its `is_causal` attribute) must not become a QAttention, which ORT refuses to load (the MiniLM
+    story's text model failed so)."""
+    torch.manual_seed(0)
+    model, x = _Causal().eval(), torch.randn(4, 5, 16)
+    quantized = quantize(model, "dynamic", [x])
+    assert isinstance(quantized, OnnxModule)
+    ops = _ops(quantized.onnx_bytes)
+    assert ops[f"{MS_DOMAIN}:QAttention"] == 0 and ops[":Attention"] == ops_of_export(model, x)[":Attention"] > 0
+    with torch.inference_mode():
+        assert (quantized(x) - model(x)).abs().max().item() < 0.1
+
+
+def ops_of_export(model: nn.Module, x: torch.Tensor) -> Counter[str]:
+    return _ops(_exported(model, x[:2]).SerializeToString())
