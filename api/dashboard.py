@@ -35,6 +35,7 @@ from api.routes import ApiState, get_state, requires
 from api.schemas import FreezeBody, RollbackBody, RolloutActionBody, RolloutOut, RunDetail, TriggerBody
 from domain import entities as e
 from domain.apikeys import Scope
+from domain.decisions import DeliveryStatus
 from domain.errors import NotFoundError, RetrainerError
 from storage import repositories as repo
 from storage.db import transaction
@@ -44,6 +45,7 @@ from web.errors import INVALID_REQUEST
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 LIVE_POLL_MS = 2000
+FAILED_DELIVERIES_SHOWN = 100
 PUBLIC_PATHS = frozenset({f"{DASHBOARD_PREFIX}/login", *(f"{DASHBOARD_PREFIX}/static/{name}" for name in ASSETS)})
 """The dashboard's paths answered without a session: the sign-in page and its static files."""
 
@@ -342,6 +344,14 @@ def dead_letters(request: Request, _state: ApiState, who: Who) -> Response:
     # a read is bounded (consumers/dead_letters.py); what goes wrong is said on the page, never a 500
     shown = read() if read is not None else None
     return _html(request, "dead_letters.html.j2", who, title="Dead letters", dlq=shown)
+
+
+@page("/deliveries")
+def deliveries(request: Request, state: ApiState, who: Who) -> Response:
+    with transaction(state.sessions) as db:
+        failed = repo.webhook_deliveries(db, DeliveryStatus.FAILED, FAILED_DELIVERIES_SHOWN, newest_first=True)
+    return _html(request, "deliveries.html.j2", who, title="Failed deliveries", failed=failed,
+                 shown=FAILED_DELIVERIES_SHOWN)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- actions

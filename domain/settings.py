@@ -13,9 +13,10 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from domain.errors import ConfigurationError
+from domain.notification_spec import WebhookSpec
 
 ENV_PREFIX = "RETRAINER_"
 _DATABASE_SCHEMES = ("sqlite", "postgresql")
@@ -65,6 +66,12 @@ class Settings(BaseSettings):
         default="retrainer.decisions",
         description="Topic the relay publishes decision events to (flows/relay.py); Kafka off (empty "
         "RETRAINER_KAFKA_BOOTSTRAP_SERVERS): events go to webhooks only.",
+    )
+    webhooks: list[WebhookSpec] = Field(
+        default_factory=list,
+        description="Webhooks for every pipeline's decision events, in addition to each spec's "
+        '`notifications.webhooks`: a JSON list of {"url", "events", "secret_env"}, checked as the spec\'s are '
+        "(domain/notification_spec.py); a URL a pipeline's spec names too is delivered to once.",
     )
     webhook_attempts: int = Field(default=5, ge=1, le=20, description="Tries of one webhook delivery before it fails.")
     webhook_timeout_seconds: float = Field(default=5.0, gt=0, description="Time one webhook try may take.")
@@ -154,6 +161,11 @@ class Settings(BaseSettings):
         "distributed.rdzv_endpoint is unset; empty: one machine, a free local port.",
     )
 
+    def __hash__(self) -> int:
+        # settings key caches (retrainer/wiring.py); the webhooks' lists cannot be hashed, and leaving
+        # them out keeps equal settings hashing equal
+        return hash(tuple(value for name, value in self.__dict__.items() if name != "webhooks"))
+
     @property
     def model_server_url(self) -> str:
         """Where the model server answers: `serving_url`, else http:// + `serving_address` (0.0.0.0 → 127.0.0.1)."""
@@ -222,11 +234,17 @@ def load_settings(**overrides: object) -> Settings:
     names each bad variable and what is wrong with it."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as e:  # a list or mapping setting that is not JSON: say which and the form
+        raise ConfigurationError(
+            f"{e}: a setting that is a list must be JSON, e.g. RETRAINER_WEBHOOKS="
+            '\'[{"url": "https://hooks.example.com/x", "events": ["*"], "secret_env": "HOOK_SECRET"}]\''
+        ) from e
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            field, *inside = err["loc"] or ("",)  # inside a list setting: RETRAINER_WEBHOOKS[0].url
+            name = f"{ENV_PREFIX}{str(field).upper()}" if field else "settings"
+            name += "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inside)
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{name}: {message}")
         raise ConfigurationError("; ".join(problems)) from e

@@ -46,9 +46,15 @@ class DecisionRelay:
     name = "decision-relay"
 
     def __init__(
-        self, sessions: sessionmaker[Session], sink: DecisionSink | None, *, batch: int = DEFAULT_BATCH
+        self,
+        sessions: sessionmaker[Session],
+        sink: DecisionSink | None,
+        *,
+        batch: int = DEFAULT_BATCH,
+        webhooks: Sequence[WebhookSpec] = (),
     ) -> None:
-        self.sessions, self.sink, self.batch = sessions, sink, batch
+        """`webhooks`: every pipeline's (RETRAINER_WEBHOOKS), besides those its own spec names."""
+        self.sessions, self.sink, self.batch, self.webhooks = sessions, sink, batch, tuple(webhooks)
 
     def run_once(self) -> int:
         sent = 0
@@ -64,7 +70,7 @@ class DecisionRelay:
                 deliveries = [
                     (position, hook.url, hook.secret_env)
                     for position, event in batch
-                    for hook in _webhooks(session, event.pipeline, hooks)
+                    for hook in _webhooks(session, event.pipeline, hooks, self.webhooks)
                     if hook.wants(event.type.value)
                 ]
                 repo.mark_sent(session, [position for position, _ in batch], deliveries)
@@ -74,19 +80,27 @@ class DecisionRelay:
                 return sent
 
 
-def _webhooks(session: Session, pipeline: str, cache: dict[str, list[WebhookSpec]]) -> list[WebhookSpec]:
-    """The pipeline's webhooks as its stored spec names them (none for a pipeline that is gone)."""
+def _webhooks(
+    session: Session, pipeline: str, cache: dict[str, list[WebhookSpec]], every_pipeline: Sequence[WebhookSpec]
+) -> list[WebhookSpec]:
+    """The pipeline's webhooks as its stored spec names them (none for a pipeline that is gone), then
+    `every_pipeline`'s; one per URL (a delivery is unique per event and URL), the spec's first."""
     if pipeline not in cache:
+        own: list[WebhookSpec] = []
         try:
             document = repo.get_pipeline(session, pipeline).spec.get("notifications") or {}
-            cache[pipeline] = NotificationsSpec.model_validate(document).webhooks
+            own = NotificationsSpec.model_validate(document).webhooks
         except NotFoundError:
-            cache[pipeline] = []
-        except ValidationError as err:  # stored before validation existed: say so, deliver nothing
+            pass
+        except ValidationError as err:  # stored before validation existed: say so, deliver none of its own
             log.error(
-                "pipeline %s: notifications in the stored spec are invalid, no webhook gets its events: %s",
+                "pipeline %s: the stored spec's notifications are invalid, "
+                "none of its own webhooks gets its events: %s",
                 pipeline,
                 err,
             )
-            cache[pipeline] = []
+        by_url: dict[str, WebhookSpec] = {}
+        for hook in (*own, *every_pipeline):
+            by_url.setdefault(hook.url, hook)
+        cache[pipeline] = list(by_url.values())
     return cache[pipeline]

@@ -1,6 +1,7 @@
-"""Every trigger becomes a Run row the same way: `TriggerRequest` → `repo.create_run`, written
-idempotently (the database decides: a unique Idempotency-Key, a unique (pipeline, dedupe key) per
-debounce window or schedule slot). `request_run(sessions, pipeline, request, submit)` is the door of
+"""Every trigger becomes a Run row the same way: `TriggerRequest` → `repo.create_run` (the debouncer
+calls its core, `repo.add_run`, with the rows it has locked), written idempotently (the database
+decides: a unique Idempotency-Key, a unique (pipeline, dedupe key) per debounce window or schedule
+slot). `request_run(sessions, pipeline, request, submit)` is the door of
 single requests (the API): it also submits the flow run at once. Submission is claimed in the
 database, so one caller submits a run, with the run id as Prefect's idempotency key, so a retry
 can never start a second flow run (a run submitted again after its flow run crashed,
@@ -287,16 +288,19 @@ def process_pending_events(
 
 def _create_run(session: Session, pipeline: str, request: TriggerRequest) -> tuple[e.Run, bool]:
     """`repo.create_run`; a new run records the current span's traceparent, where its submission continues."""
-    run, created = repo.create_run(session, pipeline, request.kind, **request.row_fields())
-    if created and (traceparent := tracing.current_traceparent()):
-        run = repo.update_run(session, run.id, evidence={"traceparent": traceparent})
-    return run, created
+    return repo.create_run(session, pipeline, request.kind, **request.row_fields(), evidence=_trace_evidence())
+
+
+def _trace_evidence() -> dict[str, Any] | None:
+    """A new run's first evidence: the current span's traceparent, written with the row (no update)."""
+    traceparent = tracing.current_traceparent()
+    return {"traceparent": traceparent} if traceparent else None
 
 
 def _process_dataset(sessions: sessionmaker[Session], dataset: str, now: datetime) -> list[TriggerResult]:
     """Creates the window's runs of every pipeline in the transaction that locks its events: all of
     them or none (linking marks the events, so a run created alone would strand the others)."""
-    requests: list[tuple[str, TriggerRequest]] = []
+    requests: list[tuple[SqlPipeline, str]] = []
     results: list[TriggerResult] = []
     with transaction(sessions) as session:
         # Lock this dataset's pending events: a second trigger process skips them (PostgreSQL).
@@ -331,24 +335,22 @@ def _process_dataset(sessions: sessionmaker[Session], dataset: str, now: datetim
             if busy is not None and policy.while_running == "skip":
                 log.info("skipping %d events for %s: run %s is in progress", len(rows), pipeline.name, busy)
                 continue
-            requests.append(
-                (
-                    pipeline.name,
-                    TriggerRequest(
-                        e.TriggerKind.EVENT,
-                        reason=f"{len(rows)} data-change event(s) for {dataset}"
-                        + (f"; superseding run {busy}" if busy else ""),
-                        dedupe_key=f"events:{first.event_id}",
-                        event_ids=event_ids,
-                    ),
-                )
-            )
+            reason = f"{len(rows)} data-change event(s) for {dataset}" + (f"; superseding run {busy}" if busy else "")
+            requests.append((pipeline, reason))
         if not waiting and not requests:  # every pipeline skipped the window
             repo.set_event_status(session, event_ids, e.EventStatus.IGNORED)
         if requests:  # the runs continue the trace of the window's first traced event, linked to the others'
             parent = next((tp for tp in traceparents if tp), None)
             with tracing.span("debounce", parent=parent, links=traceparents, dataset=dataset, events=len(rows)):
-                results += [TriggerResult(*_create_run(session, name, request)) for name, request in requests]
+                # From the rows this transaction locked and read: no query reads the pipeline or
+                # the events again, nor the run once written (tests/flows/test_trigger_queries.py).
+                evidence = _trace_evidence()
+                window, kind = f"events:{first.event_id}", e.TriggerKind.EVENT.value
+                for pipeline, reason in requests:
+                    row = SqlRun(
+                        pipeline=pipeline, trigger_kind=kind, reason=reason, dedupe_key=window, evidence=evidence
+                    )
+                    results.append(TriggerResult(*repo.add_run(session, row, rows)))
         received_at = first.received_at
     for result in results:
         if result.created:

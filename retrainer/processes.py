@@ -207,7 +207,7 @@ def decision_relay(settings: Settings, sessions: sessionmaker[Session]) -> tuple
     timeout = settings.connect_timeout_seconds
     sink = KafkaDecisionSink(servers, settings.decisions_topic, timeout_s=timeout) if servers else None
     policy = DeliveryPolicy(attempts=settings.webhook_attempts, timeout_s=settings.webhook_timeout_seconds)
-    return DecisionRelay(sessions, sink), WebhookDispatcher(sessions, policy)
+    return DecisionRelay(sessions, sink, webhooks=settings.webhooks), WebhookDispatcher(sessions, policy)
 
 
 def relay(

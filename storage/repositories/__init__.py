@@ -76,6 +76,7 @@ from storage.repositories.rollouts import (
 from storage.repositories.runs import (
     SUBMITTING,
     RunPosition,
+    add_run,
     claim_submission,
     create_run,
     get_run,
@@ -98,6 +99,7 @@ __all__ = [
     "RunPosition",
     "active_rollout",
     "add_many_to_inbox",
+    "add_run",
     "add_to_inbox",
     "alias_history",
     "alias_moves_of_run",

@@ -75,10 +75,12 @@ def mark_sent(
 
 
 def webhook_deliveries(
-    session: Session, status: DeliveryStatus | None = None, limit: int = 100
+    session: Session, status: DeliveryStatus | None = None, limit: int = 100, *, newest_first: bool = False
 ) -> list[WebhookDelivery]:
-    """Deliveries oldest first (only those with `status` if given): pending ones to send, failed ones to show."""
-    query = select(SqlWebhookDelivery).order_by(SqlWebhookDelivery.id).limit(limit)
+    """Deliveries oldest first, or newest first (only those with `status` if given): pending ones to
+    send, the most recent failed ones to show."""
+    order = SqlWebhookDelivery.id.desc() if newest_first else SqlWebhookDelivery.id
+    query = select(SqlWebhookDelivery).order_by(order).limit(limit)
     if status is not None:
         query = query.where(SqlWebhookDelivery.status == status.value)
     return [row.to_entity() for row in session.scalars(query)]

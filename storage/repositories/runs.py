@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,39 +42,56 @@ def create_run(
     dedupe_key: str | None = None,
     event_ids: Sequence[str] = (),
     run_id: str | None = None,
+    evidence: dict[str, Any] | None = None,
 ) -> tuple[e.Run, bool]:
     """Creates a queued run, idempotently. Returns (run, created).
 
     - the same `idempotency_key` with the same `request_sha256` returns the first run;
       with another request it raises ConflictError (code `conflict`; the API answers 422);
     - the same (pipeline, `dedupe_key`) returns the existing run (one run per debounce window).
+    A new run is linked to the inbox events `event_ids` (NotFoundError if one is not there).
     """
-    pipeline_row = find_pipeline_row(session, pipeline)
-    existing = _existing_run(session, pipeline_row.id, idempotency_key, request_sha256, dedupe_key)
-    if existing is not None:
-        return existing.to_entity(), False
     row = SqlRun(
-        id=run_id or new_run_id(),
-        pipeline_id=pipeline_row.id,
+        id=run_id,
+        pipeline=find_pipeline_row(session, pipeline),
         trigger_kind=trigger_kind.value,
-        status=e.RunStatus.QUEUED.value,
         reason=reason,
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
         dedupe_key=dedupe_key,
+        evidence=evidence,
     )
+    return add_run(session, row, lambda: _inbox_rows(session, event_ids))
+
+
+def add_run(
+    session: Session, row: SqlRun, events: Callable[[], Sequence[SqlEvent]] | Sequence[SqlEvent] = ()
+) -> tuple[e.Run, bool]:
+    """`create_run` of a new row its caller built, with its `pipeline` row set, linked to inbox rows
+    the caller holds (`events`, or a callable returning them, called only when the run is new): the
+    debouncer, which has locked both, writes its runs with no query reading them again. The row gets
+    its id (unless set), status queued and created_at here."""
+    pipeline_id = row.pipeline.id
+    existing = _existing_run(session, pipeline_id, row.idempotency_key, row.request_sha256, row.dedupe_key)
+    if existing is not None:
+        return existing.to_entity(), False
+    # A new run has no links yet: the relationship inserts them with the run, and the entity is
+    # built from the rows at hand, so nothing is read back.
+    row.id = row.id or new_run_id()
+    row.status = e.RunStatus.QUEUED.value
+    row.created_at = utcnow()
+    row.events = sorted(events() if callable(events) else events, key=lambda event: event.id)
     try:
         with session.begin_nested():
             session.add(row)
     except IntegrityError:  # a concurrent request won the race: theirs is the run
-        existing = _existing_run(session, pipeline_row.id, idempotency_key, request_sha256, dedupe_key)
+        existing = _existing_run(session, pipeline_id, row.idempotency_key, row.request_sha256, row.dedupe_key)
         if existing is None:
             raise
         return existing.to_entity(), False
-    if event_ids:
-        link_events(session, row.id, event_ids)
+    for event_row in row.events:
+        event_row.status = e.EventStatus.LINKED.value
     session.flush()
-    session.refresh(row)
     created = row.to_entity()
     _record_transition(session, None, created)
     return created, True
@@ -104,16 +121,23 @@ def _existing_run(
 
 def link_events(session: Session, run_id: str, event_ids: Sequence[str]) -> None:
     """Attaches inbox events to a run (idempotent) and marks them linked."""
-    rows = session.scalars(select(SqlEvent).where(SqlEvent.event_id.in_(list(event_ids)))).all()
-    missing = set(event_ids) - {row.event_id for row in rows}
-    if missing:
-        raise NotFoundError(f"events not in the inbox: {', '.join(sorted(missing))}")
+    rows = _inbox_rows(session, event_ids)
     already = set(session.scalars(select(SqlRunEvent.event_pk).where(SqlRunEvent.run_id == run_id)))
     for row in rows:
         if row.id not in already:
             session.add(SqlRunEvent(run_id=run_id, event_pk=row.id))
         row.status = e.EventStatus.LINKED.value
     session.flush()
+
+
+def _inbox_rows(session: Session, event_ids: Sequence[str]) -> Sequence[SqlEvent]:
+    if not event_ids:
+        return ()
+    rows = session.scalars(select(SqlEvent).where(SqlEvent.event_id.in_(list(event_ids)))).all()
+    missing = set(event_ids) - {row.event_id for row in rows}
+    if missing:
+        raise NotFoundError(f"events not in the inbox: {', '.join(sorted(missing))}")
+    return rows
 
 
 def run_events(session: Session, run_id: str) -> list[e.InboxEvent]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,24 @@ def test_bad_settings_name_the_variable(
         load_settings()
     assert info.value.code == "configuration_error"
     assert expected in str(info.value)
+
+
+def test_webhooks_for_every_pipeline_are_json_checked_like_the_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().webhooks == []  # by default only the specs' own
+    hook = {"url": "https://hooks.example.com/x", "events": ["dev.retrainer.model.promoted"], "secret_env": "HOOK"}
+    monkeypatch.setenv("RETRAINER_WEBHOOKS", json.dumps([hook]))
+    assert [w.model_dump() for w in load_settings().webhooks] == [hook]
+    assert hash(load_settings()) == hash(load_settings())  # still a cache key (retrainer/wiring.py)
+    bad = [{**hook, "url": "ftp://hooks.example.com/x"}, {**hook, "events": ["nope"], "secret_env": "1x"}]
+    monkeypatch.setenv("RETRAINER_WEBHOOKS", json.dumps(bad))
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    assert info.value.code == "configuration_error"
+    message = str(info.value)
+    assert "RETRAINER_WEBHOOKS[0].url: must be an http:// or https:// URL" in message
+    assert "RETRAINER_WEBHOOKS[1].events: unknown event types ['nope']" in message
+    assert "RETRAINER_WEBHOOKS[1].secret_env: must be an environment variable's name" in message
+    monkeypatch.setenv("RETRAINER_WEBHOOKS", "https://hooks.example.com/x")  # not JSON
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    assert info.value.code == "configuration_error" and "RETRAINER_WEBHOOKS='[{" in str(info.value)

@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from domain import entities as e
 from domain.decisions import SIGNATURE_HEADER, DecisionType, DeliveryStatus, signature_matches
+from domain.notification_spec import WebhookSpec
+from domain.settings import load_settings
 from flows.relay import DecisionRelay
 from flows.webhooks import DeliveryPolicy, WebhookDispatcher
 from storage import repositories as repo
@@ -65,7 +67,9 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
     server.server_close()
 
 
-def stage(tmp_path: Path, webhooks: Sequence[Mapping[str, object]]) -> sessionmaker[Session]:
+def stage(
+    tmp_path: Path, webhooks: Sequence[Mapping[str, object]], every_pipeline: Sequence[WebhookSpec] = ()
+) -> sessionmaker[Session]:
     url = f"sqlite:///{tmp_path / 'hooks.db'}"
     migrations.upgrade(url)
     sessions = make_sessions(create_db_engine(url))
@@ -79,7 +83,7 @@ def stage(tmp_path: Path, webhooks: Sequence[Mapping[str, object]]) -> sessionma
         repo.upsert_pipeline(session, PIPELINE, "d", spec)
         run, _ = repo.create_run(session, PIPELINE, e.TriggerKind.MANUAL)
         repo.update_run(session, run.id, status=e.RunStatus.RUNNING)
-    DecisionRelay(sessions, None).run_once()  # Kafka off: the events go to the webhooks only
+    DecisionRelay(sessions, None, webhooks=every_pipeline).run_once()  # Kafka off: to the webhooks only
     return sessions
 
 
@@ -139,3 +143,23 @@ def test_failed_after_the_last_try_and_filtered_by_type(
     assert unsigned.attempts == 0 and "HOOK_SECRET_UNSET" in str(unsigned.error)
     assert len(state.received) == 3  # only the 500s: no unsigned request was ever sent
     assert len(deliveries(sessions)) == 5 and {s for s, *_ in deliveries(sessions)} == {DeliveryStatus.FAILED}
+
+
+def test_settings_webhooks_get_every_pipelines_events_besides_the_specs(
+    tmp_path: Path, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = receiver
+    everywhere = [
+        {"url": url, "events": ["*"], "secret_env": "HOOK_SECRET"},  # the spec names it too: delivered once
+        {"url": f"{url}?all", "events": [DecisionType.RUN_STARTED.value], "secret_env": "HOOK_SECRET"},
+    ]
+    monkeypatch.setenv("RETRAINER_WEBHOOKS", json.dumps(everywhere))
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    settings = load_settings()
+    sessions = stage(tmp_path, [{"url": url, "events": ["*"], "secret_env": "HOOK_SECRET"}], settings.webhooks)
+    finished = WebhookDispatcher(sessions, FAST).run_once()
+    assert sorted((d.url, d.event.type.value, d.status.value) for d in finished) == [
+        (url, DecisionType.RUN_CREATED.value, "delivered"),
+        (url, DecisionType.RUN_STARTED.value, "delivered"),
+        (f"{url}?all", DecisionType.RUN_STARTED.value, "delivered"),
+    ]

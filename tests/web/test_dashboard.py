@@ -373,3 +373,25 @@ def test_the_models_page_shows_the_newest_fifty_versions(sessions: sessionmaker[
     shown = [int(v) for v in re.findall(r"<tr><td>v(\d+)</td>", page.text)]
     assert shown == list(range(55, 5, -1))  # v55 … v6, newest first
     assert "the newest 50 versions" in page.text
+
+
+def test_the_webhooks_page_lists_failed_deliveries_newest_first(sessions: sessionmaker[Session], app: FastAPI) -> None:
+    hooks = ["https://hooks.example/a", "http://127.0.0.1:9/dead", "https://hooks.example/ok"]
+    with transaction(sessions) as s:
+        position, event = repo.unsent_events(s, 1)[0]  # a decision of the seeded story
+        repo.mark_sent(s, [position], [(position, url, "HOOK_SECRET") for url in hooks])
+        pending = repo.webhook_deliveries(s)
+        older, newer, delivered = (next(d for d in pending if d.url == url) for url in hooks)
+        repo.finish_delivery(s, older.id, delivered=False, attempts=5, response_status=500, error="POST answered 500")
+        repo.finish_delivery(s, newer.id, delivered=False, attempts=5, error="ConnectError: refused")
+        repo.finish_delivery(s, delivered.id, delivered=True, attempts=1, response_status=204)
+    client = signed_in(app, new_key(sessions, "reader", frozenset({Scope.READ})))
+    assert 'href="/ui/deliveries"' in client.get("/ui/").text  # linked in the nav
+    page = client.get("/ui/deliveries")
+    assert page.status_code == 200
+    rows = re.findall(r'<tr class="failed-delivery">(.*?)</tr>', page.text, re.S)
+    assert [hooks[1] in rows[0], hooks[0] in rows[1], len(rows)] == [True, True, 2]  # newest first, no delivered
+    assert event.pipeline in rows[1] and event.type.value in rows[1] and event.id in rows[1]
+    assert '<td class="num">5</td><td class="num">500</td><td>POST answered 500</td>' in rows[1]
+    assert "ConnectError: refused" in rows[0]
+    assert TestClient(app).get("/ui/deliveries").status_code == 401  # no session, nothing shown

@@ -1,0 +1,91 @@
+"""The debouncer's query budget: a window's runs are written from the rows its transaction locked
+and read, so no query reads the pipeline, the events or the new run again (flows/triggers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import entities as e
+from domain.decisions import DecisionType
+from flows import tracing
+from flows.triggers import process_pending_events
+from storage import repositories as repo
+from storage.db import transaction
+from tests.flows import test_trigger_service as service
+
+# The fixtures of the trigger service's tests: a database of this module's own on PostgreSQL, and SQLite.
+_own_postgresql = service._own_postgresql
+sessions = service.sessions
+
+# Per pass: lock the window's events, read the dataset's pipelines. Per created run: is one in
+# progress, is the window's run already there, savepoint, insert the run, insert its links,
+# release, mark the events linked (the first run only: then they are), record run.created.
+PER_PASS = 2
+PER_RUN = 8
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@contextmanager
+def counted(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    engine = sessions.kw["bind"]
+    sa_event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_window_costs_a_fixed_number_of_queries_per_created_run(sessions: sessionmaker[Session]) -> None:
+    names = [f"pipe-{i}" for i in range(3)]
+    for name in names:
+        service.pipeline(sessions, name, "orders")
+    event_ids = [service.event(sessions, "orders") for _ in range(4)]
+    with transaction(sessions) as session:  # the first event carries the producer's trace
+        repo.add_to_inbox(
+            session,
+            event_id="evt-traced",
+            source="//tests",
+            type="retrainer.data.changed",
+            dataset="orders",
+            payload={"traceparent": TRACEPARENT},
+        )
+    event_ids.append("evt-traced")
+
+    with counted(sessions) as statements:
+        results = process_pending_events(sessions, datasets=["orders"])
+
+    assert [r.created for r in results] == [True] * 3
+    assert len(statements) <= PER_PASS + PER_RUN * len(results), "\n".join(statements)
+    # what the saved queries used to read back is still what the runs are
+    for name in names:
+        [run] = service.runs(sessions, name)
+        assert run.status is e.RunStatus.QUEUED
+        assert sorted(run.event_ids) == sorted(event_ids)
+        assert tracing.run_traceparent(run.evidence) is not None
+    with transaction(sessions) as session:
+        assert repo.pending_events(session, "orders") == []
+        assert {repo.get_event(session, i).status for i in event_ids} == {e.EventStatus.LINKED}
+        created = [ev for ev in repo.outbox_events(session) if ev.type is DecisionType.RUN_CREATED]
+    assert sorted(ev.pipeline for ev in created) == names
+
+
+def test_a_second_pass_over_the_same_window_reads_and_writes_nothing_more(sessions: sessionmaker[Session]) -> None:
+    service.pipeline(sessions, "pipe", "orders")
+    service.event(sessions, "orders")
+    [first] = process_pending_events(sessions, datasets=["orders"])
+
+    with counted(sessions) as statements:
+        assert process_pending_events(sessions, datasets=["orders"]) == []
+
+    assert len(statements) == 1  # the lock query finds nothing pending
+    assert first.created
