@@ -16,16 +16,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
-from fastapi.dependencies.models import Dependant
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ForbiddenError, IdempotencyKeyReusedError, UnauthorizedError
 from api.middleware import API_KEY_HEADER
 from api.paging import MAX_CURSOR_CHARS, decode_run_cursor, encode_run_cursor
+from api.query import declared_query_only
 from api.schemas import (
     AliasMoveOut,
     ErrorBody,
@@ -184,34 +182,6 @@ def add_routes(app: FastAPI) -> None:
             "dependencies": [*route.options.get("dependencies", ()), Depends(declared_query_only)],
         }
         app.add_api_route(route.path, route.endpoint, methods=[route.method], **options)
-
-
-def _query_names(dependant: Dependant) -> set[str]:
-    names = {param.alias for param in dependant.query_params}
-    for sub in dependant.dependencies:
-        names |= _query_names(sub)
-    return names
-
-
-def declared_query_only(request: Request) -> None:
-    """422 invalid_request naming a query parameter the route does not declare (and those it does)."""
-    route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
-        return
-    declared = _query_names(route.dependant)
-    unknown = [name for name in request.query_params if name not in declared]
-    if declared and unknown:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "extra_forbidden",
-                    "loc": ("query", name),
-                    "msg": f"unknown query parameter; this operation takes {', '.join(sorted(declared))}",
-                    "input": request.query_params[name],
-                }
-                for name in unknown
-            ]
-        )
 
 
 def _iso(moment: datetime | None) -> str | None:
