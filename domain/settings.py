@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     run_heartbeat_misses: int = Field(
         default=3, ge=2, description="Heartbeats a RUNNING flow run may miss before it is taken for dead."
     )
+    run_start_timeout_s: int = Field(
+        default=600,  # about the heartbeat silence (180 s x 3): noticed on the scale of a run lost while running
+        ge=60,  # several of a worker's polls (every 10 s) and a process start
+        description="Seconds a flow run may stay PENDING (a worker took it), or SCHEDULED past its time, "
+        "before the reconciler takes it for lost (its worker died while starting it), cancels it and "
+        "submits the run again; keep it above the longest wait for a free worker your pools allow.",
+    )
     ddp_nnodes: int = Field(
         default=1, ge=1, description="Machines in a DDP training job when the spec's distributed.nnodes is unset."
     )

@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled
 
 from domain import entities as e
 from domain.errors import RetrainerError
@@ -82,9 +83,9 @@ def resolve_inputs(ctx: FlowContext, pipeline: str, run_id: str) -> RunInputs:
     """Marks the run running and finds its dataset version: the newest of its events, else the
     latest known version of the pipeline's dataset (schedule and manual runs)."""
     with ctx.tx() as session:
-        run = repo.update_run(
-            session, run_id, status=e.RunStatus.RUNNING, prefect_flow_run_id=str(current_flow_run.id or "")
-        )
+        this_flow_run = str(current_flow_run.id or "")
+        _refuse_if_superseded(repo.get_run(session, run_id), this_flow_run)
+        run = repo.update_run(session, run_id, status=e.RunStatus.RUNNING, prefect_flow_run_id=this_flow_run)
         row = repo.get_pipeline(session, pipeline)
         spec = parse_spec(row.spec, source=f"pipeline {pipeline}", param_checker=constructor_problems)
         dataset = None
@@ -108,6 +109,22 @@ def resolve_inputs(ctx: FlowContext, pipeline: str, run_id: str) -> RunInputs:
         champion = repo.get_champion(session, pipeline)
     _describe_flow_run(pipeline, run.trigger_kind.value, dataset.version)
     return RunInputs(spec, run, dataset, champion)
+
+
+class SupersededFlowRun(RetrainerError, code="superseded_flow_run"):
+    """This flow run no longer owns its run: the reconciler gave the run to another flow run (or ended it)
+    after this one stayed PENDING too long, and a slow worker started this one anyway."""
+
+
+def _refuse_if_superseded(run: e.Run, this_flow_run: str) -> None:
+    owner = run.prefect_flow_run_id
+    if run.status.is_final:
+        raise SupersededFlowRun(f"run {run.id} already ended {run.status.value}; flow run {this_flow_run} does nothing")
+    if this_flow_run and owner not in (None, "", repo.SUBMITTING, this_flow_run):
+        raise SupersededFlowRun(
+            f"run {run.id} belongs to flow run {owner} now (this one, {this_flow_run}, started after the run "
+            "reconciler gave up on it: RETRAINER_RUN_START_TIMEOUT_S); it does nothing"
+        )
 
 
 def retry_unless_final(task: object, task_run: object, state: State[Any]) -> bool:
@@ -348,6 +365,9 @@ def run_pipeline(pipeline: str, run_id: str | None = None) -> dict[str, Any]:
         ):
             try:
                 return _execute(ctx, pipeline, run_id)
+            except SupersededFlowRun as error:  # the run is another flow run's: touch nothing, end cancelled
+                log.warning("%s", error)
+                return Cancelled(message=str(error))  # type: ignore[return-value]  # Prefect: the flow run's final state
             except BaseException as error:
                 _mark_failed(ctx, run_id, error)
                 raise

@@ -13,7 +13,16 @@ Prefect, and Prefect starts nothing again. The flow's own handler leaves such a 
   Retrainer sets on the flows it launches) for `RETRAINER_RUN_HEARTBEAT_MISSES` beats is a zombie: its
   process died with its worker and nothing reported it. The pass sets it CRASHED in Prefect, naming
   the silence, and it is settled as any crashed flow run below;
-- a run whose flow run CRASHED with resubmissions left (`RETRAINER_RUN_MAX_RESUBMITS`) is
+- with a `StartBound`, a flow run that never started is lost: PENDING for longer than
+  `RETRAINER_RUN_START_TIMEOUT_S` (a worker took it and died while starting it: Prefect's PENDING
+  proposal came, RUNNING never will) or SCHEDULED that long past its time (no worker of its pool took
+  it). The pass reads its state again, cancels it in Prefect (state CANCELLED named `NeverStarted`:
+  Prefect refuses PENDING after CANCELLED, so a worker that took it since does not start it) and
+  settles it as a crashed one. The bound is the trade-off: Prefect still accepts RUNNING after
+  CANCELLED, so a process a live but slow worker starts after the bound runs beside the resubmission,
+  and a run that waits longer than the bound for a free worker of a busy pool (at its concurrency
+  limit) is taken for lost too: the bound must exceed both waits;
+- a run whose flow run CRASHED (or never started) with resubmissions left (`RETRAINER_RUN_MAX_RESUBMITS`) is
   submitted again as a new flow run, whose train task resumes from the run's newest checkpoint in
   the artifact store. The attempt is recorded in the run's evidence (`resubmits`) before the
   submission, and `flows.triggers.submission_key` makes it Prefect's idempotency key
@@ -55,7 +64,8 @@ log = logging.getLogger("retrainer.flows.reconcile")
 class FlowRunState(NamedTuple):
     type: str
     message: str = ""
-    since: datetime | None = None  # when the flow run entered the state
+    since: datetime | None = None  # when the flow run entered the state; SCHEDULED: when it was due
+    name: str = ""  # Prefect's state name (Late, NeverStarted, ...)
 
 
 FlowRunStates = Callable[[Sequence[str]], Mapping[str, FlowRunState]]
@@ -66,9 +76,15 @@ HeardFrom = Callable[[Sequence[str], datetime, datetime], set[str]]
 Prefect does not answer."""
 MarkCrashed = Callable[[str, str], bool]
 """Sets a flow run CRASHED with the message; False when Prefect refused (the flow run moved on)."""
+MarkNeverStarted = Callable[[str, str], bool]
+"""Cancels a flow run that never started (state CANCELLED named `NEVER_STARTED`) with the message;
+False when Prefect refused (the flow run moved on)."""
 
 CRASHED = "CRASHED"
 RUNNING = "RUNNING"
+CANCELLED = "CANCELLED"
+NOT_STARTED = frozenset({"PENDING", "SCHEDULED"})
+NEVER_STARTED = "NeverStarted"  # the name of the CANCELLED state a pass gives a flow run that never started
 HEARTBEAT = "prefect.flow-run.heartbeat"
 FINAL_STATES = frozenset({CRASHED, "FAILED", "CANCELLED", "COMPLETED"})
 GONE = "GONE"  # stands in the state of a flow run Prefect no longer has
@@ -107,6 +123,25 @@ class Liveness:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class StartBound:
+    """How long a flow run may take to start: PENDING, or SCHEDULED past its time, for longer than
+    `timeout_s` it is lost. `timeout_s` must exceed the longest start a live worker takes (polling,
+    image pull, pod scheduling) and the longest wait for a free worker the pools' concurrency allows."""
+
+    mark_never_started: MarkNeverStarted
+    timeout_s: float = 600.0
+
+    def reason(self, state: str) -> str:
+        why = (
+            "the worker that took it died while starting it (Prefect's PENDING came, RUNNING never did)"
+            if state == "PENDING"
+            else "no worker of its pool took it: none runs, or all stayed busy that long"
+        )
+        late = " past its time" if state == "SCHEDULED" else ""
+        return f"it stayed {state}{late} for more than {self.timeout_s:g} s (RETRAINER_RUN_START_TIMEOUT_S): {why}"
+
+
 class Reconciler:
     """One pass (`run_once`) settles the runs whose flow run ended while the run did not; `due()`
     says whether `every_s` has passed since the last one (the trigger service asks)."""
@@ -124,8 +159,10 @@ class Reconciler:
         page: int = 100,
         every_s: float = 5.0,
         liveness: Liveness | None = None,
+        start_bound: StartBound | None = None,
     ) -> None:
         self.sessions, self.submit, self.states, self.liveness = sessions, submit, states, liveness
+        self.start_bound = start_bound
         self.max_resubmits, self.grace = max_resubmits, timedelta(seconds=grace_s)
         self.page, self.every_s = page, every_s
         self._after: tuple[datetime, str] | None = None  # where the next page starts
@@ -149,19 +186,25 @@ class Reconciler:
             raise PassIncomplete(
                 f"of {len(runs)} runs to reconcile", [("Prefect flow run states and heartbeats", error)]
             ) from error
+        stalled = self._stalled(states, now)
         resubmitted: list[str] = []
         failed: list[str] = []
         failures: list[tuple[str, BaseException]] = []
         for run in runs:
             flow_run_id = str(run.prefect_flow_run_id)
             try:
-                state, message, _ = self._crash(run) if flow_run_id in zombies else states.get(flow_run_id, GONE_STATE)
-                if state not in FINAL_STATES and state != GONE:
+                if flow_run_id in zombies:
+                    state = self._crash(run)
+                elif flow_run_id in stalled:
+                    state = self._give_up(run, now)
+                else:
+                    state = states.get(flow_run_id, GONE_STATE)
+                if state.type not in FINAL_STATES and state.type != GONE:
                     continue
-                if state == CRASHED and attempts_of(run) < self.max_resubmits:
-                    if self._resubmit(run, message):
+                if _lost(state) and attempts_of(run) < self.max_resubmits:
+                    if self._resubmit(run, state):
                         resubmitted.append(run.id)
-                elif self._fail(run, self._reason(run, state, message)):
+                elif self._fail(run, self._reason(run, state)):
                     failed.append(run.id)
             except Exception as error:
                 log.warning("run %s of %s not reconciled: %s", run.id, run.pipeline, describe(error))
@@ -183,6 +226,34 @@ class Reconciler:
             return set()
         # a beat stamped a little ahead (the flow's clock) still counts
         return set(running) - self.liveness.heard_from(running, now - silence, now + silence)
+
+    def _stalled(self, states: Mapping[str, FlowRunState], now: datetime) -> set[str]:
+        """The flow runs PENDING, or SCHEDULED past their time, for longer than the start bound; none
+        without a `StartBound`."""
+        if self.start_bound is None:
+            return set()
+        return {i for i, s in states.items() if self._overdue(s, now)}
+
+    def _overdue(self, state: FlowRunState, now: datetime) -> bool:
+        assert self.start_bound is not None
+        bound = now - timedelta(seconds=self.start_bound.timeout_s)
+        return state.type in NOT_STARTED and state.since is not None and state.since < bound
+
+    def _give_up(self, run: e.Run, now: datetime) -> FlowRunState:
+        """Cancels the run's flow run that never started in Prefect; the state the pass then settles
+        (the one Prefect now has if the flow run started or ended since the pass read it)."""
+        assert self.start_bound is not None and run.prefect_flow_run_id is not None
+        flow_run_id = run.prefect_flow_run_id
+        # read again just before: Prefect has no compare-and-set on a state and would cancel a flow
+        # run that started since; this narrows that window from the pass's length to one request
+        seen = self.states([flow_run_id]).get(flow_run_id, GONE_STATE)
+        if not self._overdue(seen, now):
+            return seen
+        reason = self.start_bound.reason(seen.type)
+        if self.start_bound.mark_never_started(flow_run_id, reason):
+            log.warning("run %s of %s: flow run %s %s", run.id, run.pipeline, flow_run_id, reason)
+            return FlowRunState(CANCELLED, reason, name=NEVER_STARTED)
+        return FlowRunState(seen.type)
 
     def _crash(self, run: e.Run) -> FlowRunState:
         """Sets the run's silent flow run CRASHED in Prefect; the state the pass then settles (the
@@ -216,15 +287,17 @@ class Reconciler:
         self._after = (runs[-1].created_at, runs[-1].id) if len(runs) == self.page else None
         return runs
 
-    def _reason(self, run: e.Run, state: str, message: str) -> str:
+    def _reason(self, run: e.Run, state: FlowRunState) -> str:
         attempts = attempts_of(run)
         tried = f"; submitted {attempts + 1} time(s) (RETRAINER_RUN_MAX_RESUBMITS={self.max_resubmits})"
-        if state == GONE:
+        if state.type == GONE:
             return f"Prefect no longer has flow run {run.prefect_flow_run_id}, so nothing will finish the run{tried}"
-        said = f": {message}" if message else ""
-        if state == CRASHED:
+        said = f": {state.message}" if state.message else ""
+        if state.type == CRASHED:
             return f"flow run {run.prefect_flow_run_id} crashed (its process or worker died){said}{tried}"
-        return f"flow run {run.prefect_flow_run_id} ended {state} without the run recording a result{said}{tried}"
+        if _lost(state):
+            return f"flow run {run.prefect_flow_run_id} never started{said}{tried}"
+        return f"flow run {run.prefect_flow_run_id} ended {state.type} without the run recording a result{said}{tried}"
 
     def _fail(self, run: e.Run, reason: str) -> bool:
         """Ends the run `failed` if it still is where the pass saw it; whether it did."""
@@ -236,7 +309,7 @@ class Reconciler:
         log.error("run %s of %s failed: %s", run.id, run.pipeline, reason)
         return True
 
-    def _resubmit(self, run: e.Run, message: str) -> bool:
+    def _resubmit(self, run: e.Run, ended: FlowRunState) -> bool:
         """Records the attempt, claims the submission (queued, flow run `submitting`) and submits a
         new flow run. If Prefect does not take it, the run is put back as it was, attempt unrecorded,
         and the next pass tries again with the same idempotency key."""
@@ -246,7 +319,8 @@ class Reconciler:
             if row is None:
                 return False
             evidence: dict[str, Any] = dict(row.evidence or {})
-            attempt = {"attempt": attempts_of(run) + 1, "crashed_flow_run": crashed, "message": message}
+            # `crashed_flow_run` names a flow run that never started too: the key readers know
+            attempt = {"attempt": attempts_of(run) + 1, "crashed_flow_run": crashed, "message": ended.message}
             evidence["resubmits"] = [*evidence.get("resubmits", []), {**attempt, "at": utcnow().isoformat()}]
             row.evidence, row.status = evidence, e.RunStatus.QUEUED.value
             row.prefect_flow_run_id, row.submission_claimed_at = SUBMITTING, utcnow()
@@ -265,8 +339,9 @@ class Reconciler:
         with transaction(self.sessions) as session:
             session.get_one(SqlRun, run.id).prefect_flow_run_id = flow_run_id
         log.warning(
-            "run %s of %s: flow run %s crashed; submitted again as flow run %s (attempt %d of %d)",
-            run.id, run.pipeline, crashed, flow_run_id, attempt["attempt"], self.max_resubmits,
+            "run %s of %s: flow run %s %s; submitted again as flow run %s (attempt %d of %d)",
+            run.id, run.pipeline, crashed, "crashed" if ended.type == CRASHED else "never started", flow_run_id,
+            attempt["attempt"], self.max_resubmits,
         )  # fmt: skip
         return True
 
@@ -280,6 +355,12 @@ class Reconciler:
                 return
             row.status, row.prefect_flow_run_id = restore.status.value, restore.prefect_flow_run_id
             row.evidence, row.submission_claimed_at = restore.evidence, None
+
+
+def _lost(state: FlowRunState) -> bool:
+    """Whether the flow run ended because its process or worker was lost (crashed, or never started):
+    the run is submitted again while attempts last."""
+    return state.type == CRASHED or (state.type == CANCELLED and state.name == NEVER_STARTED)
 
 
 def _still(session: Session, run: e.Run) -> SqlRun | None:
@@ -307,13 +388,15 @@ def prefect_flow_run_states(ids: Sequence[str]) -> dict[str, FlowRunState]:
         return {}
     with get_client(sync_client=True) as client:
         found = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=wanted)), limit=len(wanted))
-    return {
-        str(flow_run.id): FlowRunState(
-            flow_run.state.type.value, flow_run.state.message or "", flow_run.state.timestamp
-        )
-        for flow_run in found
-        if flow_run.state is not None
-    }
+    return {str(flow_run.id): _seen(flow_run.state) for flow_run in found if flow_run.state is not None}
+
+
+def _seen(state: Any) -> FlowRunState:
+    """A Prefect state as the reconciler reads it; a SCHEDULED one is as old as it is late."""
+    since = state.timestamp
+    if state.type.value == "SCHEDULED" and state.state_details.scheduled_time is not None:
+        since = state.state_details.scheduled_time
+    return FlowRunState(state.type.value, state.message or "", since, state.name or "")
 
 
 def prefect_heard_from(ids: Sequence[str], since: datetime, until: datetime) -> set[str]:
@@ -350,6 +433,21 @@ def prefect_mark_crashed(flow_run_id: str, message: str) -> bool:
     return bool(status == SetStateStatus.ACCEPT)
 
 
+def prefect_mark_never_started(flow_run_id: str, message: str) -> bool:
+    """`MarkNeverStarted` through the Prefect API: proposed, not forced, so a flow run that ended
+    meanwhile keeps its final state; CANCELLED, which Prefect never lets go back to PENDING, so a
+    worker that took the flow run since cannot start it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import State
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        cancelled: State[Any] = Cancelled(message=message, name=NEVER_STARTED)
+        status = client.set_flow_run_state(uuid.UUID(flow_run_id), cancelled).status
+    return bool(status == SetStateStatus.ACCEPT)
+
+
 def prefect_reconciler(sessions: sessionmaker[Session], submit: RunSubmitter, settings: Settings) -> Reconciler:
     """The reconciler of `retrainer serve` and `retrainer triggers`: Prefect's API and events, the
     settings' bounds."""
@@ -357,5 +455,10 @@ def prefect_reconciler(sessions: sessionmaker[Session], submit: RunSubmitter, se
         prefect_heard_from, prefect_mark_crashed, settings.run_heartbeat_s, settings.run_heartbeat_misses
     )
     return Reconciler(
-        sessions, submit, prefect_flow_run_states, max_resubmits=settings.run_max_resubmits, liveness=liveness
+        sessions,
+        submit,
+        prefect_flow_run_states,
+        max_resubmits=settings.run_max_resubmits,
+        liveness=liveness,
+        start_bound=StartBound(prefect_mark_never_started, settings.run_start_timeout_s),
     )

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, literal, or_, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import ColumnElement, and_, insert, inspect, literal, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import entities as e
 from domain.decisions import run_transition_events
@@ -70,29 +71,37 @@ def add_run(
     """`create_run` of a new row its caller built, with its `pipeline` row set, linked to inbox rows
     the caller holds (`events`, or a callable returning them, called only when the run is new): the
     debouncer, which has locked both, writes its runs with no query reading them again. The row gets
-    its id (unless set), status queued and created_at here."""
-    pipeline_id = row.pipeline.id
-    existing = _existing_run(session, pipeline_id, row.idempotency_key, row.request_sha256, row.dedupe_key)
-    if existing is not None:
-        return existing.to_entity(), False
-    # A new run has no links yet: the relationship inserts them with the run, and the entity is
-    # built from the rows at hand, so nothing is read back.
+    its id (unless set), status queued and created_at here; the run returned is another row object.
+
+    The database decides: one INSERT … ON CONFLICT DO NOTHING RETURNING, where a SELECT, a savepoint,
+    the INSERT and its release used to be. Nothing returned means a run holds the Idempotency-Key or
+    the (pipeline, dedupe key) already (an earlier request, or a concurrent one that committed
+    first: PostgreSQL waits for it), and that run is read."""
+    pipeline = row.pipeline
     row.id = row.id or new_run_id()
-    row.status = e.RunStatus.QUEUED.value
-    row.created_at = utcnow()
-    row.events = sorted(events() if callable(events) else events, key=lambda event: event.id)
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except IntegrityError:  # a concurrent request won the race: theirs is the run
-        existing = _existing_run(session, pipeline_id, row.idempotency_key, row.request_sha256, row.dedupe_key)
+    values = {column.key: getattr(row, column.key) for column in inspect(SqlRun).column_attrs}
+    values.update(pipeline_id=pipeline.id, status=e.RunStatus.QUEUED.value, created_at=utcnow())
+    # storage/db.py makes engines for these two only; both take ON CONFLICT DO NOTHING with no
+    # conflict target (any unique constraint), and RETURNING (SQLite 3.35+)
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    added = dialect_insert(SqlRun).values(values).on_conflict_do_nothing().returning(SqlRun)
+    new = session.scalars(added).one_or_none()
+    if new is None:
+        existing = _existing_run(session, pipeline.id, row.idempotency_key, row.request_sha256, row.dedupe_key)
         if existing is None:
-            raise
+            raise ConflictError(f"run id {row.id!r} is taken; create the run without an id to get a new one")
         return existing.to_entity(), False
-    for event_row in row.events:
+    # the links go in one statement; the relationships are set from the rows at hand, so the entity
+    # is built with nothing read back
+    linked = sorted(events() if callable(events) else events, key=lambda event: event.id)
+    if linked:
+        session.execute(insert(SqlRunEvent), [{"run_id": new.id, "event_pk": event.id} for event in linked])
+    set_committed_value(new, "pipeline", pipeline)
+    set_committed_value(new, "events", linked)
+    for event_row in linked:
         event_row.status = e.EventStatus.LINKED.value
     session.flush()
-    created = row.to_entity()
+    created = new.to_entity()
     _record_transition(session, None, created)
     return created, True
 

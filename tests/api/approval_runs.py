@@ -18,16 +18,20 @@ from tests.flows.conftest import BASE_SPEC
 APPROVAL_SPEC: dict[str, Any] = copy.deepcopy(BASE_SPEC) | {"promotion": {"approval": {"required": True}}}
 
 
-def waiting_run(session: Session, pipeline: str = PIPELINE, run_id: str | None = None) -> e.Run:
+def waiting_run(
+    session: Session, pipeline: str = PIPELINE, run_id: str | None = None, *, artifact: dict[str, Any] | None = None
+) -> e.Run:
     """What the pipeline flow leaves when a candidate passes its gate under `promotion.approval`:
-    a registered version and a run awaiting approval (the pipeline's stored spec must require it)."""
+    a registered version and a run awaiting approval (the pipeline's stored spec must require it).
+    `artifact`: the version's artifact_uri, sha256, size_bytes and manifest, for a model server to
+    load (default: a file URI that names nothing)."""
     spec = parse_spec(repo.get_pipeline(session, pipeline).spec, source=f"pipeline {pipeline}")
     run, _ = repo.create_run(session, pipeline, e.TriggerKind.MANUAL, reason="a retraining", run_id=run_id)
     number = len(repo.list_model_versions(session, pipeline)) + 1
+    nothing = {"artifact_uri": f"file:///tmp/m/{number}", "sha256": f"{number:x}" * 64, "size_bytes": 1}
     version = repo.register_model_version(
-        session, pipeline, artifact_uri=f"file:///tmp/m/{number}", sha256=f"{number:x}" * 64, size_bytes=1,
-        metrics={"accuracy": 0.9}, run_id=run.id,
-    )  # fmt: skip
+        session, pipeline, **(artifact or nothing), metrics={"accuracy": 0.9}, run_id=run.id
+    )
     champion = repo.get_champion(session, pipeline)
     passed = approvals.PassedCandidate(run.id, version, champion.id if champion else None, "all gate checks passed")
     outcome = approvals.after_gate(session, spec, passed)

@@ -1,7 +1,8 @@
 """The run reconciler against the session's real Prefect: a crashed flow run is submitted again and
 resumes from its checkpoint; one with no attempts left, or one that failed, ends the run `failed`; a
-RUNNING flow run whose process fell silent (no heartbeat) is crashed and settled the same way;
-Prefect not answering changes nothing."""
+RUNNING flow run whose process fell silent (no heartbeat) is crashed and settled the same way; one
+left PENDING by a worker that died while starting it, or SCHEDULED past its time, for longer than the
+start bound is cancelled and settled the same way; Prefect not answering changes nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Crashed, Failed, Running
+from prefect.states import Crashed, Failed, Pending, Running
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -28,12 +29,15 @@ from flows.loop import PassIncomplete
 from flows.pipeline import run_pipeline
 from flows.reconcile import (
     HEARTBEAT,
+    FlowRunState,
     Liveness,
     ReconcilePass,
     Reconciler,
+    StartBound,
     prefect_flow_run_states,
     prefect_heard_from,
     prefect_mark_crashed,
+    prefect_mark_never_started,
 )
 from flows.registry import deployments, sync_pipelines
 from flows.triggers import TriggerRequest, prefect_submitter, request_run
@@ -258,3 +262,110 @@ def test_heartbeats_not_answering_change_nothing_and_the_next_pass_settles_the_r
     assert flow_run(run.prefect_flow_run_id).state.type.value == "RUNNING"
     reconciler = Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=0, liveness=LIVENESS)
     assert reconciler.run_once(later).resubmitted == (run.id,)
+
+
+def set_state(flow_run_id: str | None, state: Any, *, force: bool = False) -> str:
+    """Proposes (or forces) the flow run's state as a worker or its process would; Prefect's answer."""
+    with get_client(sync_client=True) as client:
+        return str(client.set_flow_run_state(flow_run_id, state, force=force).status.value)  # type: ignore[arg-type]
+
+
+START = StartBound(prefect_mark_never_started, timeout_s=300)  # not started within 5 min: lost
+
+
+def test_a_flow_run_that_never_started_is_cancelled_then_resubmitted_or_failed_and_one_within_the_bound_is_left(
+    database: sessionmaker[Session], tmp_path: Path
+) -> None:
+    env = database
+    dead_worker, spent, no_worker, started = deployed_runs(env, tmp_path, 4)
+    for run in (dead_worker, spent, started):  # a worker took them: Prefect's real PENDING proposal
+        assert set_state(run.prefect_flow_run_id, Pending()) == "ACCEPT"
+    assert set_state(started.prefect_flow_run_id, Running()) == "ACCEPT"  # its process started it
+    with transaction(env) as session:  # `spent` was submitted again once already: no attempt left
+        session.get_one(SqlRun, spent.id).evidence = {"resubmits": [{"attempt": 1}]}
+    spent = get(env, spent.id)
+    reconciler = Reconciler(env, prefect_submitter(), prefect_flow_run_states, grace_s=0, start_bound=START)
+
+    # within the bound a flow run waiting for a worker, or for its process to start, is left alone
+    assert reconciler.run_once() == ReconcilePass()
+    assert reconciler.run_once(datetime.now(UTC) + timedelta(seconds=240)) == ReconcilePass()
+    done = reconciler.run_once(datetime.now(UTC) + timedelta(seconds=360))
+    assert sorted(done.resubmitted) == sorted([dead_worker.id, no_worker.id]) and done.failed == (spent.id,)
+
+    cancelled = flow_run(dead_worker.prefect_flow_run_id).state
+    assert (cancelled.type.value, cancelled.name) == ("CANCELLED", "NeverStarted"), cancelled
+    assert "stayed PENDING for more than 300 s (RETRAINER_RUN_START_TIMEOUT_S)" in str(cancelled.message)
+    # the worker, had it lived, could not start it now: Prefect refuses PENDING after CANCELLED
+    assert set_state(dead_worker.prefect_flow_run_id, Pending()) != "ACCEPT"
+    late = flow_run(no_worker.prefect_flow_run_id).state
+    assert late.type.value == "CANCELLED" and "stayed SCHEDULED past its time" in str(late.message), late
+    for run in (dead_worker, no_worker):
+        again = get(env, run.id)
+        assert again.status is e.RunStatus.QUEUED and again.prefect_flow_run_id != run.prefect_flow_run_id
+        assert flow_run(again.prefect_flow_run_id).idempotency_key == f"{run.id}:1"
+        assert again.evidence is not None
+        [attempt] = again.evidence["resubmits"]
+        assert attempt["crashed_flow_run"] == run.prefect_flow_run_id
+        assert "RETRAINER_RUN_START_TIMEOUT_S" in attempt["message"], attempt
+    failed = get(env, spent.id)
+    assert failed.status is e.RunStatus.FAILED, failed
+    assert f"flow run {spent.prefect_flow_run_id} never started: it stayed PENDING" in str(failed.error)
+    assert "submitted 2 time(s) (RETRAINER_RUN_MAX_RESUBMITS=1)" in str(failed.error), failed.error
+    assert get(env, started.id) == started  # RUNNING: the heartbeat's business, not the start bound's
+    assert flow_run(started.prefect_flow_run_id).state.type.value == "RUNNING"
+
+    # the resubmitted flow runs are new: SCHEDULED now, so within the bound again
+    assert reconciler.run_once(datetime.now(UTC) + timedelta(seconds=240)) == ReconcilePass()
+    # a resubmitted one that never starts either: no attempt left, the run fails naming it
+    assert sorted(reconciler.run_once(datetime.now(UTC) + timedelta(seconds=360)).failed) == sorted(
+        [dead_worker.id, no_worker.id]
+    )
+    last = get(env, no_worker.id)
+    assert last.status is e.RunStatus.FAILED and "stayed SCHEDULED past its time" in str(last.error), last.error
+
+
+def test_a_flow_run_that_starts_between_the_read_and_the_cancel_is_left_running(
+    env: sessionmaker[Session], tmp_path: Path
+) -> None:
+    [run] = deployed_runs(env, tmp_path, 1)
+    assert set_state(run.prefect_flow_run_id, Pending()) == "ACCEPT"
+    reads: list[Sequence[str]] = []
+
+    def states_then_start(ids: Sequence[str]) -> dict[str, FlowRunState]:
+        """Prefect's states; right after the pass's first read the worker's process starts the flow run."""
+        found = prefect_flow_run_states(ids)
+        reads.append(ids)
+        if len(reads) == 1:
+            assert set_state(run.prefect_flow_run_id, Running()) == "ACCEPT"
+        return found
+
+    later = datetime.now(UTC) + timedelta(seconds=360)
+    assert (
+        Reconciler(env, prefect_submitter(), states_then_start, grace_s=0, start_bound=START).run_once(later)
+        == ReconcilePass()
+    )
+    assert len(reads) == 2  # the pass read the overdue flow run again before cancelling it
+    assert flow_run(run.prefect_flow_run_id).state.type.value == "RUNNING"
+    assert get(env, run.id) == run
+
+
+def test_a_flow_run_a_slow_worker_starts_after_the_run_was_given_to_another_does_nothing(
+    env: sessionmaker[Session], digits: dict[str, Path]
+) -> None:
+    """Prefect lets a cancelled flow run start (RUNNING after CANCELLED); the flow itself then finds its run
+    owned by the resubmitted flow run, or ended, and ends CANCELLED without touching the run."""
+    run_id = event_run(env, spec(epochs=1), "v1", digits["v1"])
+    owner = "0a9c1c6e-9f43-4a3e-9d34-1d2d5c1f0b11"  # the flow run the reconciler submitted instead
+    with transaction(env) as session:
+        repo.update_run(session, run_id, prefect_flow_run_id=owner)
+    state = run_pipeline("digits-classifier", run_id, return_state=True)
+    assert state.type.value == "CANCELLED" and owner in (state.message or "")
+    untouched = get(env, run_id)
+    assert untouched.status is e.RunStatus.QUEUED and untouched.prefect_flow_run_id == owner
+
+    with transaction(env) as session:  # the reconciler ran out of attempts and ended the run
+        repo.update_run(session, run_id, status=e.RunStatus.FAILED, error="flow run never started")
+    state = run_pipeline("digits-classifier", run_id, return_state=True)
+    assert state.type.value == "CANCELLED" and "already ended failed" in (state.message or "")
+    ended = get(env, run_id)
+    assert ended.status is e.RunStatus.FAILED and ended.error == "flow run never started"

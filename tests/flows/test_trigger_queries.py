@@ -22,11 +22,12 @@ from tests.flows import test_trigger_service as service
 _own_postgresql = service._own_postgresql
 sessions = service.sessions
 
-# Per pass: lock the window's events, read the dataset's pipelines. Per created run: is one in
-# progress, is the window's run already there, savepoint, insert the run, insert its links,
-# release, mark the events linked (the first run only: then they are), record run.created.
-PER_PASS = 2
-PER_RUN = 8
+# Per pass: lock the window's events, read the dataset's pipelines, and once mark the events linked
+# (the first run's flush: then they are). Per created run: is one in progress, insert the run (ON
+# CONFLICT DO NOTHING: no SELECT of the window's run, no savepoint), insert its links (one
+# statement), record run.created.
+PER_PASS = 3
+PER_RUN = 4
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 

@@ -76,6 +76,22 @@ def test_concurrent_identical_requests_create_exactly_one_run(
     assert len({run.id for run, _ in results}) == 1
 
 
+def test_concurrent_runs_of_one_window_create_exactly_one_and_a_taken_run_id_is_a_conflict(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    results = race(
+        10,
+        lambda i: tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="w")),
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert sum(created for _, created in results) == 1 and len({run.id for run, _ in results}) == 1
+    [(run, _)] = [result for result in results if result[1]]
+    with pytest.raises(ConflictError) as taken:
+        tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL, run_id=run.id))
+    assert taken.value.code == "conflict" and run.id in str(taken.value)
+    assert tx(sessions, lambda s: repo.get_run(s, run.id)) == run
+
+
 def test_list_runs_newest_first_with_limit(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
     ids = [
         tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.SCHEDULE))[0].id for _ in range(3)
