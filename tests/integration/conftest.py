@@ -7,7 +7,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
 from sqlalchemy.engine import make_url
+
+from tests.consumers.conftest import delete_topics
 
 
 @pytest.fixture
@@ -21,3 +25,14 @@ def e2e_database(postgres_url: str) -> Iterator[str]:
     yield url.set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def decisions_topic(kafka_bootstrap: str) -> Iterator[str]:
+    """A decisions topic of the test's own (RETRAINER_DECISIONS_TOPIC), deleted after the test."""
+    topic = f"retrainer.decisions-story-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, 3, 1)])
+    admin.close()
+    yield topic
+    delete_topics(kafka_bootstrap, [topic])

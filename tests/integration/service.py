@@ -1,8 +1,10 @@
 """`retrainer serve` as a subprocess for integration tests: started with the current environment,
-healthy before the body runs, stopped with SIGTERM and required to exit 0."""
+healthy before the body runs, stopped with SIGTERM and required to exit 0; and a reader of the
+decisions topic that `retrainer serve` or `retrainer relay` publishes to."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx
 import pytest
+from kafka import KafkaConsumer
 
 from domain.settings import Settings, load_settings
 from retrainer import demo as story
@@ -109,3 +113,35 @@ def _wait_healthy(url: str, service: subprocess.Popen[bytes], log: Path) -> dict
             pass
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(1)
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One record of the decisions topic: its CloudEvent id, type and data, and its Kafka key."""
+
+    id: str
+    type: str
+    data: dict[str, Any]
+    key: bytes | None
+
+
+def read_decisions(bootstrap: str, topic: str, expected: set[str], timeout_s: float = 20) -> list[DecisionRecord]:
+    """Every record of `topic` from the beginning (duplicates kept), read by a fresh consumer group
+    until each CloudEvent id in `expected` is there or `timeout_s` has passed."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"story-reader-{uuid.uuid4().hex[:6]}",
+        consumer_timeout_ms=3000,
+    )
+    records: list[DecisionRecord] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not expected <= {r.id for r in records}:
+            for record in consumer:
+                event = json.loads(record.value)
+                records.append(DecisionRecord(event["id"], event["type"], event["data"], record.key))
+    finally:
+        consumer.close()
+    return records

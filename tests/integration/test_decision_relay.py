@@ -7,40 +7,26 @@ topic then sees every outbox event, none missing, exactly once after deduplicati
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer
-from kafka.admin import NewTopic
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from domain import entities as e
 from storage import repositories as repo
 from storage.db import create_db_engine, make_sessions, transaction
-from tests.consumers.conftest import delete_topics
+from tests.integration.service import read_decisions
 
 PIPELINE = "relayed-story"
 RUNS_PER_DECISION = 10  # each run: created, then started (two events)
-
-
-@pytest.fixture
-def decisions_topic(kafka_bootstrap: str) -> Iterator[str]:
-    topic = f"retrainer.decisions-story-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topic, 3, 1)])
-    admin.close()
-    yield topic
-    delete_topics(kafka_bootstrap, [topic])
 
 
 @pytest.fixture
@@ -93,28 +79,6 @@ def _wait(
         time.sleep(0.05)
 
 
-def _read_ids(bootstrap: str, topic: str, expected: set[str], timeout_s: float = 20) -> tuple[list[str], set[bytes]]:
-    """Every record's CloudEvent id (duplicates kept) and the keys seen, read until `expected` are all there."""
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        group_id=f"story-reader-{uuid.uuid4().hex[:6]}",
-        consumer_timeout_ms=3000,
-    )
-    ids: list[str] = []
-    keys: set[bytes] = set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and not expected <= set(ids):
-            for record in consumer:
-                ids.append(json.loads(record.value)["id"])
-                keys.add(record.key)
-    finally:
-        consumer.close()
-    return ids, keys
-
-
 def test_a_relay_killed_mid_stream_loses_nothing_and_a_consumer_dedupes_by_id(
     e2e_database: str, sessions: sessionmaker[Session], kafka_bootstrap: str, decisions_topic: str, tmp_path: Path
 ) -> None:
@@ -155,7 +119,8 @@ def test_a_relay_killed_mid_stream_loses_nothing_and_a_consumer_dedupes_by_id(
 
     with transaction(sessions) as session:
         outbox = {event.id for event in repo.outbox_events(session)}
-    ids, keys = _read_ids(kafka_bootstrap, decisions_topic, outbox)
+    records = read_decisions(kafka_bootstrap, decisions_topic, outbox)
+    ids, keys = [r.id for r in records], {r.key for r in records}
     assert set(ids) == outbox  # none missing, none foreign
     assert len(ids) >= len(outbox)  # at least once: a batch published but not marked sent comes again
     assert keys == {PIPELINE.encode()}
