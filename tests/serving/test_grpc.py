@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc  # type: ignore[import-untyped]
 import httpx
 import numpy as np
 import pytest
@@ -323,3 +324,23 @@ def test_the_setting_turns_the_service_on_beside_the_http_app(app: FastAPI, regi
         client = triton.InferenceServerClient(url=url)
         assert client.infer("digits", [tensor_of(rows_of(1))]).as_numpy("predicted_class").shape == (1,)
         client.close()
+
+
+def test_the_serving_variant_comes_in_the_answers_trailing_metadata(app: FastAPI, registry: ModelRegistry) -> None:
+    registry.set_champion(tiny_model("1"))
+    registry.set_canary(tiny_model("2"), 30.0)
+    rows = rows_of(1)
+    with running_grpc_server(app.state.inference) as url, grpc.insecure_channel(url) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        for version, variant in (("1", "champion"), ("2", "canary")):
+            request = service_pb2.ModelInferRequest(model_name="digits", model_version=version)
+            request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
+            request.raw_input_contents.append(rows.astype("<f4").tobytes())
+            answer, call = infer.with_call(request, timeout=10)
+            assert answer.model_version == version
+            assert dict(call.trailing_metadata())["x-retrainer-variant"] == variant
+            assert "x-retrainer-variant" not in dict(call.initial_metadata())  # one batch: answer, status, variant
