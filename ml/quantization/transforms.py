@@ -6,8 +6,9 @@
 calibrated on sample batches, `fp16` stores every float weight as half and widens it once when
 the session loads. The transformer's encoder layers are swapped first (ml/quantization/attention.py)
 so that their projections export as plain MatMuls int8 can reach, and each exported attention block
-becomes ONNX Runtime's fused Attention (ml/quantization/fusion.py; QAttention once dynamic quantizes
-it). Each option below was picked by measuring (the figures are in ml/quantization/__init__.py).
+becomes a projection, a Split and ONNX's Attention on 3-D inputs (ml/quantization/fusion.py). What
+int8 leaves float is stored small (ml/quantization/compact.py). Each option below was picked by
+measuring (the figures are in ml/quantization/__init__.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -34,7 +35,8 @@ from torch import nn
 
 from domain.errors import InvalidInputError
 from ml.quantization.attention import swap_encoder_layers
-from ml.quantization.fusion import MS_DOMAIN, fuse_attention
+from ml.quantization.compact import compact, store_half
+from ml.quantization.fusion import fuse_attention, replace_nodes
 from ml.quantization.onnx_graph import INPUT, ExportError, OnnxModule, export_onnx, quiet_loggers
 from ml.quantization.variants import (
     ONNX_FORMAT,
@@ -43,7 +45,7 @@ from ml.quantization.variants import (
     check_variant,
     first_line,
 )
-from ml.quantization.weights import WEIGHTS_KEY, weight_map
+from ml.quantization.weights import WEIGHTS_KEY, rename_weights, weight_map
 
 # Operators whose presence shows that int8 reached the graph (QOperator kernels, or the QDQ pairs
 # that ONNX Runtime fuses into them when it loads the session).
@@ -59,8 +61,6 @@ _INT8_OPERATORS = frozenset(
         "QuantizeLinear",
     }
 )
-# fp16 leaves tiny tensors (scalars, norms' shapes) float: halving them saves nothing and costs a Cast each.
-_FP16_MIN_ELEMENTS = 16
 
 
 def skeleton_signature(model: nn.Module) -> str:
@@ -91,23 +91,18 @@ def _dynamic_int8(graph: onnx.ModelProto, folder: Path, _: list[torch.Tensor]) -
     # b32): signed int8 weights 0.151 ms, unsigned 0.202 ms; per-channel 0.168 ms for no accuracy gain
     # at these widths; reduce_range changes nothing on VNNI: all off. Conv stays float: ORT's
     # ConvInteger made the zoo CNN 27x slower (6.0 ms vs 0.22 ms at b32); MatMul is where int8 pays.
-    # Attention is ORT's fused one (fusion.py), which becomes QAttention: int8 qkv projection, the
-    # attention itself in float (ORT's own choice: reduce_range weights there, its kernel needs them).
-    # The quantizer matches op types by name only: ONNX's own Attention (a block fusion left as
-    # exported, e.g. a causal one) would become a QAttention ORT cannot load, so it is excluded.
+    # Attention stays float (ONNX's own operator; fusion.py leaves its qkv projection a MatMul, which
+    # is quantized here). The quantizer matches op types by name, and ONNX's Attention named in
+    # op_types_to_quantize would become a QAttention ORT cannot load: only MatMul is named.
     source, target = folder / "float.onnx", folder / "dynamic.onnx"
     onnx.save_model(graph, source)
-    standard_attention = [
-        node.name for node in graph.graph.node if node.op_type == "Attention" and node.domain != MS_DOMAIN
-    ]
     with quantizer_quiet():
         quantize_dynamic(
             source,
             target,
             weight_type=QuantType.QInt8,
             per_channel=False,
-            op_types_to_quantize=["MatMul", "Attention"],
-            nodes_to_exclude=standard_attention,
+            op_types_to_quantize=["MatMul"],
         )
     return onnx.load_model(target)
 
@@ -135,12 +130,7 @@ def gemm_as_matmul(graph: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
         if has_bias:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
-    del body.node[:]
-    body.node.extend(nodes)
-    used = {name for node in body.node for name in node.input}
-    kept = [tensor for tensor in body.initializer if tensor.name in used]
-    del body.initializer[:]
-    body.initializer.extend(kept)
+    replace_nodes(body, nodes)
     return graph
 
 
@@ -175,27 +165,6 @@ def _fp16(graph: onnx.ModelProto, _: Path, __: list[torch.Tensor]) -> onnx.Model
     return graph
 
 
-def store_half(graph: onnx.ModelProto) -> int:
-    """Stores every float initializer of 16 elements or more as float16 behind a Cast to float, which
-    ONNX Runtime constant-folds when the session loads: the graph computes in float as before, from
-    weights rounded to half. The int8 variants use it for what they leave float (biases, embeddings,
-    positions), the fp16 variant for everything. Returns how many tensors it halved."""
-    body = graph.graph
-    casts: list[onnx.NodeProto] = []
-    for tensor in list(body.initializer):
-        if tensor.data_type != TensorProto.FLOAT or int(np.prod(tensor.dims)) < _FP16_MIN_ELEMENTS:
-            continue
-        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), f"{tensor.name}.fp16")
-        body.initializer.remove(tensor)
-        body.initializer.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [tensor.name], to=TensorProto.FLOAT))
-    # Prepended, so the graph stays topologically sorted.
-    nodes = casts + list(body.node)
-    del body.node[:]
-    body.node.extend(nodes)
-    return len(casts)
-
-
 _BUILDERS = {"dynamic": _dynamic_int8, "static": _static_int8, "fp16": _fp16}
 
 
@@ -223,11 +192,9 @@ def quantize(model: nn.Module, variant: Variant, calibration: Iterable[torch.Ten
         raise QuantizationUnavailableError(f"{variant} needs an ONNX export, and {e}") from e
     if variant == "dynamic":
         graph = gemm_as_matmul(graph)
-    if variant != "static":
-        # ORT's fused attention (ml/quantization/fusion.py): dynamic quantizes it into QAttention, fp16
-        # runs it in float. Static leaves it out: quantize_static has no QDQ form for it, so the qkv
-        # weight would stay float (zoo transformer 2.25x smaller instead of 2.60x, no faster).
-        fuse_attention(graph)
+    # Every variant: each attention block as Split + ONNX's Attention (ml/quantization/fusion.py),
+    # standard operators, so int8 (dynamic and static alike) reaches the qkv projection MatMul.
+    fuse_attention(graph)
     weights = weight_map(model, graph)
     with tempfile.TemporaryDirectory(prefix="retrainer-quantize-") as folder:
         try:
@@ -238,13 +205,12 @@ def quantize(model: nn.Module, variant: Variant, calibration: Iterable[torch.Ten
             raise QuantizationUnavailableError(
                 f"{variant} failed in ONNX Runtime's quantization tools on {type(model).__name__}: {first_line(e)}"
             ) from e
-    if variant != "fp16":
-        if not any(node.op_type in _INT8_OPERATORS for node in transformed.graph.node):
-            raise QuantizationUnavailableError(
-                f"{variant} int8 found nothing to quantize in {type(model).__name__} (no MatMul, Gemm or Conv weights)"
-            )
-        store_half(transformed)
-    _stamp(transformed, variant, model, weights)
+    if variant != "fp16" and not any(node.op_type in _INT8_OPERATORS for node in transformed.graph.node):
+        raise QuantizationUnavailableError(
+            f"{variant} int8 found nothing to quantize in {type(model).__name__} (no MatMul, Gemm or Conv weights)"
+        )
+    renamed = compact(transformed, tables_int8=variant != "fp16")
+    _stamp(transformed, variant, model, rename_weights(weights, renamed))
     quantized = OnnxModule(transformed.SerializeToString(), variant=variant, parameter_count=parameter_count(model))
     try:
         with torch.inference_mode():

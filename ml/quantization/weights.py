@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from domain.errors import InvalidInputError
+from ml.quantization.compact import table_axis
 
 WEIGHTS_KEY = "retrainer.weights"
 
@@ -47,7 +48,15 @@ def weight_map(model: nn.Module, graph: onnx.ModelProto) -> str:
             if name is not None:
                 found[key] = [name, transposed, list(value.shape)]
                 break
-    return json.dumps(found, sort_keys=True)
+    return json.dumps(found, sort_keys=True, separators=(",", ":"))
+
+
+def rename_weights(weights: str, renamed: dict[str, str]) -> str:
+    """The weight map with its initializer names renamed (old -> new; others kept)."""
+    found = json.loads(weights)
+    for entry in found.values():
+        entry[0] = renamed.get(entry[0], entry[0])
+    return json.dumps(found, sort_keys=True, separators=(",", ":"))
 
 
 def float_weights(graph_bytes: bytes, *, source: str) -> dict[str, torch.Tensor]:
@@ -76,5 +85,10 @@ def _recover(tensors: dict[str, onnx.TensorProto], name: str) -> np.ndarray | No
     quantized, scale, zero = (tensors.get(f"{name}_{suffix}") for suffix in ("quantized", "scale", "zero_point"))
     if quantized is None or scale is None or zero is None:
         return None
-    values = numpy_helper.to_array(quantized).astype(np.float32) - numpy_helper.to_array(zero).astype(np.float32)
-    return values * numpy_helper.to_array(scale).astype(np.float32)
+    values = numpy_helper.to_array(quantized).astype(np.float32)
+    scales, zeros = (numpy_helper.to_array(t).astype(np.float32) for t in (scale, zero))
+    if scales.size > 1:  # one scale per slice of a table's axis (compact.table_axis)
+        shape = [1] * values.ndim
+        shape[table_axis(values.shape)] = scales.size
+        scales, zeros = scales.reshape(shape), zeros.reshape(shape)
+    return (values - zeros) * scales

@@ -1,4 +1,4 @@
-"""The exported attention blocks fused into ONNX Runtime's Attention (ml/quantization/fusion.py)."""
+"""The exported attention blocks as Split + ONNX's Attention on 3-D inputs (ml/quantization/fusion.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ml.quantization import OnnxModule, Variant, load_quantized, quantize, save_quantized, swap_encoder_layers
-from ml.quantization.fusion import MS_DOMAIN, fuse_attention
+from ml.quantization.fusion import fuse_attention
 from ml.quantization.onnx_graph import INPUT, export_onnx, session_for
 from ml.zoo import build_model
 
+MS_DOMAIN = "com.microsoft"
 PARAMS = {"vocab_size": 17, "d_model": 32, "nhead": 4, "num_layers": 2, "dim_feedforward": 64, "dropout": 0.0}
 
 
@@ -45,7 +47,9 @@ def test_fusion_replaces_each_block_and_computes_the_same() -> None:
 
     assert fuse_attention(graph) == 2
     ops = _ops(graph.SerializeToString())
-    assert ops[f"{MS_DOMAIN}:Attention"] == 2 and ops[":Attention"] == 0 and ops[":Transpose"] == 0
+    assert ops[":Attention"] == ops[":Split"] == 2 and ops[":Transpose"] == 0 and ops[":Reshape"] == 0
+    assert ops[":Gather"] == 1  # the embedding's; the q/k/v Gathers are gone
+    assert not any(opset.domain == MS_DOMAIN for opset in graph.opset_import)  # ONNX's own operators only
     fused = session_for(graph.SerializeToString()).run(None, {INPUT: x.numpy()})[0]
     np.testing.assert_allclose(fused, unfused, atol=1e-5, rtol=1e-5)
 
@@ -55,11 +59,12 @@ def test_fused_variants_predict_as_the_float_model_and_load_from_their_artifact(
     calibration, x = [_tokens(16, seed) for seed in range(3)], _tokens(32, 7)
     with torch.inference_mode():
         reference = model(x)
-    cases: tuple[tuple[Variant, str, float], ...] = (("dynamic", "QAttention", 0.1), ("fp16", "Attention", 0.01))
-    for variant, fused_op, tolerance in cases:
+    cases: tuple[tuple[Variant, float], ...] = (("dynamic", 0.1), ("static", 0.2), ("fp16", 0.01))
+    for variant, tolerance in cases:
         quantized = quantize(model, variant, calibration)
         assert isinstance(quantized, OnnxModule)
-        assert _ops(quantized.onnx_bytes)[f"{MS_DOMAIN}:{fused_op}"] == 2, variant
+        ops = _ops(quantized.onnx_bytes)
+        assert ops[":Attention"] == 2 and ops[":Transpose"] == 0 and ops[f"{MS_DOMAIN}:QAttention"] == 0, variant
         saved = save_quantized(quantized, variant, tmp_path / f"{variant}.onnx")
         loaded = load_quantized(saved.path, _build, variant, expected_sha256=saved.sha256)
         with torch.inference_mode():
@@ -70,7 +75,7 @@ def test_fused_variants_predict_as_the_float_model_and_load_from_their_artifact(
 
 
 class _Causal(nn.Module):
-    """Causal self-attention: ORT's Attention would need its own flag for it, so the block stays as exported."""
+    """Causal self-attention through a float mask: the block fuses with its mask carried over."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,9 +88,35 @@ class _Causal(nn.Module):
         return self.encoder(x, mask=mask, is_causal=True)  # type: ignore[no-any-return]
 
 
-def test_a_block_outside_the_pattern_is_left_as_exported() -> None:
+class _SeparateProjections(nn.Module):
+    """Attention over three separate q/k/v projections: not the packed pattern, left as exported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = (p(x).view(batch, length, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, 16)
+
+
+def test_a_masked_block_is_fused_with_its_mask() -> None:
     torch.manual_seed(0)
     model, x = _Causal().eval(), torch.randn(4, 5, 16)
+    graph = _exported(model, x[:2])
+    assert fuse_attention(graph) == 1
+    attention = next(node for node in graph.graph.node if node.op_type == "Attention")
+    assert len(attention.input) == 4  # q, k, v and the mask
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    got = session_for(graph.SerializeToString()).run(None, {INPUT: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_block_outside_the_pattern_is_left_as_exported() -> None:
+    torch.manual_seed(0)
+    model, x = _SeparateProjections().eval(), torch.randn(4, 5, 16)
     graph = _exported(model, x[:2])
     before = graph.SerializeToString()
     assert fuse_attention(graph) == 0
@@ -96,11 +127,10 @@ def test_a_block_outside_the_pattern_is_left_as_exported() -> None:
 
 
 def test_dynamic_int8_leaves_an_unfused_onnx_attention_in_float() -> None:
-    """ORT's quantizer matches op types by name: an ONNX Attention left as exported (here causal, with
-    its `is_causal` attribute) must not become a QAttention, which ORT refuses to load (the MiniLM
-    story's text model failed so)."""
+    """ORT's quantizer matches op types by name: an ONNX Attention (here one left as exported) must not
+    become a QAttention, which ORT refuses to load (the MiniLM story's text model failed so)."""
     torch.manual_seed(0)
-    model, x = _Causal().eval(), torch.randn(4, 5, 16)
+    model, x = _SeparateProjections().eval(), torch.randn(4, 5, 16)
     quantized = quantize(model, "dynamic", [x])
     assert isinstance(quantized, OnnxModule)
     ops = _ops(quantized.onnx_bytes)

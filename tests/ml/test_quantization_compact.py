@@ -1,0 +1,70 @@
+"""What the int8 variants leave float, stored small (ml/quantization/compact.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ml.quantization import OnnxModule, float_weights, quantize, serialized_size
+from ml.quantization.compact import compact
+from ml.quantization.onnx_graph import session_for
+from ml.zoo import build_model
+
+
+def _table_graph() -> onnx.ModelProto:
+    """ids -> Gather(embedding) + position table -> MatMul(weight): the shapes of a token model."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((17, 16)).astype(np.float32), "embed"),
+        numpy_helper.from_array((rng.standard_normal((1, 32, 16)) * 0.1).astype(np.float32), "position"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "bias"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["rows"]),
+        helper.make_node("Add", ["rows", "position"], ["placed"]),
+        helper.make_node("Add", ["placed", "bias"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tables",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 32, 16])],
+        initializers,
+        value_info=[helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 32, 16])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_tables_become_int8_vectors_half_and_the_graph_computes_nearly_the_same() -> None:
+    graph, ids = _table_graph(), np.random.default_rng(1).integers(0, 17, (4, 32))
+    expected = session_for(graph.SerializeToString()).run(None, {"ids": ids})[0]
+
+    renamed = compact(graph, tables_int8=True)
+
+    stored = {t.name: t.data_type for t in graph.graph.initializer}
+    embed, position, bias = (renamed[name] for name in ("embed", "position", "bias"))
+    assert stored[f"{embed}_quantized"] == stored[f"{position}_quantized"] == TensorProto.INT8
+    # A vector stays half: few bytes, and a norm's scale is sensitive.
+    assert stored[f"{bias}.fp16"] == TensorProto.FLOAT16
+    gather = next(node for node in graph.graph.node if node.op_type == "Gather")
+    assert gather.input[0] == f"{embed}_quantized"  # rows are looked up in int8 and only they are widened
+    assert not graph.graph.value_info and all(not node.name for node in graph.graph.node)
+    assert [v.name for v in graph.graph.input] == ["ids"] and [v.name for v in graph.graph.output] == ["output"]
+    got = session_for(graph.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, expected, atol=0.03)  # int8 step of a table whose largest value is ~3.5
+
+
+def test_the_zoo_transformer_int8_is_three_and_a_half_times_smaller_and_keeps_its_weights() -> None:
+    torch.manual_seed(0)
+    model = build_model("transformer", {"vocab_size": 17, "dropout": 0.0}, [64], 10).eval()
+    x = torch.randint(0, 17, (8, 64)).float()
+    quantized = quantize(model, "dynamic", [x])
+    assert isinstance(quantized, OnnxModule)
+    assert serialized_size(model, "none") / serialized_size(quantized, "dynamic") >= 3.5
+    with torch.inference_mode():
+        assert (quantized(x) - model(x)).abs().max().item() < 0.1
+    state = float_weights(quantized.onnx_bytes, source="champion v1")
+    for key in ("embed.weight", "position"):  # stored as int8 tables, recovered under the float keys
+        assert torch.allclose(state[key], model.state_dict()[key], atol=0.02), key
