@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
-from domain.errors import ConfigurationError
+from domain.errors import ConfigurationError, TransientInfraError
 from domain.trigger_spec import EventTriggerSpec
 from flows import tracing
 from flows.loop import PassIncomplete, describe
@@ -159,6 +160,25 @@ def submission_key(run: e.Run) -> str:
     return f"{run.id}:{attempts}" if attempts else run.id
 
 
+# Prefect's server answers 503 while its SQLite database is busy (two of its own writers: SQLITE_BUSY_SNAPSHOT
+# fails at once whatever the busy timeout) without Retry-After, and its client then sleeps 2**attempt s, even
+# after its last try: one busy answer was a 2 s stall, the whole tail of produce → flow run submitted under
+# `retrainer serve`. The idempotency key makes a retry safe, so the submitter's client turns a busy answer
+# into PrefectBusyError (an httpx response hook, before Prefect's retry loop sees it) and retries it itself
+# after each of these delays; then the run stays queued for the next pass.
+BUSY_RETRY_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+_BUSY_STATUSES = frozenset({429, 502, 503})
+
+
+class PrefectBusyError(TransientInfraError):
+    """Prefect's API answered busy (429, 502 or 503)."""
+
+
+def _raise_if_busy(response: Any) -> None:
+    if response.status_code in _BUSY_STATUSES:
+        raise PrefectBusyError(f"Prefect's API answered {response.status_code} to {response.request.url.path}")
+
+
 def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
     """Submits to the pipeline's deployment (`retrainer-pipeline/<pipeline>`) with
     `submission_key(run)` as Prefect's idempotency key, so submitting the same run twice creates one
@@ -170,18 +190,28 @@ def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
     that Prefect no longer knows (the deployment was deleted or re-created) is resolved again once;
     a client that failed is replaced at the next call."""
     import httpx
-    from prefect.client.base import PrefectHttpxSyncClient
     from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.context import SettingsContext, get_settings_context
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
     lock = threading.Lock()
     deployment_ids: dict[str, UUID] = {}
     open_client: list[SyncPrefectClient] = []  # at most one, opened by the first submission
+    # The settings the client was opened under, with Prefect's retries off (built once: a copy takes ~20 ms).
+    # Its client retries a refused connection with back-off (about a minute) once it has connected, which a
+    # kept-open client always has: a Prefect outage would hold every submission, and the API request making
+    # it, that long. Refused fails fast; busy answers and dropped requests are retried by `create`.
+    no_retries: list[SettingsContext] = []
 
     def client() -> SyncPrefectClient:
         with lock:
             if not open_client:
-                open_client.append(get_client(sync_client=True).__enter__())
+                current = get_settings_context()
+                settings = current.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+                no_retries[:] = [SettingsContext(profile=current.profile, settings=settings)]
+                hooks = {"event_hooks": {"response": [_raise_if_busy]}}
+                open_client.append(get_client(sync_client=True, httpx_settings=hooks).__enter__())
             return open_client[0]
 
     def forget_client(failed: SyncPrefectClient) -> None:
@@ -203,24 +233,33 @@ def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
             ) from err
         return deployment_ids[name]
 
-    def create(prefect: SyncPrefectClient, name: str, run: e.Run) -> str:
-        flow_run = prefect.create_flow_run_from_deployment(
-            deployment_id(prefect, name, run),
-            parameters={"pipeline": run.pipeline, "run_id": run.id},
-            idempotency_key=submission_key(run),
-            tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
-        )
+    def create_once(prefect: SyncPrefectClient, name: str, run: e.Run) -> str:
+        with SettingsContext(profile=no_retries[0].profile, settings=no_retries[0].settings):
+            flow_run = prefect.create_flow_run_from_deployment(
+                deployment_id(prefect, name, run),
+                parameters={"pipeline": run.pipeline, "run_id": run.id},
+                idempotency_key=submission_key(run),
+                tags=[f"pipeline:{run.pipeline}", f"trigger:{run.trigger_kind.value}"],
+            )
         return str(flow_run.id)
+
+    def create(prefect: SyncPrefectClient, name: str, run: e.Run) -> str:
+        """`create_once`, again after each of BUSY_RETRY_DELAYS_S while Prefect is busy."""
+        for delay in (*BUSY_RETRY_DELAYS_S, None):
+            try:
+                return create_once(prefect, name, run)
+            except PrefectBusyError:
+                if delay is None:
+                    raise
+            except httpx.TransportError as err:  # a refused connection fails fast: the run stays queued
+                if isinstance(err, httpx.ConnectError) or delay is None:
+                    raise
+            time.sleep(delay)
+        raise AssertionError("unreachable: the last delay is None")
 
     def submit(run: e.Run) -> str | None:
         name = f"{flow_name}/{run.pipeline}"
         prefect = client()
-        # Prefect's client retries a refused connection with back-off (about a minute in all) once
-        # it has connected before, which a kept-open client always has: a Prefect outage would hold
-        # every submission, and the API request making it, that long. Refused fails fast, as with a
-        # new client per call; the run stays queued for the next pass.
-        if isinstance(prefect._client, PrefectHttpxSyncClient):
-            prefect._client._has_connected = False
         try:
             try:
                 return create(prefect, name, run)

@@ -6,10 +6,12 @@ import contextlib
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import UUID
 
+import httpx
 import pytest
 import yaml
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,6 +20,7 @@ from domain import entities as e
 from domain.spec import parse_spec
 from flows.registry import deployments, load_specs, sync_pipelines
 from flows.triggers import (
+    BUSY_RETRY_DELAYS_S,
     DeploymentNotFoundError,
     TriggerRequest,
     prefect_submitter,
@@ -192,3 +195,78 @@ def test_a_prefect_outage_fails_the_kept_open_client_fast_and_it_recovers(
         assert deferred.run.status is e.RunStatus.QUEUED and deferred.run.prefect_flow_run_id is None
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         assert set(submit_unsubmitted_runs(env, prefect_submitter())) >= {run.id, deferred.run.id}
+
+
+class _BusyPrefect(ThreadingHTTPServer):
+    """An HTTP proxy to the real Prefect API that answers its first `busy` flow-run creations 503 without
+    Retry-After, as Prefect's server does while its SQLite database is busy; everything else goes through."""
+
+    def __init__(self, upstream: str, busy: int) -> None:
+        parsed = urlsplit(upstream)
+        self.upstream, self.api_path = f"{parsed.scheme}://{parsed.netloc}", parsed.path
+        self.busy, self.refused = busy, 0
+        super().__init__(("127.0.0.1", 0), _BusyHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}{self.api_path}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _BusyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _BusyPrefect
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "POST" and self.path.endswith("/create_flow_run") and self.server.busy > 0:
+            self.server.busy, self.server.refused = self.server.busy - 1, self.server.refused + 1
+            self._answer(503, [("Content-Type", "application/json")], b'{"exception_message": "Service Unavailable"}')
+            return
+        hop = {"host", "content-length", "connection", "transfer-encoding", "content-encoding", "accept-encoding"}
+        headers = {key: value for key, value in self.headers.items() if key.lower() not in hop}
+        answer = httpx.request(self.command, self.server.upstream + self.path, headers=headers, content=body)
+        kept = [(key, value) for key, value in answer.headers.items() if key.lower() not in hop]
+        self._answer(answer.status_code, kept, answer.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+
+def test_a_busy_prefect_is_asked_again_soon_and_a_lasting_one_leaves_the_run_queued(
+    env: sessionmaker[Session], prefect_server: str
+) -> None:
+    """Prefect's own client waits 2 s (then 4) after a 503 without Retry-After; the submitter retries it after
+    BUSY_RETRY_DELAYS_S with the same idempotency key, so two busy answers cost tens of milliseconds."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    name = "busy"
+    _deploy(env, name)
+    busy = _BusyPrefect(prefect_server, busy=2)
+    try:
+        with temporary_settings({PREFECT_API_URL: busy.url}):
+            submit = prefect_submitter()
+            started = time.monotonic()
+            first = _queued_run(env, name)
+            flow_run_id = submit(first)  # the bare submitter: the Run row does not record it
+            took = time.monotonic() - started
+            assert flow_run_id and busy.refused == 2
+            assert took < 3  # Prefect's client alone would have slept about 6 s
+
+            busy.busy, busy.refused = 100, 0  # busy for longer than the submitter's retries
+            request = TriggerRequest(e.TriggerKind.MANUAL, idempotency_key="k-busy", request_sha256="e" * 64)
+            deferred = request_run(env, name, request, submit)
+            assert busy.refused == len(BUSY_RETRY_DELAYS_S) + 1
+            assert deferred.run.status is e.RunStatus.QUEUED and deferred.run.prefect_flow_run_id is None
+            busy.busy = 0  # Prefect answers again: the next pass submits it
+            assert set(submit_unsubmitted_runs(env, submit)) == {first.id, deferred.run.id}
+    finally:
+        busy.shutdown()
+        busy.server_close()
