@@ -311,8 +311,9 @@ class Reconciler:
 
     def _resubmit(self, run: e.Run, ended: FlowRunState) -> bool:
         """Records the attempt, claims the submission (queued, flow run `submitting`) and submits a
-        new flow run. If Prefect does not take it, the run is put back as it was, attempt unrecorded,
-        and the next pass tries again with the same idempotency key."""
+        new flow run. If Prefect refuses it, the run is put back as it was, attempt unrecorded, and the
+        next pass tries again with the same idempotency key; if the call fails (its outcome unknown), the
+        run waits queued, attempt recorded, for the trigger service's submission pass (the same key)."""
         crashed = str(run.prefect_flow_run_id)
         with transaction(self.sessions) as session:
             row = _still(session, run)
@@ -331,19 +332,28 @@ class Reconciler:
             self._end_claim(run.id, restore=None, error=missing.message)
             raise
         except BaseException:
-            self._end_claim(run.id, restore=run)
+            # Prefect may have made the flow run and lost the answer: the run waits queued with this attempt
+            # (the same idempotency key) for the trigger service's submission pass, which gets that flow run
+            # or makes it; put back on the crashed one, a new flow run that started would find the run taken.
+            self._release(run.id)
             raise
         if not flow_run_id:
             self._end_claim(run.id, restore=run)
             return False
         with transaction(self.sessions) as session:
-            session.get_one(SqlRun, run.id).prefect_flow_run_id = flow_run_id
+            if not repo.record_submission(session, run.id, flow_run_id):
+                log.warning("run %s: another flow run took it while flow run %s was submitted", run.id, flow_run_id)
+                return False
         log.warning(
             "run %s of %s: flow run %s %s; submitted again as flow run %s (attempt %d of %d)",
             run.id, run.pipeline, crashed, "crashed" if ended.type == CRASHED else "never started", flow_run_id,
             attempt["attempt"], self.max_resubmits,
         )  # fmt: skip
         return True
+
+    def _release(self, run_id: str) -> None:
+        with transaction(self.sessions) as session:
+            repo.release_submission(session, run_id)
 
     def _end_claim(self, run_id: str, *, restore: e.Run | None, error: str | None = None) -> None:
         """A resubmission that did not happen: back to the crashed flow run (`restore`), or failed."""

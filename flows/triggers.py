@@ -143,7 +143,9 @@ def _submit_traced(sessions: sessionmaker[Session], run: e.Run, submit: RunSubmi
         raise
     with transaction(sessions) as session:
         if flow_run_id:
-            return repo.update_run(session, run.id, prefect_flow_run_id=flow_run_id)
+            if not repo.record_submission(session, run.id, flow_run_id):
+                log.warning("run %s: another flow run took it while flow run %s was submitted", run.id, flow_run_id)
+            return repo.get_run(session, run.id)
         repo.release_submission(session, run.id)
         return None
 
@@ -167,15 +169,17 @@ def submission_key(run: e.Run) -> str:
 # into PrefectBusyError (an httpx response hook, before Prefect's retry loop sees it) and retries it itself
 # after each of these delays; then the run stays queued for the next pass.
 BUSY_RETRY_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
-_BUSY_STATUSES = frozenset({429, 502, 503})
+_BUSY_STATUSES = frozenset({408, 429, 502, 503})  # the statuses Prefect's client sleeps after (and extra codes)
 
 
 class PrefectBusyError(TransientInfraError):
-    """Prefect's API answered busy (429, 502 or 503)."""
+    """Prefect's API answered busy (408, 429, 502, 503 or one of PREFECT_CLIENT_RETRY_EXTRA_CODES)."""
 
 
 def _raise_if_busy(response: Any) -> None:
-    if response.status_code in _BUSY_STATUSES:
+    from prefect.settings import PREFECT_CLIENT_RETRY_EXTRA_CODES
+
+    if response.status_code in _BUSY_STATUSES or response.status_code in PREFECT_CLIENT_RETRY_EXTRA_CODES.value():
         raise PrefectBusyError(f"Prefect's API answered {response.status_code} to {response.request.url.path}")
 
 
@@ -267,7 +271,7 @@ def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
                 if err.response.status_code != 404 or deployment_ids.pop(name, None) is None:
                     raise
                 return create(prefect, name, run)  # the cached id is gone: look the name up again
-        except DeploymentNotFoundError:
+        except (DeploymentNotFoundError, PrefectBusyError):  # the client is fine: keep it for the others
             raise
         except Exception:
             forget_client(prefect)

@@ -274,6 +274,8 @@ def run_now(
     with transaction(wiring.sessions(settings)) as session:
         sync_pipelines(session, load_specs(settings.pipelines_dir))
         run, _ = repo.create_run(session, pipeline, TriggerKind.MANUAL, reason=reason)
+        # this process runs it: claimed, so a trigger service on the same database does not submit it too
+        repo.claim_submission(session, run.id)
     err.print(f"run {run.id} started")
     with out.status(f"running {pipeline}…"):
         outcome = run_pipeline(pipeline, run.id)

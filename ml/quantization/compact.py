@@ -37,7 +37,9 @@ def compact(graph: onnx.ModelProto, *, tables_int8: bool) -> dict[str, str]:
     """Stores, in place, the float tables int8 (when `tables_int8`) and the other float tensors half,
     and drops what the runtime does not read (shape annotations, node names, long names). Returns the
     weights' old base names -> new ones (`rename_weights` applies it to the weight map)."""
-    if tables_int8:
+    # A subgraph (If, Loop) may read a table by name, which only the Gathers of the outer graph are
+    # rewritten for: such graphs keep their tables half, as everything else.
+    if tables_int8 and not _has_subgraphs(graph.graph):
         store_int8_tables(graph)
     store_half(graph)
     body = graph.graph
@@ -54,6 +56,7 @@ def store_int8_tables(graph: onnx.ModelProto) -> int:
     how many it stored."""
     body = graph.graph
     outputs = {output.name for output in body.output}
+    inputs = {value.name for value in body.input}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in body.node:
         for index, name in enumerate(node.input):
@@ -65,7 +68,8 @@ def store_int8_tables(graph: onnx.ModelProto) -> int:
         if tensor.data_type != TensorProto.FLOAT or sum(d > 1 for d in dims) < 2 or np.prod(dims) < _INT8_MIN_ELEMENTS:
             continue
         uses = consumers.get(tensor.name, [])
-        if tensor.name in outputs or not uses or not all(node.op_type in _TABLE_USES for node, _ in uses):
+        # an initializer that is also a graph input can be fed at run time: stored as it is
+        if tensor.name in outputs | inputs or not uses or not all(node.op_type in _TABLE_USES for node, _ in uses):
             continue
         values = numpy_helper.to_array(tensor)
         rows_only = all(index == 0 and _is_gather(node) for node, index in consumers[tensor.name])
@@ -129,9 +133,12 @@ def store_half(graph: onnx.ModelProto) -> int:
     body = graph.graph
     # A per-axis scale stays float: DequantizeLinear reads it, and so does weights.py.
     scales = {node.input[1] for node in body.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    inputs = {value.name for value in body.input}  # an initializer fed at run time keeps its type
     casts: list[onnx.NodeProto] = []
     for tensor in list(body.initializer):
         if tensor.data_type != TensorProto.FLOAT or int(np.prod(tensor.dims)) < _FP16_MIN_ELEMENTS:
+            continue
+        if tensor.name in inputs:
             continue
         if tensor.name in scales:
             continue
@@ -148,8 +155,9 @@ def store_half(graph: onnx.ModelProto) -> int:
 def _shorten_names(body: onnx.GraphProto) -> dict[str, str]:
     """Node names off, every value computed inside the graph renamed `t<n>` and every initializer
     `w<n>` plus its suffix (`_quantized`, `.fp16`, ...); the graph's inputs and outputs keep their
-    names. Returns the initializers' old base names -> new ones, for the weight map."""
-    if any(attribute.HasField("g") or attribute.graphs for node in body.node for attribute in node.attribute):
+    names. Returns the initializers' old base names and whole names -> new ones, for the weight map
+    (a float weight whose own name ends like a suffix, `logit_scale`, is found by its whole name)."""
+    if _has_subgraphs(body):
         return {}  # a subgraph may read the outer graph's values by name
     io = {value.name for value in (*body.input, *body.output)}
     if any(re.fullmatch(r"[tw]\d+", name) for name in io):
@@ -162,6 +170,7 @@ def _shorten_names(body: onnx.GraphProto) -> dict[str, str]:
         base, suffix = _split_suffix(tensor.name)
         renamed[tensor.name] = bases.setdefault(base, f"w{len(bases)}") + suffix
         tensor.name = renamed[tensor.name]
+    weights = {**renamed, **bases}  # a base name wins: the weight map names a quantized weight by its base
     for node in body.node:
         node.name = ""
         for index, name in enumerate(node.output):
@@ -172,7 +181,11 @@ def _shorten_names(body: onnx.GraphProto) -> dict[str, str]:
         for index, name in enumerate(node.input):
             if name in renamed:
                 node.input[index] = renamed[name]
-    return bases
+    return weights
+
+
+def _has_subgraphs(body: onnx.GraphProto) -> bool:
+    return any(attribute.HasField("g") or attribute.graphs for node in body.node for attribute in node.attribute)
 
 
 def _split_suffix(name: str) -> tuple[str, str]:

@@ -90,6 +90,9 @@ def _match_block(
         _Q_K_V
     ):
         return None
+    # each picks one of q, k, v along the first axis and drops it (a rank-0 index), as the exporter writes it
+    if any(_int(g, "axis", 0) != 0 or list(initializers[g.input[1]].dims) != [] for g in selects):
+        return None
     reshape = producer.get(permute.input[0])
     shape = _constant(reshape.input[1], initializers) if reshape is not None and reshape.op_type == "Reshape" else None
     if reshape is None or shape is None or len(shape) != 5 or shape[2] != 3:
@@ -107,6 +110,10 @@ def _match_block(
         return None
     merge = consumers.get(back[0].output[0], [])
     if len(merge) != 1 or merge[0].op_type != "Reshape":
+        return None
+    # the fused Attention answers [batch, length, heads * head_size]: the merge must have asked for that
+    merged = _constant(merge[0].input[1], initializers)
+    if merged is None or len(merged) != 3 or merged[2] != heads * head_size:
         return None
     block = [reshape, permute, *selects, attention, back[0], merge[0]]
     inner = {output for node in block for output in node.output} - set(merge[0].output)
@@ -127,6 +134,13 @@ def _match_block(
     )
     fused.attribute.extend(a for a in attention.attribute if a.name not in ("q_num_heads", "kv_num_heads"))
     return [split, fused], block
+
+
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return int(attribute.i)
+    return default
 
 
 def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:

@@ -308,6 +308,20 @@ def unsubmitted_runs(session: Session, limit: int = 100, now: datetime | None = 
     return [row.to_entity() for row in session.scalars(query)]
 
 
+def record_submission(session: Session, run_id: str, flow_run_id: str) -> bool:
+    """Records the submitted flow run on its run while the submission's claim holds (or that flow run
+    already recorded itself, having started first). False when another flow run took the run meanwhile
+    (a late start of the one this submission replaced): it keeps it, and the new one, finding the run
+    taken, ends cancelled without touching it (flows/pipeline.py)."""
+    result = session.execute(
+        update(SqlRun)
+        .where(SqlRun.id == run_id, SqlRun.prefect_flow_run_id.in_((SUBMITTING, flow_run_id)))
+        .values(prefect_flow_run_id=flow_run_id)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def release_submission(session: Session, run_id: str) -> None:
     session.execute(
         update(SqlRun)

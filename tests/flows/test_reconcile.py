@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from prefect.client.orchestration import get_client
@@ -40,7 +41,7 @@ from flows.reconcile import (
     prefect_mark_never_started,
 )
 from flows.registry import deployments, sync_pipelines
-from flows.triggers import TriggerRequest, prefect_submitter, request_run
+from flows.triggers import TriggerRequest, attempts_of, prefect_submitter, request_run, submit_unsubmitted_runs
 from ml.zoo import MLP
 from retrainer.service import free_port
 from storage import repositories as repo
@@ -188,6 +189,31 @@ def test_prefect_not_answering_changes_nothing_and_the_next_pass_settles_the_run
     assert down.value.code == TransientInfraError.code
     assert get(env, run.id) == run  # no answer is no evidence: neither resubmitted nor failed
     assert reconciler.run_once().resubmitted == (run.id,)
+
+
+def test_a_resubmission_whose_answer_is_lost_waits_queued_and_the_submission_pass_gets_its_flow_run(
+    database: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Prefect made the new flow run but the answer was lost: the run is not put back on the crashed flow run
+    (the new one, starting, would find the run taken and end cancelled) but waits queued with the attempt,
+    and the trigger service's submission pass, with the same idempotency key, records the flow run Prefect made."""
+    env = database
+    [run] = deployed_runs(env, tmp_path, 1)
+    crash(run.prefect_flow_run_id)
+    real = prefect_submitter()
+    made: list[str | None] = []
+
+    def answer_lost(claimed: e.Run) -> str | None:
+        made.append(real(claimed))
+        raise httpx.ReadError("connection reset while reading the answer")
+
+    with pytest.raises(PassIncomplete):
+        Reconciler(env, answer_lost, prefect_flow_run_states, max_resubmits=1, grace_s=0).run_once()
+    waiting = get(env, run.id)
+    assert waiting.status is e.RunStatus.QUEUED and waiting.prefect_flow_run_id is None
+    assert attempts_of(waiting) == 1 and made[0]
+    assert submit_unsubmitted_runs(env, real) == [run.id]
+    assert get(env, run.id).prefect_flow_run_id == made[0]
 
 
 def running_flow_runs(sessions: sessionmaker[Session], tmp_path: Path, count: int) -> list[e.Run]:

@@ -68,3 +68,25 @@ def test_the_zoo_transformer_int8_is_three_and_a_half_times_smaller_and_keeps_it
     state = float_weights(quantized.onnx_bytes, source="champion v1")
     for key in ("embed.weight", "position"):  # stored as int8 tables, recovered under the float keys
         assert torch.allclose(state[key], model.state_dict()[key], atol=0.02), key
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A float parameter whose own name ends like a stored form's suffix (`_scale`), as CLIP's has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+        self.logit_scale = torch.nn.Parameter(torch.tensor([2.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.logit_scale
+
+
+def test_a_float_weight_named_like_a_suffix_is_recovered_by_its_whole_name() -> None:
+    torch.manual_seed(0)
+    model = _ScaledLogits().eval()
+    quantized = quantize(model, "dynamic", [torch.randn(8, 64)])
+    assert isinstance(quantized, OnnxModule)
+    state = float_weights(quantized.onnx_bytes, source="champion v1")
+    assert torch.equal(state["logit_scale"], model.logit_scale.detach())
+    assert torch.allclose(state["linear.weight"], model.linear.weight.detach(), atol=0.02)

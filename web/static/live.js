@@ -8,8 +8,10 @@
   const source = root.dataset.source;
   const every = Number(root.dataset.every || "2000");
   // The actions and the rollout's card below are drawn by the server: when the rollout the page was
-  // drawn with ends, one reload redraws them (no Abort button on a promoted rollout).
+  // drawn with ends, or another one takes its place, one reload redraws them (no Abort button on a
+  // promoted rollout).
   const drawnActive = root.dataset.status === "active";
+  const drawnRollout = root.dataset.rollout || "";
   const text = (id, value) => { const el = document.getElementById(id); if (el) { el.textContent = value; } };
   const pct = (v) => (v === null || v === undefined) ? "—" : (v * 100).toFixed(2) + " %";
   const ms = (v) => (v === null || v === undefined) ? "—" : v.toFixed(2) + " ms";
@@ -19,7 +21,7 @@
   function draw(data) {
     const r = data.rollout;
     if (!r) { text("live-status", "no rollout"); return; }
-    if (drawnActive && r.status !== "active") { window.location.reload(); return; }
+    if ((drawnActive && r.status !== "active") || String(r.id) !== drawnRollout) { window.location.reload(); return; }
     text("live-status", r.status);
     text("live-split", r.traffic_percent + " % canary · " + (100 - r.traffic_percent) + " % champion");
     text("live-step", r.step === null ? "—" : String(r.step));

@@ -153,6 +153,23 @@ def test_a_released_claim_makes_the_run_unsubmitted_again(
     assert tx(sessions, lambda s: repo.claim_submission(s, run.id))
 
 
+def test_a_submitted_flow_run_is_recorded_only_while_the_claim_holds(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    run, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
+    assert tx(sessions, lambda s: repo.claim_submission(s, run.id))
+    assert tx(sessions, lambda s: repo.record_submission(s, run.id, "flow-run-b"))
+    assert tx(sessions, lambda s: repo.record_submission(s, run.id, "flow-run-b"))  # it recorded itself first: fine
+    assert tx(sessions, lambda s: repo.get_run(s, run.id)).prefect_flow_run_id == "flow-run-b"
+
+    other, _ = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.MANUAL))
+    assert tx(sessions, lambda s: repo.claim_submission(s, other.id))
+    # a late start of the flow run this submission replaces takes the run while the call is in flight
+    tx(sessions, lambda s: repo.update_run(s, other.id, prefect_flow_run_id="flow-run-a"))
+    assert not tx(sessions, lambda s: repo.record_submission(s, other.id, "flow-run-c"))
+    assert tx(sessions, lambda s: repo.get_run(s, other.id)).prefect_flow_run_id == "flow-run-a"
+
+
 def test_a_claim_taken_before_revision_0004_has_no_time_and_counts_as_expired(
     sessions: sessionmaker[Session], pipeline: e.Pipeline
 ) -> None:
