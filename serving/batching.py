@@ -6,7 +6,8 @@ worker takes the oldest request, then keeps adding queued requests until the bat
 `max_batch_size` rows or `max_wait_ms` has passed since it took the first one, runs one forward
 pass over the concatenation and hands each request its own slice of the result (`forward` returns
 one item per row: a tensor, or a list). A request larger than `max_batch_size` rows runs alone
-(never split).
+(never split). While it fills a batch the worker is woken only when it can act (the batch full,
+every request in flight queued, or its deadline), not on every arrival.
 
 A thread, not an asyncio task, so that the forward pass never blocks the event loop. The answers
 of one batch go back to an event loop in one `call_soon_threadsafe`, not one wake-up per request.
@@ -95,6 +96,9 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._in_flight = in_flight
         self._pending: deque[_Pending] = deque()
+        self._queued_rows = 0  # rows in `_pending`
+        # (requests, rows) of the batch the worker holds while it waits for more; None otherwise
+        self._filling: tuple[int, int] | None = None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -114,10 +118,25 @@ class DynamicBatcher:
             if self._closed:
                 raise RuntimeError(f"batcher of {self.name} is closed; route the request to the current model")
             self._pending.append(pending)
+            self._queued_rows += int(pending.rows.shape[0])
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._worth_waking():
+                self._cond.notify()
+
+    def _worth_waking(self) -> bool:
+        """Whether the worker can act on the queue now (the lock is held). While it fills a batch it
+        waits for the batch to be full, for every request in flight to be queued, or for its deadline:
+        waking it for each arrival would cost a thread switch and a GIL handoff per request, about as
+        much CPU as the forward pass itself at a few dozen rows."""
+        filling = self._filling
+        if filling is None:  # waiting for a first request (or busy: then notify finds no waiter)
+            return True
+        requests, rows = filling
+        if rows + self._queued_rows >= self.config.max_batch_size:
+            return True
+        return self._in_flight is not None and self._in_flight() <= requests + len(self._pending)
 
     def close(self) -> None:
         """Lets the worker finish what is queued, then exit; later submits are refused."""
@@ -141,6 +160,7 @@ class DynamicBatcher:
                     return None
             batch = [self._pending.popleft()]
             rows = int(batch[0].rows.shape[0])
+            self._queued_rows -= rows
             deadline = time.monotonic() + config.max_wait_ms / 1000.0
             while rows < config.max_batch_size:
                 if self._pending:
@@ -148,12 +168,15 @@ class DynamicBatcher:
                     if rows + following > config.max_batch_size:
                         break
                     batch.append(self._pending.popleft())
+                    self._queued_rows -= following
                     rows += following
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed or (self._in_flight is not None and self._in_flight() <= len(batch)):
                     break
+                self._filling = (len(batch), rows)
                 self._cond.wait(timeout=remaining)
+                self._filling = None
         return batch
 
     def _run(self) -> None:

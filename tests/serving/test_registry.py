@@ -72,6 +72,37 @@ def test_batcher_reports_a_failed_forward_to_every_request_and_keeps_working() -
     batcher.close()
 
 
+def _batch_sizes_of(in_flight: int, max_batch_size: int, *rows: int) -> list[int]:
+    """The forward passes' sizes for requests of `rows` rows, the first alone then the others, with
+    `in_flight` requests counted in flight; the deadline (5 s) must not be what ends a batch."""
+    calls: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        calls.append(int(x.shape[0]))
+        return x
+
+    config = BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=5_000)
+    batcher = DynamicBatcher(forward, config, name="t", in_flight=lambda: in_flight)
+    started = time.monotonic()
+    futures = [batcher.submit(torch.full((rows[0], 2), 0.0))]
+    time.sleep(0.05)  # the worker holds the first request and waits for more
+    futures += [batcher.submit(torch.full((n, 2), float(i))) for i, n in enumerate(rows) if i]
+    answers = [f.result(timeout=4) for f in futures]
+    assert time.monotonic() - started < 2.5, "the batch waited for its deadline"
+    assert all(torch.equal(a, torch.full((n, 2), float(i))) for i, (a, n) in enumerate(zip(answers, rows, strict=True)))
+    batcher.close()
+    return calls
+
+
+def test_a_batch_runs_once_every_request_in_flight_is_queued_not_at_its_deadline() -> None:
+    # the worker is not woken for each arrival while it fills a batch, only when it can act
+    assert _batch_sizes_of(3, 64, 1, 1, 1) == [3]
+
+
+def test_a_full_batch_runs_at_once_before_its_deadline() -> None:
+    assert _batch_sizes_of(9, 4, 1, 1, 2) == [4]
+
+
 def test_idle_worker_exits_and_restarts_on_demand() -> None:
     batcher = DynamicBatcher(lambda x: x, BatchingConfig(max_wait_ms=0, idle_exit_s=0.05), name="t")
     batcher.submit(torch.zeros(1, 1)).result(timeout=5)
