@@ -186,6 +186,7 @@ class TorchrunConsole:
         self.tails: defaultdict[int, deque[str]] = defaultdict(lambda: deque(maxlen=TAIL_LINES))
         self.launcher: deque[str] = deque(maxlen=400)  # torchrun's failure summary comes last
         self.errors: dict[int, dict[str, Any]] = {}
+        self.raised: list[int] = []  # ranks in the order they printed a Python traceback
 
     def read(self, lines: Iterable[str]) -> None:
         for raw in lines:
@@ -199,6 +200,8 @@ class TorchrunConsole:
             event = _event(text)
             if event is None:
                 self.tails[rank].append(text)
+                if text.startswith("Traceback (most recent call last)") and rank not in self.raised:
+                    self.raised.append(rank)
                 log.debug("rank %d: %s", rank, text)
             else:
                 self._handle(rank, event)
@@ -248,8 +251,13 @@ class TorchrunConsole:
                 rank = int(match.group(1))
             elif exit_code is None and (match := _ROOT_CAUSE_EXIT.match(line)):
                 exit_code = int(match.group(1))
-        if rank is None and self.errors:  # no summary (torchrun itself was stopped): the first rank that spoke
+        # No summary: torchrun itself was stopped, or failed writing it (torch's agent can fail reading a
+        # rank's half-written error file): the first rank that reported an error, else the first that raised
+        # (an uncaught exception exits 1, which torchrun's own code then is).
+        if rank is None and self.errors:
             rank = next(iter(self.errors))
+        elif rank is None and self.raised:
+            rank = self.raised[0]
         return rank, exit_code
 
 

@@ -164,3 +164,13 @@ def test_a_failure_is_read_from_torchrun_s_root_cause_and_the_rank_s_own_error()
     unknown.read(["torchrun: rendezvous timed out"])
     error = unknown.failure(1)
     assert error.rank is None and error.exit_code == 1 and "rendezvous timed out" in str(error)
+
+    # torch's agent itself fails reading a rank's half-written error file: no summary, but rank 1 raised
+    crashed = TorchrunConsole(None, None)
+    crashed.read([
+        "[rank0] step 3", "[rank1] Traceback (most recent call last):", "[rank1] RuntimeError: forward pass failed",
+        "Traceback (most recent call last):", "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
+    ])  # fmt: skip
+    error = crashed.failure(1)
+    assert (error.rank, error.exit_code) == (1, 1) and "rank 1 exited with code 1" in str(error)
+    assert "RuntimeError: forward pass failed" in str(error)
