@@ -282,7 +282,10 @@ class StageClock:
         return list(rows.items())
 
 
-def our_latency(events: int, url: str, split: bool, clock: StageClock) -> tuple[list[float], list[float]]:
+Latencies = tuple[list[float], list[float], list[float]]  # → Run row, → flow run id recorded, → Prefect's `created`
+
+
+def our_latency(events: int, url: str, split: bool, clock: StageClock) -> Latencies:
     """(produce → Run row, produce → Prefect flow run submitted) in ms, one event at a time, through
     the real consumer and trigger service: in one process as `retrainer serve` runs them (the
     in-process wake-up), or with the trigger service in a process of its own as `retrainer triggers`
@@ -325,9 +328,9 @@ def our_latency(events: int, url: str, split: bool, clock: StageClock) -> tuple[
 
     watch = sessions.kw["bind"].connect()  # one connection: no pool checkout, ping or ORM session per look
 
-    def wait_for(event_id: str, timeout_s: float) -> tuple[float, float]:
-        """When the run of `event_id` was visible and when it was submitted (perf_counter); one
-        light query every millisecond, so the watching costs the services little CPU."""
+    def wait_for(event_id: str, timeout_s: float) -> tuple[float, float, str]:
+        """When the run of `event_id` was visible and when its flow run id was (perf_counter), and
+        that id; one light query every millisecond, so the watching costs the services little CPU."""
         run_at, deadline = None, time.perf_counter() + timeout_s
         while time.perf_counter() < deadline:
             found = watch.execute(run_of.where(SqlEvent.event_id == event_id)).first()
@@ -335,18 +338,18 @@ def our_latency(events: int, url: str, split: bool, clock: StageClock) -> tuple[
             if found is not None:
                 run_at = run_at or time.perf_counter()
                 if found.prefect_flow_run_id not in (None, SUBMITTING):  # the claim's marker is no flow run
-                    return run_at, time.perf_counter()
+                    return run_at, time.perf_counter(), found.prefect_flow_run_id
             time.sleep(0.001)
         raise TimeoutError(f"no flow run for event {event_id} within {timeout_s:.0f} s")
 
-    to_run, to_flow, sent = [], [], {}
+    to_run, to_flow, sent, flow_runs = [], [], {}, {}
     try:
         produce(topic, dataset, 1, "warm-up", producer)
         wait_for("warm-up-0", 180)  # the consumer joined its group, the trigger process started
         for i in range(events):
             started, sent[f"lat-{i}-0"] = time.perf_counter(), datetime.now(UTC)
             produce(topic, dataset, 1, f"lat-{i}", producer)
-            run_at, flow_at = wait_for(f"lat-{i}-0", 30)
+            run_at, flow_at, flow_runs[f"lat-{i}-0"] = wait_for(f"lat-{i}-0", 30)
             clock.events.append((started, flow_at))
             to_run.append((run_at - started) * 1000)
             to_flow.append((flow_at - started) * 1000)
@@ -374,7 +377,22 @@ def our_latency(events: int, url: str, split: bool, clock: StageClock) -> tuple[
     print(f"{where}: by the rows' own timestamps, p50 / p99 (ms): produce → inbox row "
           f"{percentile(inbox, 50):.1f} / {percentile(inbox, 99):.1f}, inbox row → Run row "
           f"{percentile(debounce, 50):.1f} / {percentile(debounce, 99):.1f}")  # fmt: skip
-    return to_run, to_flow
+    created = prefect_created({flow_run: sent[event_id] for event_id, flow_run in flow_runs.items()})
+    return to_run, to_flow, created
+
+
+def prefect_created(sent: dict[str, datetime]) -> list[float]:
+    """ms from each send (wall clock) to the `created` time Prefect's server stamped on the flow run:
+    when the flow run came to exist, read the same way for both paths and free of any watcher's
+    polling interval (one machine, one clock)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [uuid.UUID(flow_run) for flow_run in sent]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))
+    assert len(runs) == len(ids), f"Prefect knows {len(runs)} of the {len(ids)} flow runs submitted"
+    return [(run.created - sent[str(run.id)]).total_seconds() * 1000 for run in runs if run.created]
 
 
 def trigger_child(url: str) -> None:
@@ -390,8 +408,9 @@ def trigger_child(url: str) -> None:
     service.run_forever(stop, interval_s=TRIGGER_INTERVAL_S)
 
 
-def prefect_event_latency(events: int) -> list[float] | str:
-    """Prefect's own path: emit_event → a deployment's event trigger → a flow run."""
+def prefect_event_latency(events: int) -> tuple[list[float], list[float]] | str:
+    """Prefect's own path: emit_event → a deployment's event trigger → a flow run. (ms until the flow
+    run was seen by a read every 10 ms, ms until its `created` stamp)."""
     try:
         from prefect import flow
         from prefect.client.orchestration import get_client
@@ -405,6 +424,7 @@ def prefect_event_latency(events: int) -> list[float] | str:
         return None
 
     latencies: list[float] = []
+    sent: list[datetime] = []
     with prefect_test_harness(server_startup_timeout=120):
         trigger = DeploymentEventTrigger(expect={"retrainer.data.changed"}, match={"prefect.resource.id": "dataset.*"})
         deployment_id = peer.to_deployment(name="peer", triggers=[trigger]).apply()
@@ -422,6 +442,7 @@ def prefect_event_latency(events: int) -> list[float] | str:
             for i in range(events):
                 before = count()
                 started = time.perf_counter()
+                sent.append(datetime.now(UTC))
                 emit_event(event="retrainer.data.changed", resource={"prefect.resource.id": f"dataset.d{i}"})
                 deadline = started + 30
                 while count() <= before:
@@ -429,7 +450,12 @@ def prefect_event_latency(events: int) -> list[float] | str:
                         return f"not measured: no flow run within 30 s of event {i} (automation never fired)"
                     time.sleep(0.01)
                 latencies.append((time.perf_counter() - started) * 1000)
-    return latencies
+            # one event at a time, each waited for: the i-th flow run created is the i-th event's
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), limit=200
+            )
+    created = sorted(run.created for run in runs if run.created)
+    return latencies, [(at - send).total_seconds() * 1000 for send, at in zip(sent, created, strict=True)]
 
 
 # -------------------------------------------------------------------------------- RSS
@@ -452,7 +478,7 @@ def rss_child(topic: str, db_dir: str, count: int) -> None:
     print(json.dumps(marks))
 
 
-def latencies(events: int, workdir: Path, clock: StageClock) -> dict[str, tuple[list[float], list[float]]]:
+def latencies(events: int, workdir: Path, clock: StageClock) -> dict[str, Latencies]:
     """Both topologies' trigger latencies, measured against one Prefect server (the one-process
     topology's stages into `clock`)."""
     from prefect.testing.utilities import prefect_test_harness
@@ -475,25 +501,34 @@ def latencies(events: int, workdir: Path, clock: StageClock) -> dict[str, tuple[
     return measured
 
 
-def latency_table(measured: dict[str, tuple[list[float], list[float]]], peer: list[float] | str) -> None:
+def latency_table(measured: dict[str, Latencies], peer: tuple[list[float], list[float]] | str) -> None:
+    """The ratio compares like with like: send → the flow run's `created` stamp in Prefect, for our
+    path and Prefect's own (each also has the time its watcher saw the result, for reference)."""
     print(f"{'measure':<62}{'p50 / p99 (ms)':>16}  target")
-    for topology, (to_run, to_flow) in measured.items():
+    for topology, (to_run, to_flow, to_created) in measured.items():
         run50, run99, flow50, flow99 = (percentile(v, q) for v in (to_run, to_flow) for q in (50, 99))
         met = "met" if run50 <= 20 and run99 <= 100 else "NOT met"
         print(f"{topology + ': produce → Run row':<62}{run50:>7.1f} /{run99:>7.1f}  p50 <= 20, p99 <= 100: {met}")
         met = "met" if flow99 <= 250 else "NOT met"
-        print(f"{'  produce → Prefect flow run submitted':<62}{flow50:>7.1f} /{flow99:>7.1f}  p99 <= 250: {met}")
+        print(f"{'  produce → Prefect flow run submitted (id on the run)':<62}{flow50:>7.1f} /{flow99:>7.1f}  "
+              f"p99 <= 250: {met}")  # fmt: skip
+        created50, created99 = percentile(to_created, 50), percentile(to_created, 99)
+        print(
+            f"{'  produce → flow run created (its stamp in Prefect)':<62}{created50:>7.1f} /{created99:>7.1f}"
+        )
         if not isinstance(peer, str):
-            ratio = statistics.median(peer) / statistics.median(to_flow)
-            print(f"{'  faster than Prefect emit_event → flow run (p50 ratio)':<62}{ratio:>15.1f}x  >= 5x: "
+            ratio = statistics.median(peer[1]) / statistics.median(to_created)
+            print(f"{'  faster than Prefect emit_event → flow run created (p50)':<62}{ratio:>15.1f}x  >= 5x: "
                   f"{'met' if ratio >= 5 else 'NOT met'}")  # fmt: skip
     if isinstance(peer, str):
         print(f"{'Prefect emit_event → automation → flow run':<62}{'—':>16}  {peer}")
-    else:
-        print(
-            f"{'Prefect emit_event → automation → flow run (' + str(len(peer)) + ' events)':<62}"
-            f"{percentile(peer, 50):>7.1f} /{percentile(peer, 99):>7.1f}"
-        )
+        return
+    seen, created = peer
+    label = f"Prefect emit_event → automation → flow run ({len(seen)} events)"
+    print(f"{label:<62}")
+    print(f"{'  seen by a read every 10 ms':<62}{percentile(seen, 50):>7.1f} /{percentile(seen, 99):>7.1f}")
+    created50, created99 = percentile(created, 50), percentile(created, 99)
+    print(f"{'  flow run created (its created stamp in Prefect)':<62}{created50:>7.1f} /{created99:>7.1f}")
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,10 +69,10 @@ class TriggerService:
         health = health or LoopHealth.for_interval(self.name, interval_s)
         if self.submit is None:  # runs only: another process submits them
             with self.wakeups:
-                run_loop(_Creation(self, None), stop, interval_s=interval_s, health=health, pause=self._pause)
+                run_loop(_Creation(self, None, None), stop, interval_s=interval_s, health=health, pause=self._pause)
             return
-        created, parts = Wakeup(), _SharedHealth(health)
-        submissions = _Submission(self, created)
+        created, parts, handed = Wakeup(), _SharedHealth(health), deque[e.Run]()
+        submissions = _Submission(self, created, handed)
         thread = threading.Thread(
             target=run_loop,
             args=(submissions, stop),
@@ -81,7 +83,7 @@ class TriggerService:
         thread.start()
         try:
             with self.wakeups:
-                creation = _Creation(self, created)
+                creation = _Creation(self, created, handed)
                 run_loop(creation, stop, interval_s=interval_s, health=parts.part("creation"), pause=self._pause)
         finally:
             thread.join(timeout=30)
@@ -96,12 +98,13 @@ class TriggerService:
         except PassIncomplete as partial:  # the runs of the other datasets exist: submit them
             return (), partial.failures
 
-    def submit_runs(self) -> tuple[tuple[str, ...], list[tuple[str, BaseException]]]:
-        """Step 2: (the runs submitted, the runs whose submission failed)."""
+    def submit_runs(self, first: Sequence[e.Run] = ()) -> tuple[tuple[str, ...], list[tuple[str, BaseException]]]:
+        """Step 2: (the runs submitted, the runs whose submission failed); `first`, runs just created,
+        before the others."""
         if self.submit is None:
             return (), []
         try:
-            return tuple(submit_unsubmitted_runs(self.sessions, self.submit)), []
+            return tuple(submit_unsubmitted_runs(self.sessions, self.submit, first)), []
         except PassIncomplete as partial:
             return (), partial.failures
 
@@ -119,7 +122,7 @@ class TriggerService:
     def run_once(self) -> TriggerPass:
         """All steps, one after the other (`--once`, and tests)."""
         created, failures = self.create_runs()
-        submitted, more = self.submit_runs()
+        submitted, more = self.submit_runs(created)
         more += self.reconcile_runs()
         if failures or more:
             raise PassIncomplete("trigger items", failures + more)
@@ -127,16 +130,18 @@ class TriggerService:
 
 
 class _Creation:
-    """The creation loop's pass: debounce the inbox into runs, then wake the submission loop."""
+    """The creation loop's pass: debounce the inbox into runs, then hand them to the submission loop
+    and wake it (it submits them without querying for them first)."""
 
     name = TriggerService.name
 
-    def __init__(self, service: TriggerService, created: Wakeup | None) -> None:
-        self.service, self.created = service, created
+    def __init__(self, service: TriggerService, created: Wakeup | None, handed: deque[e.Run] | None) -> None:
+        self.service, self.created, self.handed = service, created, handed
 
     def run_once(self) -> None:
         runs, failures = self.service.create_runs()
-        if runs and self.created is not None:
+        if runs and self.created is not None and self.handed is not None:
+            self.handed.extend(runs)
             self.created.set()
         if failures:
             raise PassIncomplete("datasets", failures)
@@ -147,11 +152,12 @@ class _Submission:
 
     name = "trigger-submission"
 
-    def __init__(self, service: TriggerService, created: Wakeup) -> None:
-        self.service, self.created = service, created
+    def __init__(self, service: TriggerService, created: Wakeup, handed: deque[e.Run]) -> None:
+        self.service, self.created, self.handed = service, created, handed
 
     def run_once(self) -> None:
-        _, failures = self.service.submit_runs()
+        first = [self.handed.popleft() for _ in range(len(self.handed))]  # deque pops are thread-safe
+        _, failures = self.service.submit_runs(first)
         failures += self.service.reconcile_runs(when_due=True)
         if failures:
             raise PassIncomplete("runs", failures)

@@ -280,15 +280,34 @@ def prefect_submitter(flow_name: str = "retrainer-pipeline") -> RunSubmitter:
     return submit
 
 
-def submit_unsubmitted_runs(sessions: sessionmaker[Session], submit: RunSubmitter) -> list[str]:
+def submit_unsubmitted_runs(
+    sessions: sessionmaker[Session], submit: RunSubmitter, first: Sequence[e.Run] = ()
+) -> list[str]:
     """Submits the queued runs that have no flow run yet (new ones, and those whose submission
     failed), oldest first; each is claimed first, so two trigger services never submit one run
-    twice. Returns the ids submitted; raises PassIncomplete after trying all if any stays queued."""
-    with transaction(sessions) as session:
-        waiting = repo.unsubmitted_runs(session)
+    twice. `first`: runs the caller has just created (the trigger service's creation loop hands them
+    over), submitted before the query for the others, so a new run waits for no query. Returns the
+    ids submitted; raises PassIncomplete after trying all if any stays queued."""
     submitted: list[str] = []
     failures: list[tuple[str, BaseException]] = []
-    for run in waiting:
+    _submit_each(sessions, submit, first, submitted, failures)
+    tried = {run.id for run in first}
+    with transaction(sessions) as session:
+        waiting = [run for run in repo.unsubmitted_runs(session) if run.id not in tried]
+    _submit_each(sessions, submit, waiting, submitted, failures)
+    if failures:
+        raise PassIncomplete(f"of {len(first) + len(waiting)} run submissions", failures)
+    return submitted
+
+
+def _submit_each(
+    sessions: sessionmaker[Session],
+    submit: RunSubmitter,
+    runs: Sequence[e.Run],
+    submitted: list[str],
+    failures: list[tuple[str, BaseException]],
+) -> None:
+    for run in runs:
         try:
             if (updated := _submit_claimed(sessions, run, submit)) is not None:
                 submitted.append(run.id)
@@ -298,9 +317,6 @@ def submit_unsubmitted_runs(sessions: sessionmaker[Session], submit: RunSubmitte
         except Exception as error:
             log.warning("run %s of %s stays queued: submission failed: %s", run.id, run.pipeline, describe(error))
             failures.append((f"run {run.id} ({run.pipeline})", error))
-    if failures:
-        raise PassIncomplete(f"of {len(waiting)} run submissions", failures)
-    return submitted
 
 
 def process_pending_events(

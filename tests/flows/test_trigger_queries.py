@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import entities as e
 from domain.decisions import DecisionType
 from flows import tracing
-from flows.triggers import process_pending_events
+from flows.triggers import process_pending_events, submit_unsubmitted_runs
 from storage import repositories as repo
 from storage.db import transaction
 from tests.flows import test_trigger_service as service
@@ -90,3 +90,26 @@ def test_a_second_pass_over_the_same_window_reads_and_writes_nothing_more(sessio
 
     assert len(statements) == 1  # the lock query finds nothing pending
     assert first.created
+
+
+def test_a_run_handed_over_is_submitted_before_any_query_for_queued_runs(sessions: sessionmaker[Session]) -> None:
+    """The creation loop hands its new runs to the submission loop: the claim is the only statement
+    before Prefect is called, and the query for older queued runs comes after (and skips it)."""
+    service.pipeline(sessions, "pipe", "orders")
+    service.event(sessions, "orders")
+    [created] = process_pending_events(sessions, datasets=["orders"])
+    before_call: list[list[str]] = []
+
+    with counted(sessions) as statements:
+
+        def submit(run: e.Run) -> str:
+            before_call.append(list(statements))
+            return f"flow-run-of-{run.id}"
+
+        assert submit_unsubmitted_runs(sessions, submit, [created.run]) == [created.run.id]
+
+    [claim] = before_call[0]
+    assert claim.lstrip().upper().startswith("UPDATE RUNS")
+    assert len(before_call) == 1  # the query after the call found it submitted: not submitted again
+    [run] = service.runs(sessions, "pipe")
+    assert run.prefect_flow_run_id == f"flow-run-of-{run.id}"

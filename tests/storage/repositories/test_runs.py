@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import entities as e
 from domain.errors import ConflictError, InvalidInputError, NotFoundError
 from storage import repositories as repo
-from storage.repositories.runs import SUBMISSION_CLAIM_TIMEOUT
+from storage.orm import SqlRun
+from storage.repositories.runs import SUBMISSION_CLAIM_TIMEOUT, insert_or_skip
 from tests.storage.repositories.conftest import SHA_A, SHA_B, race, store_event, tx
 
 
@@ -32,6 +34,24 @@ def test_run_lifecycle_and_event_links(sessions: sessionmaker[Session], pipeline
     with pytest.raises(ConflictError):
         tx(sessions, lambda s: repo.update_run(s, run.id, status=e.RunStatus.RUNNING))
     assert tx(sessions, lambda s: repo.get_run(s, run.id)).status is e.RunStatus.REJECTED
+
+
+def test_a_runs_insert_is_compiled_once_per_shape_and_still_skips_conflicts(
+    sessions: sessionmaker[Session], pipeline: e.Pipeline
+) -> None:
+    """The run's INSERT states a cache key (a dialect INSERT has none): two runs share it, a plain
+    INSERT of the same values does not, and the SQL keeps ON CONFLICT DO NOTHING."""
+    dialect = sessions.kw["bind"].dialect
+    one, other = (insert_or_skip(dialect.name, {"id": run_id, "status": "queued"}) for run_id in ("a", "b"))
+    key = one._generate_cache_key()
+    assert key is not None and key == other._generate_cache_key()
+    assert key != insert(SqlRun).values({"id": "a", "status": "queued"}).returning(SqlRun)._generate_cache_key()
+    assert "ON CONFLICT DO NOTHING" in str(one.compile(dialect=dialect))
+    # and through the session: the second run of a window is the first, the third a new one
+    first, c1 = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="k"))
+    again, c2 = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="k"))
+    other_run, c3 = tx(sessions, lambda s: repo.create_run(s, "digits-classifier", e.TriggerKind.EVENT, dedupe_key="j"))
+    assert (c1, c2, c3) == (True, False, True) and again.id == first.id != other_run.id
 
 
 def test_run_dedupe_key_gives_one_run_per_window(sessions: sessionmaker[Session], pipeline: e.Pipeline) -> None:
