@@ -12,7 +12,7 @@
    and one vs two consumer processes of one group on PostgreSQL (as `retrainer consume` runs).
 3. The consumer's resident memory at the 10,000th and 100,000th event (must stay flat).
 
-    .venv/bin/python bench/triggers.py [--latency-events 200] [--peer-events 20] [--throughput-events 20000]
+    .venv/bin/python bench/triggers.py [--latency-events 200] [--peer-events 50] [--throughput-events 20000]
         [--rss-events 100000] [--latency-only | --throughput-only]
 
 The PostgreSQL databases are created for the run on RETRAINER_BENCH_POSTGRES_URL's server (default the
@@ -534,7 +534,7 @@ def latency_table(measured: dict[str, Latencies], peer: tuple[list[float], list[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-events", type=int, default=200)
-    parser.add_argument("--peer-events", type=int, default=20)
+    parser.add_argument("--peer-events", type=int, default=50)
     parser.add_argument("--throughput-events", type=int, default=20_000)
     parser.add_argument("--rss-events", type=int, default=100_000)
     parser.add_argument("--latency-only", action="store_true", help="Only the trigger latency table.")
