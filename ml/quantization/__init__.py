@@ -25,13 +25,15 @@ d_model 64, a Linear-heavy transformer d_model 512 x 2 layers), quiet-moment fig
 - Linear-heavy transformer b32 (d_model 512, 16 tokens): torch fp32 24.5, dynamic 4.68 (5.2-5.4x
   in two runs), ORT's defaults 5.10, static 5.25 (4.7x), 3.95x smaller, drop 0-0.2 points (of a
   model at 0.33 accuracy: it learns little from 16 pooled pixels, so that drop says little).
-- Zoo transformer b32: torch fp32 2.73, dynamic 1.40 (1.95x; 1.97x in a third run; 1.53x in a run
-  disturbed by other jobs; 1.48x before this file's fusion and session changes), ORT's defaults
-  1.78, ORT fp32 1.97; 3.55x smaller (2.91x before: compact.py), accuracy drop -0.9 points. The
-  issue's 2.5x is not met. ORT's profile of the int8 graph (2 threads): MatMuls 28 % (int8 already),
-  LayerNormalization 27 % (ORT's CPU kernel takes 67 us on [32, 64, 64] on one thread or two, torch
-  37 us), Attention 26 % (float in both runtimes: int8 does not reach it), GELU 8 %, Add and Split
-  8 %. At d_model 64 over 64 tokens, norms and attention are as much work as the projections.
+- Zoo transformer b32: torch fp32 2.68-2.84, dynamic 1.24-1.33 (2.13-2.16x in three undisturbed
+  runs), ORT's defaults 1.76-1.82, ORT fp32 1.92-2.04; 3.56x smaller, accuracy drop -0.2 points.
+  Before: 1.95x with one packed q/k/v projection and a Split, the tables dequantized on every call
+  and LayerNorms (1.48x before the fusion and session changes; 2.91x smaller before compact.py).
+  The issue's 2.5x is not met. ORT's profile of the int8 graph then (2 threads): MatMuls 28 %
+  (int8 already), LayerNormalization 27 % (ORT's CPU kernel takes 67 us on [32, 64, 64] on one
+  thread or two, torch 37 us; RMSNormalization, what prenorm.py makes of four of the five, 62 us),
+  Attention 26 % (float in both runtimes: int8 does not reach it), GELU 8 %, Add and Split 8 %. At
+  d_model 64 over 64 tokens, norms and attention are as much work as the projections.
 - Options chosen by measuring: signed int8 weights (unsigned 30 % slower), per-tensor (per-channel
   10 % slower, no accuracy gain), no reduce_range (no effect on VNNI); dynamic leaves Conv float
   (ORT's ConvInteger made the zoo CNN 27x slower); static is QDQ (ORT fuses the pairs at load and
@@ -54,10 +56,11 @@ d_model 64, a Linear-heavy transformer d_model 512 x 2 layers), quiet-moment fig
 
 Where things live: `variants.py` (the variant names, their error, the artifact formats),
 `attention.py` (the transformer's encoder layers made exportable), `fusion.py` (their exported
-attention blocks as Split + ONNX's Attention on 3-D inputs), `compact.py` (what int8 leaves float,
-stored small), `onnx_graph.py` (export, the
-checks a loaded graph must pass, `OnnxModule`), `transforms.py` (`quantize`: how each variant is
-built), `weights.py` (the float weights inside a variant, for warm starts), `selection.py`
+attention blocks as q, k, v projections + ONNX's Attention on 3-D inputs), `compact.py` (what int8
+leaves float, stored small), `prenorm.py` (a pre-norm residual stream's LayerNorms as
+RMSNormalization), `onnx_graph.py` (export, the checks a loaded graph must pass, `OnnxModule`),
+`transforms.py` (`quantize`: how each variant is built), `weights.py` (the float weights inside a
+variant, for warm starts), `selection.py`
 (`MetricBudget`, scores, the selection rule, `quantize_and_select`), `persistence.py`
 (`save_quantized` / `load_quantized`, and what happens to torch.ao artifacts). Import from this
 package; the names below are its public interface.

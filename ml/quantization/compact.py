@@ -3,14 +3,14 @@
 After ONNX Runtime's quantizer has made the MatMul weights int8, a graph still holds float tables
 (token embeddings, learned positions), vectors (biases, norm scales) and its own structure.
 `compact` stores each float table (two dimensions above 1, read only by indexing and elementwise
-operators) as int8: one scale and a DequantizeLinear after each Gather for a table only Gathers
-read, one scale per row and a DequantizeLinear in front otherwise; every other float tensor of 16
-elements or more as half behind a Cast that ORT folds at load (`store_half`); and drops what the
-runtime does not read: shape annotations (ORT infers shapes again), node names, long names
+operators) as int8 and a scale (one for a table only Gathers read, one per row otherwise), widened
+by a Cast and a Mul that ORT folds at load; every other float tensor of 16 elements or more as half
+behind a Cast that ORT folds at load too (`store_half`); and drops what the
+runtime does not read: all-zero weight zero points, shape annotations (ORT infers shapes again), node names, long names
 (initializers become `w<n>`, computed values `t<n>`; graph inputs and outputs keep theirs). The zoo
 transformer's dynamic variant went from 2.91x to 3.55x smaller than the float model this way, at
 no accuracy cost in bench/quantization.py. Weights keep the suffixes `ml/quantization/weights.py`
-looks them up by (`_quantized`, `_scale`, `_zero_point` for int8, `.fp16` for half).
+looks them up by (`_quantized`, `_scale` and the quantizer's `_zero_point` for int8, `.fp16` for half).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 # fp16 leaves tiny tensors (scalars, norms' shapes) float: halving them saves nothing and costs a Cast each.
 _FP16_MIN_ELEMENTS = 16
-# A table is int8 from this size on: below it, the scale and the DequantizeLinear outweigh what it saves.
+# A table is int8 from this size on: below it, the scale and the widening nodes outweigh what it saves.
 _INT8_MIN_ELEMENTS = 256
 # What reads a table (an embedding, a position table): elementwise and indexing operators. A weight of
 # a compute operator (a Conv dynamic int8 leaves float) stays half: a DequantizeLinear in front of a
 # Conv kept ORT from folding and re-laying out its weight at load (zoo CNN b32 0.59 vs 0.21 ms).
 _TABLE_USES = frozenset({"Gather", "Add", "Sub", "Mul", "Div", "Slice", "Concat"})
+# Integer kernels whose weight zero point (input 3) is optional and defaults to zero.
+_ZERO_POINT_KERNELS = frozenset({"MatMulInteger", "ConvInteger"})
 # How ONNX Runtime's quantizer and this module name a weight's stored forms (weights.py reads them so).
 _SUFFIXES = ("_quantized", "_scale", "_zero_point", ".fp16")
 
@@ -41,6 +43,7 @@ def compact(graph: onnx.ModelProto, *, tables_int8: bool) -> dict[str, str]:
     # rewritten for: such graphs keep their tables half, as everything else.
     if tables_int8 and not _has_subgraphs(graph.graph):
         store_int8_tables(graph)
+    drop_zero_points(graph)
     store_half(graph)
     body = graph.graph
     del body.value_info[:]
@@ -49,11 +52,12 @@ def compact(graph: onnx.ModelProto, *, tables_int8: bool) -> dict[str, str]:
 
 def store_int8_tables(graph: onnx.ModelProto) -> int:
     """Each float initializer with two or more dimensions above 1 and `_INT8_MIN_ELEMENTS` elements as
-    symmetric int8. A table only Gathers read (an embedding) has one scale and is dequantized after
-    each Gather, so only the rows looked up are widened; any other (a position table)
-    has a scale per slice of its first dimension above 1 (`table_axis`) and is dequantized in front
-    of the graph. Only tables are stored so: tensors read by `_TABLE_USES` operators alone. Returns
-    how many it stored."""
+    symmetric int8 and its scale, widened in front of the graph by a Cast to float and a Mul by the
+    scale: constant inputs only, which ONNX Runtime folds once when the session loads (a
+    DequantizeLinear it keeps for its QDQ fusions, and ran on every call). A table only Gathers read
+    (an embedding) has one scale; any other (a position table) one per slice of its first dimension
+    above 1 (`table_axis`). Only tables are stored so: tensors read by `_TABLE_USES` operators
+    alone. Returns how many it stored."""
     body = graph.graph
     outputs = {output.name for output in body.output}
     inputs = {value.name for value in body.input}
@@ -61,7 +65,6 @@ def store_int8_tables(graph: onnx.ModelProto) -> int:
     for node in body.node:
         for index, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, index))
-    gathered: set[str] = set()
     front: list[onnx.NodeProto] = []
     for tensor in list(body.initializer):
         dims = [int(d) for d in tensor.dims]
@@ -72,40 +75,31 @@ def store_int8_tables(graph: onnx.ModelProto) -> int:
         if tensor.name in outputs | inputs or not uses or not all(node.op_type in _TABLE_USES for node, _ in uses):
             continue
         values = numpy_helper.to_array(tensor)
-        rows_only = all(index == 0 and _is_gather(node) for node, index in consumers[tensor.name])
+        rows_only = all(index == 0 and _is_gather(node) for node, index in uses)
         axis = None if rows_only else table_axis(values.shape)
         reduced = tuple(i for i in range(values.ndim) if i != axis)
         peak = np.abs(values).max(axis=reduced, keepdims=True)
-        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        # shaped to broadcast against the table (one scale per slice of `axis`, or a scalar)
+        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32).reshape(() if axis is None else peak.shape)
         name = tensor.name
-        scales = scale.reshape(-1) if axis is not None else scale.reshape(())
         body.initializer.remove(tensor)
         body.initializer.extend(
             [
                 numpy_helper.from_array(np.clip(np.rint(values / scale), -127, 127).astype(np.int8), _q(name)),
-                numpy_helper.from_array(scales, f"{name}_scale"),
-                numpy_helper.from_array(np.zeros(scales.shape, np.int8), f"{name}_zero_point"),
+                numpy_helper.from_array(scale, f"{name}_scale"),
             ]
         )
-        if rows_only:
-            gathered.add(name)
-        else:
-            front.append(_dequantize(name, _q(name), name, axis))
-    nodes: list[onnx.NodeProto] = []
-    for node in body.node:
-        nodes.append(node)
-        if _is_gather(node) and node.input[0] in gathered:
-            table, rows = node.input[0], node.output[0]
-            node.input[0], node.output[0] = _q(table), f"{rows}.int8"
-            nodes.append(_dequantize(table, f"{rows}.int8", rows, None))
+        front.append(helper.make_node("Cast", [_q(name)], [f"{name}.int8_as_float"], to=TensorProto.FLOAT))
+        front.append(helper.make_node("Mul", [f"{name}.int8_as_float", f"{name}_scale"], [name]))
     # In front of everything, so the graph stays topologically sorted.
+    nodes = [*front, *body.node]
     del body.node[:]
-    body.node.extend([*front, *nodes])
-    return len(gathered) + len(front)
+    body.node.extend(nodes)
+    return len(front) // 2
 
 
 def table_axis(shape: tuple[int, ...] | list[int]) -> int:
-    """The axis a table that is dequantized whole has one scale per slice of: its first above 1
+    """The axis a table has one scale per slice of, unless only Gathers read it: its first above 1
     (a position table's positions). weights.py reads scales so."""
     return next(axis for axis, size in enumerate(shape) if size > 1)
 
@@ -118,11 +112,26 @@ def _q(name: str) -> str:
     return f"{name}_quantized"
 
 
-def _dequantize(table: str, source: str, target: str, axis: int | None) -> onnx.NodeProto:
-    inputs = [source, f"{table}_scale", f"{table}_zero_point"]
-    if axis is None:
-        return helper.make_node("DequantizeLinear", inputs, [target])
-    return helper.make_node("DequantizeLinear", inputs, [target], axis=axis)
+def drop_zero_points(graph: onnx.ModelProto) -> int:
+    """Drops each int8 kernel's weight zero point that is all zeros (what symmetric int8 weights have):
+    an optional input that defaults to zero, stored per weight for nothing. ORT fuses the kernels
+    (DynamicQuantizeMatMul, MatMulIntegerToFloat) as before. Returns how many it dropped."""
+    body = graph.graph
+    stored = {tensor.name: tensor for tensor in body.initializer}
+    dropped: set[str] = set()
+    for node in body.node:
+        # the weight's zero point is their fourth and last input
+        if node.op_type not in _ZERO_POINT_KERNELS or node.domain not in ("", "ai.onnx") or len(node.input) != 4:
+            continue
+        zero = stored.get(node.input[3])
+        if zero is not None and not numpy_helper.to_array(zero).any():
+            dropped.add(node.input[3])
+            del node.input[3]
+    read = {name for node in body.node for name in node.input}
+    unread = [stored[name] for name in dropped if name not in read]
+    for tensor in unread:
+        body.initializer.remove(tensor)
+    return len(unread)
 
 
 def store_half(graph: onnx.ModelProto) -> int:
@@ -131,8 +140,10 @@ def store_half(graph: onnx.ModelProto) -> int:
     weights rounded to half. The int8 variants use it for what they leave float (biases, norms), the
     fp16 variant for everything. Returns how many tensors it halved."""
     body = graph.graph
-    # A per-axis scale stays float: DequantizeLinear reads it, and so does weights.py.
+    # A scale stays float: DequantizeLinear or a table's Mul reads it, and so does weights.py.
     scales = {node.input[1] for node in body.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    stored = {tensor.name for tensor in body.initializer}
+    scales |= {f"{name[: -len('_quantized')]}_scale" for name in stored if name.endswith("_quantized")}
     inputs = {value.name for value in body.input}  # an initializer fed at run time keeps its type
     casts: list[onnx.NodeProto] = []
     for tensor in list(body.initializer):

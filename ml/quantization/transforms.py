@@ -6,9 +6,10 @@
 calibrated on sample batches, `fp16` stores every float weight as half and widens it once when
 the session loads. The transformer's encoder layers are swapped first (ml/quantization/attention.py)
 so that their projections export as plain MatMuls int8 can reach, and each exported attention block
-becomes a projection, a Split and ONNX's Attention on 3-D inputs (ml/quantization/fusion.py). What
-int8 leaves float is stored small (ml/quantization/compact.py). Each option below was picked by
-measuring (the figures are in ml/quantization/__init__.py).
+becomes ONNX's Attention on 3-D inputs over its projections (ml/quantization/fusion.py). A pre-norm
+transformer's LayerNorms run as RMSNormalization where that is exact (ml/quantization/prenorm.py).
+What int8 leaves float is stored small (ml/quantization/compact.py). Each option below was picked
+by measuring (the figures are in ml/quantization/__init__.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ml.quantization.attention import swap_encoder_layers
 from ml.quantization.compact import compact, store_half
 from ml.quantization.fusion import fuse_attention, replace_nodes
 from ml.quantization.onnx_graph import INPUT, ExportError, OnnxModule, export_onnx, quiet_loggers
+from ml.quantization.prenorm import rms_norms
 from ml.quantization.variants import (
     ONNX_FORMAT,
     QuantizationUnavailableError,
@@ -192,10 +194,17 @@ def quantize(model: nn.Module, variant: Variant, calibration: Iterable[torch.Ten
         raise QuantizationUnavailableError(f"{variant} needs an ONNX export, and {e}") from e
     if variant == "dynamic":
         graph = gemm_as_matmul(graph)
-    # Every variant: each attention block as Split + ONNX's Attention (ml/quantization/fusion.py),
-    # standard operators, so int8 (dynamic and static alike) reaches the qkv projection MatMul.
-    fuse_attention(graph)
+    # Every variant: each attention block as ONNX's Attention over its projections
+    # (ml/quantization/fusion.py), standard operators, so int8 (dynamic and static alike) reaches the
+    # projections. Dynamic int8 takes q, k, v as three projections, one quantization of their input
+    # (zoo transformer b32 1.20 vs 1.22 ms with a Split); static and fp16 keep one packed projection and
+    # a Split (static 1.72 vs 1.78 ms, fp16 alike and smaller). The weights are found before, where the
+    # packed projection is still whole.
     weights = weight_map(model, graph)
+    weights = rename_weights(weights, fuse_attention(graph, separate=variant == "dynamic"))
+    # Pre-norm residual streams centred and their norms as RMSNormalization where exact
+    # (ml/quantization/prenorm.py); the norm biases it folds away are zeros in the float weights.
+    weights = rename_weights(weights, rms_norms(graph))
     with tempfile.TemporaryDirectory(prefix="retrainer-quantize-") as folder:
         try:
             transformed = _BUILDERS[variant](graph, Path(folder), batches)

@@ -123,8 +123,11 @@ def test_dynamic_reaches_every_linear_of_the_transformer_including_attention() -
         for node in graph.graph.node
         if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")
     )
-    # qkv (fusion.py leaves it a MatMul in front of ONNX's Attention), out, ff1, ff2, head.
-    assert int8 == Counter({"MatMulInteger": 5})
+    # q, k, v (fusion.py makes them MatMuls in front of ONNX's Attention), out, ff1, ff2, head.
+    assert int8 == Counter({"MatMulInteger": 7})
+    # q, k and v quantize their shared input once
+    quantized_inputs = Counter(node.input[0] for node in graph.graph.node if node.op_type == "MatMulInteger")
+    assert sorted(quantized_inputs.values()) == [1, 1, 1, 1, 3]
     weights = {tensor.name for tensor in graph.graph.initializer}
     assert not any(
         node.op_type in ("MatMul", "Gemm", "Attention") and node.input[1] in weights for node in graph.graph.node

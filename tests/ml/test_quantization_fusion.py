@@ -1,4 +1,4 @@
-"""The exported attention blocks as Split + ONNX's Attention on 3-D inputs (ml/quantization/fusion.py)."""
+"""The exported attention blocks as q, k, v projections + ONNX's Attention on 3-D inputs (ml/quantization/fusion.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import nn
 
-from ml.quantization import OnnxModule, Variant, load_quantized, quantize, save_quantized, swap_encoder_layers
+from ml.quantization import (
+    OnnxModule,
+    Variant,
+    float_weights,
+    load_quantized,
+    quantize,
+    save_quantized,
+    swap_encoder_layers,
+)
 from ml.quantization.fusion import fuse_attention
 from ml.quantization.onnx_graph import INPUT, export_onnx, session_for
 from ml.zoo import build_model
@@ -40,18 +50,31 @@ def _exported(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     return export_onnx(exportable, example)
 
 
-def test_fusion_replaces_each_block_and_computes_the_same() -> None:
+@pytest.mark.parametrize("separate", [True, False])
+def test_fusion_replaces_each_block_and_computes_the_same(separate: bool) -> None:
     model, x = _build(), _tokens(6, 1)
     graph = _exported(model, x[:2])
     unfused = session_for(graph.SerializeToString()).run(None, {INPUT: x.numpy()})[0]
 
-    assert fuse_attention(graph) == 2
+    packed = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    parts = fuse_attention(graph, separate=separate)
     ops = _ops(graph.SerializeToString())
-    assert ops[":Attention"] == ops[":Split"] == 2 and ops[":Transpose"] == 0 and ops[":Reshape"] == 0
+    assert ops[":Attention"] == 2 and ops[":Transpose"] == 0 and ops[":Reshape"] == 0
     assert ops[":Gather"] == 1  # the embedding's; the q/k/v Gathers are gone
     assert not any(opset.domain == MS_DOMAIN for opset in graph.opset_import)  # ONNX's own operators only
     fused = session_for(graph.SerializeToString()).run(None, {INPUT: x.numpy()})[0]
     np.testing.assert_allclose(fused, unfused, atol=1e-5, rtol=1e-5)
+    if not separate:  # the packed projection and a Split in three
+        assert ops[":Split"] == 2 and ops[":MatMul"] == 2 * 4 and parts == {}
+        return
+    assert ops[":Split"] == 0 and ops[":MatMul"] == 2 * 6  # q, k, v, out and the two feed-forward MatMuls
+    # each block's packed weight split, and the bias both blocks share (zeros at init) split once
+    split = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    assert sorted(packed[name].ndim for name in parts) == [1, 2, 2]
+    assert all(len(names) == 3 for names in parts.values())
+    for name, names in parts.items():
+        assert name not in split
+        np.testing.assert_array_equal(np.concatenate([split[n] for n in names], axis=-1), packed[name])
 
 
 def test_fused_variants_predict_as_the_float_model_and_load_from_their_artifact(tmp_path: Path) -> None:
@@ -65,6 +88,7 @@ def test_fused_variants_predict_as_the_float_model_and_load_from_their_artifact(
         assert isinstance(quantized, OnnxModule)
         ops = _ops(quantized.onnx_bytes)
         assert ops[":Attention"] == 2 and ops[":Transpose"] == 0 and ops[f"{MS_DOMAIN}:QAttention"] == 0, variant
+        assert ops[":Split"] == (0 if variant == "dynamic" else 2), variant  # three projections for dynamic
         saved = save_quantized(quantized, variant, tmp_path / f"{variant}.onnx")
         loaded = load_quantized(saved.path, _build, variant, expected_sha256=saved.sha256)
         with torch.inference_mode():
@@ -72,6 +96,10 @@ def test_fused_variants_predict_as_the_float_model_and_load_from_their_artifact(
             assert torch.equal(out, quantized(x)), variant  # what was saved is what runs
         assert (out - reference).abs().max().item() < tolerance, variant
         assert torch.equal(out.argmax(dim=1), reference.argmax(dim=1)), variant
+        # the packed q/k/v projection, whole or stored as three parts, comes back whole for a warm start
+        state = float_weights(quantized.onnx_bytes, source=f"{variant} champion")
+        for key in ("encoder.layers.1.self_attn.in_proj_weight", "encoder.layers.1.self_attn.in_proj_bias"):
+            assert torch.allclose(state[key], model.state_dict()[key], atol=0.02), (variant, key)
 
 
 class _Causal(nn.Module):
@@ -105,7 +133,7 @@ def test_a_masked_block_is_fused_with_its_mask() -> None:
     torch.manual_seed(0)
     model, x = _Causal().eval(), torch.randn(4, 5, 16)
     graph = _exported(model, x[:2])
-    assert fuse_attention(graph) == 1
+    assert len(fuse_attention(graph, separate=True)) == 2  # one block: its weight and its bias split
     attention = next(node for node in graph.graph.node if node.op_type == "Attention")
     assert len(attention.input) == 4  # q, k, v and the mask
     with torch.inference_mode():
@@ -119,7 +147,7 @@ def test_a_block_outside_the_pattern_is_left_as_exported() -> None:
     model, x = _SeparateProjections().eval(), torch.randn(4, 5, 16)
     graph = _exported(model, x[:2])
     before = graph.SerializeToString()
-    assert fuse_attention(graph) == 0
+    assert fuse_attention(graph, separate=True) == {}
     assert graph.SerializeToString() == before
     with torch.inference_mode():
         expected = model(x).numpy()
