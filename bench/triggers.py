@@ -513,9 +513,7 @@ def latency_table(measured: dict[str, Latencies], peer: tuple[list[float], list[
         print(f"{'  produce → Prefect flow run submitted (id on the run)':<62}{flow50:>7.1f} /{flow99:>7.1f}  "
               f"p99 <= 250: {met}")  # fmt: skip
         created50, created99 = percentile(to_created, 50), percentile(to_created, 99)
-        print(
-            f"{'  produce → flow run created (its stamp in Prefect)':<62}{created50:>7.1f} /{created99:>7.1f}"
-        )
+        print(f"{'  produce → flow run created (its stamp in Prefect)':<62}{created50:>7.1f} /{created99:>7.1f}")
         if not isinstance(peer, str):
             ratio = statistics.median(peer[1]) / statistics.median(to_created)
             print(f"{'  faster than Prefect emit_event → flow run created (p50)':<62}{ratio:>15.1f}x  >= 5x: "

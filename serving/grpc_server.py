@@ -165,17 +165,34 @@ class Arrivals:
 
     def started(self, peer: str) -> None:
         self._calls += 1
-        self._last[peer] = time.monotonic()
+        self._seen(peer)
 
     def finished(self, peer: str) -> None:
         self._calls -= 1
-        now = self._last[peer] = time.monotonic()
+        now = self._seen(peer)
         if len(self._last) > self.max_peers:  # clients come and go: keep only the recent ones
             self._last = {p: t for p, t in self._last.items() if t > now - self.window_s}
 
+    def _seen(self, peer: str) -> float:
+        """Records a call of `peer` now, keeping `_last` ordered oldest first (a dict keeps insertion order)."""
+        last = self._last
+        last.pop(peer, None)
+        now = last[peer] = time.monotonic()
+        return now
+
     def expected(self) -> int:
         cutoff = time.monotonic() - self.window_s
-        recent = sum(1 for t in list(self._last.values()) if t > cutoff)
+        last = self._last
+        # peers are kept in the order of their last call (`_seen`), so when the oldest is recent all are:
+        # the common case under load, answered without a pass over every peer
+        try:
+            oldest = next(iter(last.values()), None)
+        except RuntimeError:  # the loop changed the dict meanwhile: count the slow way
+            oldest = None
+        if oldest is not None and oldest > cutoff:
+            recent = len(last)
+        else:
+            recent = sum(1 for t in list(last.values()) if t > cutoff)
         return max(0, recent - self._calls)
 
 

@@ -35,10 +35,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from domain.errors import InvalidInputError, NotFoundError
 from domain.evidence import ServedWindow
@@ -49,6 +50,7 @@ LABELS = ("pipeline", "variant", "version")
 WINDOW_EVENTS = 50_000  # per (pipeline, variant, version): enough for minutes at hundreds of req/s
 
 Clock = Callable[[], float]
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class ServingMetrics:
         )
         self._clock = clock
         self._windows: dict[tuple[str, str, str], _Window] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         self._reported_until = -math.inf
         self._lock = threading.Lock()
 
@@ -104,26 +107,35 @@ class ServingMetrics:
             window = self._windows[key] = _Window()
         return window
 
+    def _child(self, metric: M, labels: tuple[str, ...]) -> M:
+        """`metric.labels(*labels)`, resolved once per label set: `labels` takes a lock and builds a
+        tuple and a dict lookup per call (~1 µs), and a request counts in three or four series."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children.setdefault((metric, labels), metric.labels(*labels))
+        return cast(M, child)
+
     def observe(self, pipeline: str, variant: str, version: str, latency_s: float, classes: Sequence[int]) -> None:
-        self.requests.labels(pipeline, variant, version).inc()
-        self.latency.labels(pipeline, variant, version).observe(latency_s)
-        counts = np.bincount(np.asarray(classes, dtype=np.int64)) if len(classes) else np.zeros(0, dtype=np.int64)
-        for cls, count in enumerate(counts.tolist()):
-            if count:
-                self.predictions.labels(pipeline, variant, version, str(cls)).inc(count)
+        key = (pipeline, variant, version)
+        self._child(self.requests, key).inc()
+        self._child(self.latency, key).observe(latency_s)
+        for cls, count in ((classes[0], 1),) if len(classes) == 1 else collections.Counter(classes).items():
+            self._child(self.predictions, (*key, str(cls))).inc(count)
         with self._lock:
-            self._window((pipeline, variant, version)).served.append((self._clock(), latency_s, True, tuple(classes)))
+            self._window(key).served.append((self._clock(), latency_s, True, tuple(classes)))
 
     def failed(self, pipeline: str, variant: str, version: str, latency_s: float) -> None:
-        self.requests.labels(pipeline, variant, version).inc()
-        self.errors.labels(pipeline, variant, version, "server").inc()
+        key = (pipeline, variant, version)
+        self._child(self.requests, key).inc()
+        self._child(self.errors, (*key, "server")).inc()
         with self._lock:
-            self._window((pipeline, variant, version)).served.append((self._clock(), latency_s, False, ()))
+            self._window(key).served.append((self._clock(), latency_s, False, ()))
 
     def rejected(self, pipeline: str, variant: str, version: str) -> None:
-        self.errors.labels(pipeline, variant, version, "client").inc()
+        key = (pipeline, variant, version)
+        self._child(self.errors, (*key, "client")).inc()
         with self._lock:
-            self._window((pipeline, variant, version)).rejected.append(self._clock())
+            self._window(key).rejected.append(self._clock())
 
     def labelled(
         self,

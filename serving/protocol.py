@@ -334,6 +334,9 @@ def _json_values(item: dict[str, Any]) -> npt.NDArray[np.float32]:
 
 
 def _has_bool(data: list[Any]) -> bool:
+    kinds = set(map(type, data))  # in C: a flat list (the usual form) needs no Python loop over its values
+    if list not in kinds:
+        return bool in kinds
     stack: list[Any] = [data]
     while stack:
         item = stack.pop()

@@ -28,8 +28,7 @@ import math
 import random
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -322,6 +321,23 @@ class Routed(NamedTuple):
     drift_edges: tuple[float, ...] = ()
 
 
+class Lease:
+    """A request's lease on the model it was routed to (`ModelRegistry.route`), taken at routing and
+    given back when its `with` block ends. A class, not a generator context manager: one is made per
+    request, and this costs half as much CPU."""
+
+    __slots__ = ("routed",)
+
+    def __init__(self, routed: Routed) -> None:
+        self.routed = routed
+
+    def __enter__(self) -> Routed:
+        return self.routed
+
+    def __exit__(self, *_exc: object) -> None:
+        self.routed.model._release()
+
+
 def drift_edges(champion: LoadedModel, model: LoadedModel) -> tuple[float, ...]:
     """The champion's prediction bins, for both variants: drift asks whether the canary predicts
     differently from the champion. A champion without bins (a classifier, before a task change)
@@ -451,9 +467,8 @@ class ModelRegistry:
                 return slot is not None and slot.champion is not None
             return all(slot.champion is not None for slot in self._slots.values())
 
-    @contextmanager
-    def route(self, pipeline: str, *, sticky_key: str | None = None, version: str | None = None) -> Iterator[Routed]:
-        """Picks the variant for one request and holds a lease on its model until the block ends.
+    def route(self, pipeline: str, *, sticky_key: str | None = None, version: str | None = None) -> Lease:
+        """Picks the variant for one request and holds a lease on its model until the `with` block ends.
 
         `version` pins the request to the champion or canary with that version (404 otherwise).
         """
@@ -463,20 +478,18 @@ class ModelRegistry:
                 raise NotFoundError(self._unknown(pipeline))
             if slot.champion is None:
                 raise ModelNotReadyError(f"model {pipeline!r} has no champion loaded yet; retry once it is ready")
-            routed = self._pick(pipeline, slot, sticky_key, version)
-            routed = routed._replace(drift_edges=drift_edges(slot.champion, routed.model))
-            routed.model._acquire()  # under the registry lock: a swap cannot retire it in between
-        try:
-            yield routed
-        finally:
-            routed.model._release()
+            variant, model = self._pick(pipeline, slot, sticky_key, version)
+            model._acquire()  # under the registry lock: a swap cannot retire it in between
+            return Lease(Routed(pipeline, variant, model, drift_edges(slot.champion, model)))
 
-    def _pick(self, pipeline: str, slot: _Slot, sticky_key: str | None, version: str | None) -> Routed:
+    def _pick(
+        self, pipeline: str, slot: _Slot, sticky_key: str | None, version: str | None
+    ) -> tuple[Variant, LoadedModel]:
         assert slot.champion is not None
         if version is not None:
             for variant, model in ((CHAMPION, slot.champion), (CANARY, slot.canary)):
                 if model is not None and model.version == version:
-                    return Routed(pipeline, variant, model)
+                    return variant, model
             served = [m.version for m in (slot.champion, slot.canary) if m is not None]
             raise NotFoundError(
                 f"model {pipeline!r} has no version {version!r} loaded; it serves {', '.join(served)} "
@@ -485,8 +498,8 @@ class ModelRegistry:
         if slot.canary is not None and slot.canary_weight > 0.0:
             draw = sticky_fraction(pipeline, sticky_key) if sticky_key else self._rng.random() * 100.0
             if draw < slot.canary_weight:
-                return Routed(pipeline, CANARY, slot.canary)
-        return Routed(pipeline, CHAMPION, slot.champion)
+                return CANARY, slot.canary
+        return CHAMPION, slot.champion
 
     def _unknown(self, pipeline: str) -> str:
         known = ", ".join(sorted(self._slots)) or "none"

@@ -45,6 +45,17 @@ def test_clients_gone_quiet_are_not_waited_for() -> None:
     assert arrivals.expected() == 1
 
 
+def test_a_client_calling_again_counts_once_among_quiet_ones() -> None:
+    arrivals = Arrivals(window_s=0.05)
+    for port in (5001, 5002, 5003):
+        arrivals.started(f"ipv4:127.0.0.1:{port}")
+        arrivals.finished(f"ipv4:127.0.0.1:{port}")
+    time.sleep(0.06)
+    arrivals.started("ipv4:127.0.0.1:5001")  # the oldest peer calls again: now the most recent
+    arrivals.finished("ipv4:127.0.0.1:5001")
+    assert arrivals.expected() == 1  # 5002 and 5003 have gone quiet
+
+
 def test_concurrent_grpc_clients_get_their_own_answers_and_the_models_their_arrivals(
     registry: ModelRegistry, app: FastAPI
 ) -> None:

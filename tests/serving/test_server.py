@@ -327,3 +327,20 @@ def test_stats_answer_is_the_typed_window_the_controller_reads(registry: ModelRe
     bad = http.get("/v2/models/digits/stats", params={"window_seconds": 0})
     assert bad.status_code == 400 and "window_seconds" in bad.json()["error"]
     assert http.get("/v2/models/nope/stats").status_code == 404
+
+
+def test_tune_process_freezes_what_is_imported_and_collects_less_often() -> None:
+    import gc
+
+    from serving.server import GC_THRESHOLDS, tune_process
+
+    thresholds, threads = gc.get_threshold(), torch.get_num_threads()
+    try:
+        tune_process(1, fixed_mmap_threshold=False)
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 10_000  # the imported modules, never walked by a collection again
+        assert torch.get_num_threads() == 1
+    finally:  # process-wide settings: the other tests run with Python's own
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        torch.set_num_threads(threads)
