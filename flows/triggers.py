@@ -290,6 +290,8 @@ def submit_unsubmitted_runs(
     ids submitted; raises PassIncomplete after trying all if any stays queued."""
     submitted: list[str] = []
     failures: list[tuple[str, BaseException]] = []
+    # as `unsubmitted_runs`: a schedule run's own flow run made it (submitting it would start a second)
+    first = [run for run in first if run.trigger_kind is not e.TriggerKind.SCHEDULE]
     _submit_each(sessions, submit, first, submitted, failures)
     tried = {run.id for run in first}
     with transaction(sessions) as session:

@@ -40,6 +40,7 @@ def tune_process(torch_threads: int, *, fixed_mmap_threshold: bool = True) -> No
     """
     import torch
 
+    gc.collect()  # what is garbage now would be frozen with the rest and never collected
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     torch.set_num_threads(torch_threads)

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ml.quantization.onnx_graph import has_subgraphs
+
 # fp16 leaves tiny tensors (scalars, norms' shapes) float: halving them saves nothing and costs a Cast each.
 _FP16_MIN_ELEMENTS = 16
 # A table is int8 from this size on: below it, the scale and the widening nodes outweigh what it saves.
@@ -41,7 +43,7 @@ def compact(graph: onnx.ModelProto, *, tables_int8: bool) -> dict[str, str]:
     weights' old base names -> new ones (`rename_weights` applies it to the weight map)."""
     # A subgraph (If, Loop) may read a table by name, which only the Gathers of the outer graph are
     # rewritten for: such graphs keep their tables half, as everything else.
-    if tables_int8 and not _has_subgraphs(graph.graph):
+    if tables_int8 and not has_subgraphs(graph.graph):
         store_int8_tables(graph)
     drop_zero_points(graph)
     store_half(graph)
@@ -168,7 +170,7 @@ def _shorten_names(body: onnx.GraphProto) -> dict[str, str]:
     `w<n>` plus its suffix (`_quantized`, `.fp16`, ...); the graph's inputs and outputs keep their
     names. Returns the initializers' old base names and whole names -> new ones, for the weight map
     (a float weight whose own name ends like a suffix, `logit_scale`, is found by its whole name)."""
-    if _has_subgraphs(body):
+    if has_subgraphs(body):
         return {}  # a subgraph may read the outer graph's values by name
     io = {value.name for value in (*body.input, *body.output)}
     if any(re.fullmatch(r"[tw]\d+", name) for name in io):
@@ -193,10 +195,6 @@ def _shorten_names(body: onnx.GraphProto) -> dict[str, str]:
             if name in renamed:
                 node.input[index] = renamed[name]
     return weights
-
-
-def _has_subgraphs(body: onnx.GraphProto) -> bool:
-    return any(attribute.HasField("g") or attribute.graphs for node in body.node for attribute in node.attribute)
 
 
 def _split_suffix(name: str) -> tuple[str, str]:

@@ -103,6 +103,12 @@ def check_graph(graph: onnx.ModelProto, source: str) -> None:
         )
 
 
+def has_subgraphs(body: onnx.GraphProto) -> bool:
+    """Whether a node of `body` holds a subgraph (If, Loop, Scan), which may read the outer graph's
+    values by name: the rewrites that follow readers by name refuse such graphs."""
+    return any(attribute.HasField("g") or attribute.graphs for node in body.node for attribute in node.attribute)
+
+
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:

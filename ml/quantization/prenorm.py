@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ml.quantization.fusion import replace_nodes
+from ml.quantization.onnx_graph import has_subgraphs
 
 _DEFAULT = ("", "ai.onnx")
 # RMSNormalization is an ONNX operator from this opset on.
@@ -69,9 +70,11 @@ class _Stream:
             for name in node.input:
                 self.consumers[name].append(node)
         self.width = width
+        self.outputs = list(body.output)
         self.writes: set[str] = set()  # initializers centred along their last axis
         self.values: set[str] = set()  # what the norms and the residual Adds read
-        self.readers: set[int] = set()  # id() of every node that reads a write or carries the stream
+        self.writers: set[int] = set()  # id() of the Gathers, MatMuls and bias Adds that read a write
+        self.carriers: set[int] = set()  # id() of the residual Adds that carry a stream
         self.residual = False  # whether an Add carries a stream (a Linear then a norm has none)
 
     def trace(self, value: str) -> None:
@@ -85,12 +88,13 @@ class _Stream:
         node = self.producer.get(value)
         if node is None or node.domain not in _DEFAULT:
             raise _Refused(f"{value} is a graph input or a custom operator's output")
-        self.readers.add(id(node))
         if node.op_type == "Gather" and node.input[0] in self.tensors and _attribute(node, "axis", 0) == 0:
+            self.writers.add(id(node))
             self._write(node.input[0])
         elif not self._linear(node):
             if node.op_type != "Add":
                 raise _Refused(f"{node.op_type} writes into the stream")
+            self.carriers.add(id(node))
             self.residual = True
             for operand in node.input:
                 self.trace(operand)
@@ -105,7 +109,7 @@ class _Stream:
             matmul, bias = found[0]
             if list(self.tensors[bias].dims) != [self.width] or len(self.consumers[matmul.output[0]]) != 1:
                 raise _Refused(f"{node.op_type} adds {bias} to a MatMul read elsewhere or of another width")
-            self.readers.add(id(matmul))
+            self.writers.update((id(node), id(matmul)))
             self._write(bias)
             node = matmul
         if node.op_type != "MatMul" or node.domain not in _DEFAULT or node.input[1] not in self.tensors:
@@ -113,6 +117,7 @@ class _Stream:
         weight = self.tensors[node.input[1]]
         if len(weight.dims) != 2:
             raise _Refused(f"weight {weight.name} is not a matrix")
+        self.writers.add(id(node))
         self._write(weight.name)
         return True
 
@@ -125,18 +130,23 @@ class _Stream:
 
 def _rewrite(body: onnx.GraphProto) -> dict[str, None]:
     norms = [node for node in body.node if node.op_type == "LayerNormalization" and node.domain in _DEFAULT]
-    if not norms:
+    if not norms or has_subgraphs(body):
         return {}
     stream = _Stream(body, _width(norms, body))
     for norm in norms:
         stream.trace(norm.input[0])
     if not stream.residual:
         return {}
-    stream.readers.update(id(norm) for norm in norms)
+    # A stream value is read only by what carries it (the residual Adds) and the norms: a Linear
+    # reading it directly would see the centred stream, which differs from the trained one by more
+    # than a shift along the last axis. A write is read only by its own Gather / MatMul / bias Add,
+    # or added as it is by a carrier (a position table).
+    carriers = stream.carriers | {id(norm) for norm in norms}
     outputs = {value.name for value in body.output}
-    for name in stream.values | stream.writes:
-        if name in outputs or any(id(node) not in stream.readers for node in stream.consumers[name]):
-            raise _Refused(f"{name} is read outside the stream")
+    for names, allowed in ((stream.values, carriers), (stream.writes, carriers | stream.writers)):
+        for name in names:
+            if name in outputs or any(id(node) not in allowed for node in stream.consumers[name]):
+                raise _Refused(f"{name} is read outside the stream")
     for name in stream.writes:  # a norm's scale or bias equal to a write (and shared with it) stays as it is
         if any(node.op_type == "LayerNormalization" for node in stream.consumers[name]):
             raise _Refused(f"{name} is also a norm's parameter")
@@ -188,6 +198,8 @@ def _fold(norm: onnx.NodeProto, stream: _Stream, digests: dict[str, list[str]]) 
     beta_name = norm.input[2] if len(norm.input) > 2 else ""
     if not beta_name:
         return {}
+    if norm.output[0] in {value.name for value in stream.outputs}:
+        return None  # a graph output: what the caller reads would lose the bias
     if beta_name not in tensors:
         return None
     beta = numpy_helper.to_array(tensors[beta_name]).astype(np.float64)

@@ -113,3 +113,17 @@ def test_a_run_handed_over_is_submitted_before_any_query_for_queued_runs(session
     assert len(before_call) == 1  # the query after the call found it submitted: not submitted again
     [run] = service.runs(sessions, "pipe")
     assert run.prefect_flow_run_id == f"flow-run-of-{run.id}"
+
+
+def test_a_schedule_run_handed_over_is_not_submitted(sessions: sessionmaker[Session]) -> None:
+    """A schedule run's own flow run made it: submitting it would start a second one."""
+    service.pipeline(sessions, "pipe", "orders")
+    with transaction(sessions) as session:
+        scheduled, _ = repo.create_run(session, "pipe", e.TriggerKind.SCHEDULE, dedupe_key="cron:1")
+    calls: list[str] = []
+
+    def submit(run: e.Run) -> str:
+        calls.append(run.id)
+        return f"flow-run-of-{run.id}"
+
+    assert submit_unsubmitted_runs(sessions, submit, [scheduled]) == [] and calls == []

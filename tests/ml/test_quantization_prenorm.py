@@ -130,3 +130,82 @@ def test_a_graph_outside_the_pattern_is_left_as_exported(module: type[nn.Module]
     assert graph.SerializeToString() == before
     with torch.inference_mode():
         np.testing.assert_allclose(_run(graph, x), model(x).numpy(), atol=1e-5)
+
+
+class _ResidualMLP(nn.Module):
+    """A residual stream whose block's Linear reads it directly (no norm in front of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.block, self.norm, self.head = (
+            nn.Linear(10, 32),
+            nn.Linear(32, 32),
+            nn.LayerNorm(32),
+            nn.Linear(32, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.block(h)
+        return self.head(self.norm(h))  # type: ignore[no-any-return]
+
+
+def test_a_stream_that_a_linear_reads_directly_is_left_as_exported() -> None:
+    """Centring the stream would change what such a Linear computes by more than a shift along the
+    last axis (m @ W is not constant per row), so the norm after it would not hide it."""
+    from ml.quantization.transforms import gemm_as_matmul
+
+    torch.manual_seed(0)
+    model, x = _trained_like(_ResidualMLP()), torch.randn(8, 10)
+    graph = gemm_as_matmul(export_onnx(model, x[:2]))
+    before = _run(graph, x)
+
+    assert rms_norms(graph) == {}
+
+    assert not any(node.op_type == "RMSNormalization" for node in graph.graph.node)
+    np.testing.assert_array_equal(_run(graph, x), before)
+
+
+def test_a_norm_whose_output_is_a_graph_output_keeps_its_bias() -> None:
+    """A stream of a table and a position table, its norm read by a projection and also returned as a
+    hidden state: the norm's bias cannot be folded into the projection (the hidden state would lose it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width = 8
+
+    def tensor(name: str, shape: tuple[int, ...], shift: float = 0.0) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.normal(size=shape) + shift).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["x0"]),
+        helper.make_node("Add", ["x0", "pos"], ["x1"]),
+        helper.make_node("LayerNormalization", ["x1", "g", "b"], ["hidden"], axis=-1),
+        helper.make_node("MatMul", ["hidden", "w"], ["o0"]),
+        helper.make_node("Add", ["o0", "bo"], ["logits"]),
+    ]
+    weights = [
+        tensor("table", (5, width), 3.0),
+        tensor("pos", (3, width)),
+        tensor("g", (width,)),
+        tensor("b", (width,)),
+    ]
+    weights += [tensor("w", (width, 4)), tensor("bo", (4,))]
+    body = helper.make_graph(
+        nodes,
+        "stream",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("logits", "hidden")],
+        weights,
+    )
+    graph = helper.make_model(body, opset_imports=[helper.make_opsetid("", 23)])
+    graph.ir_version = 10
+    ids = rng.integers(0, 5, (2, 3))
+
+    def run() -> list[np.ndarray]:
+        return [np.asarray(out) for out in session_for(graph.SerializeToString()).run(None, {"ids": ids})]
+
+    before = run()
+    rms_norms(graph)
+    for after, expected in zip(run(), before, strict=True):
+        np.testing.assert_allclose(after, expected, atol=1e-5)
