@@ -64,15 +64,15 @@ class TriggerService:
 
         Creating runs and submitting them are two loops (two threads): a submission waits on Prefect
         (tens of ms), and an event that arrives meanwhile must not wait for it to become a run. The
-        creation loop wakes the submission loop when it created runs; both report into `health`, which
-        holds the failure of either until that loop passes again."""
+        creation loop hands the runs it created to the submission loop (`_Handoff`); both report into
+        `health`, which holds the failure of either until that loop passes again."""
         health = health or LoopHealth.for_interval(self.name, interval_s)
         if self.submit is None:  # runs only: another process submits them
             with self.wakeups:
-                run_loop(_Creation(self, None, None), stop, interval_s=interval_s, health=health, pause=self._pause)
+                run_loop(_Creation(self, None), stop, interval_s=interval_s, health=health, pause=self._pause)
             return
-        created, parts, handed = Wakeup(), _SharedHealth(health), deque[e.Run]()
-        submissions = _Submission(self, created, handed)
+        handoff, parts = _Handoff(), _SharedHealth(health)
+        submissions = _Submission(self, handoff)
         thread = threading.Thread(
             target=run_loop,
             args=(submissions, stop),
@@ -83,7 +83,7 @@ class TriggerService:
         thread.start()
         try:
             with self.wakeups:
-                creation = _Creation(self, created, handed)
+                creation = _Creation(self, handoff)
                 run_loop(creation, stop, interval_s=interval_s, health=parts.part("creation"), pause=self._pause)
         finally:
             thread.join(timeout=30)
@@ -129,20 +129,33 @@ class TriggerService:
         return TriggerPass(created, submitted)
 
 
+class _Handoff:
+    """The runs the creation loop made, waiting for the submission loop, and the wake-up that says so:
+    the submission loop submits them without querying for them first."""
+
+    def __init__(self) -> None:
+        self.runs, self.wakeup = deque[e.Run](), Wakeup()
+
+    def put(self, runs: Sequence[e.Run]) -> None:
+        self.runs.extend(runs)
+        self.wakeup.set()
+
+    def take(self) -> list[e.Run]:
+        return [self.runs.popleft() for _ in range(len(self.runs))]  # deque pops are thread-safe
+
+
 class _Creation:
-    """The creation loop's pass: debounce the inbox into runs, then hand them to the submission loop
-    and wake it (it submits them without querying for them first)."""
+    """The creation loop's pass: debounce the inbox into runs, then hand them to the submission loop."""
 
     name = TriggerService.name
 
-    def __init__(self, service: TriggerService, created: Wakeup | None, handed: deque[e.Run] | None) -> None:
-        self.service, self.created, self.handed = service, created, handed
+    def __init__(self, service: TriggerService, handoff: _Handoff | None) -> None:
+        self.service, self.handoff = service, handoff
 
     def run_once(self) -> None:
         runs, failures = self.service.create_runs()
-        if runs and self.created is not None and self.handed is not None:
-            self.handed.extend(runs)
-            self.created.set()
+        if runs and self.handoff is not None:
+            self.handoff.put(runs)
         if failures:
             raise PassIncomplete("datasets", failures)
 
@@ -152,18 +165,17 @@ class _Submission:
 
     name = "trigger-submission"
 
-    def __init__(self, service: TriggerService, created: Wakeup, handed: deque[e.Run]) -> None:
-        self.service, self.created, self.handed = service, created, handed
+    def __init__(self, service: TriggerService, handoff: _Handoff) -> None:
+        self.service, self.handoff = service, handoff
 
     def run_once(self) -> None:
-        first = [self.handed.popleft() for _ in range(len(self.handed))]  # deque pops are thread-safe
-        _, failures = self.service.submit_runs(first)
+        _, failures = self.service.submit_runs(self.handoff.take())
         failures += self.service.reconcile_runs(when_due=True)
         if failures:
             raise PassIncomplete("runs", failures)
 
     def pause(self, stop: threading.Event, seconds: float) -> None:
-        self.created.wait(seconds, stop)
+        self.handoff.wakeup.wait(seconds, stop)
 
 
 class _SharedHealth:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -50,14 +51,29 @@ class Standardizer:
         return ((x - self.mean) / self.std).astype(np.float32)
 
     def transform_tensor(self, features: torch.Tensor) -> torch.Tensor:
-        """The same transform for a torch tensor (as serving receives), float32 out."""
-        x = features.to(torch.float32)
+        """The same transform for a torch tensor (as serving receives), float32 out. The model server
+        calls it per batch: the statistics are tensors made once, and no torch call is made that would
+        change nothing (each releases and retakes the GIL, costly beside a busy event loop)."""
+        x = features if features.dtype == torch.float32 else features.to(torch.float32)
         self._check_width(int(x.shape[-1]) if x.dim() else 0)
         if not self.enabled:
             return x
-        mean = torch.from_numpy(self.mean).to(x.device)
-        std = torch.from_numpy(self.std).to(x.device)
+        mean, std = self._statistics(x)
         return (x - mean) / std
+
+    def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as tensors on `like`'s device."""
+        mean, std = self._tensors
+        if like.device != mean.device:
+            mean, std = mean.to(like.device), std.to(like.device)
+        return mean, std
+
+    @cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # ordinary tensors even when first made under the server's inference_mode: an inference tensor
+        # could not be saved for backward by a later caller whose input requires grad
+        with torch.inference_mode(False):
+            return torch.from_numpy(self.mean), torch.from_numpy(self.std)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form, to be saved next to the model: {"enabled": bool, "mean": [...], "std": [...]}."""
@@ -127,12 +143,13 @@ class TargetStandardizer(Standardizer):
         return (y * self.std + self.mean).astype(np.float32)
 
     def inverse_tensor(self, values: torch.Tensor) -> torch.Tensor:
-        """The same inverse for a torch tensor (the model's outputs), float32 out."""
-        y = values.to(torch.float32)
+        """The same inverse for a torch tensor (the model's outputs), float32 out (as `transform_tensor`)."""
+        y = values if values.dtype == torch.float32 else values.to(torch.float32)
         self._check_width(int(y.shape[-1]) if y.dim() else 0)
         if not self.enabled:
             return y
-        return y * torch.from_numpy(self.std).to(y.device) + torch.from_numpy(self.mean).to(y.device)
+        mean, std = self._statistics(y)
+        return y * std + mean
 
 
 def fit_standardizer(train_features: npt.NDArray[Any], enabled: bool = True) -> Standardizer:

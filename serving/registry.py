@@ -111,7 +111,6 @@ class LoadedModel:
         self.tokenizer = tokenizer
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_features = math.prod(self.input_shape)
-        self._scaling = _scaling_of(standardizer, self.num_features)
         self.output_classes = output_classes
         self.task: Task = "classification" if regression is None else "regression"
         self.batching = batching or BatchingConfig()
@@ -167,11 +166,9 @@ class LoadedModel:
                 if rows.dim() == 2 and rows.shape[1] == self.num_features
                 else rows.reshape(rows.shape[0], self.num_features)
             )
-            x = _float32(x)
-            if self._scaling is not None:
-                x = (x - self._scaling[0]) / self._scaling[1]
-            elif self.standardizer is not None:
+            if self.standardizer is not None:
                 x = self.standardizer.transform_tensor(x)
+            x = _float32(x)
             outputs = _float32(self.model(x))
             expected = (int(rows.shape[0]), self.width)
             if tuple(outputs.shape) != expected:
@@ -230,14 +227,6 @@ class LoadedModel:
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.to(torch.float32)
-
-
-def _scaling_of(standardizer: Standardizer | None, features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """An enabled standardizer's (mean, std) as tensors, made once per loaded model rather than per
-    batch; None leaves `transform_tensor` to do it (disabled, or its width refused with its own error)."""
-    if standardizer is None or not standardizer.enabled or standardizer.num_features != features:
-        return None
-    return torch.from_numpy(standardizer.mean), torch.from_numpy(standardizer.std)
 
 
 def _output_width(name: str, output_classes: int | None, regression: RegressionServing | None) -> int:
