@@ -11,6 +11,13 @@
 # its CUDA libraries (several GB; what GPU nodes need). For CPU-only nodes pass the PyTorch CPU
 # index (`--extra-index-url https://download.pytorch.org/whl/cpu`): pip then picks
 # torch==2.15.0+cpu, which satisfies the ==2.15.0 pin, and the image is a fraction of the size.
+# Retrainer's ONNX Runtime normalization kernels (ml/quantization/kernels.py), built where a compiler
+# and Go (which fetches ONNX Runtime's C API header, pinned by sha256) are; the image only copies the
+# library. The build is multi-versioned (AVX-512, AVX2, baseline x86-64), so it runs on any x86-64 node.
+FROM golang:1.24-bookworm AS ortops
+COPY ml/quantization/native/ /src/
+RUN bash /src/build.sh /out/libretrainer_ortops.so
+
 FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=""
@@ -47,6 +54,8 @@ COPY migrations/ migrations/
 RUN pip install -c constraints.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . \
     && cd / && rm -rf /tmp/src
 
+COPY --from=ortops /out/libretrainer_ortops.so /usr/local/lib/retrainer/libretrainer_ortops.so
+
 WORKDIR /app
 # The pipeline specs shipped with the image; compose mounts ./pipelines over them, Kubernetes can
 # mount a ConfigMap there.
@@ -54,6 +63,7 @@ COPY --chown=10001:10001 pipelines/ /app/pipelines/
 
 # Absolute paths: Prefect's process worker runs each flow in a temporary working directory.
 ENV RETRAINER_PIPELINES_DIR=/app/pipelines \
+    RETRAINER_ORT_OPS_LIBRARY=/usr/local/lib/retrainer/libretrainer_ortops.so \
     RETRAINER_HOME_DIR=/var/lib/retrainer \
     PREFECT_HOME=/var/lib/retrainer/prefect
 

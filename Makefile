@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
-venv: $(STAMP)
+# ONNX Runtime custom operators (vectorized norms, ml/quantization/kernels.py). Optional: without a C
+# compiler or ONNX Runtime's C API header the build says why, and ONNX Runtime's own kernels run.
+ORTOPS := ml/quantization/native/libretrainer_ortops.so
+$(ORTOPS): ml/quantization/native/ortops.c ml/quantization/native/build.sh
+	@bash ml/quantization/native/build.sh $@ || echo "ortops: not built; ONNX Runtime's own normalization kernels will run"
+
+venv: $(STAMP) $(ORTOPS)
 
 demo: venv
 	$(BIN)/retrainer demo

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from sklearn.datasets import load_digits
@@ -36,12 +37,13 @@ from ml.quantization import (
     VARIANTS,
     Variant,
     VariantScore,
+    kernels,
     quantize_each,
     select_variant,
     serialized_size,
     swap_encoder_layers,
 )
-from ml.quantization.onnx_graph import INPUT, export_onnx, session_for
+from ml.quantization.onnx_graph import INPUT, OnnxModule, export_onnx, session_for
 from ml.quantization.transforms import gemm_as_matmul, quantizer_quiet
 from ml.zoo import build_model
 
@@ -129,7 +131,6 @@ def _onnx_rows(model: nn.Module, example: torch.Tensor, folder: Path) -> list[Ro
     """The float graph our variants start from, in ONNX Runtime as it is, and the peer: the exporter's
     default opset (18) through ORT's own `quantize_dynamic` with default settings. (At opset 23 those
     defaults turn ONNX's Attention into a QAttention that ORT 1.31 itself refuses to load.)"""
-    import onnx
     from onnxruntime.quantization import quantize_dynamic
 
     exportable = copy.deepcopy(model)
@@ -141,15 +142,32 @@ def _onnx_rows(model: nn.Module, example: torch.Tensor, folder: Path) -> list[Ro
     onnx.save_model(gemm_as_matmul(export_onnx(exportable, example, opset=18)), source)
     with quantizer_quiet():
         quantize_dynamic(source, target)
-    rows = []
-    for label, data in (("onnxruntime fp32", float_graph), (PEER, target.read_bytes())):
-        session = session_for(data)
+    return [
+        Row(label, _onnx_runner(data, fast_norms=False), len(data), note="peer")
+        for label, data in (("onnxruntime fp32", float_graph), (PEER, target.read_bytes()))
+    ]
 
-        def run(x: np.ndarray, session: object = session) -> np.ndarray:
-            return session.run(None, {INPUT: x})[0]  # type: ignore[attr-defined,no-any-return]
 
-        rows.append(Row(label, run, len(data), note="peer"))
-    return rows
+def _onnx_runner(data: bytes, *, fast_norms: bool) -> Callable[[np.ndarray], np.ndarray]:
+    session = session_for(data, fast_norms=fast_norms)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {INPUT: x})[0]  # type: ignore[no-any-return]
+
+    return run
+
+
+def _own_kernels_off(built: dict[Variant, nn.Module]) -> list[Row]:
+    """The dynamic variant's own graph on ONNX Runtime's normalization kernels instead of Retrainer's
+    (ml/quantization/kernels.py): what those kernels add; none when they are not built or the graph
+    has no norm they take."""
+    dynamic = built.get("dynamic")
+    if not isinstance(dynamic, OnnxModule) or kernels.library() is None:
+        return []
+    if kernels.with_fast_norms(onnx.load_from_string(dynamic.onnx_bytes)) is None:
+        return []
+    data = dynamic.onnx_bytes
+    return [Row("dynamic, ONNX Runtime's norm kernels", _onnx_runner(data, fast_norms=False), len(data), note="ref")]
 
 
 def _pooled(x: np.ndarray, factor: int) -> np.ndarray:
@@ -205,6 +223,7 @@ def _bench(arch: Architecture, data: tuple[np.ndarray, ...], folder: Path, round
     for variant, quantized in built.items():
         name = "fp32 (none)" if variant == "none" else variant
         rows.append(Row(name, _torch_runner(quantized), serialized_size(quantized, variant), variant=variant))
+    rows += _own_kernels_off(built)
     rows += _onnx_rows(model, torch.from_numpy(x_train[:2]), folder)
 
     for row in rows:

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         default="",
         description="HOST:PORT of the model server's OIP v2 gRPC service (beside its HTTP one); empty: no gRPC.",
     )
+    ort_ops_library: str | None = Field(
+        default=None,
+        description="Path of Retrainer's ONNX Runtime normalization kernels (ml/quantization/kernels.py); "
+        "unset: the one `make` builds beside the package, if built; empty: off (ONNX Runtime's own kernels).",
+    )
     health_address: str = Field(
         default="127.0.0.1:8083",
         description="HOST:PORT of /healthz and /metrics of `consume`, `triggers` and `rollout supervise`.",

@@ -24,12 +24,15 @@ from onnx import TensorProto
 from torch import nn
 
 from domain.errors import InvalidInputError
+from ml.quantization import kernels
 from ml.quantization.variants import first_line
 
 # ONNX's own operators and ONNX Runtime's built-in contrib operators (its quantized kernels live there).
 # Anything else would need a custom-op library loaded into the session: refused.
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 INPUT, OUTPUT = "input", "output"
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -127,10 +130,25 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from sub.initializer
 
 
-def session_for(data: bytes) -> ort.InferenceSession:
-    """A CPU session over the graph's bytes, with torch's thread count (what the float model runs with).
+def session_for(data: bytes, *, fast_norms: bool = True) -> ort.InferenceSession:
+    """A CPU session over the graph's bytes, with torch's thread count (what the float model runs with),
+    its norms on Retrainer's vectorized kernels where those are built and compute the same
+    (ml/quantization/kernels.py; `fast_norms=False`: ONNX Runtime's own, for the bench's peers).
 
     Every variant, in evaluation, serving and the bench, runs through this one function."""
+    fast = kernels.library() if fast_norms else None
+    graph = kernels.with_fast_norms(onnx.load_from_string(data)) if fast is not None else None
+    if fast is not None and graph is not None:
+        options = _session_options()
+        options.register_custom_ops_library(str(fast))
+        try:
+            return _session(graph.SerializeToString(), options)
+        except Exception as e:  # a norm the kernels do not take (e.g. over half floats): ORT's kernels run it
+            log.info("Retrainer's normalization kernels do not take this graph: %s", first_line(e))
+    return _session(data, _session_options())
+
+
+def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     # All of ORT's graph rewrites (constant folding, which turns the fp16 Casts into float weights once;
     # the int8 and LayerNorm/GELU fusions); one graph, run node after node: sequential execution with
@@ -150,6 +168,10 @@ def session_for(data: bytes) -> ort.InferenceSession:
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are about our exporter
+    return options
+
+
+def _session(data: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
     # ORT's CPU SkipLayerNormalization (what its SkipLayerNormFusion makes of Add + LayerNormalization)
     # measured 540 us against 83 us for the Add and LayerNormalization it replaces ([32, 64, 64]); in
     # the zoo transformer it was a sixth of the int8 graph's time.

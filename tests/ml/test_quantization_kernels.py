@@ -1,0 +1,168 @@
+"""Retrainer's normalization kernels for ONNX Runtime (ml/quantization/kernels.py, native/ortops.c):
+the same results as ONNX Runtime's own kernels, used only where they compute ONNX's operator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ml.quantization import OnnxModule, kernels, quantize
+from ml.quantization.onnx_graph import session_for
+from ml.zoo import build_model
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_library_lookup() -> Iterator[None]:
+    kernels.library.cache_clear()
+    yield
+    kernels.library.cache_clear()
+
+
+def test_the_kernels_are_built_by_make() -> None:
+    assert kernels.library() is not None, (
+        f"{kernels.DEFAULT_LIBRARY} is missing: `make venv` builds it (ml/quantization/native/build.sh needs gcc "
+        "and Go or ORT_C_API_HEADER_DIR)"
+    )
+
+
+def _norm_graph(
+    op: str,
+    shape: list[int],
+    *,
+    bias: bool = True,
+    scale_size: int | None = None,
+    dtype: int = TensorProto.FLOAT,
+    scale_input: bool = False,
+    **attributes: object,
+) -> onnx.ModelProto:
+    """One norm over input x; its scale (and bias) constants, the scale behind a Cast like compact.py's."""
+    width = scale_size or shape[-1]
+    numpy_type = helper.tensor_dtype_to_np_dtype(dtype)
+    initializers = [numpy_helper.from_array((RNG.random(width) + 0.5).astype(np.float16), "scale_half")]
+    nodes = [helper.make_node("Cast", ["scale_half"], ["scale"], to=dtype)]
+    inputs = ["x", "scale"]
+    graph_inputs = [helper.make_tensor_value_info("x", dtype, shape)]
+    if scale_input:
+        graph_inputs.append(helper.make_tensor_value_info("scale", dtype, [width]))
+        nodes = []
+    if bias and op == "LayerNormalization":
+        initializers.append(numpy_helper.from_array(RNG.standard_normal(width).astype(numpy_type), "bias"))
+        inputs.append("bias")
+    nodes.append(helper.make_node(op, inputs, ["y"], **attributes))
+    graph = helper.make_graph(nodes, "norm", graph_inputs, [helper.make_tensor_value_info("y", dtype, None)])
+    graph.initializer.extend(initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def _both(graph: onnx.ModelProto, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
+    data = graph.SerializeToString()
+    inputs = {"x": x, **(feeds or {})}
+    ours = session_for(data).run(None, inputs)[0]
+    theirs = session_for(data, fast_norms=False).run(None, inputs)[0]
+    return np.asarray(ours), np.asarray(theirs)
+
+
+@pytest.mark.parametrize("op", ["LayerNormalization", "RMSNormalization"])
+@pytest.mark.parametrize(
+    "shape",
+    [[32, 64, 64], [3, 5, 7], [4, 1], [2, 384], [8, 40, 384], [0, 16], [5, 3]],
+    ids=lambda shape: "x".join(map(str, shape)),
+)
+def test_the_kernels_compute_what_onnx_runtime_computes(
+    op: str, shape: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    graph = _norm_graph(op, shape, epsilon=1e-3)
+    assert kernels.with_fast_norms(graph) is not None
+    x = (RNG.standard_normal(shape) * 3 + 1).astype(np.float32)
+    with caplog.at_level(logging.INFO, logger="ml.quantization.onnx_graph"):
+        ours, theirs = _both(graph, x)
+    assert "do not take this graph" not in caplog.text  # ours ran, not a fallback
+    assert ours.shape == theirs.shape == tuple(shape)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["LayerNormalization", "RMSNormalization"])
+def test_one_scale_value_for_every_element_and_a_row_of_nan_stays_in_its_row(op: str) -> None:
+    graph = _norm_graph(op, [6, 16], scale_size=1)
+    x = RNG.standard_normal((6, 16)).astype(np.float32)
+    x[2, 5] = np.nan
+    ours, theirs = _both(graph, x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)  # NaN where ORT has NaN
+    assert np.isnan(ours[2]).all() and not np.isnan(np.delete(ours, 2, axis=0)).any()
+
+
+def test_a_layer_norm_without_bias() -> None:
+    graph = _norm_graph("LayerNormalization", [4, 8, 32], bias=False)
+    ours, theirs = _both(graph, RNG.standard_normal((4, 8, 32)).astype(np.float32))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("why", "graph"),
+    [
+        ("normalized over more than the last axis", _norm_graph("LayerNormalization", [4, 8, 32], axis=1)),
+        ("normalized over the last axis by its positive index", _norm_graph("RMSNormalization", [4, 8], axis=1)),
+        ("a computed scale", _norm_graph("LayerNormalization", [4, 8], scale_input=True)),
+        ("statistics kept in double", _norm_graph("RMSNormalization", [4, 8], stash_type=11)),
+    ],
+)
+def test_norms_the_kernels_do_not_compute_are_left_to_onnx_runtime(why: str, graph: onnx.ModelProto) -> None:
+    assert kernels.with_fast_norms(graph) is None, why
+
+
+def test_a_norm_with_its_statistics_as_outputs_is_left_to_onnx_runtime() -> None:
+    graph = _norm_graph("LayerNormalization", [4, 8])
+    graph.graph.node[-1].output.extend(["mean", "inverse_std"])
+    assert kernels.with_fast_norms(graph) is None
+
+
+def test_a_norm_over_half_floats_runs_on_onnx_runtime_kernels(caplog: pytest.LogCaptureFixture) -> None:
+    """The kernels declare float only: the session falls back to the graph as it is, and says so."""
+    graph = _norm_graph("LayerNormalization", [4, 8], dtype=TensorProto.FLOAT16)
+    assert kernels.with_fast_norms(graph) is not None
+    x = RNG.standard_normal((4, 8)).astype(np.float16)
+    with caplog.at_level(logging.INFO, logger="ml.quantization.onnx_graph"):
+        ours, theirs = _both(graph, x)
+    assert "do not take this graph" in caplog.text
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_zoo_transformer_int8_runs_its_norms_on_the_kernels_with_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    model = build_model("transformer", {"vocab_size": 17, "d_model": 32, "nhead": 4, "num_layers": 2}, [12], 3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)  # trained-like: no two norms' parameters equal
+    model.eval()
+    x = torch.randint(0, 17, (16, 12), generator=torch.Generator().manual_seed(1)).float()
+    variant = quantize(model, "dynamic", [x])
+    assert isinstance(variant, OnnxModule)
+    graph = onnx.load_from_string(variant.onnx_bytes)
+    rewritten = kernels.with_fast_norms(graph)
+    assert rewritten is not None
+    assert sum(node.domain == kernels.DOMAIN for node in rewritten.graph.node) == 5  # 2 per layer + the final one
+    data = variant.onnx_bytes
+    ours = np.asarray(session_for(data).run(None, {"input": x.numpy()})[0])
+    theirs = np.asarray(session_for(data, fast_norms=False).run(None, {"input": x.numpy()})[0])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_library_setting(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(kernels.SETTING, "")
+    assert kernels.library() is None  # empty: off
+    kernels.library.cache_clear()
+    monkeypatch.setenv(kernels.SETTING, "/nonexistent/libretrainer_ortops.so")
+    with caplog.at_level(logging.WARNING, logger="ml.quantization.kernels"):
+        assert kernels.library() is None
+    assert "/nonexistent/libretrainer_ortops.so: no such file" in caplog.text
+    kernels.library.cache_clear()
+    monkeypatch.setenv(kernels.SETTING, str(kernels.DEFAULT_LIBRARY))
+    assert kernels.library() == kernels.DEFAULT_LIBRARY
