@@ -58,8 +58,9 @@ Where things live: `variants.py` (the variant names, their error, the artifact f
 `attention.py` (the transformer's encoder layers made exportable), `fusion.py` (their exported
 attention blocks as q, k, v projections + ONNX's Attention on 3-D inputs), `compact.py` (what int8
 leaves float, stored small), `prenorm.py` (a pre-norm residual stream's LayerNorms as
-RMSNormalization), `onnx_graph.py` (export, the checks a loaded graph must pass, `OnnxModule`),
-`transforms.py` (`quantize`: how each variant is built), `weights.py` (the float weights inside a
+RMSNormalization), `kernels.py` (norms and their residual Adds on Retrainer's vectorized ONNX Runtime
+kernels, C in `native/`, when a session is made), `onnx_graph.py` (export, the checks a loaded
+graph must pass, `OnnxModule`), `transforms.py` (`quantize`: how each variant is built), `weights.py` (the float weights inside a
 variant, for warm starts), `selection.py`
 (`MetricBudget`, scores, the selection rule, `quantize_and_select`), `persistence.py`
 (`save_quantized` / `load_quantized`, and what happens to torch.ao artifacts). Import from this

@@ -29,7 +29,7 @@ cc="${CC:-$(command -v gcc || command -v cc || true)}"
 
 # -fopenmp-simd: the `omp simd` loops vectorize (no OpenMP runtime); -fno-math-errno: sqrtf inline.
 mkdir -p "$(dirname "$out")"
-"$cc" -std=c11 -O3 -fopenmp-simd -fno-math-errno -fPIC -shared -fvisibility=hidden -Wall -Wextra -Werror \
+"$cc" -std=c11 -O3 -fopenmp-simd -fno-math-errno -fPIC -shared -fvisibility=hidden -Wall -Wextra -Werror -pthread \
   -I"$header_dir" "$here/ortops.c" -o "$out.tmp" -lm
 mv "$out.tmp" "$out"
 echo "ortops: built $out"

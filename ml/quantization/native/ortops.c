@@ -1,5 +1,8 @@
 /* Retrainer's ONNX Runtime custom operators: LayerNormalization and RMSNormalization over the
- * last axis, in the domain "ai.retrainer.cpu", with ONNX's inputs, output and attributes.
+ * last axis, in the domain "ai.retrainer.cpu", with ONNX's inputs, output and attributes; and
+ * SkipLayerNormalization / SkipRMSNormalization, the same norm of the sum of two tensors of one
+ * shape (inputs x, skip, scale[, bias]; outputs the norm and the sum): a residual Add and the norm
+ * that reads it, in one pass over the rows.
  *
  * Why: ONNX Runtime's CPU kernels for both normalize each row with scalar loops whose sums are
  * one chain of dependent additions, so they cannot vectorize (~70 us for [32, 64, 64] on this
@@ -12,6 +15,7 @@
  * with any ONNX Runtime from 1.17 (API version 17) on.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,10 +45,12 @@ static const OrtApi* api;
 
 typedef struct {
   const float* x;
+  const float* skip; /* NULL: a plain norm; else skip_rows rows, repeated down x (a broadcast) */
+  float* sum;        /* x + skip, when skip */
   const float* scale;
   const float* bias; /* NULL: none */
   float* y;
-  size_t rows, width, rows_per_task;
+  size_t rows, width, rows_per_task, skip_rows;
   int scale_is_scalar, bias_is_scalar, centred;
   float epsilon;
 } Job;
@@ -57,6 +63,13 @@ VECTORIZED static void normalize_rows(const Job* job, size_t first, size_t last)
   for (size_t row = first; row < last; ++row) {
     const float* x = job->x + row * width;
     float* y = job->y + row * width;
+    if (job->skip != NULL) { /* the residual Add: x + skip, kept as the second output */
+      const float* skip = job->skip + (row % job->skip_rows) * width;
+      float* sum = job->sum + row * width;
+#pragma omp simd
+      for (size_t i = 0; i < width; ++i) sum[i] = x[i] + skip[i];
+      x = sum;
+    }
     float mean = 0.0f;
     if (job->centred) {
       float sum = 0.0f;
@@ -94,14 +107,14 @@ static void run_task(void* data, size_t task) {
 typedef struct {
   float epsilon;
   int64_t axis;
-  int centred;
+  int centred, skip;
 } Kernel;
 
 typedef struct {
   OrtCustomOp op; /* first: ORT hands back a pointer to it */
   const char* name;
-  size_t inputs;
-  int centred;
+  size_t inputs, outputs;
+  int centred, skip; /* LayerNormalization's mean; the residual Add */
 } NormOp;
 
 static OrtStatus* fail(const char* message) { return api->CreateStatus(ORT_INVALID_ARGUMENT, message); }
@@ -139,9 +152,25 @@ static OrtStatus* ORT_API_CALL compute(void* state, OrtKernelContext* context) {
   int64_t dims[MAX_RANK], unused[MAX_RANK];
   size_t rank = 0, unused_rank = 0, count = 0, scale_count = 0, bias_count = 0;
   Job job = {0};
+  const size_t first = kernel->skip ? 1 : 0; /* where scale and bias are */
   CHECK(input(context, 0, &job.x, dims, &rank, &count));
-  CHECK(input(context, 1, &job.scale, unused, &unused_rank, &scale_count));
-  CHECK(input(context, 2, &job.bias, unused, &unused_rank, &bias_count));
+  if (kernel->skip) {
+    int64_t skip_dims[MAX_RANK];
+    size_t skip_rank = 0, skip_count = 0;
+    CHECK(input(context, 1, &job.skip, skip_dims, &skip_rank, &skip_count));
+    /* skip: x's shape, or its trailing dimensions (added to each of x's leading indices, as Add
+     * broadcasts), after any leading dimensions of 1 */
+    size_t ones = 0;
+    while (ones < skip_rank && skip_dims[ones] == 1 && skip_rank - ones > 1) ++ones;
+    const size_t kept = skip_rank - ones;
+    if (job.skip == NULL || skip_rank > rank || kept == 0 ||
+        memcmp(skip_dims + ones, dims + (rank - kept), kept * sizeof dims[0]) != 0)
+      return fail("ai.retrainer.cpu skip normalization: skip must have x's shape or its trailing dimensions");
+    job.skip_rows = dims[rank - 1] ? skip_count / (size_t)dims[rank - 1] : 0;
+    if (job.skip_rows == 0 && count != 0) return fail("ai.retrainer.cpu skip normalization: an empty skip");
+  }
+  CHECK(input(context, first + 1, &job.scale, unused, &unused_rank, &scale_count));
+  CHECK(input(context, first + 2, &job.bias, unused, &unused_rank, &bias_count));
   const int64_t axis = kernel->axis < 0 ? kernel->axis + (int64_t)rank : kernel->axis;
   if (rank == 0 || axis != (int64_t)rank - 1) return fail("ai.retrainer.cpu normalization: only the last axis");
   job.width = (size_t)dims[rank - 1];
@@ -157,6 +186,10 @@ static OrtStatus* ORT_API_CALL compute(void* state, OrtKernelContext* context) {
   OrtValue* output = NULL;
   CHECK(api->KernelContext_GetOutput(context, 0, dims, rank, &output));
   CHECK(api->GetTensorMutableData(output, (void**)&job.y));
+  if (kernel->skip) {
+    CHECK(api->KernelContext_GetOutput(context, 1, dims, rank, &output));
+    CHECK(api->GetTensorMutableData(output, (void**)&job.sum));
+  }
   if (count == 0) return NULL;
   if (count < PARALLEL_ELEMENTS) {
     normalize_rows(&job, 0, job.rows);
@@ -175,6 +208,7 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
   kernel->epsilon = 1e-5f; /* ONNX's defaults, kept when the node has no such attribute */
   kernel->axis = -1;
   kernel->centred = ((const NormOp*)op)->centred;
+  kernel->skip = ((const NormOp*)op)->skip;
   OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->epsilon);
   if (status != NULL) api->ReleaseStatus(status);
   status = api->KernelInfoGetAttribute_int64(info, "axis", &kernel->axis);
@@ -186,10 +220,10 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
 static void ORT_API_CALL destroy_kernel(void* state) { free(state); }
 
 static OrtStatus* ORT_API_CALL same_shape(const OrtCustomOp* op, OrtShapeInferContext* context) {
-  (void)op;
   OrtTensorTypeAndShapeInfo* info = NULL; /* the context's own: not released here */
   CHECK(api->ShapeInferContext_GetInputTypeShape(context, 0, &info));
-  return api->ShapeInferContext_SetOutputTypeShape(context, 0, info);
+  CHECK(api->ShapeInferContext_SetOutputTypeShape(context, 0, info));
+  return ((const NormOp*)op)->skip ? api->ShapeInferContext_SetOutputTypeShape(context, 1, info) : NULL;
 }
 
 static const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return ((const NormOp*)op)->name; }
@@ -203,13 +237,10 @@ static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp* op, 
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 static size_t ORT_API_CALL input_count(const OrtCustomOp* op) { return ((const NormOp*)op)->inputs; }
-static size_t ORT_API_CALL one(const OrtCustomOp* op) {
-  (void)op;
-  return 1;
-}
+static size_t ORT_API_CALL output_count(const OrtCustomOp* op) { return ((const NormOp*)op)->outputs; }
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp* op, size_t index) {
-  (void)op;
-  return index < 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL; /* the bias */
+  const NormOp* norm = (const NormOp*)op;
+  return index + 1 < norm->inputs || norm->centred == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL; /* bias */
 }
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp* op, size_t index) {
   (void)op;
@@ -222,38 +253,42 @@ static OrtMemType ORT_API_CALL cpu_memory(const OrtCustomOp* op, size_t index) {
   return OrtMemTypeDefault;
 }
 
-static NormOp layer_norm = {.name = "LayerNormalization", .inputs = 3, .centred = 1};
-static NormOp rms_norm = {.name = "RMSNormalization", .inputs = 2, .centred = 0};
+/* Constant for the library's lifetime: sessions in several threads share them (callbacks of later
+ * API versions than API_VERSION: none, so ORT never reads them). */
+#define CALLBACKS                                                                                         \
+  {                                                                                                       \
+    .version = API_VERSION, .GetName = op_name, .GetExecutionProviderType = cpu, .GetInputType = float_type, \
+    .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count,      \
+    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_kind,                                \
+    .GetOutputCharacteristic = output_kind, .GetInputMemoryType = cpu_memory, .CreateKernelV2 = create_kernel, \
+    .KernelComputeV2 = compute, .InferOutputShapeFn = same_shape,                                         \
+  }
+static NormOp layer_norm = {CALLBACKS, "LayerNormalization", 3, 1, 1, 0};
+static NormOp rms_norm = {CALLBACKS, "RMSNormalization", 2, 1, 0, 0};
+static NormOp skip_layer_norm = {CALLBACKS, "SkipLayerNormalization", 4, 2, 1, 1};
+static NormOp skip_rms_norm = {CALLBACKS, "SkipRMSNormalization", 3, 2, 0, 1};
+static NormOp* const ops[] = {&layer_norm, &rms_norm, &skip_layer_norm, &skip_rms_norm};
 
-static void describe(NormOp* op) {
-  memset(&op->op, 0, sizeof op->op); /* callbacks of later API versions: none */
-  op->op.version = API_VERSION;
-  op->op.GetName = op_name;
-  op->op.GetExecutionProviderType = cpu;
-  op->op.GetInputType = float_type;
-  op->op.GetInputTypeCount = input_count;
-  op->op.GetOutputType = float_type;
-  op->op.GetOutputTypeCount = one;
-  op->op.KernelDestroy = destroy_kernel;
-  op->op.GetInputCharacteristic = input_kind;
-  op->op.GetOutputCharacteristic = output_kind;
-  op->op.GetInputMemoryType = cpu_memory;
-  op->op.CreateKernelV2 = create_kernel;
-  op->op.KernelComputeV2 = compute;
-  op->op.InferOutputShapeFn = same_shape;
+/* One domain for every session of the process, made at the first registration: sessions hold a
+ * pointer to it, and it lives as long as the library. */
+static OrtCustomOpDomain* domain;
+static OrtStatus* domain_status;
+static pthread_once_t domain_once = PTHREAD_ONCE_INIT;
+
+static void make_domain(void) {
+  domain_status = api->CreateCustomOpDomain(DOMAIN, &domain);
+  for (size_t i = 0; domain_status == NULL && i < sizeof ops / sizeof ops[0]; ++i)
+    domain_status = api->CustomOpDomain_Add(domain, &ops[i]->op);
 }
 
-/* What onnxruntime.SessionOptions.register_custom_ops_library calls. */
-__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+/* What onnxruntime.SessionOptions.register_custom_ops_library calls. An ONNX Runtime older than 1.17
+ * gets no operators (and cannot be told why): a session of a rewritten graph then fails to load, and
+ * ml/quantization/onnx_graph.py runs the graph as it was. */
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                 const OrtApiBase* base) {
   api = base->GetApi(API_VERSION);
-  if (api == NULL) return NULL; /* an ONNX Runtime older than 1.17 cannot even report why */
-  describe(&layer_norm);
-  describe(&rms_norm);
-  OrtCustomOpDomain* domain = NULL;
-  CHECK(api->CreateCustomOpDomain(DOMAIN, &domain));
-  OrtStatus* status = api->CustomOpDomain_Add(domain, &layer_norm.op);
-  if (status == NULL) status = api->CustomOpDomain_Add(domain, &rms_norm.op);
-  if (status == NULL) status = api->AddCustomOpDomain(options, domain);
-  /* the domain stays alive with the sessions using it: ORT does not own it, and it is tiny */
-  return status;
+  if (api == NULL) return NULL;
+  pthread_once(&domain_once, make_domain);
+  if (domain_status != NULL) return api->CreateStatus(api->GetErrorCode(domain_status), api->GetErrorMessage(domain_status));
+  return api->AddCustomOpDomain(options, domain);
 }
