@@ -62,7 +62,9 @@ RMSNormalization), `kernels.py` (norms and their residual Adds on Retrainer's ve
 kernels, C in `native/`, when a session is made), `onnx_graph.py` (export, the checks a loaded
 graph must pass, `OnnxModule`), `transforms.py` (`quantize`: how each variant is built),
 `weights.py` (the float weights inside a variant, for warm starts), `selection.py` (`MetricBudget`,
-scores, the selection rule, `quantize_and_select`), `persistence.py` / `load_quantized`, and what happens to torch.ao artifacts). Import from this package; the names below are its public interface.
+scores, the selection rule, `quantize_and_select`), `persistence.py` (`save_quantized` /
+`load_quantized`, and what happens to torch.ao artifacts). Import from this package; the names below
+are its public interface.
 """
 
 from ml.quantization.attention import swap_encoder_layers
