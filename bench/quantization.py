@@ -143,13 +143,13 @@ def _onnx_rows(model: nn.Module, example: torch.Tensor, folder: Path) -> list[Ro
     with quantizer_quiet():
         quantize_dynamic(source, target)
     return [
-        Row(label, _onnx_runner(data, fast_norms=False), len(data), note="peer")
+        Row(label, _onnx_runner(data, own_kernels=False), len(data), note="peer")
         for label, data in (("onnxruntime fp32", float_graph), (PEER, target.read_bytes()))
     ]
 
 
-def _onnx_runner(data: bytes, *, fast_norms: bool) -> Callable[[np.ndarray], np.ndarray]:
-    session = session_for(data, fast_norms=fast_norms)
+def _onnx_runner(data: bytes, *, own_kernels: bool) -> Callable[[np.ndarray], np.ndarray]:
+    session = session_for(data, own_kernels=own_kernels)
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {INPUT: x})[0]  # type: ignore[no-any-return]
@@ -164,10 +164,10 @@ def _own_kernels_off(built: dict[Variant, nn.Module]) -> list[Row]:
     dynamic = built.get("dynamic")
     if not isinstance(dynamic, OnnxModule) or kernels.library() is None:
         return []
-    if kernels.with_fast_norms(onnx.load_from_string(dynamic.onnx_bytes)) is None:
+    if kernels.with_own_kernels(onnx.load_from_string(dynamic.onnx_bytes)) is None:
         return []
     data = dynamic.onnx_bytes
-    return [Row("dynamic, ONNX Runtime's norm kernels", _onnx_runner(data, fast_norms=False), len(data), note="ref")]
+    return [Row("dynamic, ONNX Runtime's norm kernels", _onnx_runner(data, own_kernels=False), len(data), note="ref")]
 
 
 def _pooled(x: np.ndarray, factor: int) -> np.ndarray:

@@ -9,7 +9,7 @@ reads (inputs x, skip, scale[, bias]; outputs the norm and the sum, which keeps 
 other readers): one pass over the rows instead of two kernels. `make` builds the library into
 `native/libretrainer_ortops.so` (`native/build.sh`).
 
-`with_fast_norms` is a session-time rewrite, like ONNX Runtime's own fusions: artifacts stay standard
+`with_own_kernels` is a session-time rewrite, like ONNX Runtime's own fusions: artifacts stay standard
 ONNX (`check_graph` still refuses custom domains in what is loaded), and a graph runs the same with or
 without the library. A norm moves to the custom domain only where the kernel computes exactly what ONNX
 specifies: float input (checked when the session is made: ONNX Runtime refuses a type the kernel does not
@@ -59,10 +59,10 @@ def library() -> Path | None:
     return path
 
 
-def with_fast_norms(graph: onnx.ModelProto, *, residual: bool = True) -> onnx.ModelProto | None:
+def with_own_kernels(graph: onnx.ModelProto, *, residual: bool = True) -> onnx.ModelProto | None:
     """A copy of `graph` whose eligible norms (see the module's docstring) run Retrainer's kernels, each
-    with the residual Add it reads where that adds two tensors of one shape (`residual`); None when
-    none is eligible."""
+    with the residual Add it reads where that adds two tensors of one shape (`residual`), and its exact
+    GELUs too; None when nothing is eligible."""
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(graph)
     body = rewritten.graph
@@ -72,15 +72,16 @@ def with_fast_norms(graph: onnx.ModelProto, *, residual: bool = True) -> onnx.Mo
         for node in body.node
         if node.op_type in _NORMS and node.domain in _ONNX_DOMAINS and _eligible(node, constants)
     ]
-    if not norms:
+    gelus = [node for node in body.node if node.op_type == "Gelu" and node.domain in _ONNX_DOMAINS and _exact(node)]
+    if not norms and not gelus:
         return None
-    for node in norms:
+    for node in [*norms, *gelus]:
         node.domain = DOMAIN
     if residual and not _has_subgraphs(body):  # a subgraph may read any value by name: no node goes then
         try:
             _take_residual_adds(body, norms, _shapes(graph))
         except _Unordered:  # a graph whose nodes cannot be ordered (not ONNX's rule): the norms alone
-            return with_fast_norms(graph, residual=False)
+            return with_own_kernels(graph, residual=False)
     rewritten.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return rewritten
 
@@ -108,6 +109,8 @@ def _take_residual_adds(body: onnx.GraphProto, norms: list[onnx.NodeProto], shap
         while len(second) > 1 and second[0] == 1:
             second = second[1:]
         if not second or len(second) > len(first) or first[len(first) - len(second) :] != second:
+            continue
+        if len(second) == 1 < len(first):  # a bias: ONNX Runtime adds it inside the MatMul before it
             continue
         sum_name = add.output[0]
         inputs = [*addends, *norm.input[1:]]
@@ -167,6 +170,12 @@ class _Unordered(Exception):
 
 def _has_subgraphs(body: onnx.GraphProto) -> bool:
     return any(attribute.HasField("g") or attribute.graphs for node in body.node for attribute in node.attribute)
+
+
+def _exact(gelu: onnx.NodeProto) -> bool:
+    """ONNX's Gelu with erf (approximate "none", the default): the kernel's; "tanh" is left to ONNX Runtime."""
+    approximate = next((a for a in gelu.attribute if a.name == "approximate"), None)
+    return approximate is None or helper.get_attribute_value(approximate) in (b"none", "none")
 
 
 def _eligible(node: onnx.NodeProto, constants: dict[str, int]) -> bool:

@@ -130,14 +130,14 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from sub.initializer
 
 
-def session_for(data: bytes, *, fast_norms: bool = True) -> ort.InferenceSession:
+def session_for(data: bytes, *, own_kernels: bool = True) -> ort.InferenceSession:
     """A CPU session over the graph's bytes, with torch's thread count (what the float model runs with),
     its norms on Retrainer's vectorized kernels where those are built and compute the same
-    (ml/quantization/kernels.py; `fast_norms=False`: ONNX Runtime's own, for the bench's peers).
+    (ml/quantization/kernels.py; `own_kernels=False`: ONNX Runtime's own, for the bench's peers).
 
     Every variant, in evaluation, serving and the bench, runs through this one function."""
-    fast = kernels.library() if fast_norms else None
-    graph = kernels.with_fast_norms(onnx.load_from_string(data)) if fast is not None else None
+    fast = kernels.library() if own_kernels else None
+    graph = kernels.with_own_kernels(onnx.load_from_string(data)) if fast is not None else None
     if fast is not None and graph is not None:
         options = _session_options()
         options.register_custom_ops_library(str(fast))
