@@ -158,16 +158,16 @@ def _onnx_runner(data: bytes, *, own_kernels: bool) -> Callable[[np.ndarray], np
 
 
 def _own_kernels_off(built: dict[Variant, nn.Module]) -> list[Row]:
-    """The dynamic variant's own graph on ONNX Runtime's normalization kernels instead of Retrainer's
+    """The dynamic variant's own graph on ONNX Runtime's norm and GELU kernels instead of Retrainer's
     (ml/quantization/kernels.py): what those kernels add; none when they are not built or the graph
-    has no norm they take."""
+    has nothing they take."""
     dynamic = built.get("dynamic")
     if not isinstance(dynamic, OnnxModule) or kernels.library() is None:
         return []
     if kernels.with_own_kernels(onnx.load_from_string(dynamic.onnx_bytes)) is None:
         return []
     data = dynamic.onnx_bytes
-    return [Row("dynamic, ONNX Runtime's norm kernels", _onnx_runner(data, own_kernels=False), len(data), note="ref")]
+    return [Row("dynamic, ONNX Runtime's own kernels", _onnx_runner(data, own_kernels=False), len(data), note="ref")]
 
 
 def _pooled(x: np.ndarray, factor: int) -> np.ndarray:

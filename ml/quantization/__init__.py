@@ -16,24 +16,28 @@ Measured on this machine (2-core AMD EPYC, AVX-512 VNNI, torch 2.15, onnxruntime
 other jobs; `bench/quantization.py`, p50 ms, round-robin; digits MLP [1024, 1024], zoo transformer
 d_model 64, a Linear-heavy transformer d_model 512 x 2 layers), quiet-moment figures:
 
-- MLP b32: torch fp32 0.65, dynamic int8 0.163 (3.98x; 4.3x in a second run; 4.72x and 4.30x in
-  two later runs with the same graph: at the issue's 4x target, the spread is the machine's; its
-  int8 graph is three int8 MatMuls, two LayerNorms and two GELUs, with nothing left to fuse in ORT
-  1.31 without changing the maths), ORT's own `quantize_dynamic` defaults 0.164, 3.95x smaller, no
-  accuracy drop. torch.ao's dynamic int8 was 2.6x; torchao int8 without torch.compile was slower
-  than fp32 (0.68x) and with it 0.40x here.
-- Linear-heavy transformer b32 (d_model 512, 16 tokens): torch fp32 24.5, dynamic 4.68 (5.2-5.4x
-  in two runs), ORT's defaults 5.10, static 5.25 (4.7x), 3.95x smaller, drop 0-0.2 points (of a
-  model at 0.33 accuracy: it learns little from 16 pooled pixels, so that drop says little).
-- Zoo transformer b32: torch fp32 2.68-2.84, dynamic 1.24-1.33 (2.13-2.16x in three undisturbed
-  runs), ORT's defaults 1.76-1.82, ORT fp32 1.92-2.04; 3.56x smaller, accuracy drop -0.2 points.
-  Before: 1.95x with one packed q/k/v projection and a Split, the tables dequantized on every call
-  and LayerNorms (1.48x before the fusion and session changes; 2.91x smaller before compact.py).
-  The issue's 2.5x is not met. ORT's profile of the int8 graph then (2 threads): MatMuls 28 %
-  (int8 already), LayerNormalization 27 % (ORT's CPU kernel takes 67 us on [32, 64, 64] on one
-  thread or two, torch 37 us; RMSNormalization, what prenorm.py makes of four of the five, 62 us),
-  Attention 26 % (float in both runtimes: int8 does not reach it), GELU 8 %, Add and Split 8 %. At
-  d_model 64 over 64 tokens, norms and attention are as much work as the projections.
+- MLP b32: torch fp32 0.52-0.96, dynamic int8 0.108-0.153 (4.91-6.26x in three full runs, 3.98-4.72x
+  before its norms and GELUs ran on kernels.py's; ORT's kernels 4.60-6.08x in the same runs: the
+  spread is the machine's), ORT's own `quantize_dynamic` defaults 0.125-0.196 (ours 0.78-0.86x its
+  latency), 3.97x smaller, no accuracy drop. torch.ao's dynamic int8 was 2.6x; torchao int8
+  without torch.compile was slower than fp32 (0.68x) and with it 0.40x here.
+- Linear-heavy transformer b32 (d_model 512, 16 tokens): torch fp32 23.8-25.0, dynamic 3.4-4.0
+  (6.2-6.7x in three full runs), ORT's defaults 4.9-6.3, static 4.8-5.9 (4.3-5.0x), 3.98x smaller,
+  drop 0-0.2 points (of a model at 0.33 accuracy: it learns little from 16 pooled pixels, so that
+  drop says little).
+- Zoo transformer b32: torch fp32 2.70-3.09, dynamic 0.91-1.02 (2.91-3.04x in three full runs),
+  the same graph on ONNX Runtime's own norm and GELU kernels 1.22-1.27 (2.19-2.43x), ORT's defaults
+  1.75-1.88, ORT fp32 ~2.0; 3.56x smaller, accuracy drop -0.2 points. While the machine ran ~1.4x
+  slower (another tenant's load), 2.24-2.39x against 1.82-1.92x on ORT's kernels. The gain is
+  `kernels.py`: ORT's CPU LayerNormalization / RMSNormalization sum each row in one scalar chain
+  (67-80 us on [32, 64, 64], torch 37; ours 10-25, with the residual Add before them); its Gelu
+  calls erf per element (58 us on [32, 64, 128], ours ~30). Before them: 2.11-2.16x with the
+  attention as q/k/v projections + ONNX's Attention, the tables widened once at load and the
+  stream's LayerNorms as RMSNormalization; 1.95x with a Split and per-call table dequantization;
+  1.48x before the fusion and session changes (2.91x smaller before compact.py). What is left in
+  its int8 graph (ORT profile, 2 threads): Attention ~35 % (float: ORT's kernel is near this CPU's
+  FP32 peak for head size 16; int8 Q.K^T was slower), int8 MatMuls with their dynamic quantization
+  ~35 %, GELU ~10 %, norms ~10 %.
 - Options chosen by measuring: signed int8 weights (unsigned 30 % slower), per-tensor (per-channel
   10 % slower, no accuracy gain), no reduce_range (no effect on VNNI); dynamic leaves Conv float
   (ORT's ConvInteger made the zoo CNN 27x slower); static is QDQ (ORT fuses the pairs at load and
