@@ -1,10 +1,10 @@
-"""Faster normalization kernels for ONNX Runtime on CPU: Retrainer's own custom operators.
+"""Faster normalization and GELU kernels for ONNX Runtime on CPU: Retrainer's own custom operators.
 
 ONNX Runtime's CPU kernels for LayerNormalization and RMSNormalization sum each row in one chain of
 dependent scalar additions, which cannot vectorize: ~70 us for [32, 64, 64] here on two cores, against
 ~10 us for the same work vectorized (`native/ortops.c`). In the zoo transformer's int8 graph that was a
-fifth of the time. `native/ortops.c` implements both operators, with ONNX's inputs, attributes and
-output, in the domain `ai.retrainer.cpu`, and Skip variants that also take the residual Add the norm
+fifth of the time; ORT's Gelu calls erf per element, another tenth. `native/ortops.c` implements the
+three, with ONNX's inputs, attributes and output, in the domain `ai.retrainer.cpu`, and Skip variants that also take the residual Add the norm
 reads (inputs x, skip, scale[, bias]; outputs the norm and the sum, which keeps the Add's name for its
 other readers): one pass over the rows instead of two kernels. `make` builds the library into
 `native/libretrainer_ortops.so` (`native/build.sh`).
@@ -16,9 +16,17 @@ specifies: float input (checked when the session is made: ONNX Runtime refuses a
 declare, and `onnx_graph.session_for` then runs the graph unchanged), normalization over the last axis
 only, one output (no Mean / InvStdDev), and a scale and bias that are constants of one value or one per
 element of that axis. Its Add is taken too when ONNX's shape inference knows both addends' shapes: the
-sum's, and the sum's or its trailing dimensions (a position table added to every sequence). The sums are
-float, as in ONNX Runtime's kernels; results agree to float rounding (~1e-6 relative), not bit for bit:
-the vector lanes add in another order.
+sum's, and the sum's or its trailing dimensions (a position table added to every sequence), never a
+1-D addend (a bias, which ONNX Runtime adds inside the MatMul before); shape inference trusts ONNX's rule
+that one symbolic dimension name is one size, and the kernel takes the larger addend as x when a feed
+breaks it. Operators the graph's opset lacks, and inputs whose rank inference does not know or is above
+16, are left to ONNX Runtime; so is everything when the library will not load.
+
+Results: the norms agree with ONNX Runtime's to ~1e-6 (the vector lanes add in another order);
+LayerNormalization shifts each row by its first value before summing, so a row far from zero (a mean of
+1000, a spread of 0.01) keeps its precision (ORT's error there: 3e-3, ours 1e-7). GELU's erf is Abramowitz
+& Stegun 7.1.28, within 1e-6 of the exact function (ORT's: 4.5e-7), which below x = -3, where GELU is near
+0, is a larger relative error than ORT's.
 
 `RETRAINER_ORT_OPS_LIBRARY` names the library (the image sets it); empty turns the kernels off. By
 default the library beside this package is used when it was built.
@@ -38,6 +46,11 @@ DOMAIN = "ai.retrainer.cpu"
 SETTING = "RETRAINER_ORT_OPS_LIBRARY"
 DEFAULT_LIBRARY = Path(__file__).parent / "native" / "libretrainer_ortops.so"
 _NORMS = ("LayerNormalization", "RMSNormalization")
+# the opset each operator first appears in: a graph of an older opset is left to ONNX Runtime, which
+# refuses it there (with the kernels it would run, and then fail where they are not built)
+_SINCE = {"LayerNormalization": 17, "RMSNormalization": 23, "Gelu": 20}
+_NEVER = 1 << 30
+MAX_RANK = 16  # native/ortops.c's
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 log = logging.getLogger(__name__)
@@ -45,14 +58,15 @@ log = logging.getLogger(__name__)
 
 @cache
 def library() -> Path | None:
-    """The custom-operator library to load, or None: none configured or built (ONNX Runtime's kernels
-    run). A configured path that does not exist is logged once and ignored: serving goes on."""
+    """The custom-operator library to load (an absolute path: flows run in other working directories),
+    or None: none configured or built (ONNX Runtime's kernels run). A configured path that does not exist
+    is logged once and ignored: serving goes on."""
     configured = os.environ.get(SETTING)
     if configured is None:
         return DEFAULT_LIBRARY if DEFAULT_LIBRARY.is_file() else None
     if not configured:
         return None
-    path = Path(configured)
+    path = Path(configured).resolve()
     if not path.is_file():
         log.warning("%s=%s: no such file; ONNX Runtime's own normalization kernels are used", SETTING, configured)
         return None
@@ -61,25 +75,34 @@ def library() -> Path | None:
 
 def with_own_kernels(graph: onnx.ModelProto, *, residual: bool = True) -> onnx.ModelProto | None:
     """A copy of `graph` whose eligible norms (see the module's docstring) run Retrainer's kernels, each
-    with the residual Add it reads where that adds two tensors of one shape (`residual`), and its exact
-    GELUs too; None when nothing is eligible."""
+    with the residual Add it reads where that adds two tensors of one shape (`residual`), and its erf
+    GELUs too; None when nothing is eligible (decided before any copy or shape inference)."""
+    opset = next((o.version for o in graph.opset_import if o.domain in _ONNX_DOMAINS), 0)
+    constants = _constant_sizes(graph.graph)
+    chosen = [
+        index
+        for index, node in enumerate(graph.graph.node)
+        if node.domain in _ONNX_DOMAINS
+        and opset >= _SINCE.get(node.op_type, _NEVER)  # an operator of the graph's opset: ONNX Runtime's too
+        and ((node.op_type == "Gelu" and _exact(node)) or (node.op_type in _NORMS and _eligible(node, constants)))
+    ]
+    if not chosen:
+        return None
+    shapes, ranks = _shapes(graph)
+    # the kernels take inputs of rank 1 to MAX_RANK, known before running (unknown: ONNX Runtime's kernels)
+    chosen = [i for i in chosen if 1 <= ranks.get(graph.graph.node[i].input[0], 0) <= MAX_RANK]
+    if not chosen:
+        return None
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(graph)
     body = rewritten.graph
-    constants = _constant_sizes(body)
-    norms = [
-        node
-        for node in body.node
-        if node.op_type in _NORMS and node.domain in _ONNX_DOMAINS and _eligible(node, constants)
-    ]
-    gelus = [node for node in body.node if node.op_type == "Gelu" and node.domain in _ONNX_DOMAINS and _exact(node)]
-    if not norms and not gelus:
-        return None
-    for node in [*norms, *gelus]:
+    moved = [body.node[i] for i in chosen]
+    for node in moved:
         node.domain = DOMAIN
+    norms = [node for node in moved if node.op_type in _NORMS]
     if residual and not _has_subgraphs(body):  # a subgraph may read any value by name: no node goes then
         try:
-            _take_residual_adds(body, norms, _shapes(graph))
+            _take_residual_adds(body, norms, shapes)
         except _Unordered:  # a graph whose nodes cannot be ordered (not ONNX's rule): the norms alone
             return with_own_kernels(graph, residual=False)
     rewritten.opset_import.append(helper.make_opsetid(DOMAIN, 1))
@@ -96,21 +119,10 @@ def _take_residual_adds(body: onnx.GraphProto, norms: list[onnx.NodeProto], shap
         add = producer.get(norm.input[0])
         if add is None or add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or any(add is t for t in taken):
             continue
-        first, second = (shapes.get(name) for name in add.input)
-        if first is None or second is None:
-            continue
         # the kernel takes x (input 0) of the sum's shape and a skip of that shape or of its trailing
         # dimensions after leading 1s (a position table added to every sequence); a + b == b + a in floats
-        if len(second) > len(first):
-            first, second = second, first
-            addends = [add.input[1], add.input[0]]
-        else:
-            addends = list(add.input)
-        while len(second) > 1 and second[0] == 1:
-            second = second[1:]
-        if not second or len(second) > len(first) or first[len(first) - len(second) :] != second:
-            continue
-        if len(second) == 1 < len(first):  # a bias: ONNX Runtime adds it inside the MatMul before it
+        addends = next((pair for pair in (list(add.input), list(add.input)[::-1]) if _skips(shapes, *pair)), None)
+        if addends is None:
             continue
         sum_name = add.output[0]
         inputs = [*addends, *norm.input[1:]]
@@ -129,23 +141,39 @@ def _take_residual_adds(body: onnx.GraphProto, norms: list[onnx.NodeProto], shap
 Shape = tuple[int | str, ...]
 
 
-def _shapes(graph: onnx.ModelProto) -> dict[str, Shape]:
-    """Every value's shape that ONNX's shape inference fully knows (each dimension a number or a named
-    symbol, such as the batch), and every initializer's, by name; {} when inference fails."""
+def _skips(shapes: dict[str, Shape], x: str, skip: str) -> bool:
+    """Whether the kernel can add `skip` to `x`: both shapes known, `skip`'s (after leading 1s) x's or
+    its trailing dimensions, and not a bias (1-D, which ONNX Runtime adds inside the MatMul before)."""
+    full, part = shapes.get(x), shapes.get(skip)
+    if full is None or part is None:
+        return False
+    while len(part) > 1 and part[0] == 1:
+        part = part[1:]
+    if len(part) > len(full) or full[len(full) - len(part) :] != part:
+        return False
+    return not len(part) == 1 < len(full)
+
+
+def _shapes(graph: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
+    """From ONNX's shape inference, by name: every value's shape that it fully knows (each dimension a
+    number or a named symbol, such as the batch; ONNX's rule: one name, one size) and every
+    initializer's; and every value's rank it knows. Both {} when inference fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(graph)
     except Exception:  # inference is an optimisation's input here, never a reason to fail the session
-        return {}
+        return {}, {}
     body = inferred.graph
     shapes: dict[str, Shape] = {tensor.name: tuple(tensor.dims) for tensor in body.initializer if all(tensor.dims)}
+    ranks = {tensor.name: len(tensor.dims) for tensor in body.initializer}
     for value in [*body.input, *body.value_info, *body.output]:
         tensor = value.type.tensor_type
         if not tensor.HasField("shape"):
             continue
         dims = tuple(dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in tensor.shape.dim)
+        ranks[value.name] = len(dims)
         if all(dim not in (0, "") for dim in dims):
             shapes[value.name] = dims
-    return shapes
+    return shapes, ranks
 
 
 def _in_order(body: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
