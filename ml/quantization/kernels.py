@@ -4,10 +4,10 @@ ONNX Runtime's CPU kernels for LayerNormalization and RMSNormalization sum each 
 dependent scalar additions, which cannot vectorize: ~70 us for [32, 64, 64] here on two cores, against
 ~10 us for the same work vectorized (`native/ortops.c`). In the zoo transformer's int8 graph that was a
 fifth of the time; ORT's Gelu calls erf per element, another tenth. `native/ortops.c` implements the
-three, with ONNX's inputs, attributes and output, in the domain `ai.retrainer.cpu`, and Skip variants that also take the residual Add the norm
-reads (inputs x, skip, scale[, bias]; outputs the norm and the sum, which keeps the Add's name for its
-other readers): one pass over the rows instead of two kernels. `make` builds the library into
-`native/libretrainer_ortops.so` (`native/build.sh`).
+three, with ONNX's inputs, attributes and output, in the domain `ai.retrainer.cpu`, and Skip variants
+of the norms that also take the residual Add the norm reads (inputs x, skip, scale[, bias]; outputs the
+norm and the sum, which keeps the Add's name for its other readers): one pass over the rows instead of
+two kernels. `make` builds the library into `native/libretrainer_ortops.so` (`native/build.sh`).
 
 `with_own_kernels` is a session-time rewrite, like ONNX Runtime's own fusions: artifacts stay standard
 ONNX (`check_graph` still refuses custom domains in what is loaded), and a graph runs the same with or
