@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     )
     ort_ops_library: str | None = Field(
         default=None,
-        description="Path of Retrainer's ONNX Runtime normalization kernels (ml/quantization/kernels.py); "
+        description="Path of Retrainer's ONNX Runtime norm and GELU kernels (ml/quantization/kernels.py); "
         "unset: the one `make` builds beside the package, if built; empty: off (ONNX Runtime's own kernels).",
     )
     health_address: str = Field(
