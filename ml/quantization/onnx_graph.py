@@ -189,15 +189,17 @@ class OnnxModule(nn.Module):
     `variant` and `parameter_count` describe it. The session is rebuilt after a copy or unpickling.
     """
 
-    def __init__(self, data: bytes, *, variant: str, parameter_count: int) -> None:
+    def __init__(self, data: bytes, *, variant: str, parameter_count: int, own_kernels: bool = True) -> None:
         super().__init__()
         self.variant = variant
         self.parameter_count = parameter_count
+        self.own_kernels = own_kernels  # False: ONNX Runtime's own kernels (the bench's reference row)
         self.register_buffer("onnx_model", torch.frombuffer(bytearray(data), dtype=torch.uint8))
         self._start()
 
     def _start(self) -> None:
-        self._session = session_for(self.onnx_bytes)
+        # getattr: a module pickled before `own_kernels` existed runs with them
+        self._session = session_for(self.onnx_bytes, own_kernels=getattr(self, "own_kernels", True))
         graph_input = self._session.get_inputs()[0]
         self._input_name = graph_input.name
         self._input_dtype = _numpy_dtype(graph_input.type)
