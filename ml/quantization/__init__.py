@@ -16,19 +16,19 @@ Measured on this machine (2-core AMD EPYC, AVX-512 VNNI, torch 2.15, onnxruntime
 other jobs; `bench/quantization.py`, p50 ms, round-robin; digits MLP [1024, 1024], zoo transformer
 d_model 64, a Linear-heavy transformer d_model 512 x 2 layers), quiet-moment figures:
 
-- MLP b32: torch fp32 0.52-0.96, dynamic int8 0.108-0.153 (4.91-6.26x in three full runs, 3.98-4.72x
-  before its norms and GELUs ran on kernels.py's; ORT's kernels 4.60-6.08x in the same runs: the
-  spread is the machine's), ORT's own `quantize_dynamic` defaults 0.125-0.196 (ours 0.78-0.86x its
-  latency), 3.97x smaller, no accuracy drop. torch.ao's dynamic int8 was 2.6x; torchao int8
-  without torch.compile was slower than fp32 (0.68x) and with it 0.40x here.
-- Linear-heavy transformer b32 (d_model 512, 16 tokens): torch fp32 23.8-25.0, dynamic 3.4-4.0
-  (6.2-6.7x in three full runs), ORT's defaults 4.9-6.3, static 4.8-5.9 (4.3-5.0x), 3.98x smaller,
-  drop 0-0.2 points (of a model at 0.33 accuracy: it learns little from 16 pooled pixels, so that
-  drop says little).
-- Zoo transformer b32: torch fp32 2.70-3.09, dynamic 0.91-1.02 (2.91-3.04x in three full runs),
-  the same graph on ONNX Runtime's own norm and GELU kernels 1.22-1.27 (2.19-2.43x), ORT's defaults
-  1.75-1.88, ORT fp32 ~2.0; 3.56x smaller, accuracy drop -0.2 points. While the machine ran ~1.4x
-  slower (another tenant's load), 2.24-2.39x against 1.82-1.92x on ORT's kernels. The gain is
+- MLP b32: torch fp32 0.54-0.70, dynamic int8 0.130-0.138 (4.13x, 4.20x, 5.08x in three full runs
+  of the final code; 3.98-4.72x before its norms and GELUs ran on kernels.py's; the spread is the
+  machine's), ORT's own `quantize_dynamic` defaults 0.130-0.183 (ours 0.75-1.03x its latency), 3.97x
+  smaller, no accuracy drop. torch.ao's dynamic int8 was 2.6x; torchao
+  int8 without torch.compile was slower than fp32 (0.68x) and with it 0.40x here.
+- Linear-heavy transformer b32 (d_model 512, 16 tokens): torch fp32 23.3-25.4, dynamic 3.4-3.9
+  (6.46x, 6.68x, 6.96x in the same three runs), ORT's defaults 4.9-6.6, static 4.3-5.0x, 3.98x smaller, drop 0-0.2
+  points (of a model at 0.33 accuracy: it learns little from 16 pooled pixels, so that drop says little).
+- Zoo transformer b32: torch fp32 2.91-3.37, dynamic 0.93-1.28 (2.63x, 2.81x, 3.17x in the same
+  three runs; 2.88-3.04x in four earlier full runs of this code's first versions), the same graph on
+  ONNX Runtime's own norm and GELU kernels 1.86-2.37x in the same runs, ORT's defaults 1.04-1.62x;
+  3.56x smaller, accuracy drop -0.2 points. The lowest figures are from a run while the machine ran
+  ~1.4x slower (another tenant's load). The gain is
   `kernels.py`: ORT's CPU LayerNormalization / RMSNormalization sum each row in one scalar chain
   (67-80 us on [32, 64, 64], torch 37; ours 10-25, with the residual Add before them); its Gelu
   calls erf per element (58 us on [32, 64, 128], ours ~30). Before them: 2.11-2.16x with the
