@@ -2,9 +2,11 @@
 
 Fine-tunes `ml.models:PretrainedTextClassifier` (the last encoder layer and the head) briefly on the
 demo topics data (ml/demo_text.py), builds the `dynamic` variant with `ml.quantization.quantize`
-(the path `quantization.type: dynamic` takes in a pipeline), and measures both round-robin (each
-round times every model in turn, so drift in the machine's load hits them alike): latency p50/p99 at
-batch 1 and 32, accuracy on held-out rows, artifact size.
+(the path `quantization.type: dynamic` takes in a pipeline; and the same graph on ONNX Runtime's own
+norm and GELU kernels instead of Retrainer's, ml/quantization/kernels.py), and measures them
+round-robin (each round times every model in turn, in a seeded random order, so drift in the
+machine's load hits them alike): latency p50/p99 at batch 1 and 32, accuracy on held-out rows,
+artifact size.
 
     .venv/bin/python bench/minilm.py [--rows 450] [--length 32] [--rounds 30]
 """
@@ -12,6 +14,7 @@ batch 1 and 32, accuracy on held-out rows, artifact size.
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import numpy as np
@@ -20,7 +23,7 @@ from torch import nn
 
 from ml.demo_text import topic_sentences
 from ml.models import PretrainedTextClassifier
-from ml.quantization import QuantizationUnavailableError, quantize, serialized_size
+from ml.quantization import OnnxModule, QuantizationUnavailableError, kernels, quantize, serialized_size
 from ml.text import TextTokenizer
 
 
@@ -68,8 +71,14 @@ def main() -> None:
     variants: dict[str, nn.Module] = {"fp32 (torch)": model}
     try:
         started = time.perf_counter()
-        variants["dynamic int8 (ORT)"] = quantize(model, "dynamic", [ids[:32]])
+        quantized = quantize(model, "dynamic", [ids[:32]])
+        variants["dynamic int8 (ORT)"] = quantized
         print(f"exported and quantized in {time.perf_counter() - started:.1f} s")
+        if isinstance(quantized, OnnxModule) and kernels.library() is not None:
+            # the same graph on ONNX Runtime's own LayerNorm and GELU kernels instead of Retrainer's
+            variants["  on ORT's kernels"] = OnnxModule(
+                quantized.onnx_bytes, variant="dynamic", parameter_count=quantized.parameter_count, own_kernels=False
+            )
     except QuantizationUnavailableError as e:
         print(f"dynamic int8 unavailable: {e}")
 
@@ -79,8 +88,12 @@ def main() -> None:
         for variant in variants.values():  # warm-up
             for rows in batches.values():
                 variant(rows)
-        for _ in range(args.rounds):
-            for name, variant in variants.items():
+        for round_index in range(args.rounds):
+            # a seeded random order each round: the model timed right after torch's runs in the wake of
+            # its spinning OpenMP threads, so a fixed order would always slow the same one
+            order = list(variants.items())
+            random.Random(round_index).shuffle(order)  # noqa: S311 (an order, not a secret)
+            for name, variant in order:
                 for size, rows in batches.items():
                     start = time.perf_counter()
                     variant(rows)
