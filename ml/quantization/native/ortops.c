@@ -6,13 +6,14 @@
  * polynomial the compiler vectorizes where ONNX Runtime calls its erf per element in a loop it
  * cannot.
  *
- * Why: ONNX Runtime's CPU kernels for both normalize each row with scalar loops whose sums are
- * one chain of dependent additions, so they cannot vectorize (~70 us for [32, 64, 64] on this
+ * Why: ONNX Runtime's CPU kernels for both norms normalize each row with scalar loops whose sums
+ * are one chain of dependent additions, so they cannot vectorize (~70 us for [32, 64, 64] on this
  * machine's two cores, against ~8 us vectorized on one). A pre-norm transformer of width 64 spends a
- * fifth of its int8 graph there (ml/quantization/native.py says when the graph is rewritten to use
- * these, and why the result is the same).
+ * fifth of its int8 graph there (ml/quantization/kernels.py says when a graph is rewritten to use
+ * these, and how close the results are).
  *
- * Built by `make` (Makefile target `ortops`) against ONNX Runtime's C API header, and loaded by
+ * Built by `make` (native/build.sh, the Makefile's rule for the library) against ONNX Runtime's C
+ * API header, and loaded by
  * `onnxruntime.SessionOptions.register_custom_ops_library`. Only the C API is used: the library works
  * with any ONNX Runtime from 1.17 (API version 17) on.
  */
