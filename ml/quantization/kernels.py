@@ -100,7 +100,10 @@ def with_own_kernels(graph: onnx.ModelProto, *, residual: bool = True) -> onnx.M
     for node in moved:
         node.domain = DOMAIN
     norms = [node for node in moved if node.op_type in _NORMS]
-    if residual and not _has_subgraphs(body):  # a subgraph may read any value by name: no node goes then
+    # onnx_graph runs sessions through this module, so its helper is imported here, when both are loaded
+    from ml.quantization.onnx_graph import has_subgraphs
+
+    if residual and not has_subgraphs(body):  # a subgraph may read any value by name: no node goes then
         try:
             _take_residual_adds(body, norms, shapes)
         except _Unordered:  # a graph whose nodes cannot be ordered (not ONNX's rule): the norms alone
@@ -194,10 +197,6 @@ def _in_order(body: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.N
 
 class _Unordered(Exception):
     """Some node reads a value that no node before it, input or initializer gives."""
-
-
-def _has_subgraphs(body: onnx.GraphProto) -> bool:
-    return any(attribute.HasField("g") or attribute.graphs for node in body.node for attribute in node.attribute)
 
 
 def _exact(gelu: onnx.NodeProto) -> bool:

@@ -148,17 +148,17 @@ static void run_task(void* data, size_t task) {
 }
 
 typedef struct {
-  float epsilon;
-  int64_t axis;
-  int centred, skip, gelu;
-} Kernel;
-
-typedef struct {
   OrtCustomOp op; /* first: ORT hands back a pointer to it */
   const char* name;
   size_t inputs, outputs;
   int centred, skip, gelu; /* LayerNormalization's mean; the residual Add; not a norm but Gelu */
 } NormOp;
+
+typedef struct {
+  const NormOp* op; /* which operator this node is */
+  float epsilon;
+  int64_t axis;
+} Kernel;
 
 static OrtStatus* fail(const char* message) { return api->CreateStatus(ORT_INVALID_ARGUMENT, message); }
 
@@ -208,13 +208,13 @@ static OrtStatus* compute_gelu(OrtKernelContext* context) {
 
 static OrtStatus* ORT_API_CALL compute(void* state, OrtKernelContext* context) {
   const Kernel* kernel = (const Kernel*)state;
-  if (kernel->gelu) return compute_gelu(context);
+  if (kernel->op->gelu) return compute_gelu(context);
   int64_t dims[MAX_RANK], unused[MAX_RANK];
   size_t rank = 0, unused_rank = 0, count = 0, scale_count = 0, bias_count = 0;
   Job job = {0};
-  const size_t first = kernel->skip ? 1 : 0; /* where scale and bias are */
+  const size_t first = kernel->op->skip ? 1 : 0; /* where scale and bias are */
   CHECK(input(context, 0, &job.x, dims, &rank, &count));
-  if (kernel->skip) {
+  if (kernel->op->skip) {
     int64_t skip_dims[MAX_RANK];
     size_t skip_rank = 0, skip_count = 0;
     CHECK(input(context, 1, &job.skip, skip_dims, &skip_rank, &skip_count));
@@ -255,12 +255,12 @@ static OrtStatus* ORT_API_CALL compute(void* state, OrtKernelContext* context) {
     return fail("ai.retrainer.cpu normalization: the bias must have one value or one per element of the last axis");
   job.scale_is_scalar = scale_count == 1 && job.width != 1;
   job.bias_is_scalar = bias_count == 1 && job.width != 1;
-  job.centred = kernel->centred;
+  job.centred = kernel->op->centred;
   job.epsilon = kernel->epsilon;
   OrtValue* output = NULL;
   CHECK(api->KernelContext_GetOutput(context, 0, dims, rank, &output));
   CHECK(api->GetTensorMutableData(output, (void**)&job.y));
-  if (kernel->skip) {
+  if (kernel->op->skip) {
     CHECK(api->KernelContext_GetOutput(context, 1, dims, rank, &output));
     CHECK(api->GetTensorMutableData(output, (void**)&job.sum));
   }
@@ -281,9 +281,7 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
   if (kernel == NULL) return api->CreateStatus(ORT_FAIL, "ai.retrainer.cpu normalization: out of memory");
   kernel->epsilon = 1e-5f; /* ONNX's defaults, kept when the node has no such attribute */
   kernel->axis = -1;
-  kernel->centred = ((const NormOp*)op)->centred;
-  kernel->skip = ((const NormOp*)op)->skip;
-  kernel->gelu = ((const NormOp*)op)->gelu;
+  kernel->op = (const NormOp*)op;
   OrtStatus* status = api->KernelInfoGetAttribute_float(info, "epsilon", &kernel->epsilon);
   if (status != NULL) api->ReleaseStatus(status);
   status = api->KernelInfoGetAttribute_int64(info, "axis", &kernel->axis);
